@@ -1,0 +1,4 @@
+from posttrain.envs.base import Environment, split_of
+from posttrain.envs.registry import available_envs, make_env, register_env
+
+__all__ = ["Environment", "available_envs", "make_env", "register_env", "split_of"]

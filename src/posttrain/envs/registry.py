@@ -1,0 +1,68 @@
+"""Find environments by registry name, by entry point (group `posttrain.envs`) or by import path `pkg.mod:Class`."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any
+
+from posttrain.envs.base import Environment
+from posttrain.errors import UserError
+
+ENVIRONMENTS: dict[str, Callable[..., Environment]] = {}
+ENTRY_POINT_GROUP = "posttrain.envs"
+
+
+def register_env(name: str):
+    def deco(cls):
+        ENVIRONMENTS[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def _load_builtins() -> None:
+    # Imported for their @register_env side effect.
+    from posttrain.envs import builtin  # noqa: F401
+
+
+def _resolve(name: str) -> Callable[..., Environment]:
+    _load_builtins()
+    if name in ENVIRONMENTS:
+        return ENVIRONMENTS[name]
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            return ep.load()
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise UserError(f"env.name={name!r}: cannot import it ({e})") from e
+    raise UserError(f"env.name={name!r} is not a known environment; known: {', '.join(available_envs())} "
+                    "(or give an import path 'pkg.module:Class', or register an entry point in group "
+                    f"'{ENTRY_POINT_GROUP}')")
+
+
+def available_envs() -> list[str]:
+    _load_builtins()
+    names = set(ENVIRONMENTS) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return sorted(names)
+
+
+def make_env(name: str, args: dict[str, Any] | None = None) -> Environment:
+    """Build an environment; an argument its constructor does not take is an error naming it."""
+    factory = _resolve(name)
+    args = dict(args or {})
+    params = inspect.signature(factory).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(args) - set(params))
+        if unknown:
+            raise UserError(f"env.args: {name!r} takes no argument {unknown[0]!r}; it takes {sorted(params)}")
+    try:
+        return factory(**args)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"env.args for {name!r}: {e}") from e
