@@ -1,0 +1,71 @@
+"""ProRL-style training controllers (Liu et al., arXiv 2505.24864; ALGORITHMS.md §3): pure decision functions.
+
+The recipe holds the state (current eps_high, coefficient, last reset step, validation history) and passes it
+in; each function returns the next value. Nothing here mutates hidden state, so a resumed run replays exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def _band_step(value: float, entropy: float, *, target_low: float, target_high: float, step_size: float,
+               lo: float, hi: float) -> float:
+    if target_low > target_high:
+        raise ValueError(f"entropy band is empty: target_low={target_low} > target_high={target_high}")
+    if lo > hi:
+        raise ValueError(f"empty clamp range [{lo}, {hi}]")
+    if entropy < target_low:  # collapsing: explore more
+        value += step_size
+    elif entropy > target_high:  # too random: exploit more
+        value -= step_size
+    return min(max(value, lo), hi)
+
+
+def adapt_clip_high(eps_high: float, entropy: float, *, target_low: float, target_high: float,
+                    step_size: float, min_eps: float, max_eps: float) -> float:
+    """Next eps_high: entropy below the band raises it, above lowers it, clamped to [min_eps, max_eps].
+
+    DAPO's Clip-Higher (arXiv 2503.14476, §3.1) lets low-probability tokens grow, which counters entropy
+    collapse; ProRL fixes eps_high = 0.4. This makes the same knob a feedback loop on the rollout entropy.
+    """
+    return _band_step(eps_high, entropy, target_low=target_low, target_high=target_high, step_size=step_size,
+                      lo=min_eps, hi=max_eps)
+
+
+def adapt_entropy_coef(coef: float, entropy: float, *, target_low: float, target_high: float,
+                       step_size: float, min_coef: float, max_coef: float) -> float:
+    """Next entropy-bonus coefficient, same band rule as ``adapt_clip_high``, clamped to [min_coef, max_coef]."""
+    return _band_step(coef, entropy, target_low=target_low, target_high=target_high, step_size=step_size,
+                      lo=min_coef, hi=max_coef)
+
+
+def should_reset_reference(step: int, last_reset_step: int, val_history: Sequence[tuple[int, float]], *,
+                           every: int = 0, patience: int = 0, min_delta: float = 0.0) -> bool:
+    """Whether to hard-reset π_ref (and the optimizer) to the current policy, ProRL §2.3.1.
+
+    Two rules, each off at 0:
+    - ``every``: a fixed period, step - last_reset_step >= every (ProRL v2 resets every ~200-500 steps).
+    - ``patience``: validation stagnation (ProRL v1). ``val_history`` holds (step, held-out reward). Among
+      evaluations at steps >= last_reset_step, the first is the baseline; each later one that does not beat
+      the best value so far by more than ``min_delta`` is a miss. ``patience`` consecutive misses at the
+      end of the history trigger a reset.
+    """
+    if step < last_reset_step:
+        raise ValueError(f"step {step} is before the last reset at step {last_reset_step}")
+    if every > 0 and step - last_reset_step >= every:
+        return True
+    if patience <= 0:
+        return False
+    values = [v for s, v in sorted(val_history, key=lambda sv: sv[0]) if last_reset_step <= s <= step]
+    if not values:
+        return False
+    best, misses = values[0], 0
+    for v in values[1:]:
+        # Like Keras EarlyStopping, best moves only on a real improvement, so several small gains that each
+        # stay under min_delta still add up to one.
+        if v > best + min_delta:
+            best, misses = v, 0
+        else:
+            misses += 1
+    return misses >= patience

@@ -1,0 +1,192 @@
+"""Per-token policy-gradient losses: one signature, see ``PolicyLossFn``.
+
+Each returns ``(loss (B,T), metrics)``: the loss is the NEGATIVE objective per token (minimise it), zero where
+mask = 0, and the aggregation (aggregation.py) turns it into a scalar. Metrics are per-token (B,T), detached
+and zero where mask = 0, so they aggregate the same way:
+  ratio          the importance ratio the loss used (token ratio, or the GSPO sequence ratio)
+  clip_frac      1 where the token's gradient was zeroed or its weight clipped
+  clip_frac_low  ... because the ratio fell below 1 - eps_low
+  clip_frac_high ... because the ratio exceeded 1 + eps_high (or the dual-clip bound)
+``is_weights`` (detached, e.g. the truncated sampler-vs-trainer weights of is_correction.py) multiply the loss.
+
+Log-ratios are clamped to [-20, 20] before exp (as verl does) so a stale token cannot overflow to inf.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from posttrain.algos.registry import Registry
+
+LOG_RATIO_CLAMP = 20.0
+
+
+class PolicyLossFn(Protocol):
+    def __call__(
+        self,
+        logprobs: Tensor,
+        old_logprobs: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        *,
+        is_weights: Tensor | None = None,
+        eps_low: float = 0.2,
+        eps_high: float = 0.2,
+        dual_clip: float | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+
+POLICY_LOSSES: Registry[PolicyLossFn] = Registry("policy loss")
+
+
+def _log_ratio(logprobs: Tensor, old_logprobs: Tensor, valid: Tensor) -> Tensor:
+    # where() before exp: padding may hold -inf logprobs, and inf * 0 would poison the gradient.
+    lr = torch.where(valid, logprobs - old_logprobs, torch.zeros_like(logprobs))
+    return lr.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def _finish(
+    loss: Tensor, valid: Tensor, is_weights: Tensor | None, ratio: Tensor, low: Tensor, high: Tensor
+) -> tuple[Tensor, dict[str, Tensor]]:
+    if is_weights is not None:
+        loss = loss * is_weights.detach()
+    zero = torch.zeros_like(loss)
+    loss = torch.where(valid, loss, zero)
+    low, high = low & valid, high & valid
+    metrics = {
+        "ratio": torch.where(valid, ratio.detach(), zero.detach()),
+        "clip_frac": (low | high).to(loss.dtype),
+        "clip_frac_low": low.to(loss.dtype),
+        "clip_frac_high": high.to(loss.dtype),
+    }
+    return loss, metrics
+
+
+def _clipped_surrogate(
+    ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float, dual_clip: float | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO clipped surrogate (Schulman et al., arXiv 1707.06347, eq. 7) with decoupled bounds (DAPO
+    Clip-Higher, arXiv 2503.14476, §3.1) and an optional dual clip (Ye et al., arXiv 1912.09729).
+
+    Returns (loss, clipped_low, clipped_high); a clipped token is one whose gradient the max/min zeroed.
+    """
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    loss = torch.maximum(unclipped, clipped)
+    # Strict >: at A = 0 or inside the trust region both branches tie and the gradient flows.
+    was_clipped = clipped > unclipped
+    low = was_clipped & (ratio < 1.0)
+    high = was_clipped & (ratio > 1.0)
+    if dual_clip is not None:
+        if dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+        # For A < 0 a huge ratio makes -A * ratio unbounded; verl caps it at -A * c.
+        cap = -advantages * dual_clip
+        dual = (advantages < 0) & (loss > cap)
+        loss = torch.where(dual, cap, loss)
+        high = high | dual
+    return loss, low, high
+
+
+@POLICY_LOSSES.register("ppo_clip")
+def ppo_clip(
+    logprobs: Tensor,  # (B, T) π_θ, carries the gradient
+    old_logprobs: Tensor,  # (B, T) π_θold
+    advantages: Tensor,  # (B, T)
+    mask: Tensor,  # (B, T) {0, 1}
+    *,
+    is_weights: Tensor | None = None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO/GRPO/DAPO token loss: max(-A r, -A clip(r, 1-eps_low, 1+eps_high)), r = exp(logp - logp_old).
+
+    GRPO (arXiv 2402.03300, §4.1) uses eps_low = eps_high = 0.2; DAPO (arXiv 2503.14476) 0.2 / 0.28.
+    ``dual_clip = c`` additionally caps the loss of A < 0 tokens at -A c (verl semantics).
+    """
+    valid = mask.bool()
+    ratio = torch.exp(_log_ratio(logprobs, old_logprobs, valid))  # (B, T)
+    loss, low, high = _clipped_surrogate(ratio, advantages, eps_low, eps_high, dual_clip)
+    return _finish(loss, valid, is_weights, ratio, low, high)
+
+
+@POLICY_LOSSES.register("gspo")
+def gspo(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    is_weights: Tensor | None = None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GSPO (Zheng et al., arXiv 2507.18071), in its GSPO-token form (same paper).
+
+    s_i = exp(mean over valid t of (logp - logp_old)) is the length-normalised sequence ratio; every token gets
+    s_i,t = sg(s_i) * exp(logp_t - sg(logp_t)), whose value is s_i and whose gradient w.r.t. logp_t is s_i.
+    With "seq_mean_token_mean" aggregation the per-token 1/|o_i| then gives exactly the GSPO gradient
+    s_i A_i (1/|o_i|) Σ_t ∇logp_t. Clipping acts on whole sequences; GSPO uses eps_low=3e-4, eps_high=4e-4.
+    """
+    valid = mask.bool()
+    m = valid.to(logprobs.dtype)
+    token_lr = torch.where(valid, logprobs - old_logprobs, torch.zeros_like(logprobs))  # (B, T)
+    seq_lr = (token_lr.sum(-1) / m.sum(-1).clamp(min=1)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (B,)
+    lp = torch.where(valid, logprobs, torch.zeros_like(logprobs))
+    ratio = torch.exp(seq_lr.detach()[:, None] + lp - lp.detach())  # (B, T), value s_i on every token
+    loss, low, high = _clipped_surrogate(ratio, advantages, eps_low, eps_high, dual_clip)
+    return _finish(loss, valid, is_weights, ratio, low, high)
+
+
+@POLICY_LOSSES.register("cispo")
+def cispo(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    is_weights: Tensor | None = None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """CISPO (MiniMax-M1, arXiv 2506.13585): -sg(clip(r, 1-eps_low, 1+eps_high)) A logp.
+
+    The IS weight is clipped and detached but every token keeps its REINFORCE gradient, unlike PPO which
+    zeroes clipped tokens (often the rare "fork" tokens of reflective reasoning). MiniMax-M1 and ScaleRL
+    (arXiv 2510.13786) effectively disable the lower bound: pass a large eps_low (verl's example uses 10).
+    ScaleRL's sg(min(r, eps_max)) with eps_max = 5 is eps_high = 4 here. Only the gradient is meaningful:
+    the loss value is -w A logp, not a surrogate objective. ``dual_clip`` is ignored (weights are bounded).
+    """
+    valid = mask.bool()
+    ratio = torch.exp(_log_ratio(logprobs, old_logprobs, valid)).detach()  # (B, T)
+    weight = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    lp = torch.where(valid, logprobs, torch.zeros_like(logprobs))
+    loss = -weight * advantages * lp
+    return _finish(loss, valid, is_weights, ratio, ratio < 1.0 - eps_low, ratio > 1.0 + eps_high)
+
+
+@POLICY_LOSSES.register("reinforce")
+def reinforce(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    is_weights: Tensor | None = None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Vanilla policy gradient (Williams 1992, REINFORCE): -A logp. No ratio enters the loss (correct only
+    on-policy); the ratio is still reported so off-policyness stays visible. Never clips."""
+    valid = mask.bool()
+    ratio = torch.exp(_log_ratio(logprobs, old_logprobs, valid)).detach()
+    lp = torch.where(valid, logprobs, torch.zeros_like(logprobs))
+    never = torch.zeros_like(valid)
+    return _finish(-advantages * lp, valid, is_weights, ratio, never, never)

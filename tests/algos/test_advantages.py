@@ -1,0 +1,101 @@
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.testing import assert_close
+
+from posttrain.algos.advantages import ADVANTAGES
+
+# Three non-contiguous groups of unequal size:
+#   group 0 = rows 0, 2, 4: rewards 1, 0, 1 -> mean 2/3, deviations (1/3, -2/3, 1/3),
+#             unbiased var = (1/9 + 4/9 + 1/9) / 2 = 1/3, std = 1/sqrt(3)
+#   group 1 = rows 1, 3:    rewards 0, 1    -> mean 1/2, deviations (-1/2, 1/2), var = 1/2 / 1, std = 1/sqrt(2)
+#   group 2 = row 5:        reward 0.5      -> singleton, advantage 0
+R = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.5], dtype=torch.float64)
+G = torch.tensor([0, 1, 0, 1, 0, 2])
+S3, S2 = math.sqrt(3.0), math.sqrt(2.0)
+
+
+def adv(name: str, rewards=R, groups=G, eps=0.0) -> torch.Tensor:
+    return ADVANTAGES.get(name)(rewards, groups, eps=eps)
+
+
+def t(*xs: float) -> torch.Tensor:
+    return torch.tensor(xs, dtype=torch.float64)
+
+
+def test_grpo_hand_computed():
+    # (1/3) / (1/sqrt 3) = 1/sqrt 3; (-2/3) / (1/sqrt 3) = -2/sqrt 3; (-1/2) / (1/sqrt 2) = -1/sqrt 2
+    assert_close(adv("grpo"), t(1 / S3, -1 / S2, -2 / S3, 1 / S2, 1 / S3, 0.0))
+
+
+def test_grpo_eps_goes_on_the_std():
+    # group 1 std 1/sqrt2; with eps = 0.1: 0.5 / (0.70711 + 0.1)
+    got = adv("grpo", eps=0.1)
+    assert_close(got[3], torch.tensor(0.5 / (1 / S2 + 0.1), dtype=torch.float64))
+
+
+def test_dr_grpo_hand_computed():
+    assert_close(adv("dr_grpo"), t(1 / 3, -1 / 2, -2 / 3, 1 / 2, 1 / 3, 0.0))
+
+
+def test_rloo_hand_computed():
+    # row 0: 1 - mean(0, 1) = 1/2; row 2: 0 - mean(1, 1) = -1; row 1: 0 - 1 = -1; row 3: 1 - 0 = 1; singleton 0
+    assert_close(adv("rloo"), t(1 / 2, -1.0, -1.0, 1.0, 1 / 2, 0.0))
+
+
+def test_reinforce_pp_hand_computed():
+    # batch mean 3.5/6 = 7/12; deviations (5, -7, -7, 5, 5, -1)/12; Σdev² = (75 + 98 + 1)/144 = 174/144;
+    # unbiased var = 174/144/5 = 174/720
+    std = math.sqrt(174 / 720)
+    assert_close(adv("reinforce_pp"), t(5, -7, -7, 5, 5, -1) / 12 / std)
+
+
+def test_grpo_batch_std_hand_computed():
+    # centred = (1/3, -1/2, -2/3, 1/2, 1/3, 0), mean 0, Σc² = 2/3 + 1/2 = 7/6, unbiased var = 7/30
+    std = math.sqrt(7 / 30)
+    assert_close(adv("grpo_batch_std"), t(1 / 3, -1 / 2, -2 / 3, 1 / 2, 1 / 3, 0.0) / std)
+
+
+def test_all_equal_group_gives_zero_advantage_for_every_estimator_but_global_ones():
+    r = t(0.7, 0.7, 0.7, 0.2, 0.9)
+    g = torch.tensor([0, 0, 0, 1, 1])
+    for name in ("grpo", "dr_grpo", "rloo", "grpo_batch_std"):
+        assert_close(adv(name, r, g, eps=1e-6)[:3], t(0.0, 0.0, 0.0), msg=name)
+
+
+def test_single_sample_batch_is_zero_not_nan():
+    for name in ADVANTAGES.names():
+        assert_close(adv(name, t(0.3), torch.tensor([4]), eps=1e-6), t(0.0), msg=name)
+
+
+groups_strategy = st.lists(
+    st.tuples(st.integers(0, 4), st.floats(-3, 3, allow_nan=False, width=32)), min_size=2, max_size=12
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(groups_strategy)
+def test_identities_against_explicit_loops(rows):
+    g = torch.tensor([gid for gid, _ in rows])
+    r = torch.tensor([x for _, x in rows], dtype=torch.float64)
+    mean = torch.stack([r[g == gi].mean() for gi in g])
+    std = torch.stack([r[g == gi].std() if (g == gi).sum() > 1 else torch.tensor(0.0).double() for gi in g])
+    eps = 1e-6
+    # dr_grpo is grpo without the std division
+    assert_close(adv("grpo", r, g, eps) * (std + eps), adv("dr_grpo", r, g, eps))
+    # rloo against an explicit leave-one-out loop
+    loo = []
+    for i in range(len(r)):
+        others = [r[j] for j in range(len(r)) if j != i and g[j] == g[i]]
+        loo.append(r[i] - torch.stack(others).mean() if others else torch.tensor(0.0).double())
+    assert_close(adv("rloo", r, g, eps), torch.stack(loo))
+    # grpo_batch_std: group-centred values over their own unbiased batch std
+    centred = r - mean
+    assert_close(adv("grpo_batch_std", r, g, eps), centred / (centred.std() + eps))
+    # every group-relative advantage sums to zero within each group
+    for name in ("grpo", "dr_grpo", "rloo", "grpo_batch_std"):
+        a = adv(name, r, g, eps)
+        for gi in g.unique():
+            assert abs(float(a[g == gi].sum())) < 1e-6 * max(1.0, float(a.abs().max())), name

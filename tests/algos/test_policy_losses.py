@@ -1,0 +1,173 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.testing import assert_close
+
+from posttrain.algos.aggregation import AGGREGATIONS, normalisers_for
+from posttrain.algos.policy_losses import POLICY_LOSSES
+
+D = torch.float64
+# Two rows of four tokens, old logprob -1 everywhere; logprob = -1 + log(ratio). Row 1's last token is padding.
+RATIO = torch.tensor([[0.5, 1.1, 1.5, 0.7], [0.5, 1.5, 4.0, 2.0]], dtype=D)
+OLD = torch.full((2, 4), -1.0, dtype=D)
+A = torch.tensor([[1.0, 2.0, 1.0, -1.0], [-1.0, -1.0, -1.0, 1.0]], dtype=D)
+MASK = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=D)
+DAPO = {"eps_low": 0.2, "eps_high": 0.28}  # trust region [0.8, 1.28]
+
+
+def run(name, ratio=RATIO, adv=A, mask=MASK, **kw):
+    """Loss, metrics and d(Σ loss)/d logprobs."""
+    old = torch.full_like(ratio, -1.0)
+    lp = (old + ratio.log()).requires_grad_(True)
+    loss, metrics = POLICY_LOSSES.get(name)(lp, old, adv, mask, **kw)
+    loss.sum().backward()
+    return loss.detach(), metrics, lp.grad
+
+
+def t(rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=D)
+
+
+def test_ppo_clip_hand_computed():
+    loss, m, grad = run("ppo_clip", **DAPO)
+    # row 0: max(-0.5, -0.8)=-0.5 | max(-2.2,-2.2) | max(-1.5,-1.28)=-1.28 high | A<0: max(0.7,0.8)=0.8 low
+    # row 1: A<0: max(0.5,0.8)=0.8 low | max(1.5,1.28)=1.5 | max(4,1.28)=4 | padding
+    assert_close(loss, t([[-0.5, -2.2, -1.28, 0.8], [0.8, 1.5, 4.0, 0.0]]))
+    # gradient -A*ratio where unclipped, 0 where the clipped branch won
+    assert_close(grad, t([[-0.5, -2.2, 0.0, 0.0], [0.0, 1.5, 4.0, 0.0]]))
+    assert_close(m["clip_frac"], t([[0, 0, 1, 1], [1, 0, 0, 0]]))
+    assert_close(m["clip_frac_low"], t([[0, 0, 0, 1], [1, 0, 0, 0]]))
+    assert_close(m["clip_frac_high"], t([[0, 0, 1, 0], [0, 0, 0, 0]]))
+    assert_close(m["ratio"], t([[0.5, 1.1, 1.5, 0.7], [0.5, 1.5, 4.0, 0.0]]))
+
+
+def test_ppo_dual_clip_caps_negative_advantage_loss():
+    loss, m, grad = run("ppo_clip", dual_clip=3.0, **DAPO)
+    # only row 1 token 2 (A=-1, ratio 4) exceeds -A*c = 3: capped to 3 and its gradient vanishes
+    assert_close(loss, t([[-0.5, -2.2, -1.28, 0.8], [0.8, 1.5, 3.0, 0.0]]))
+    assert_close(grad, t([[-0.5, -2.2, 0.0, 0.0], [0.0, 1.5, 0.0, 0.0]]))
+    assert_close(m["clip_frac_high"], t([[0, 0, 1, 0], [0, 0, 1, 0]]))
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):
+        run("ppo_clip", dual_clip=1.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(0.01, 50.0), st.floats(-5, 5), st.floats(1.5, 10.0))
+def test_dual_clip_is_min_with_minus_a_c_for_negative_advantages(ratio, a, c):
+    r, adv = t([[ratio]]), t([[a]])
+    plain, *_ = run("ppo_clip", ratio=r, adv=adv, mask=t([[1.0]]))
+    dual, *_ = run("ppo_clip", ratio=r, adv=adv, mask=t([[1.0]]), dual_clip=c)
+    expected = min(float(plain), -a * c) if a < 0 else float(plain)
+    assert float(dual) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+def test_is_weights_multiply_the_loss_and_stay_detached():
+    w = t([[2.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.5, 1.0]]).requires_grad_(True)
+    loss, _, grad = run("ppo_clip", is_weights=w, **DAPO)
+    assert_close(loss, t([[-1.0, -2.2, -1.28, 0.8], [0.8, 1.5, 2.0, 0.0]]))
+    assert_close(grad, t([[-1.0, -2.2, 0.0, 0.0], [0.0, 1.5, 2.0, 0.0]]))
+    assert w.grad is None
+
+
+def test_cispo_hand_computed():
+    loss, m, grad = run("cispo", **DAPO)
+    w = t([[0.8, 1.1, 1.28, 0.8], [0.8, 1.28, 1.28, 0.0]])  # clip(ratio, 0.8, 1.28), padding 0
+    lp = OLD + RATIO.log()
+    assert_close(loss, -w * A * lp)
+    # every token keeps a gradient, -sg(w) * A, even the clipped ones
+    assert_close(grad, t([[-0.8, -2.2, -1.28, 0.8], [0.8, 1.28, 1.28, 0.0]]))
+    assert_close(m["clip_frac"], t([[1, 0, 1, 1], [1, 1, 1, 0]]))
+    assert_close(m["clip_frac_low"], t([[1, 0, 0, 1], [1, 0, 0, 0]]))
+
+
+def test_cispo_large_eps_low_disables_the_lower_bound():
+    _, m, grad = run("cispo", eps_low=10.0, eps_high=4.0)  # ScaleRL eps_max = 5
+    # weights = ratios (all < 5): gradient -ratio * A
+    assert_close(grad, t([[-0.5, -2.2, -1.5, 0.7], [0.5, 1.5, 4.0, 0.0]]))
+    assert float(m["clip_frac"].sum()) == 0.0
+
+
+def test_reinforce_hand_computed():
+    loss, m, grad = run("reinforce")
+    assert_close(loss, -A * (OLD + RATIO.log()) * MASK)
+    assert_close(grad, -A * MASK)
+    assert float(m["clip_frac"].abs().sum()) == 0.0
+    assert_close(m["ratio"], RATIO * MASK)
+
+
+# GSPO: row 0 has token log-ratios (0.3, 0.0, -0.1) and a padding token; row 1 has 0.1 on all four tokens.
+GSPO_LR = t([[0.3, 0.0, -0.1, 5.0], [0.1, 0.1, 0.1, 0.1]])
+GSPO_MASK = t([[1, 1, 1, 0], [1, 1, 1, 1]])
+GSPO_A = t([[1.0] * 4, [-1.0] * 4])
+
+
+def test_gspo_hand_computed():
+    s0, s1 = math.exp(0.2 / 3), math.exp(0.1)  # 1.0689, 1.1052
+    loss, m, grad = run("gspo", ratio=GSPO_LR.exp(), adv=GSPO_A, mask=GSPO_MASK, eps_low=0.05, eps_high=0.05)
+    # row 0 (A=+1): max(-1.0689, -1.05) = -1.05, clipped; row 1 (A=-1): max(1.1052, 1.05) = 1.1052
+    assert_close(loss, t([[-1.05, -1.05, -1.05, 0.0], [s1] * 4]))
+    assert_close(grad, t([[0.0] * 4, [s1] * 4]))  # GSPO-token: d/dlogp_t = -A * s_i
+    assert_close(m["ratio"], t([[s0, s0, s0, 0.0], [s1] * 4]))
+    assert_close(m["clip_frac_high"], t([[1, 1, 1, 0], [0] * 4]))
+
+
+def test_gspo_gradient_equals_sequence_level_objective():
+    """With seq_mean_token_mean, the GSPO-token loss has the gradient of (1/N) Σ_i max(-A s_i, -A clip(s_i))."""
+    lp = (OLD + GSPO_LR).requires_grad_(True)
+    loss, _ = POLICY_LOSSES.get("gspo")(lp, OLD, GSPO_A, GSPO_MASK, eps_low=0.2, eps_high=0.2)
+    norm, gt = normalisers_for(GSPO_MASK, torch.tensor([0, 0]), max_len=4)
+    agg = AGGREGATIONS.get("seq_mean_token_mean")(loss, GSPO_MASK, norm=norm, group_tokens=gt)
+    (g_token,) = torch.autograd.grad(agg, lp)
+
+    lp2 = (OLD + GSPO_LR).requires_grad_(True)
+    s = torch.exp(((lp2 - OLD) * GSPO_MASK).sum(-1) / GSPO_MASK.sum(-1))  # (B,) the paper's s_i
+    a = GSPO_A[:, 0]
+    manual = torch.maximum(-a * s, -a * s.clamp(0.8, 1.2)).mean()
+    (g_manual,) = torch.autograd.grad(manual, lp2)
+    assert_close(agg, manual)
+    assert_close(g_token, g_manual)
+    # and by hand: row 0 unclipped, d/dlogp_t = -A s0 / (N |o_0|) = -exp(0.2/3) / (2 * 3)
+    assert_close(g_token[0, 0], torch.tensor(-math.exp(0.2 / 3) / 6, dtype=D))
+
+
+def test_gspo_equals_ppo_clip_when_token_ratios_are_constant_per_sequence():
+    ratio = t([[1.5, 1.5, 1.5], [0.9, 0.9, 0.9], [0.5, 0.5, 0.5]])
+    adv = t([[1.0] * 3, [-2.0] * 3, [-1.0] * 3])
+    mask = torch.ones(3, 3, dtype=D)
+    lg, mg, gg = run("gspo", ratio=ratio, adv=adv, mask=mask, **DAPO)
+    lp_, mp, gp = run("ppo_clip", ratio=ratio, adv=adv, mask=mask, **DAPO)
+    assert_close(lg, lp_)
+    assert_close(gg, gp)
+    for key in mp:
+        assert_close(mg[key], mp[key], msg=key)
+
+
+@pytest.mark.parametrize("name", ["ppo_clip", "gspo", "cispo", "reinforce"])
+def test_on_policy_gradient_is_minus_a_times_is_weight_for_every_loss(name):
+    """On-policy (old = sg(logp)) nothing is clipped, so every loss has the policy gradient -A * w per token:
+    in particular cispo and ppo_clip agree."""
+    g = torch.Generator().manual_seed(0)
+    lp = (-torch.rand(3, 5, generator=g, dtype=D) * 3).requires_grad_(True)
+    adv = torch.randn(3, 5, generator=g, dtype=D)
+    mask = (torch.rand(3, 5, generator=g) > 0.3).to(D)
+    w = torch.rand(3, 5, generator=g, dtype=D) + 0.5
+    loss, m = POLICY_LOSSES.get(name)(lp, lp.detach(), adv, mask, is_weights=w, eps_low=0.2, eps_high=0.28)
+    loss.sum().backward()
+    assert_close(lp.grad, -adv * w * mask)
+    assert float(m["clip_frac"].sum()) == 0.0
+    assert_close(m["ratio"], mask)
+
+
+@pytest.mark.parametrize("name", ["ppo_clip", "gspo", "cispo", "reinforce"])
+def test_padding_with_inf_logprobs_gives_zero_loss_and_finite_gradients(name):
+    lp = t([[-1.0, -2.0, float("-inf")]]).requires_grad_(True)
+    old = t([[-1.2, -1.9, float("-inf")]])
+    mask = t([[1.0, 1.0, 0.0]])
+    loss, m = POLICY_LOSSES.get(name)(lp, old, t([[1.0, -1.0, 5.0]]), mask, dual_clip=3.0)
+    loss.sum().backward()
+    assert float(loss.detach()[0, 2]) == 0.0
+    assert torch.isfinite(lp.grad).all() and float(lp.grad[0, 2]) == 0.0
+    assert all(float(v[0, 2]) == 0.0 for v in m.values())
