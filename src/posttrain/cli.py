@@ -1,0 +1,135 @@
+"""posttrain command line: thin wrappers that parse, load a recipe and call into recipes/.
+
+User errors (bad recipe keys, missing files, corrupt checkpoints) print one line and exit 2; pass --debug for the
+traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from posttrain.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="posttrain: SFT, RL with verifiable rewards, evaluation and scaling fits for LLMs.")
+err = Console(stderr=True)
+out = Console()
+_DEBUG = {"on": False}
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
+    _DEBUG["on"] = debug
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file (see docs/recipes.md for every key).")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set rl.lr=1e-4 (repeatable).")
+                    ] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Delete an existing run directory of this name first.")
+                     ] = False,
+) -> None:
+    """Run a recipe. Re-running the same recipe resumes from its newest complete checkpoint."""
+    from posttrain.config import load_recipe
+
+    cfg = load_recipe(recipe, set_ or [])
+    _quiet_libraries()
+    from posttrain.recipes.run import run as run_recipe
+
+    summary = run_recipe(cfg, fresh=fresh, console=err)
+    _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
+    table = Table(title=f"run {summary['run_dir']}: {summary['steps']} steps in {summary['elapsed_s']:.0f} s")
+    evals = summary.get("evals", {})
+    metrics = sorted({k for v in evals.values() for k in v})
+    table.add_column("model")
+    for m in metrics:
+        table.add_column(m.removeprefix("eval/"), justify="right")
+    for tag, values in evals.items():
+        table.add_row(tag, *[f"{values[m]:.3f}" if m in values else "" for m in metrics])
+    out.print(table)
+    out.print(f"final model: {summary['final_model']}   metrics: {summary['run_dir']}/metrics.jsonl")
+
+
+@app.command()
+def envs() -> None:
+    """List the available environments."""
+    from posttrain.envs.registry import ENVIRONMENTS, available_envs
+
+    table = Table(title="environments")
+    table.add_column("name")
+    table.add_column("description")
+    for name in available_envs():
+        cls = ENVIRONMENTS.get(name)
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls is not None and cls.__doc__ else "(entry point)"
+        table.add_row(name, doc)
+    out.print(table)
+
+
+@app.command()
+def docs(
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write markdown here instead of stdout.")
+                      ] = None,
+) -> None:
+    """Print the reference of every recipe key (generated from the typed config)."""
+    from posttrain.docs import recipe_reference
+
+    text = recipe_reference()
+    if output:
+        output.write_text(text)
+    else:
+        out.print(text, markup=False, highlight=False)
+
+
+@app.command()
+def fit(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (their metrics.jsonl are pooled).")],
+    x: Annotated[str, typer.Option(help="Column for compute.")] = "compute/flops",
+    y: Annotated[str, typer.Option(help="Column for performance.")] = "eval/pass@1",
+    form: Annotated[str, typer.Option(help="sigmoid | power | saturating")] = "sigmoid",
+    fit_until: Annotated[float | None, typer.Option(help="Fit on x <= this fraction of max x; report the "
+                                                    "error on the rest.")] = None,
+    exclude_frac: Annotated[float, typer.Option(help="Drop this early fraction as warm-up.")] = 0.0,
+    out_png: Annotated[Path | None, typer.Option("--out", help="PNG path.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Fit a compute -> performance curve with bootstrap CIs and an optional predictivity check."""
+    from posttrain.recipes.fit import run_fit
+
+    run_fit(run_dirs, x=x, y=y, form=form, fit_until=fit_until, exclude_frac=exclude_frac, out=out_png,
+            as_json=as_json)
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        if _DEBUG["on"]:
+            raise
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted; re-run the same command to resume from the newest checkpoint")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Load a policy from a built-in preset name or a local Hugging Face checkpoint directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from posttrain.errors import UserError
+from posttrain.models.presets import PRESETS, ensure_preset
+
+
+def resolve_model_path(path: str, seed: int = 0) -> Path:
+    """A preset name becomes its (built) cache dir; anything else must be a local HF checkpoint directory."""
+    if path in PRESETS:
+        return ensure_preset(path, seed)
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise UserError(f"model.path={path!r}: not a directory and not a preset ({', '.join(PRESETS)})")
+    if not (p / "config.json").is_file():
+        raise UserError(f"model.path={path!r}: no config.json in that directory (not a Hugging Face checkpoint)")
+    return p
+
+
+def load_model(path: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"cannot load a model from {path}: {str(e).splitlines()[0]}") from e
+
+
+def load_tokenizer(path: Path, *, require_chat_template: bool = True) -> PreTrainedTokenizerBase:
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from e
+    if tok.eos_token_id is None:
+        raise UserError(f"the tokenizer in {path} has no eos_token; generation would never stop")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if require_chat_template and not tok.chat_template:
+        raise UserError(f"the tokenizer in {path} has no chat template; add one, or set "
+                        "model.chat_template = false to feed prompts as raw text")
+    return tok

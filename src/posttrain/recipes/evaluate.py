@@ -1,0 +1,74 @@
+"""Held-out evaluation: greedy exact-match plus n samples per problem for pass@k, mean@n and maj@n with
+bootstrap confidence intervals. Uses the environment's own `score`, the same function RL rewards come from."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from posttrain.data.prompts import render_prompt
+from posttrain.envs.scoring import score_many
+from posttrain.records import SamplingParams
+from posttrain.science.passk import majority_correct, summarize_eval
+
+EVAL_SEED = 0  # the held-out problem set is the same for every run seed, so runs are comparable
+GENERATE_CHUNK = 512  # sequences per engine call: bounds KV-cache memory
+
+
+def generate_chunked(engine, prompts: Sequence[list[int]], params: SamplingParams):
+    out = []
+    for i in range(0, len(prompts), GENERATE_CHUNK):
+        chunk_params = SamplingParams(**{**params.__dict__, "seed": params.seed + i})
+        out.extend(engine.generate(prompts[i: i + GENERATE_CHUNK], chunk_params))
+    return out
+
+
+def evaluate(engine, tokenizer, env, *, problems: int, samples: int, ks: Sequence[int], temperature: float,
+             top_p: float, max_new_tokens: int, seed: int, chat_template: bool = True,
+             max_len: int | None = None, greedy_only: bool = False) -> dict[str, Any]:
+    tasks = list(itertools.islice(env.tasks("eval", EVAL_SEED), problems))
+    prompts = [render_prompt(tokenizer, env.prompt(t), chat_template=chat_template, max_len=max_len) for t in tasks]
+    greedy = generate_chunked(engine, prompts, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
+    greedy_scores = score_many(env, tasks, [c.text for c in greedy])
+    result: dict[str, Any] = {
+        "env": env.name, "problems": len(tasks),
+        "greedy_acc": sum(s.correct for s in greedy_scores) / max(1, len(tasks)),
+    }
+    if greedy_only:
+        return result
+    sampled = generate_chunked(
+        engine, [p for p in prompts for _ in range(samples)],
+        SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed))
+    texts = [c.text for c in sampled]
+    scores = score_many(env, [t for t in tasks for _ in range(samples)], texts)
+    rows = []
+    for i, task in enumerate(tasks):
+        block = slice(i * samples, (i + 1) * samples)
+        correct = [s.correct for s in scores[block]]
+        rows.append({"id": task.id, "difficulty": task.difficulty, "n": samples, "c": int(sum(correct)),
+                     "greedy_correct": greedy_scores[i].correct,
+                     "majority_correct": majority_correct([t.strip() for t in texts[block]], correct),
+                     "example": texts[block][0][:200]})
+    result.update(summarize_eval(rows, ks, seed=seed))
+    result.update({"samples": samples, "ks": list(ks), "temperature": temperature, "top_p": top_p,
+                   "max_new_tokens": max_new_tokens, "per_problem": rows})
+    return result
+
+
+def headline_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The flat `eval/...` metrics logged to metrics.jsonl."""
+    out = {"eval/greedy_acc": result["greedy_acc"]}
+    for key, value in result.items():
+        if isinstance(value, dict) and "mean" in value:
+            out[f"eval/{key}"] = value["mean"]
+    return out
+
+
+def write_eval(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)

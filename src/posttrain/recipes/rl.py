@@ -1,0 +1,357 @@
+"""RL with verifiable rewards: the GRPO family as one loop over registry entries (DESIGN.md, "The RL step").
+
+    posttrain run recipes/quickstart.toml                    # SFT warm-up, then this stage
+    posttrain run recipes/quickstart.toml --set rl.preset=dapo
+
+Which method runs is decided only by `[rl]` keys naming registry entries (advantage, policy_loss, aggregation,
+kl_estimator, is_correction, group_filter); presets in posttrain/presets/*.toml are sets of those keys. Nothing
+below branches on a method's name.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from posttrain.algos import (ADVANTAGES, AGGREGATIONS, IS_CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES, adapt_clip_high,
+                             effective_sample_size, group_has_variance, normalisers_for, overlong_penalty,
+                             should_reset_reference)
+from posttrain.data.prompts import render_prompt
+from posttrain.envs.scoring import score_many
+from posttrain.errors import UserError
+from posttrain.records import Completion, SamplingParams, Score, Task
+from posttrain.recipes.context import RunContext
+from posttrain.tracking.ledger import forward_flops, train_flops
+from posttrain.train.checkpoint import set_rng_state
+from posttrain.train.forward import completion_logprobs, logprobs_no_grad, pack
+from posttrain.train.optim import build_optimizer, build_scheduler
+
+MAX_BAD_STEPS = 3  # consecutive non-finite losses/gradients before the run stops
+
+
+@dataclass(frozen=True)
+class Rollouts:
+    """One step's samples, B = groups x group_size, flattened group by group."""
+
+    tasks: list[Task]
+    prompts: list[list[int]]
+    completions: list[Completion]
+    scores: list[Score]
+    group_ids: Tensor  # (B,) long
+
+
+def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
+    c, model, tok, env = ctx.cfg.rl, ctx.model, ctx.tokenizer, ctx.env
+    advantage_fn, loss_fn = ADVANTAGES.get(c.advantage), POLICY_LOSSES.get(c.policy_loss)
+    aggregate, kl_fn, is_fn = AGGREGATIONS.get(c.aggregation), KL_ESTIMATORS.get(c.kl_estimator), \
+        IS_CORRECTIONS.get(c.is_correction)
+    model.train()
+    optimizer = build_optimizer(model, lr=c.lr, weight_decay=c.weight_decay, betas=c.betas)
+    total_updates = c.steps * c.epochs * c.mini_batches
+    scheduler = build_scheduler(optimizer, total_steps=total_updates, warmup_steps=c.warmup_steps,
+                                schedule=c.schedule, min_lr_ratio=c.min_lr_ratio)
+    # The reference policy exists only when a KL term does; it starts as the policy at the start of the stage.
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if c.kl_coef > 0 else None
+    state = {"eps_high": c.eps_high, "last_reset": 0, "val_history": [], "bad_steps": 0, "history": {}}
+    start, cursor = 0, 0
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        set_rng_state(resume["rng"])
+        start, cursor = resume["stage_step"], resume["cursor"]
+        state.update(resume["extra"]["state"])
+        if ref_model is not None:
+            ref_model.load_state_dict(resume["extra"]["ref"])
+
+    tasks = itertools.islice(task_stream(env, ctx.cfg.seed), cursor, None)
+    n_params = sum(p.numel() for p in model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def save(stage_step: int, done: bool) -> None:
+        extra = {"state": state, "ref": ref_model.state_dict() if ref_model is not None else None}
+        ctx.checkpoint(stage_index=stage_index, stage_step=stage_step, stage_done=done, optimizer=optimizer,
+                       scheduler=scheduler, cursor=cursor, extra=extra)
+        write_prompt_history(ctx, state["history"])
+
+    for step in ctx.progress(range(start, c.steps), total=c.steps, completed=start, description="rl"):
+        t_step = time.time()
+        sample_seed = ctx.cfg.seed * 1_000_003 + ctx.global_step
+
+        # 1-3. pick prompts, sample groups, score; group filtering (dynamic sampling refills) -------------------
+        t0 = time.time()
+        batch, seen, rounds, wasted_tokens, gen_tokens = None, None, 0, 0, 0
+        while True:
+            needed = c.prompts_per_step - (num_groups(batch) if batch else 0)
+            chunk = list(itertools.islice(tasks, needed))
+            cursor += len(chunk)
+            new = rollout(ctx, chunk, SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
+                                                     max_new_tokens=c.max_new_tokens,
+                                                     seed=sample_seed + 7919 * rounds), c.group_size)
+            gen_tokens += sum(len(x.token_ids) for x in new.completions) + sum(map(len, new.prompts[::c.group_size]))
+            record_visits(state["history"], new, step=ctx.global_step + 1)
+            seen = new if seen is None else concat(seen, new)
+            if c.group_filter != "none":
+                rewards = torch.tensor([s.reward for s in new.scores])
+                keep = group_has_variance(rewards, new.group_ids)
+                wasted_tokens += sum(len(x.token_ids) for x, k in zip(new.completions, keep.tolist()) if not k)
+                new = select(new, keep)
+            batch = new if batch is None else concat(batch, new)
+            rounds += 1
+            if c.group_filter != "dynamic_sampling" or num_groups(batch) >= c.prompts_per_step \
+                    or rounds > c.max_refill_rounds:
+                break
+        t_generate = time.time() - t0
+        metrics = rollout_metrics(seen)
+        metrics["rollout/refill_rounds"] = rounds - 1
+        ctx.add(**{"compute/generate_flops": forward_flops(n_params, gen_tokens),
+                   "compute/wasted_flops": forward_flops(n_params, wasted_tokens),
+                   "rollout/tokens": gen_tokens})
+        metrics["rollout/kept_samples"] = len(batch.completions)
+
+        if not batch.completions:  # every group was degenerate: nothing to learn from this step
+            ctx.global_step += 1
+            ctx.add(**{"compute/flops": forward_flops(n_params, gen_tokens)})
+            ctx.write_metrics("rl", {**metrics, "time/generate_s": t_generate, "time/step_s": time.time() - t_step})
+            continue
+
+        # 4. rewards -> advantages -------------------------------------------------------------------------------
+        B = len(batch.completions)
+        prompts = batch.prompts
+        comps = [list(x.token_ids) for x in batch.completions]
+        mask = pad([[1.0] * len(x) for x in comps])  # (B, T)
+        if c.mask_truncated:
+            mask = mask * torch.tensor([x.finish_reason != "length" for x in batch.completions]).float()[:, None]
+        sampler_lp = pad([list(x.logprobs) for x in batch.completions])  # (B, T)
+        rewards = torch.tensor([s.reward for s in batch.scores], dtype=torch.float)
+        if c.overlong_cache > 0:
+            lengths = torch.tensor([len(x) for x in comps])
+            rewards = rewards + overlong_penalty(lengths, max_len=c.max_new_tokens, cache=c.overlong_cache)
+
+        # 5. reference / old logprobs (only the passes this configuration needs) --------------------------------
+        t0 = time.time()
+        seq_tokens = sum(len(p) + len(x) for p, x in zip(prompts, comps))
+        ref_lp = None
+        if ref_model is not None:
+            ref_lp = pad(logprobs_no_grad(ref_model, prompts, comps, tok.pad_token_id, temperature=c.temperature,
+                                          bf16=ctx.cfg.model.bf16, micro_batch_size=c.micro_batch_size))
+            ctx.add(**{"compute/ref_flops": forward_flops(n_params, seq_tokens)})
+            if c.kl_placement == "reward":  # sequence reward minus beta * summed per-token KL (REINFORCE++ style)
+                rewards = rewards - c.kl_coef * (kl_fn(sampler_lp, ref_lp) * mask).sum(-1)
+        if c.recompute_old_logprobs:
+            old_lp = pad(logprobs_no_grad(model, prompts, comps, tok.pad_token_id, temperature=c.temperature,
+                                          bf16=ctx.cfg.model.bf16, micro_batch_size=c.micro_batch_size))
+            ctx.add(**{"compute/old_flops": forward_flops(n_params, seq_tokens)})
+        else:  # the engine runs this very module: its logprobs are the learner's (tests/test_engine.py)
+            old_lp = sampler_lp
+        is_weights = is_fn(old_lp, sampler_lp, mask, cap=c.is_cap)
+        metrics["is/weight_max"] = float((is_weights * mask).max())
+        metrics["is/ess"] = float(effective_sample_size(is_weights, mask))
+        advantages = advantage_fn(rewards, batch.group_ids, eps=c.adv_eps)  # (B,)
+        metrics["rollout/adv_abs_mean"] = float(advantages.abs().mean())
+        t_logprob = time.time() - t0
+
+        # 6. update: epochs x mini-batches of whole groups x micro-batches, global normalisers per mini-batch -----
+        t0 = time.time()
+        sums = {"loss": 0.0, "pg/clip_frac": 0.0, "pg/entropy": 0.0, "kl/value": 0.0, "pg/ratio_mean": 0.0}
+        grad_norms, updates, tokens_seen = [], 0, 0
+        for epoch in range(c.epochs):
+            for mb_rows in split_groups(batch.group_ids, c.mini_batches, seed=sample_seed + epoch):
+                norm, group_tokens = normalisers_for(mask[mb_rows], batch.group_ids[mb_rows], c.max_new_tokens)
+                tokens_seen += norm.total_tokens
+                for rows in mb_rows.split(c.micro_batch_size):
+                    packed = pack([prompts[i] for i in rows], [comps[i] for i in rows], tok.pad_token_id)
+                    width = packed.targets.shape[1]
+                    lp, entropy = completion_logprobs(model, packed, temperature=c.temperature,
+                                                      bf16=ctx.cfg.model.bf16, with_entropy=True)
+                    m = mask[rows, :width]
+                    adv = advantages[rows, None].expand(-1, width)
+                    per_token, parts = loss_fn(lp, old_lp[rows, :width], adv, m, is_weights=is_weights[rows, :width],
+                                               eps_low=c.eps_low, eps_high=state["eps_high"], dual_clip=c.dual_clip)
+                    if ref_lp is not None:
+                        kl = kl_fn(lp, ref_lp[rows, :width])
+                        if c.kl_placement == "loss":
+                            per_token = per_token + c.kl_coef * kl
+                        sums["kl/value"] += float((kl.detach() * m).sum())
+                    if c.entropy_coef:
+                        per_token = per_token - c.entropy_coef * entropy
+                    loss = aggregate(per_token, m, norm=norm, group_tokens=group_tokens[index_in(mb_rows, rows)])
+                    loss.backward()
+                    sums["loss"] += float(loss)
+                    sums["pg/clip_frac"] += float((parts["clip_frac"] * m).sum())
+                    sums["pg/ratio_mean"] += float((parts["ratio"] * m).sum())
+                    sums["pg/entropy"] += float((entropy.detach() * m).sum())
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.grad_clip))
+                if math.isfinite(grad_norm) and math.isfinite(sums["loss"]):
+                    optimizer.step()
+                    state["bad_steps"] = 0
+                else:
+                    state["bad_steps"] += 1
+                    ctx.note(f"rl step {step + 1}: non-finite loss or gradient norm ({grad_norm}); update skipped")
+                    if state["bad_steps"] >= MAX_BAD_STEPS:
+                        raise UserError(f"rl step {step + 1}: {MAX_BAD_STEPS} consecutive non-finite updates "
+                                        f"(loss {sums['loss']}, grad norm {grad_norm}); stopping")
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                grad_norms.append(grad_norm)
+                updates += 1
+        t_train = time.time() - t0
+        ctx.add(**{"compute/train_flops": c.epochs * train_flops(n_params, seq_tokens), "train/tokens": tokens_seen})
+        ctx.add(**{"compute/flops": forward_flops(n_params, gen_tokens) + c.epochs * train_flops(n_params, seq_tokens)
+                   + (forward_flops(n_params, seq_tokens) if ref_model is not None else 0)
+                   + (forward_flops(n_params, seq_tokens) if c.recompute_old_logprobs else 0)})
+        denom = max(1, tokens_seen)
+        metrics.update({
+            "train/loss": sums["loss"] / max(1, updates), "train/grad_norm": sum(grad_norms) / len(grad_norms),
+            "train/lr": scheduler.get_last_lr()[0], "pg/clip_frac": sums["pg/clip_frac"] / denom,
+            "pg/entropy": sums["pg/entropy"] / denom, "pg/ratio_mean": sums["pg/ratio_mean"] / denom,
+            "kl/value": sums["kl/value"] / denom, "pg/eps_high": state["eps_high"], "train/updates": updates,
+            "time/generate_s": t_generate, "time/logprob_s": t_logprob, "time/train_s": t_train,
+            "perf/gen_tokens_per_s": gen_tokens / max(t_generate, 1e-9),
+            "perf/train_tokens_per_s": c.epochs * seq_tokens / max(t_train, 1e-9),
+        })
+        ctx.global_step += 1
+
+        # 7. controllers between steps -------------------------------------------------------------------------
+        if c.entropy_target is not None:
+            new_eps = adapt_clip_high(state["eps_high"], metrics["pg/entropy"], target_low=c.entropy_target[0],
+                                      target_high=c.entropy_target[1], step_size=c.entropy_adapt_step,
+                                      min_eps=c.eps_high_bounds[0], max_eps=c.eps_high_bounds[1])
+            if new_eps != state["eps_high"]:
+                ctx.note(f"entropy {metrics['pg/entropy']:.3f} outside {list(c.entropy_target)}: "
+                         f"eps_high {state['eps_high']:.3f} -> {new_eps:.3f}")
+                state["eps_high"] = new_eps
+
+        # 8. log, evaluate, reset the reference, checkpoint ------------------------------------------------------
+        metrics["time/step_s"] = time.time() - t_step
+        ctx.status(f"reward {metrics['rollout/reward_mean']:.3f}")
+        ctx.write_metrics("rl", metrics)
+        stage_step = step + 1
+        if c.eval_every and stage_step % c.eval_every == 0 and stage_step < c.steps:
+            result = ctx.evaluate(f"rl-step{stage_step}", stage="rl")
+            state["val_history"].append((stage_step, result.get("mean@n", {}).get("mean", result["greedy_acc"])))
+        if ref_model is not None and should_reset_reference(stage_step, state["last_reset"], state["val_history"],
+                                                            every=c.ref_reset_every, patience=c.ref_reset_patience):
+            ref_model.load_state_dict(model.state_dict())
+            state["last_reset"] = stage_step
+            if c.ref_reset_optimizer:
+                optimizer.state.clear()
+            ctx.note(f"rl step {stage_step}: reference policy reset to the current policy"
+                     + (" (optimizer state cleared)" if c.ref_reset_optimizer else ""))
+            ctx.write_metrics("rl", {"ctrl/ref_reset": 1})
+        if ctx.due(stage_step) and stage_step < c.steps:
+            save(stage_step, done=False)
+
+    ctx.evaluate("rl", stage="rl")
+    save(c.steps, done=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small helpers the loop above composes.
+
+
+def task_stream(env, seed: int) -> Iterator[Task]:
+    """Training tasks forever: a finite dataset is replayed epoch after epoch in a fresh order."""
+    for epoch in itertools.count():
+        empty = True
+        for task in env.tasks("train", seed + epoch):
+            empty = False
+            yield task
+        if empty:
+            raise UserError(f"environment {env.name!r} yields no training tasks")
+
+
+def rollout(ctx: RunContext, tasks: list[Task], params: SamplingParams, group_size: int) -> Rollouts:
+    prompts = [render_prompt(ctx.tokenizer, ctx.env.prompt(t), chat_template=ctx.cfg.model.chat_template,
+                             max_len=ctx.max_len) for t in tasks]
+    flat_prompts = [p for p in prompts for _ in range(group_size)]
+    flat_tasks = [t for t in tasks for _ in range(group_size)]
+    completions = ctx.engine.generate(flat_prompts, params)
+    scores = score_many(ctx.env, flat_tasks, [x.text for x in completions])
+    group_ids = torch.arange(len(tasks)).repeat_interleave(group_size)
+    return Rollouts(flat_tasks, flat_prompts, completions, scores, group_ids)
+
+
+def num_groups(batch: Rollouts) -> int:
+    return int(batch.group_ids.unique().numel())
+
+
+def select(batch: Rollouts, keep: Tensor) -> Rollouts:
+    idx = keep.nonzero().squeeze(-1).tolist()
+    return Rollouts([batch.tasks[i] for i in idx], [batch.prompts[i] for i in idx],
+                    [batch.completions[i] for i in idx], [batch.scores[i] for i in idx], batch.group_ids[idx])
+
+
+def concat(a: Rollouts, b: Rollouts) -> Rollouts:
+    offset = int(a.group_ids.max()) + 1 if len(a.group_ids) else 0
+    return Rollouts(a.tasks + b.tasks, a.prompts + b.prompts, a.completions + b.completions, a.scores + b.scores,
+                    torch.cat([a.group_ids, b.group_ids + offset]))
+
+
+def pad(rows: list[list[float]]) -> Tensor:
+    width = max(1, max(len(r) for r in rows))
+    out = torch.zeros((len(rows), width))
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.float)
+    return out
+
+
+def split_groups(group_ids: Tensor, parts: int, *, seed: int) -> list[Tensor]:
+    """Row indices of `parts` mini-batches, each made of whole groups (shuffled when there are several)."""
+    groups = group_ids.unique()
+    if parts > 1:
+        groups = groups[torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed))]
+    return [torch.isin(group_ids, g).nonzero().squeeze(-1) for g in groups.tensor_split(min(parts, len(groups)))]
+
+
+def index_in(rows_of_minibatch: Tensor, rows: Tensor) -> Tensor:
+    """Positions of `rows` within the mini-batch's row list (both sorted)."""
+    return torch.searchsorted(rows_of_minibatch, rows)
+
+
+def rollout_metrics(batch: Rollouts) -> dict[str, float]:
+    """Statistics of everything sampled this step (before group filtering)."""
+    if not batch.completions:
+        return {"rollout/reward_mean": 0.0, "rollout/pass_rate": 0.0, "rollout/len_mean": 0.0,
+                "rollout/truncated_frac": 0.0, "rollout/effective_groups_frac": 0.0, "rollout/samples": 0}
+    rewards = torch.tensor([s.reward for s in batch.scores])
+    effective = group_has_variance(rewards, batch.group_ids)
+    return {
+        "rollout/reward_mean": float(rewards.mean()),
+        "rollout/reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+        "rollout/pass_rate": sum(s.correct for s in batch.scores) / len(batch.scores),
+        "rollout/len_mean": sum(len(x.token_ids) for x in batch.completions) / len(batch.completions),
+        "rollout/truncated_frac": sum(x.finish_reason == "length" for x in batch.completions) / len(batch.completions),
+        "rollout/effective_groups_frac": float(effective.float().mean()),
+        "rollout/samples": len(batch.completions),
+        "rollout/score_errors": sum(1 for s in batch.scores if "error" in s.info),
+    }
+
+
+def record_visits(history: dict, batch: Rollouts, *, step: int) -> None:
+    """Per-prompt learning history: every visit's step and pass rate, first step solved, times sampled."""
+    for g in batch.group_ids.unique().tolist():
+        rows = (batch.group_ids == g).nonzero().squeeze(-1).tolist()
+        task = batch.tasks[rows[0]]
+        rate = sum(batch.scores[i].correct for i in rows) / len(rows)
+        h = history.setdefault(task.id, {"id": task.id, "difficulty": task.difficulty, "visits": [],
+                                         "first_solved_step": None, "times_sampled": 0})
+        h["visits"].append([step, rate])
+        h["times_sampled"] += len(rows)
+        if rate > 0 and h["first_solved_step"] is None:
+            h["first_solved_step"] = step
+
+
+def write_prompt_history(ctx: RunContext, history: dict) -> None:
+    tmp = ctx.run_dir / "prompts.jsonl.tmp"
+    with tmp.open("w") as f:
+        for h in history.values():
+            f.write(json.dumps(h) + "\n")
+    tmp.replace(ctx.run_dir / "prompts.jsonl")

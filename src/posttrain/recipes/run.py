@@ -1,0 +1,119 @@
+"""Run a recipe: prepare the run directory, resume from the newest complete checkpoint, run the stages in order,
+save the final model and a summary.
+
+Resume is automatic: running the same recipe again continues from its newest complete checkpoint (or prints the
+summary if the run finished). A run directory holding a different config is an error unless --fresh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+import posttrain
+from posttrain.config import RunConfig, to_toml
+from posttrain.envs import make_env
+from posttrain.errors import UserError
+from posttrain.models import load_model, load_tokenizer, resolve_model_path
+from posttrain.recipes import rl, sft
+from posttrain.recipes.context import RunContext
+from posttrain.tracking.metrics import MetricsLog, truncate_metrics
+from posttrain.train.checkpoint import latest_checkpoint, load_state, save_model_dir
+
+STAGES = {"sft": sft.run_stage, "rl": rl.run_stage}
+DONE = "DONE"
+
+
+def _code_version() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(posttrain.__file__).parent)
+        return rev.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += _diff_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(prefix + k)
+    return keys
+
+
+def prepare_run_dir(cfg: RunConfig, *, fresh: bool) -> Path:
+    run_dir = cfg.run_dir
+    saved = run_dir / "config.json"
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    if saved.exists():
+        before = json.loads(saved.read_text())["config"]
+        changed = _diff_keys(before, cfg.model_dump(mode="json"))
+        if changed:
+            raise UserError(f"{run_dir} holds a run with a different config ({', '.join(changed[:5])} differ); "
+                            "use --fresh to start over, or another name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"posttrain": posttrain.__version__, "code": _code_version(), "torch": torch.__version__,
+            "python": platform.python_version(), "host_cpus": os.cpu_count()}
+    (run_dir / "config.toml").write_text(f"# resolved recipe; posttrain {meta['posttrain']} "
+                                         f"(code {meta['code']}), torch {meta['torch']}\n" + to_toml(cfg))
+    saved.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "meta": meta}, indent=1))
+    return run_dir
+
+
+def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) -> dict[str, Any]:
+    console = console or Console(stderr=True)
+    run_dir = prepare_run_dir(cfg, fresh=fresh)
+    if (run_dir / DONE).exists():
+        console.print(f"{run_dir} already finished; showing its summary (use --fresh to run again)")
+        return json.loads((run_dir / "summary.json").read_text())
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    torch.manual_seed(cfg.seed)
+
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    state = load_state(ckpt) if ckpt else None
+    truncate_metrics(run_dir, state["metrics_offset"] if state else 0)
+    model_dir = ckpt or resolve_model_path(cfg.model.path, cfg.seed)
+    model = load_model(model_dir)
+    tokenizer = load_tokenizer(model_dir, require_chat_template=cfg.model.chat_template)
+    env = make_env(cfg.env.name, cfg.env.args)
+    ctx = RunContext(cfg=cfg, run_dir=run_dir, model=model, tokenizer=tokenizer, env=env,
+                     log=MetricsLog(run_dir), console=console)
+    if state:
+        ctx.global_step, ctx.totals, ctx.evals = state["global_step"], state["totals"], state["evals"]
+        ctx.elapsed_offset = state["elapsed_s"]
+        console.print(f"resuming {run_dir} from {ckpt.name} (stage {cfg.recipe[state['stage_index']]})")
+    elif cfg.eval.at_start:
+        ctx.evaluate("base", stage="base")
+
+    try:
+        for i, stage in enumerate(cfg.recipe):
+            if state and (i < state["stage_index"] or (i == state["stage_index"] and state["stage_done"])):
+                continue
+            STAGES[stage](ctx, i, state if state and state["stage_index"] == i else None)
+            state = None
+        final = run_dir / "final"
+        tmp = run_dir / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model_dir(tmp, model, tokenizer)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        summary = {"run_dir": str(run_dir), "steps": ctx.global_step, "elapsed_s": round(ctx.elapsed(), 1),
+                   "evals": ctx.evals, "final_model": str(final), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        (run_dir / DONE).write_text("")
+        return summary
+    finally:
+        ctx.log.close()

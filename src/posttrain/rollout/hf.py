@@ -1,0 +1,135 @@
+"""The local rollout engine: batched sampling with a KV cache, in-process, sharing the learner's module.
+
+Exactness: the logprobs it reports are `log_softmax(logits / T)` of the same model on the same tokens with the
+same left-padded layout the learner uses (train/forward.py), so in fp32 they match a teacher-forced forward pass
+to ~1e-5 (tests/test_engine.py). With bf16 autocast they differ by bf16 rounding; use is_correction or
+recompute_old_logprobs then.
+
+Speed (the RL step is mostly generation on CPU):
+- each distinct prompt is prefilled once and its KV cache repeated for its group (prefix sharing);
+- finished sequences are dropped from the decode batch, so a batch costs what its live sequences cost;
+- the loop stops as soon as every sequence has finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from posttrain.records import Completion, SamplingParams
+from posttrain.rollout.sampling import sample_next
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """-> input_ids (N, L), attention_mask (N, L), sequences aligned to the right edge."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+class HFEngine:
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, bf16: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.bf16 = bf16
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        eos_ids.add(tokenizer.eos_token_id)
+        self.eos_ids = torch.tensor(sorted(i for i in eos_ids if i is not None), dtype=torch.long)
+        self.pad_id = tokenizer.pad_token_id
+        self.version = 0
+
+    def update_weights(self, state: Mapping[str, Tensor], version: int) -> None:
+        if state:
+            self.model.load_state_dict(state, strict=False)
+        self.version = version
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
+        if not prompts:
+            return []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            tokens, logprobs, lengths, finish = self._decode(prompts, params)
+        finally:
+            self.model.train(was_training)
+        out = []
+        for i, prompt in enumerate(prompts):
+            n = int(lengths[i])
+            ids = tokens[i, :n].tolist()
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            for s in params.stop:
+                cut = text.find(s)
+                if cut >= 0:
+                    text = text[:cut]
+            out.append(Completion(prompt_ids=tuple(prompt), token_ids=tuple(ids),
+                                  logprobs=tuple(logprobs[i, :n].tolist()), finish_reason=finish[i], text=text))
+        return out
+
+    def _prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[DynamicCache, Tensor, Tensor, Tensor]:
+        """Prefill each distinct prompt once, then repeat its cache rows for every copy (group sampling)."""
+        unique: dict[tuple[int, ...], int] = {}
+        for p in prompts:
+            unique.setdefault(tuple(p), len(unique))
+        ids, mask = left_pad(list(unique), self.pad_id)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        with autocast(self.bf16):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                             use_cache=True, logits_to_keep=1)
+        rows = torch.tensor([unique[tuple(p)] for p in prompts], dtype=torch.long)
+        if len(unique) < len(prompts):
+            cache.batch_select_indices(rows)
+        return cache, out.logits[:, -1].float()[rows], mask[rows], pos[rows, -1] + 1
+
+    def _decode(self, prompts, params: SamplingParams):
+        n = len(prompts)
+        cache, logits, mask, next_pos = self._prefill(prompts)
+        generator = torch.Generator().manual_seed(params.seed)
+        tokens = torch.full((n, params.max_new_tokens), self.pad_id, dtype=torch.long)
+        logprobs = torch.zeros((n, params.max_new_tokens))
+        lengths = torch.zeros(n, dtype=torch.long)
+        finish = ["length"] * n
+        live = torch.arange(n)  # rows of the full batch still decoding, in cache order
+        for t in range(params.max_new_tokens):
+            tok, lp = sample_next(logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                                  generator=generator)
+            tokens[live, t] = tok
+            logprobs[live, t] = lp
+            lengths[live] = t + 1
+            done = torch.isin(tok, self.eos_ids)
+            if params.stop:
+                done |= self._hit_stop(tokens[live, : t + 1], params.stop)
+            for row in live[done].tolist():
+                finish[row] = "stop"
+            if t + 1 == params.max_new_tokens or bool(done.all()):
+                break
+            keep = (~done).nonzero().squeeze(-1)
+            if len(keep) < len(live):
+                live, tok, mask, next_pos = live[keep], tok[keep], mask[keep], next_pos[keep]
+                cache.batch_select_indices(keep)
+            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+            with autocast(self.bf16):
+                out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                                 past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1].float()
+            next_pos = next_pos + 1
+        return tokens, logprobs, lengths, finish
+
+    def _hit_stop(self, generated: Tensor, stops: tuple[str, ...]) -> Tensor:
+        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return torch.tensor([any(s in text for s in stops) for text in texts], dtype=torch.bool)

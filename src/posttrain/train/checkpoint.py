@@ -1,0 +1,104 @@
+"""Atomic, resumable checkpoints in Hugging Face format.
+
+checkpoints/step_N/ = model (config.json + model.safetensors) + tokenizer + trainer_state.pt + COMPLETE.
+Written to a hidden temp dir, fsynced, then renamed: a crash mid-write leaves a temp dir that is never loaded
+(and is cleaned up on the next start), and the previous checkpoint is untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from posttrain.errors import UserError
+
+COMPLETE = "COMPLETE"
+STATE_FILE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+    dir_fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_model_dir(path: Path, model, tokenizer) -> None:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def save_checkpoint(root: Path, step: int, model, tokenizer, state: dict[str, Any]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step}"
+    tmp = root / f".tmp-step_{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model_dir(tmp, model, tokenizer)
+    torch.save(state, tmp / STATE_FILE)
+    (tmp / COMPLETE).write_text(f"step {step}\n")
+    _fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_tree(root)
+    return final
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file() and (path / STATE_FILE).is_file() and (path / "config.json").is_file()
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and is_complete(p):
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    for p in list(root.glob(".tmp-step_*")) if root.is_dir() else []:
+        shutil.rmtree(p, ignore_errors=True)  # half-written by a crash: never loaded
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def rotate(root: Path, keep_last_n: int) -> None:
+    for _, path in list_checkpoints(root)[:-keep_last_n]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    if not is_complete(path):
+        raise UserError(f"{path}: not a complete checkpoint (missing {COMPLETE}, {STATE_FILE} or config.json)")
+    try:
+        return torch.load(path / STATE_FILE, weights_only=False)
+    except Exception as e:  # a truncated or foreign file: say which
+        raise UserError(f"{path / STATE_FILE}: cannot read trainer state ({type(e).__name__}: {e})") from e
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])

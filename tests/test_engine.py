@@ -1,0 +1,103 @@
+"""The local rollout engine: exact logprobs, stopping, seeding, sampling filters."""
+
+import torch
+
+from posttrain.data.prompts import render_prompt
+from posttrain.records import SamplingParams
+from posttrain.rollout import HFEngine
+from posttrain.rollout.sampling import sample_next
+from posttrain.train.forward import completion_logprobs, pack
+
+# fp32 on CPU: the batched, left-padded, KV-cached decode and a single unpadded forward agree to float rounding.
+LOGPROB_TOL = 1e-4
+
+
+def prompts_for(tok, questions):
+    return [render_prompt(tok, [{"role": "user", "content": q}]) for q in questions]
+
+
+def test_engine_logprobs_match_a_teacher_forced_forward(tiny):
+    model, tok = tiny
+    engine = HFEngine(model, tok)
+    prompts = prompts_for(tok, ["1+2=", "123+456=", "9="]) * 3
+    outs = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=12, seed=0))
+    assert len(outs) == len(prompts)
+    for c in outs:  # each sequence alone, no padding, no cache
+        ids = torch.tensor([list(c.prompt_ids) + list(c.token_ids)])
+        logp = model(ids).logits[0, len(c.prompt_ids) - 1: -1].float().log_softmax(-1)
+        ref = logp.gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=LOGPROB_TOL, rtol=0)
+    # and the learner's batched path (train/forward.py) agrees too
+    batch = pack([c.prompt_ids for c in outs], [c.token_ids for c in outs], tok.pad_token_id)
+    lp, _ = completion_logprobs(model, batch)
+    for i, c in enumerate(outs):
+        torch.testing.assert_close(lp[i, : len(c.token_ids)], torch.tensor(c.logprobs), atol=LOGPROB_TOL, rtol=0)
+
+
+def test_temperature_scaled_logprobs_match(tiny):
+    model, tok = tiny
+    outs = HFEngine(model, tok).generate(prompts_for(tok, ["7+7="]) * 4,
+                                         SamplingParams(temperature=0.7, max_new_tokens=6, seed=1))
+    batch = pack([c.prompt_ids for c in outs], [c.token_ids for c in outs], tok.pad_token_id)
+    lp, _ = completion_logprobs(model, batch, temperature=0.7)
+    for i, c in enumerate(outs):
+        torch.testing.assert_close(lp[i, : len(c.token_ids)], torch.tensor(c.logprobs), atol=LOGPROB_TOL, rtol=0)
+
+
+def test_same_seed_same_samples_and_different_seed_differs(tiny):
+    model, tok = tiny
+    engine = HFEngine(model, tok)
+    prompts = prompts_for(tok, ["1+1="]) * 8
+    a = engine.generate(prompts, SamplingParams(max_new_tokens=10, seed=5))
+    b = engine.generate(prompts, SamplingParams(max_new_tokens=10, seed=5))
+    c = engine.generate(prompts, SamplingParams(max_new_tokens=10, seed=6))
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
+    assert [x.token_ids for x in a] != [x.token_ids for x in c]
+
+
+def test_eos_stops_a_sequence_and_length_is_reported(tiny):
+    model, tok = tiny
+    # Make EOS overwhelmingly likely after the prompt: bias the output layer toward it.
+    with torch.no_grad():
+        model.lm_head.weight[tok.eos_token_id] *= 0  # tied: the embedding row too; fine for this test
+        bias = torch.zeros(model.config.vocab_size)
+    engine = HFEngine(model, tok)
+    outs = engine.generate(prompts_for(tok, ["1="]) * 4, SamplingParams(temperature=0.0, max_new_tokens=5))
+    for c in outs:
+        if c.finish_reason == "stop":
+            assert c.token_ids[-1] == tok.eos_token_id and len(c.token_ids) <= 5
+        else:
+            assert len(c.token_ids) == 5 and tok.eos_token_id not in c.token_ids
+    del bias
+
+
+def test_greedy_equals_top_k_1_and_eos_finishes_early():
+    logits = torch.tensor([[0.1, 2.0, -1.0, 0.5], [3.0, 0.0, 0.0, 2.9]])
+    g = torch.Generator().manual_seed(0)
+    greedy, lp = sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=g)
+    assert greedy.tolist() == [1, 0]
+    torch.testing.assert_close(lp, logits.log_softmax(-1).gather(-1, greedy[:, None]).squeeze(-1))
+    for _ in range(20):
+        tk, _ = sample_next(logits, temperature=1.0, top_k=1, top_p=1.0, generator=g)
+        assert tk.tolist() == [1, 0]
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    # probabilities 0.5, 0.3, 0.2: top_p 0.6 keeps {0, 1}; top_p 0.5 keeps {0} only
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    g = torch.Generator().manual_seed(0)
+    seen = {int(sample_next(logits, temperature=1.0, top_k=0, top_p=0.6, generator=g)[0]) for _ in range(200)}
+    assert seen == {0, 1}
+    seen = {int(sample_next(logits, temperature=1.0, top_k=0, top_p=0.5, generator=g)[0]) for _ in range(50)}
+    assert seen == {0}
+
+
+def test_stop_strings_end_generation_and_are_cut_from_text(tiny):
+    model, tok = tiny
+    engine = HFEngine(model, tok)
+    outs = engine.generate(prompts_for(tok, ["go"]) * 6, SamplingParams(temperature=1.0, max_new_tokens=30,
+                                                                          seed=3, stop=("a", "1")))
+    for c in outs:
+        full = tok.decode(list(c.token_ids), skip_special_tokens=True)
+        if c.finish_reason == "stop" and c.token_ids[-1] != tok.eos_token_id:
+            assert full[-1] in "a1" and "a" not in c.text and "1" not in c.text
