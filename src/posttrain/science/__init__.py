@@ -1,0 +1,1 @@
+"""Scaling science: pass@k estimators (passk), curve forms (curves), fitting with bootstrap CIs (fit, lsq)."""
