@@ -184,7 +184,7 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
                         per_token = per_token - c.entropy_coef * entropy
                     loss = aggregate(per_token, m, norm=norm, group_tokens=group_tokens[index_in(mb_rows, rows)])
                     loss.backward()
-                    sums["loss"] += float(loss)
+                    sums["loss"] += loss.item()
                     sums["pg/clip_frac"] += float((parts["clip_frac"] * m).sum())
                     sums["pg/ratio_mean"] += float((parts["ratio"] * m).sum())
                     sums["pg/entropy"] += float((entropy.detach() * m).sum())
@@ -295,11 +295,12 @@ def concat(a: Rollouts, b: Rollouts) -> Rollouts:
                     torch.cat([a.group_ids, b.group_ids + offset]))
 
 
-def pad(rows: list[list[float]]) -> Tensor:
+def pad(rows: list[list[float]] | list[Tensor]) -> Tensor:
+    """Right-pad ragged rows with zeros into a (B, T) float tensor."""
     width = max(1, max(len(r) for r in rows))
     out = torch.zeros((len(rows), width))
     for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.float)
+        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.float)
     return out
 
 
