@@ -5,29 +5,52 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-from posttrain.envs.base import check_split, split_of
+from posttrain.envs.base import check_split, exact_score, int_range, split_of, user_prompt
 from posttrain.envs.registry import register_env
 from posttrain.records import Message, Score, Task
 
 
-def _digits_range(digits: int | list[int]) -> tuple[int, int]:
-    lo, hi = (digits, digits) if isinstance(digits, int) else tuple(digits)
-    if not 1 <= lo <= hi:
-        raise ValueError(f"digits must be >= 1 and ordered, got {digits!r}")
-    return lo, hi
+def worked_solution(a: int, op: str, b: int) -> str:
+    """Column-by-column lines ending in the answer: '+' and '-' digit by digit (carry/borrow shown as the
+    third term), '*' as partial products. E.g. 47+85 -> '7+5+0=12\\n4+8+1=13\\n132'."""
+    answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+    lines = []
+    if op == "*":
+        for i, d in enumerate(reversed(str(b))):
+            lines.append(f"{a}*{d}{'0' * i}={a * int(d) * 10**i}")
+    else:
+        big, small = (a, b) if op == "+" or a >= b else (b, a)
+        if op == "-" and a < b:
+            lines.append(f"-({big}-{small})")
+        xs, ys = str(big)[::-1], str(small)[::-1]
+        carry = 0
+        for i in range(len(xs)):
+            x, y = int(xs[i]), int(ys[i]) if i < len(ys) else 0
+            if op == "+":
+                lines.append(f"{x}+{y}+{carry}={x + y + carry}")
+                carry = (x + y + carry) // 10
+            else:
+                r = x - y - carry
+                lines.append(f"{x + 10 if r < 0 else x}-{y}-{carry}={r % 10}")
+                carry = 1 if r < 0 else 0
+    if len(lines) <= 1 and op != "-":
+        return str(answer)
+    return "\n".join([*lines, str(answer)])
 
 
 @register_env("arithmetic")
 class Arithmetic:
-    """`a+b=` with an exact integer answer. `digits` is an int or an inclusive [min, max] range."""
+    """`a+b=` with an exact integer answer; difficulty = operand digits (int or [min, max]); ops from '+-*'."""
 
     name = "arithmetic"
+    isolation = "inline"
 
-    def __init__(self, digits: int | list[int] = 3, ops: str = "+"):
-        self.digits = _digits_range(digits)
+    def __init__(self, digits: int | list[int] = 3, ops: str = "+", worked: bool = False):
+        self.digits = int_range(digits, "digits")
         if not ops or set(ops) - set("+-*"):
             raise ValueError(f"ops must be a non-empty string of '+', '-', '*', got {ops!r}")
         self.ops = ops
+        self.worked = worked
 
     def tasks(self, split: str, seed: int) -> Iterator[Task]:
         check_split(split)
@@ -41,12 +64,11 @@ class Arithmetic:
             if split_of(question) != split:
                 continue
             answer = str({"+": a + b, "-": a - b, "*": a * b}[op])
-            yield Task(id=question, question=question, answer=answer, solution=answer, difficulty=d)
+            solution = worked_solution(a, op, b) if self.worked else answer
+            yield Task(id=question, question=question, answer=answer, solution=solution, difficulty=d)
 
     def prompt(self, task: Task) -> list[Message]:
-        return [{"role": "user", "content": task.question}]
+        return user_prompt(task)
 
     def score(self, task: Task, completion: str) -> Score:
-        got = completion.strip()
-        ok = got == task.answer
-        return Score(reward=1.0 if ok else 0.0, correct=ok, info={} if ok else {"got": got[:50]})
+        return exact_score(task, completion)

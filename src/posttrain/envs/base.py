@@ -1,14 +1,27 @@
-"""The Environment protocol (a task source plus its verifier) and the split rule shared by procedural tasks."""
+"""The Environment protocol (a task source plus its verifier) and helpers shared by the environments:
+the split rule, int-range arguments and final-line answer extraction."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from posttrain.records import Message, Score, Task
 
 SPLITS = ("train", "eval")
+
+Isolation = Literal["inline", "thread", "process"]
+"""How `envs.scoring.score_many` runs an environment's `score` (an optional class attribute `isolation`):
+  inline:  in the caller's thread. Only for trusted, fast, pure-Python verifiers (the built-ins). Exceptions and
+           NaN rewards are still caught, and a call that overran the timeout is still reported as one, but a
+           verifier that never returns blocks the caller.
+  thread:  in a short-lived thread per sample, `workers` at a time. For verifiers that bound their own time (a
+           sandboxed subprocess) and mostly wait on I/O. The caller stops waiting at the timeout; a thread that
+           truly hangs is abandoned, not killed.
+  process: in a pool of persistent worker processes that are killed and replaced on timeout. For third-party or
+           untrusted verifiers. Costs a pickle round trip per sample.
+"""
 
 
 @runtime_checkable
@@ -16,7 +29,7 @@ class Environment(Protocol):
     """A source of tasks with a verifiable reward.
 
     `score` is the single scoring function used both for RL rewards and for evaluation. It must be deterministic;
-    the caller runs it in a worker with a timeout (see envs/scoring.py), so it may be slow but must not be trusted.
+    the caller runs it through envs/scoring.py (exception/NaN guards, timeouts, isolation per `isolation`).
     """
 
     name: str
@@ -38,3 +51,37 @@ def split_of(key: str, eval_fraction: float = 0.1) -> str:
 def check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+
+def int_range(value: int | list[int] | tuple[int, int], name: str, minimum: int = 1) -> tuple[int, int]:
+    """An env argument that is an int or an inclusive [min, max] range, validated."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        lo, hi = value, value
+    elif isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        lo, hi = value
+    else:
+        raise ValueError(f"{name} must be an int or [min, max], got {value!r}")
+    if not minimum <= lo <= hi:
+        raise ValueError(f"{name} must be >= {minimum} and ordered, got {value!r}")
+    return lo, hi
+
+
+def final_line(completion: str) -> str:
+    """The answer of a built-in task: the last non-empty line of the completion, stripped.
+
+    Built-in gold solutions are either just the answer or a few worked lines followed by the answer line,
+    so both answer-only and worked completions are scored the same way.
+    """
+    lines = [line.strip() for line in completion.strip().splitlines()]
+    return next((line for line in reversed(lines) if line), "")
+
+
+def user_prompt(task: Task) -> list[Message]:
+    return [{"role": "user", "content": task.question}]
+
+
+def exact_score(task: Task, completion: str) -> Score:
+    """1.0 when the completion's final line equals the task's answer string exactly."""
+    got = final_line(completion)
+    ok = got == task.answer
+    return Score(reward=1.0 if ok else 0.0, correct=ok, info={} if ok else {"got": got[:50]})

@@ -1,3 +1,7 @@
-"""Import every built-in environment so that its @register_env runs."""
+"""Import every built-in environment so that its @register_env runs.
 
-from posttrain.envs import arithmetic  # noqa: F401
+Adapters (reasoning_gym, math, jsonl, code) import their optional dependencies lazily, inside the class, so
+importing this module never needs an extra.
+"""
+
+from posttrain.envs import arithmetic, code, countdown, jsonl, rgym, sorting, strings  # noqa: F401

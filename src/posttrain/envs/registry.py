@@ -53,6 +53,24 @@ def available_envs() -> list[str]:
     return sorted(names)
 
 
+def describe_envs() -> list[tuple[str, str]]:
+    """(name, one-line description) of every available environment, for `posttrain envs`.
+
+    The description is the first line of the class docstring; an entry point that fails to load is listed with
+    its error instead of breaking the listing.
+    """
+    rows = []
+    for name in available_envs():
+        try:
+            factory = _resolve(name)
+        except Exception as e:  # noqa: BLE001 - a broken plugin must not hide the others
+            rows.append((name, f"(cannot load: {e})"))
+            continue
+        doc = inspect.getdoc(factory) or ""
+        rows.append((name, doc.strip().splitlines()[0] if doc.strip() else ""))
+    return rows
+
+
 def make_env(name: str, args: dict[str, Any] | None = None) -> Environment:
     """Build an environment; an argument its constructor does not take is an error naming it."""
     factory = _resolve(name)

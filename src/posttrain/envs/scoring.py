@@ -1,0 +1,270 @@
+"""Score many completions so that one bad verifier call costs only its own sample.
+
+    scores = score_many(env, tasks, completions, timeout_s=10, workers=2)   # RL rewards and evaluation
+    errors = ScoreErrors.of(scores)                                           # counts by reason, for logging
+
+Every failure becomes `Score(failure_reward, False, info={"error": reason, "detail": ...})` with reason one of
+  exception   the verifier raised (detail: "TypeError: ...")
+  timeout     the call ran past timeout_s
+  bad_reward  the reward was NaN/inf, not a number, or the return was not a Score
+  crash       a worker process died while scoring
+  worker      a worker process could not load the environment (every sample of the batch gets this)
+
+Isolation is chosen by the env's `isolation` attribute (see envs/base.py `Isolation`), overridable per call:
+  inline   (the built-ins) no threads, no processes: ~1 us of overhead per sample, so thousands of scores per
+           second. The trade-off: Python cannot interrupt a running function, so an inline call that overruns is
+           reported as a timeout only when it returns, and one that never returns blocks the caller. Only trusted
+           pure-Python verifiers should be inline.
+  thread   for verifiers that bound their own time in a subprocess (the code sandbox): `workers` run at once;
+           the caller stops waiting at timeout_s and abandons (cannot kill) a thread that still runs.
+  process  for third-party verifiers (reasoning-gym): persistent worker processes, reused across calls, killed
+           and replaced on timeout. Nothing blocks past timeout_s (plus process start-up, which is not counted).
+           Costs a pickle round trip per sample and needs a picklable env.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import pickle
+import queue
+import select
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from posttrain.envs._worker import READY, Worker, WorkerDied
+from posttrain.records import Score, Task
+
+ISOLATIONS = ("inline", "thread", "process")
+
+
+def failure(reason: str, detail: str = "", reward: float = 0.0) -> Score:
+    return Score(reward, False, {"error": reason, "detail": detail[:500]})
+
+
+def checked(result: Any, failure_reward: float = 0.0) -> Score:
+    """The verifier's return if it is a Score with a finite real reward, else a `bad_reward` failure."""
+    if not isinstance(result, Score):
+        return failure("bad_reward", f"score() returned {type(result).__name__}, not Score", failure_reward)
+    r = result.reward
+    if isinstance(r, bool) or not isinstance(r, int | float) or not math.isfinite(r):
+        return failure("bad_reward", f"reward {r!r} is not a finite number", failure_reward)
+    if not isinstance(result.correct, bool):
+        return Score(float(r), bool(result.correct), result.info)
+    return result
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def score_many(env: Any, tasks: Sequence[Task], completions: Sequence[str], *, timeout_s: float = 10.0,
+               workers: int = 2, failure_reward: float = 0.0, isolation: str | None = None) -> list[Score]:
+    """Score completions[i] against tasks[i]; failures cost only their own sample (see module docstring)."""
+    if len(tasks) != len(completions):
+        raise ValueError(f"score_many: {len(tasks)} tasks but {len(completions)} completions")
+    mode = isolation or getattr(env, "isolation", "inline")
+    if mode not in ISOLATIONS:
+        raise ValueError(f"isolation must be one of {ISOLATIONS}, got {mode!r} (env {getattr(env, 'name', env)!r})")
+    if workers < 1 or timeout_s <= 0:
+        raise ValueError(f"score_many needs workers >= 1 and timeout_s > 0, got {workers}, {timeout_s}")
+    if not tasks:
+        return []
+    if mode == "inline":
+        return [_score_inline(env.score, t, c, timeout_s, failure_reward) for t, c in zip(tasks, completions)]
+    if mode == "thread":
+        return _score_threads(env.score, tasks, completions, timeout_s, workers, failure_reward)
+    with _POOL_LOCK:  # one batch at a time owns the shared worker processes
+        return _score_processes(env, tasks, completions, timeout_s, workers, failure_reward)
+
+
+def _score_inline(fn: Callable[[Task, str], Score], task: Task, completion: str, timeout_s: float,
+                  failure_reward: float) -> Score:
+    start = time.perf_counter()
+    try:
+        result = fn(task, completion)
+    except Exception as e:  # noqa: BLE001 - a verifier bug costs its sample, not the run
+        return failure("exception", _describe(e), failure_reward)
+    elapsed = time.perf_counter() - start
+    if elapsed > timeout_s:
+        return failure("timeout", f"inline verifier took {elapsed:.2f}s > {timeout_s:g}s (it could not be "
+                       "interrupted; give the env isolation='process')", failure_reward)
+    return checked(result, failure_reward)
+
+
+def _score_threads(fn, tasks, completions, timeout_s, workers, failure_reward) -> list[Score]:
+    """One daemon thread per sample, at most `workers` counted as running; a thread past its deadline stops
+    being counted (it is abandoned, still running) so the rest of the batch proceeds."""
+    results: list[Score | None] = [None] * len(tasks)
+    done: queue.Queue[tuple[int, Any, BaseException | None]] = queue.Queue()
+
+    def run(i: int) -> None:
+        try:
+            done.put((i, fn(tasks[i], completions[i]), None))
+        except BaseException as e:  # noqa: BLE001
+            done.put((i, None, e))
+
+    todo, running = deque(range(len(tasks))), {}  # running: index -> deadline
+    while todo or running:
+        while todo and len(running) < workers:
+            i = todo.popleft()
+            running[i] = time.monotonic() + timeout_s
+            threading.Thread(target=run, args=(i,), daemon=True, name=f"score-{i}").start()
+        try:
+            i, result, err = done.get(timeout=max(0.0, min(running.values()) - time.monotonic()))
+            if i in running:  # else it already timed out; its late answer is ignored
+                del running[i]
+                results[i] = (failure("exception", _describe(err), failure_reward) if err is not None
+                              else checked(result, failure_reward))
+        except queue.Empty:
+            pass
+        now = time.monotonic()
+        for i in [i for i, deadline in running.items() if now >= deadline]:
+            del running[i]
+            results[i] = failure("timeout", f"no result within {timeout_s:g}s (thread abandoned)", failure_reward)
+    return results  # type: ignore[return-value]
+
+
+# ----- process isolation -------------------------------------------------------------------------------------
+
+_POOL: list[Worker] = []
+_POOL_LOCK = threading.Lock()
+_POOL_TARGET = "posttrain.envs.scoring:_worker_handle"
+_WORKER_ENVS: dict[str, Any] = {}  # inside a worker process: the env it holds, by key
+
+
+def _worker_handle(msg: tuple) -> Any:
+    """Runs inside a pool worker: ("env", key, pickled env) loads an env; ("score", key, task, text) scores."""
+    if msg[0] == "env":
+        _WORKER_ENVS.clear()
+        _WORKER_ENVS[msg[1]] = pickle.loads(msg[2])
+        return None
+    env = _WORKER_ENVS[msg[1]]
+    return env.score(msg[2], msg[3])
+
+
+def _score_processes(env, tasks, completions, timeout_s, workers, failure_reward) -> list[Score]:
+    try:
+        blob = pickle.dumps(env, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as e:
+        raise ValueError(f"isolation='process' needs a picklable env; {getattr(env, 'name', env)!r}: {e}") from e
+    key = hashlib.sha1(blob).hexdigest()
+    while len(_POOL) < workers:
+        _POOL.append(Worker(_POOL_TARGET))
+    pool = _POOL[:workers]
+    results: list[Score | None] = [None] * len(tasks)
+    todo: deque[int] = deque(range(len(tasks)))
+    busy: dict[Worker, tuple[Any, float]] = {}  # worker -> (sample index | "start" | "env", deadline)
+    fatal: str | None = None  # the env cannot be loaded in a worker: fail every remaining sample
+
+    def give_work(w: Worker) -> None:
+        now = time.monotonic()
+        if not w.alive:
+            w.start()
+            busy[w] = ("start", now + w.startup_timeout_s)
+        elif w.state != key:
+            w.send(("env", key, blob))
+            busy[w] = ("env", now + w.startup_timeout_s)
+        else:
+            i = todo.popleft()
+            w.send(("score", key, tasks[i], completions[i]))
+            busy[w] = (i, now + timeout_s)
+
+    def finish(w: Worker, job: Any, reply: Any) -> None:
+        nonlocal fatal
+        del busy[w]
+        if job == "start":
+            return
+        ok = isinstance(reply, tuple) and reply[0] == "ok"
+        if job == "env":
+            if ok:
+                w.state = key
+            else:
+                fatal = f"cannot load env in a worker: {reply[1]}: {reply[2]}"
+        elif ok:
+            results[job] = checked(reply[1], failure_reward)
+        else:
+            results[job] = failure("exception", f"{reply[1]}: {reply[2]}", failure_reward)
+
+    def fail(w: Worker, job: Any, reason: str, detail: str) -> None:
+        nonlocal fatal
+        busy.pop(w, None)
+        w.kill()
+        if isinstance(job, int):
+            results[job] = failure(reason, detail, failure_reward)
+        else:
+            fatal = f"worker {job} failed: {detail}"
+
+    while fatal is None and (todo or busy):
+        for w in pool:
+            if w not in busy and todo:
+                try:
+                    give_work(w)
+                except WorkerDied as e:
+                    fail(w, "start", "worker", str(e))
+        if not busy:
+            continue
+        wait = max(0.0, min(d for _, d in busy.values()) - time.monotonic())
+        readable = select.select([w.fileno() for w in busy], [], [], wait)[0]
+        for w in [w for w in list(busy) if w.fileno() in readable]:
+            job = busy[w][0]
+            try:
+                reply = w.poll()
+            except WorkerDied as e:
+                fail(w, job, "crash", f"worker died while scoring: {e}")
+                continue
+            if reply is not None and (job == "start") == (reply == READY):
+                finish(w, job, reply)
+        now = time.monotonic()
+        for w, (job, deadline) in list(busy.items()):
+            if now >= deadline:
+                fail(w, job, "timeout", f"no result within {timeout_s:g}s (worker killed)" if isinstance(job, int)
+                     else f"no {job} handshake within {w.startup_timeout_s:g}s")
+    if fatal is not None:
+        for w in list(busy):
+            w.kill()
+        for i, r in enumerate(results):
+            if r is None:
+                results[i] = failure("worker", fatal, failure_reward)
+    return results  # type: ignore[return-value]
+
+
+def shutdown_pool() -> None:
+    """Kill the process-isolation workers (they are also killed at interpreter exit)."""
+    for w in _POOL:
+        w.kill()
+    _POOL.clear()
+
+
+# ----- summaries for logging ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ScoreErrors:
+    """How many scores failed, by `info["error"]` reason; `metrics()` gives `score/...` columns."""
+
+    total: int
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, scores: Sequence[Score]) -> ScoreErrors:
+        reasons = Counter(str(s.info["error"]) for s in scores if "error" in s.info)
+        return cls(total=len(scores), by_reason=dict(sorted(reasons.items())))
+
+    @property
+    def failed(self) -> int:
+        return sum(self.by_reason.values())
+
+    def metrics(self, prefix: str = "score") -> dict[str, float]:
+        out = {f"{prefix}/error_frac": self.failed / self.total if self.total else 0.0}
+        out.update({f"{prefix}/error/{reason}": float(n) for reason, n in self.by_reason.items()})
+        return out
+
+    def __str__(self) -> str:
+        if not self.failed:
+            return f"0/{self.total} failed"
+        parts = ", ".join(f"{reason}={n}" for reason, n in self.by_reason.items())
+        return f"{self.failed}/{self.total} failed ({parts})"

@@ -1,0 +1,67 @@
+"""Toy environments and worker targets for the env tests (importable by worker processes via sys.path)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+from posttrain.records import Message, Score, Task
+
+
+def make_tasks(n: int) -> list[Task]:
+    return [Task(id=str(i), question=f"q{i}", answer=str(i), solution=str(i)) for i in range(n)]
+
+
+class Echo:
+    """Echo: answer the number in the question (a toy env for registry tests)."""
+
+    name = "echo"
+
+    def __init__(self, n: int = 3):
+        self.n = n
+
+    def tasks(self, split: str, seed: int) -> Iterator[Task]:
+        return iter(make_tasks(self.n))
+
+    def prompt(self, task: Task) -> list[Message]:
+        return [{"role": "user", "content": task.question}]
+
+    def score(self, task: Task, completion: str) -> Score:
+        ok = completion.strip() == task.answer
+        return Score(float(ok), ok)
+
+
+class Faulty(Echo):
+    """Misbehaves on chosen completions: "raise", "hang", "nan", "inf", "str", "none", "die"."""
+
+    def __init__(self, isolation: str = "process", sleep_s: float = 60.0):
+        super().__init__()
+        self.isolation = isolation
+        self.sleep_s = sleep_s
+
+    def score(self, task: Task, completion: str) -> Score:
+        if completion == "raise":
+            raise ZeroDivisionError("verifier bug on purpose")
+        if completion == "hang":
+            time.sleep(self.sleep_s)
+        if completion == "nan":
+            return Score(float("nan"), True)
+        if completion == "inf":
+            return Score(float("inf"), True)
+        if completion == "str":
+            return Score("1.0", True)  # type: ignore[arg-type]
+        if completion == "none":
+            return None  # type: ignore[return-value]
+        if completion == "die":
+            os._exit(3)
+        return super().score(task, completion)
+
+
+def hang(msg: object) -> None:
+    """A worker target that never answers (stands in for math-verify hanging on adversarial input)."""
+    time.sleep(3600)
+
+
+def fast(msg: object) -> tuple[bool, str]:
+    return True, "fast"
