@@ -118,6 +118,54 @@ def fit(
             as_json=as_json)
 
 
+@app.command("eval")
+def eval_(
+    checkpoint: Annotated[str, typer.Argument(help="A local HF checkpoint dir (e.g. runs/quickstart/final) or a "
+                                              "preset name.")],
+    env: Annotated[str, typer.Option(help="Environment name (see `posttrain envs`).")],
+    env_arg: Annotated[list[str] | None, typer.Option("--env-arg", help="Environment argument key=value "
+                                                      "(repeatable), e.g. --env-arg digits=3.")] = None,
+    split: Annotated[str, typer.Option(help="train | eval")] = "eval",
+    problems: Annotated[int, typer.Option(help="Number of problems.")] = 200,
+    n: Annotated[int, typer.Option("--n", help="Samples per problem.")] = 16,
+    k: Annotated[str, typer.Option("--k", help="Comma-separated k values for pass@k.")] = "1,8",
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation budget.")] = 32,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    bf16: Annotated[bool, typer.Option(help="bf16 autocast.")] = False,
+    chat_template: Annotated[bool, typer.Option(help="Render prompts with the chat template.")] = True,
+    output: Annotated[Path | None, typer.Option("--out", help="JSON path (default: the run's eval/ dir).")] = None,
+) -> None:
+    """Evaluate a checkpoint: greedy accuracy, pass@k (unbiased), mean@n, maj@n with bootstrap CIs."""
+    try:
+        ks = [int(x) for x in k.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--k {k!r}: expected comma-separated integers like 1,8,64") from None
+    _quiet_libraries()
+    from posttrain.recipes.eval_cmd import run_eval
+
+    run_eval(checkpoint, env=env, env_args=env_arg or [], split=split, problems=problems, n=n, ks=ks,
+             temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, bf16=bf16,
+             out=output, chat_template=chat_template, console=out)
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories; several are overlaid.")],
+    output: Annotated[Path | None, typer.Option("--out", help="Directory for report.html and the PNGs "
+                                                "(default: the first run dir).")] = None,
+) -> None:
+    """Write report.html and PNG plots: training curves over steps and compute, eval, pass@k vs k."""
+    for d in run_dirs:
+        if not (d / "metrics.jsonl").is_file():
+            raise UserError(f"{d}: not a run directory (no metrics.jsonl)")
+    from posttrain.report import write_report
+
+    path = write_report(run_dirs, out_dir=output)
+    out.print(f"report: {path}")
+
+
 def main() -> None:
     try:
         app()

@@ -25,6 +25,8 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
+    """The policy: a built-in preset or a local Hugging Face checkpoint."""
+
     path: str = Field("tiny-3m", description="A built-in preset (tiny-test, tiny-3m, tiny-25m) or a local Hugging "
                       "Face checkpoint directory (config.json + weights + tokenizer).")
     chat_template: bool = Field(True, description="Render prompts with the tokenizer's chat template. false feeds "
@@ -34,6 +36,8 @@ class ModelConfig(Section):
 
 
 class EnvConfig(Section):
+    """The environment: where tasks come from and how completions are scored (training and evaluation)."""
+
     name: str = Field("arithmetic", description="Environment: a registered name (`posttrain envs` lists them), an "
                       "entry point in group posttrain.envs, or an import path 'pkg.module:Class'.")
     args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the environment "
@@ -51,6 +55,9 @@ class OptimConfig(Section):
 
 
 class SFTConfig(OptimConfig):
+    """The SFT stage (plus the optimizer keys shared with [rl]: lr, weight_decay, betas, warmup_steps, schedule,
+    min_lr_ratio, grad_clip)."""
+
     steps: int = Field(300, gt=0, description="Optimizer steps.")
     batch_size: int = Field(128, gt=0, description="Sequences per optimizer step (global).")
     micro_batch_size: int = Field(128, gt=0, description="Sequences per forward/backward (per device); only "
@@ -64,6 +71,8 @@ class SFTConfig(OptimConfig):
 
 
 class EvalConfig(Section):
+    """Held-out evaluation at the start (optional) and end of every stage, and periodically if asked."""
+
     problems: int = Field(200, gt=0, description="Held-out problems (eval split) per evaluation.")
     samples: int = Field(8, gt=0, description="Samples per problem for pass@k / mean@n / maj@n.")
     ks: list[int] = Field(default_factory=lambda: [1, 8], description="k values for pass@k (each <= samples).")
@@ -81,6 +90,8 @@ class EvalConfig(Section):
 
 
 class RLConfig(OptimConfig):
+    """The RL stage. Method choices are registry names; `preset` fills them from a named method."""
+
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
     preset: str | None = Field(None, description="A named method (grpo, dr_grpo, dapo, prorl, gspo, cispo, rloo, "
                                "reinforce_pp, scalerl): a TOML file in posttrain/presets whose keys become the "
@@ -134,6 +145,8 @@ class RLConfig(OptimConfig):
 
 
 class CheckpointConfig(Section):
+    """Resumable checkpoints (Hugging Face format + trainer state), written atomically."""
+
     every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0 = at stage ends only).")
     keep_last_n: int = Field(2, gt=0, description="Rotate step checkpoints, keeping the newest N.")
 

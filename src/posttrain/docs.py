@@ -28,8 +28,11 @@ def recipe_reference() -> str:
             continue
         lines.append(f"| `{name}` | {_default(field)} | {field.description or ''} |")
     for name, model in sections:
-        lines += ["", f"## [{name}]", "", (model.__doc__ or "").strip() if model.__doc__ and
-                  "BaseModel" not in model.__doc__ else "", "", "| key | default | meaning |", "|---|---|---|"]
+        lines += ["", f"## [{name}]", ""]
+        doc = model.__doc__ or ""
+        if doc.strip() and "BaseModel" not in doc and "Usage docs" not in doc:
+            lines += [doc.strip(), ""]
+        lines += ["| key | default | meaning |", "|---|---|---|"]
         for key, field in model.model_fields.items():
             lines.append(f"| `{key}` | {_default(field)} | {field.description or ''} |")
     return "\n".join(lines) + "\n"

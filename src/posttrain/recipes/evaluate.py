@@ -28,13 +28,13 @@ def generate_chunked(engine, prompts: Sequence[list[int]], params: SamplingParam
 
 def evaluate(engine, tokenizer, env, *, problems: int, samples: int, ks: Sequence[int], temperature: float,
              top_p: float, max_new_tokens: int, seed: int, chat_template: bool = True,
-             max_len: int | None = None, greedy_only: bool = False) -> dict[str, Any]:
-    tasks = list(itertools.islice(env.tasks("eval", EVAL_SEED), problems))
+             max_len: int | None = None, greedy_only: bool = False, split: str = "eval") -> dict[str, Any]:
+    tasks = list(itertools.islice(env.tasks(split, EVAL_SEED), problems))
     prompts = [render_prompt(tokenizer, env.prompt(t), chat_template=chat_template, max_len=max_len) for t in tasks]
     greedy = generate_chunked(engine, prompts, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
     greedy_scores = score_many(env, tasks, [c.text for c in greedy])
     result: dict[str, Any] = {
-        "env": env.name, "problems": len(tasks),
+        "env": env.name, "split": split, "problems": len(tasks),
         "greedy_acc": sum(s.correct for s in greedy_scores) / max(1, len(tasks)),
     }
     if greedy_only:
