@@ -10,7 +10,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from posttrain.config import validate
 from posttrain.errors import UserError
 from posttrain.recipes.run import run
-from posttrain.train.checkpoint import latest_checkpoint, list_checkpoints, load_state, rotate, save_checkpoint
+from posttrain.train.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_state,
+    rotate,
+    save_checkpoint,
+)
 
 
 def test_checkpoint_round_trip_gives_identical_logits(tiny, tmp_path):

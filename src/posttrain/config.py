@@ -42,6 +42,11 @@ class EnvConfig(Section):
                       "entry point in group posttrain.envs, or an import path 'pkg.module:Class'.")
     args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the environment "
                                  "(e.g. {digits = 3} for arithmetic). An argument it does not take is an error.")
+    score_timeout_s: float = Field(10.0, gt=0, description="Per-completion verifier time limit; a verifier that "
+                                   "raises, hangs or returns a non-number scores failure_reward instead.")
+    failure_reward: float = Field(0.0, description="Reward given to a completion whose verifier failed.")
+    max_error_frac: float = Field(0.5, ge=0, le=1, description="Stop the run when more than this fraction of a "
+                                  "step's completions could not be scored (training on garbage otherwise).")
 
 
 class OptimConfig(Section):
@@ -52,6 +57,8 @@ class OptimConfig(Section):
     schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="Decay after warm-up.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of lr (cosine/linear).")
     grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
+    max_bad_steps: int = Field(3, gt=0, description="A non-finite loss or gradient skips the update; this many in "
+                               "a row stop the run, naming the step and the first non-finite gradient.")
 
 
 class SFTConfig(OptimConfig):
@@ -144,6 +151,19 @@ class RLConfig(OptimConfig):
                                          "differ from the learner's, e.g. vLLM or bf16 rollouts).")
 
 
+    @model_validator(mode="after")
+    def _registry_names_exist(self) -> RLConfig:
+        # Checked at load time, not when the RL stage starts (possibly after a long SFT stage).
+        from posttrain.algos import ADVANTAGES, AGGREGATIONS, IS_CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES
+
+        for key, registry in (("advantage", ADVANTAGES), ("policy_loss", POLICY_LOSSES),
+                              ("aggregation", AGGREGATIONS), ("kl_estimator", KL_ESTIMATORS),
+                              ("is_correction", IS_CORRECTIONS)):
+            if getattr(self, key) not in registry:
+                raise ValueError(f"{key} = {getattr(self, key)!r} is not one of {', '.join(registry.names())}")
+        return self
+
+
 class CheckpointConfig(Section):
     """Resumable checkpoints (Hugging Face format + trainer state), written atomically."""
 
@@ -158,6 +178,8 @@ class RunConfig(Section):
     output_dir: str = Field("runs", description="Parent directory of run directories.")
     seed: int = Field(0, description="Seeds model init, data order and sampling.")
     threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: all cores).")
+    stall_timeout_s: float = Field(900.0, gt=0, description="Report a phase (generate, score, train, ...) that "
+                                   "makes no progress for this long, naming what it waits on (see heartbeat.json).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)

@@ -10,7 +10,8 @@ Every failure becomes `Score(failure_reward, False, info={"error": reason, "deta
   crash       a worker process died while scoring
   worker      a worker process could not load the environment (every sample of the batch gets this)
 
-Isolation is chosen by the env's `isolation` attribute (see envs/base.py `Isolation`), overridable per call:
+Isolation is chosen by the env's `isolation` attribute (see envs/base.py `Isolation`; "process" when the env does
+not declare one), overridable per call:
   inline   (the built-ins) no threads, no processes: ~1 us of overhead per sample, so thousands of scores per
            second. The trade-off: Python cannot interrupt a running function, so an inline call that overruns is
            reported as a timeout only when it returns, and one that never returns blocks the caller. Only trusted
@@ -67,7 +68,9 @@ def score_many(env: Any, tasks: Sequence[Task], completions: Sequence[str], *, t
     """Score completions[i] against tasks[i]; failures cost only their own sample (see module docstring)."""
     if len(tasks) != len(completions):
         raise ValueError(f"score_many: {len(tasks)} tasks but {len(completions)} completions")
-    mode = isolation or getattr(env, "isolation", "inline")
+    # An env that does not declare how trustworthy its verifier is gets worker processes: nothing it does can
+    # block the run past timeout_s. The built-ins declare "inline".
+    mode = isolation or getattr(env, "isolation", "process")
     if mode not in ISOLATIONS:
         raise ValueError(f"isolation must be one of {ISOLATIONS}, got {mode!r} (env {getattr(env, 'name', env)!r})")
     if workers < 1 or timeout_s <= 0:

@@ -10,12 +10,23 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from posttrain.config import RunConfig
 from posttrain.data.prompts import context_length
+from posttrain.envs.scoring import score_many
+from posttrain.errors import UserError
 from posttrain.recipes.evaluate import evaluate, headline_metrics, write_eval
+from posttrain.records import Score, Task
 from posttrain.rollout.hf import HFEngine
+from posttrain.tracking.heartbeat import Heartbeat
 from posttrain.tracking.metrics import MetricsLog
 from posttrain.train.checkpoint import rng_state, rotate, save_checkpoint
 
@@ -40,6 +51,28 @@ class RunContext:
     def __post_init__(self) -> None:
         self.engine = HFEngine(self.model, self.tokenizer, bf16=self.cfg.model.bf16)
         self.max_len = context_length(self.model)
+        self.heartbeat = Heartbeat(self.run_dir, stall_timeout_s=self.cfg.stall_timeout_s, on_stall=self.note)
+
+    def phase(self, name: str, detail: str = "") -> None:
+        """Announce the phase being entered (heartbeat.json, stall watchdog, fault-injection point)."""
+        self.heartbeat.phase(name, detail, step=self.global_step)
+
+    def score(self, tasks: list[Task], texts: list[str]) -> list[Score]:
+        """Score with the environment's verifier, isolated: a failing verifier costs only its sample. Too many
+        failures in one call stop the run rather than train on garbage."""
+        e = self.cfg.env
+        self.phase("score", f"verifier of {self.env.name} on {len(texts)} completions")
+        scores = score_many(self.env, tasks, texts, timeout_s=e.score_timeout_s, failure_reward=e.failure_reward)
+        failed = [(t, s) for t, s in zip(tasks, scores) if "error" in s.info]
+        if failed:
+            task, s = failed[0]
+            self.note(f"{len(failed)}/{len(scores)} completions could not be scored; e.g. task {task.id!r}: "
+                      f"{s.info.get('error')} {str(s.info.get('detail', ''))[:200]}")
+            if len(failed) > e.max_error_frac * len(scores):
+                raise UserError(f"{len(failed)} of {len(scores)} completions could not be scored (more than "
+                                f"env.max_error_frac = {e.max_error_frac}); first: task {task.id!r}: "
+                                f"{s.info.get('error')} {str(s.info.get('detail', ''))[:200]}")
+        return scores
 
     # -- time and metrics ---------------------------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -88,6 +121,7 @@ class RunContext:
             "totals": dict(self.totals), "elapsed_s": self.elapsed(), "evals": self.evals,
             "metrics_offset": self.log.offset(), "extra": extra or {},
         }
+        self.phase("checkpoint", f"writing step_{self.global_step}")
         path = save_checkpoint(self.run_dir / "checkpoints", self.global_step, self.model, self.tokenizer, state)
         rotate(self.run_dir / "checkpoints", self.cfg.checkpoint.keep_last_n)
         return path
@@ -100,10 +134,11 @@ class RunContext:
     def evaluate(self, tag: str, *, stage: str, greedy_only: bool = False, log: bool = True) -> dict[str, Any]:
         e = self.cfg.eval
         t0 = time.time()
+        self.phase("eval", f"{e.problems} problems x {e.samples} samples")
         result = evaluate(self.engine, self.tokenizer, self.env, problems=e.problems, samples=e.samples, ks=e.ks,
                           temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
                           seed=self.cfg.seed, chat_template=self.cfg.model.chat_template, max_len=self.max_len,
-                          greedy_only=greedy_only)
+                          greedy_only=greedy_only, score=self.score)
         result.update({"tag": tag, "step": self.global_step, "stage": stage})
         if not greedy_only:
             write_eval(self.run_dir / "eval" / f"{tag}.json", result)

@@ -28,11 +28,14 @@ def generate_chunked(engine, prompts: Sequence[list[int]], params: SamplingParam
 
 def evaluate(engine, tokenizer, env, *, problems: int, samples: int, ks: Sequence[int], temperature: float,
              top_p: float, max_new_tokens: int, seed: int, chat_template: bool = True,
-             max_len: int | None = None, greedy_only: bool = False, split: str = "eval") -> dict[str, Any]:
+             max_len: int | None = None, greedy_only: bool = False, split: str = "eval",
+             score=None) -> dict[str, Any]:
+    """`score(tasks, texts) -> list[Score]` defaults to the isolated scoring pool with default limits."""
+    score = score or (lambda tasks, texts: score_many(env, tasks, texts))
     tasks = list(itertools.islice(env.tasks(split, EVAL_SEED), problems))
     prompts = [render_prompt(tokenizer, env.prompt(t), chat_template=chat_template, max_len=max_len) for t in tasks]
     greedy = generate_chunked(engine, prompts, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
-    greedy_scores = score_many(env, tasks, [c.text for c in greedy])
+    greedy_scores = score(tasks, [c.text for c in greedy])
     result: dict[str, Any] = {
         "env": env.name, "split": split, "problems": len(tasks),
         "greedy_acc": sum(s.correct for s in greedy_scores) / max(1, len(tasks)),
@@ -43,7 +46,7 @@ def evaluate(engine, tokenizer, env, *, problems: int, samples: int, ks: Sequenc
         engine, [p for p in prompts for _ in range(samples)],
         SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed))
     texts = [c.text for c in sampled]
-    scores = score_many(env, [t for t in tasks for _ in range(samples)], texts)
+    scores = score([t for t in tasks for _ in range(samples)], texts)
     rows = []
     for i, task in enumerate(tasks):
         block = slice(i * samples, (i + 1) * samples)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,20 +20,28 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from posttrain.algos import (ADVANTAGES, AGGREGATIONS, IS_CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES, adapt_clip_high,
-                             effective_sample_size, group_has_variance, normalisers_for, overlong_penalty,
-                             should_reset_reference)
+from posttrain.algos import (
+    ADVANTAGES,
+    AGGREGATIONS,
+    IS_CORRECTIONS,
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
+    adapt_clip_high,
+    effective_sample_size,
+    group_has_variance,
+    normalisers_for,
+    overlong_penalty,
+    should_reset_reference,
+)
 from posttrain.data.prompts import render_prompt
-from posttrain.envs.scoring import score_many
 from posttrain.errors import UserError
-from posttrain.records import Completion, SamplingParams, Score, Task
 from posttrain.recipes.context import RunContext
+from posttrain.records import Completion, SamplingParams, Score, Task
 from posttrain.tracking.ledger import forward_flops, train_flops
 from posttrain.train.checkpoint import set_rng_state
 from posttrain.train.forward import completion_logprobs, logprobs_no_grad, pack
+from posttrain.train.guards import UpdateGuard
 from posttrain.train.optim import build_optimizer, build_scheduler
-
-MAX_BAD_STEPS = 3  # consecutive non-finite losses/gradients before the run stops
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,7 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
         if ref_model is not None:
             ref_model.load_state_dict(resume["extra"]["ref"])
 
+    guard = UpdateGuard(c.max_bad_steps, state["bad_steps"])
     tasks = itertools.islice(task_stream(env, ctx.cfg.seed), cursor, None)
     n_params = sum(p.numel() for p in model.parameters())
     params = [p for p in model.parameters() if p.requires_grad]
@@ -138,6 +146,7 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
         # 5. reference / old logprobs (only the passes this configuration needs) --------------------------------
         t0 = time.time()
         seq_tokens = sum(len(p) + len(x) for p, x in zip(prompts, comps))
+        ctx.phase("logprobs", "reference / old-policy forward passes")
         ref_lp = None
         if ref_model is not None:
             ref_lp = pad(logprobs_no_grad(ref_model, prompts, comps, tok.pad_token_id, temperature=c.temperature,
@@ -160,6 +169,7 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
 
         # 6. update: epochs x mini-batches of whole groups x micro-batches, global normalisers per mini-batch -----
         t0 = time.time()
+        ctx.phase("train", f"{c.epochs} epoch(s) x {c.mini_batches} mini-batch(es) over {B} completions")
         sums = {"loss": 0.0, "pg/clip_frac": 0.0, "pg/entropy": 0.0, "kl/value": 0.0, "pg/ratio_mean": 0.0}
         grad_norms, updates, tokens_seen = [], 0, 0
         for epoch in range(c.epochs):
@@ -189,15 +199,13 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
                     sums["pg/ratio_mean"] += float((parts["ratio"] * m).sum())
                     sums["pg/entropy"] += float((entropy.detach() * m).sum())
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.grad_clip))
-                if math.isfinite(grad_norm) and math.isfinite(sums["loss"]):
+                ctx.phase("optimizer_step")
+                problem = guard.check(model, loss=sums["loss"], grad_norm=grad_norm, where=f"rl step {step + 1}")
+                state["bad_steps"] = guard.bad_steps
+                if problem is None:
                     optimizer.step()
-                    state["bad_steps"] = 0
                 else:
-                    state["bad_steps"] += 1
-                    ctx.note(f"rl step {step + 1}: non-finite loss or gradient norm ({grad_norm}); update skipped")
-                    if state["bad_steps"] >= MAX_BAD_STEPS:
-                        raise UserError(f"rl step {step + 1}: {MAX_BAD_STEPS} consecutive non-finite updates "
-                                        f"(loss {sums['loss']}, grad norm {grad_norm}); stopping")
+                    ctx.note(problem + "; update skipped")
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 grad_norms.append(grad_norm)
@@ -273,8 +281,9 @@ def rollout(ctx: RunContext, tasks: list[Task], params: SamplingParams, group_si
                              max_len=ctx.max_len) for t in tasks]
     flat_prompts = [p for p in prompts for _ in range(group_size)]
     flat_tasks = [t for t in tasks for _ in range(group_size)]
+    ctx.phase("generate", f"{len(flat_prompts)} completions of up to {params.max_new_tokens} tokens")
     completions = ctx.engine.generate(flat_prompts, params)
-    scores = score_many(ctx.env, flat_tasks, [x.text for x in completions])
+    scores = ctx.score(flat_tasks, [x.text for x in completions])
     group_ids = torch.arange(len(tasks)).repeat_interleave(group_size)
     return Rollouts(flat_tasks, flat_prompts, completions, scores, group_ids)
 

@@ -35,7 +35,7 @@ DONE = "DONE"
 
 def _code_version() -> str:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=False,
                              cwd=Path(posttrain.__file__).parent)
         return rev.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -116,4 +116,5 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
         (run_dir / DONE).write_text("")
         return summary
     finally:
+        ctx.heartbeat.close()
         ctx.log.close()

@@ -10,7 +10,6 @@ the micro-batch split), clip, step.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from pathlib import Path
 
@@ -18,10 +17,12 @@ import torch
 
 from posttrain.algos.logprobs import token_logprobs
 from posttrain.data.sft import collate, env_examples, jsonl_examples, micro_batches
+from posttrain.errors import UserError
 from posttrain.recipes.context import RunContext
 from posttrain.rollout.hf import autocast
 from posttrain.tracking.ledger import train_flops
 from posttrain.train.checkpoint import set_rng_state
+from posttrain.train.guards import UpdateGuard
 from posttrain.train.optim import build_optimizer, build_scheduler
 
 
@@ -54,23 +55,31 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
     stream = itertools.islice(source, cursor, None)  # the data cursor: examples already consumed
     n_params = sum(p.numel() for p in model.parameters())
     params = [p for p in model.parameters() if p.requires_grad]
+    guard = UpdateGuard(c.max_bad_steps)
     step = start
     for step in ctx.progress(range(start, c.steps), total=c.steps, completed=start, description="sft"):
         t0 = time.time()
+        ctx.phase("data", f"{c.batch_size} examples from {'the JSONL file' if c.data_path else ctx.env.name}")
         batch = list(itertools.islice(stream, c.batch_size))
+        if not batch:
+            raise UserError(f"sft: no training examples left at step {step + 1} (the environment "
+                            f"{ctx.env.name!r} yields no train-split tasks)")
         cursor += len(batch)
         total_tokens = sum(len(e.completion) for e in batch)
         loss_value = 0.0
+        ctx.phase("train", f"forward/backward over {len(batch)} sequences")
         for mb in micro_batches(batch, c.micro_batch_size):
             loss = sft_loss(model, mb, total_tokens=total_tokens, pad_id=tok.pad_token_id, bf16=ctx.cfg.model.bf16)
             loss.backward()
             loss_value += loss.item()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.grad_clip))
         lr = scheduler.get_last_lr()[0]
-        if math.isfinite(grad_norm):
+        ctx.phase("optimizer_step")
+        problem = guard.check(model, loss=loss_value, grad_norm=grad_norm, where=f"sft step {step + 1}")
+        if problem is None:
             optimizer.step()
         else:
-            ctx.note(f"sft step {step + 1}: non-finite gradient norm, update skipped")
+            ctx.note(problem + "; update skipped")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from posttrain.errors import UserError
+from posttrain.tracking.heartbeat import fault_point
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.pt"
@@ -46,11 +47,17 @@ def save_checkpoint(root: Path, step: int, model, tokenizer, state: dict[str, An
     final = root / f"step_{step}"
     tmp = root / f".tmp-step_{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model_dir(tmp, model, tokenizer)
-    torch.save(state, tmp / STATE_FILE)
-    (tmp / COMPLETE).write_text(f"step {step}\n")
-    _fsync_tree(tmp)
+    try:
+        tmp.mkdir()
+        save_model_dir(tmp, model, tokenizer)
+        fault_point("checkpoint_write", step)
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / COMPLETE).write_text(f"step {step}\n")
+        _fsync_tree(tmp)
+    except OSError as e:  # disk full, quota, permissions: the previous checkpoint is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write checkpoint {final} ({e.strerror or e}); the previous checkpoint is "
+                        "intact, free space and re-run to resume") from e
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
