@@ -1,0 +1,99 @@
+"""Crash-exact resume: SIGKILL a real `posttrain run` at several points, restart it, and get the same metrics,
+step for step, as an uninterrupted run (no step lost, none duplicated), and the same final weights."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RECIPE = """
+recipe = ["sft", "rl"]
+name = "crash"
+seed = 3
+threads = 1
+[model]
+path = "tiny-test"
+[env]
+name = "arithmetic"
+args = {digits = 1}
+[sft]
+steps = 4
+batch_size = 8
+micro_batch_size = 4
+[rl]
+steps = 4
+prompts_per_step = 4
+group_size = 4
+max_new_tokens = 4
+kl_coef = 0.05
+[eval]
+problems = 4
+samples = 2
+ks = [1, 2]
+max_new_tokens = 4
+[checkpoint]
+every = 2
+keep_last_n = 2
+"""
+
+
+def posttrain_run(recipe: Path, out: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("POSTTRAIN_FAULT", None)
+    if fault:
+        env["POSTTRAIN_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(recipe), "--set", f"output_dir={out}"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600, check=False)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crash")
+    recipe = root / "crash.toml"
+    recipe.write_text(RECIPE)
+    proc = posttrain_run(recipe, root / "reference")
+    assert proc.returncode == 0, proc.stderr
+    run_dir = root / "reference" / "crash"
+    return recipe, metrics(run_dir), load_file(run_dir / "final" / "model.safetensors")
+
+
+# global step at which the phase is entered: SFT steps 1-4 are global 1-4, RL steps 1-4 are global 5-8
+FAULTS = [
+    "optimizer_step:2",  # SFT, during the optimizer step, before the first checkpoint
+    "checkpoint_write:4",  # writing the SFT stage's final checkpoint (model written, state not yet)
+    "generate:5",  # RL step 2, during generation
+    "optimizer_step:6",  # RL step 3, during the optimizer step
+    "checkpoint_write:8",  # writing the last checkpoint
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", FAULTS)
+def test_sigkill_then_resume_matches_an_uninterrupted_run(reference, tmp_path, fault):
+    recipe, expected, expected_weights = reference
+    crashed = posttrain_run(recipe, tmp_path, fault)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    run_dir = tmp_path / "crash"
+    assert not (run_dir / "DONE").exists()
+    beat = json.loads((run_dir / "heartbeat.json").read_text())
+    assert f"{beat['phase']}:{beat['step']}" == fault or fault.startswith("checkpoint_write")
+    resumed = posttrain_run(recipe, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert metrics(run_dir) == expected
+    weights = load_file(run_dir / "final" / "model.safetensors")
+    for name, tensor in expected_weights.items():
+        assert torch.equal(tensor, weights[name]), name
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
