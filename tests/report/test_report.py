@@ -180,6 +180,8 @@ def test_crossing_verdict_detects_sharpening():
     base, rl = np.array([0.3, 0.5, 0.65, 0.8]), np.array([0.5, 0.6, 0.62, 0.64])
     text = crossing_verdict({"tag": "base"}, ks, base, {"tag": "rl"}, ks, rl)
     assert "falls behind from k = 3" in text and "sharpened" in text
+    dip = crossing_verdict({"tag": "sft"}, ks, base, {"tag": "rl"}, ks, np.array([0.4, 0.45, 0.6, 0.8]))
+    assert "falls behind at k = 2-3" in dip
     wider = crossing_verdict({"tag": "base"}, ks, base, {"tag": "rl"}, ks, base + 0.1)
     assert "grew" in wider
 

@@ -14,7 +14,7 @@ import copy
 import itertools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -95,27 +95,19 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
 
         # 1-3. pick prompts, sample groups, score; group filtering (dynamic sampling refills) -------------------
         t0 = time.time()
-        batch, seen, rounds, wasted_tokens, gen_tokens = None, None, 0, 0, 0
-        while True:
-            needed = c.prompts_per_step - (num_groups(batch) if batch else 0)
-            chunk = list(itertools.islice(tasks, needed))
-            cursor += len(chunk)
-            new = rollout(ctx, chunk, SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                                                     max_new_tokens=c.max_new_tokens,
-                                                     seed=sample_seed + 7919 * rounds), c.group_size)
-            gen_tokens += sum(len(x.token_ids) for x in new.completions) + sum(map(len, new.prompts[::c.group_size]))
-            record_visits(state["history"], new, step=ctx.global_step + 1)
-            seen = new if seen is None else concat(seen, new)
-            if c.group_filter != "none":
-                rewards = torch.tensor([s.reward for s in new.scores])
-                keep = group_has_variance(rewards, new.group_ids)
-                wasted_tokens += sum(len(x.token_ids) for x, k in zip(new.completions, keep.tolist()) if not k)
-                new = select(new, keep)
-            batch = new if batch is None else concat(batch, new)
-            rounds += 1
-            if c.group_filter != "dynamic_sampling" or num_groups(batch) >= c.prompts_per_step \
-                    or rounds > c.max_refill_rounds:
-                break
+
+        def sample(chunk: list[Task], round_: int) -> Rollouts:
+            params = SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
+                                    max_new_tokens=c.max_new_tokens, seed=sample_seed + 7919 * round_)
+            return rollout(ctx, chunk, params, c.group_size)
+
+        batch, seen, rounds, consumed = collect_groups(sample, tasks,
+            prompts_per_step=c.prompts_per_step, group_filter=c.group_filter, max_refill_rounds=c.max_refill_rounds)
+        cursor += consumed
+        record_visits(state["history"], seen, step=ctx.global_step + 1)
+        gen_tokens = sum(len(x.token_ids) for x in seen.completions) + sum(map(len, seen.prompts[::c.group_size]))
+        wasted_tokens = sum(len(x.token_ids) for x in seen.completions) - sum(len(x.token_ids)
+                                                                              for x in batch.completions)
         t_generate = time.time() - t0
         metrics = rollout_metrics(seen)
         metrics["rollout/refill_rounds"] = rounds - 1
@@ -288,6 +280,27 @@ def rollout(ctx: RunContext, tasks: list[Task], params: SamplingParams, group_si
     return Rollouts(flat_tasks, flat_prompts, completions, scores, group_ids)
 
 
+def collect_groups(sample: Callable[[list[Task], int], Rollouts], tasks: Iterator[Task], *, prompts_per_step: int,
+                   group_filter: str, max_refill_rounds: int) -> tuple[Rollouts, Rollouts, int, int]:
+    """Sample `prompts_per_step` groups; filter degenerate ones (all rewards equal, ScaleRL) and, for DAPO's
+    dynamic sampling, sample more prompts until the batch holds `prompts_per_step` useful groups or
+    `max_refill_rounds` extra rounds are spent. -> (kept, everything sampled, rounds, tasks consumed)."""
+    kept: Rollouts | None = None
+    seen: Rollouts | None = None
+    rounds = consumed = 0
+    while True:
+        chunk = list(itertools.islice(tasks, prompts_per_step - (num_groups(kept) if kept else 0)))
+        consumed += len(chunk)
+        new = sample(chunk, rounds)
+        seen = new if seen is None else concat(seen, new)
+        if group_filter != "none":
+            new = select(new, group_has_variance(torch.tensor([s.reward for s in new.scores]), new.group_ids))
+        kept = new if kept is None else concat(kept, new)
+        rounds += 1
+        if group_filter != "dynamic_sampling" or num_groups(kept) >= prompts_per_step or rounds > max_refill_rounds:
+            return kept, seen, rounds, consumed
+
+
 def num_groups(batch: Rollouts) -> int:
     return int(batch.group_ids.unique().numel())
 
@@ -299,7 +312,7 @@ def select(batch: Rollouts, keep: Tensor) -> Rollouts:
 
 
 def concat(a: Rollouts, b: Rollouts) -> Rollouts:
-    offset = int(a.group_ids.max()) + 1 if len(a.group_ids) else 0
+    offset = int(a.group_ids.max()) + 1 if len(a.group_ids) else 0  # group ids stay unique across rounds
     return Rollouts(a.tasks + b.tasks, a.prompts + b.prompts, a.completions + b.completions, a.scores + b.scores,
                     torch.cat([a.group_ids, b.group_ids + offset]))
 
