@@ -72,7 +72,7 @@ def test_single_run_report(fake_run):
     # the pass@k caption compares the final RL eval with the model RL started from (sft), which the fake run
     # makes sharper: above at k = 1, below at k = 16
     verdict = text.split("<b>Here:</b>")[1].split("</figcaption>")[0]
-    assert "&#x27;rl&#x27; beats &#x27;sft&#x27;" in verdict and "sharpened" in verdict
+    assert "&#x27;rl&#x27; beats &#x27;sft&#x27;" in verdict and "falls behind from k = " in verdict
 
 
 def test_two_runs_overlay_into_out_dir(tmp_path):
@@ -184,6 +184,8 @@ def test_crossing_verdict_detects_sharpening():
     assert "falls behind at k = 2-3" in dip
     wider = crossing_verdict({"tag": "base"}, ks, base, {"tag": "rl"}, ks, base + 0.1)
     assert "grew" in wider
+    noisy = crossing_verdict({"tag": "base"}, ks, base, {"tag": "rl"}, ks, base + 0.1, noise=0.2)
+    assert "within the 95% CI" in noisy and "no clear change" in noisy
 
 
 def test_smoothing_does_not_lag():

@@ -17,7 +17,14 @@ from matplotlib import colormaps, rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator, ScalarFormatter
+from matplotlib.ticker import (
+    FixedLocator,
+    LogFormatterSciNotation,
+    LogLocator,
+    NullFormatter,
+    NullLocator,
+    ScalarFormatter,
+)
 
 from posttrain.report.data import (
     STAGE_ORDER,
@@ -67,15 +74,17 @@ def run_colors(runs: list[RunData]) -> dict[str, tuple]:
 
 
 def tag_order(runs: list[RunData]) -> list[str]:
-    """Every eval tag of every run, ordered by the earliest step it was taken at (base < sft < rl on ties)."""
-    first: dict[str, tuple[float, int]] = {}
+    """Every eval tag of every run in training order: by stage (base < sft < rl), within a stage the periodic
+    evaluations (rl-step50, ...) by step and the stage's closing evaluation (tag == stage) last. Runs of
+    different lengths thus agree on the order even though their steps differ."""
+    keys: dict[str, tuple[int, int, float]] = {}
     for run in runs:
         for result in run.evals:
-            tag = str(result.get("tag"))
+            tag, stage = str(result.get("tag")), str(result.get("stage"))
             step = number(result.get("step"))
-            key = (step if step is not None else math.inf, STAGE_ORDER.get(str(result.get("stage")), 3))
-            first[tag] = min(first.get(tag, key), key)
-    return sorted(first, key=lambda t: (first[t], t))
+            key = (STAGE_ORDER.get(stage, 3), int(tag == stage), step if step is not None else math.inf)
+            keys[tag] = min(keys.get(tag, key), key)
+    return sorted(keys, key=lambda t: (keys[t], t))
 
 
 def tag_colors(runs: list[RunData]) -> dict[str, tuple | str]:
@@ -137,6 +146,18 @@ def _run_legend(fig: Figure, runs: list[RunData], colors: dict, *, stages: bool)
     fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 4), frameon=False)
 
 
+def _log_axis(ax) -> None:
+    """Log x axis whose labels stay readable: over less than two decades label 2x and 5x between the powers of
+    ten (otherwise there may be a single label), never all eight minor ticks (they collide)."""
+    ax.set_xscale("log")
+    lo, hi = ax.get_xlim()
+    if lo > 0 and math.log10(hi / lo) < 2:
+        ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+        ax.xaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(2, 2)))
+    else:
+        ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def _log2_ticks(ax, k_max: int) -> None:
     ticks = [2**i for i in range(int(math.log2(k_max)) + 1)]
     if ticks[-1] != k_max:
@@ -166,12 +187,14 @@ def training_curves(runs: list[RunData], colors: dict, out_dir: Path, *, x: str 
                 if xs.size:
                     _plot_curve(ax, xs, ys, colors[run.name], run.name)
                     _mark_stages(ax, run, colors[run.name], x=x, label_text=len(runs) == 1)
+            if all(not np.any(series(r.rows, key, x=x)[1]) for r in runs):
+                ax.text(0.5, 0.56, "zero at every step", transform=ax.transAxes, ha="center", va="bottom",
+                        fontsize=9, color="0.4")
             ax.set_title(title)
             ax.set_ylabel(ylabel)
             ax.set_xlabel("compute (cumulative FLOPs, log scale)" if over_compute else "step (optimizer steps)")
             if over_compute:
-                ax.set_xscale("log")
-                ax.xaxis.set_minor_formatter(NullFormatter())  # 2x10^13 3x10^13 ... labels collide
+                _log_axis(ax)
         _run_legend(fig, runs, colors, stages=True)
         file = "report_training_compute.png" if over_compute else "report_training_steps.png"
         _save(fig, out_dir, file)
@@ -184,8 +207,10 @@ def training_curves(runs: list[RunData], colors: dict, out_dir: Path, *, x: str 
                 "Reward and pass rate should rise; entropy falling to near zero means the policy has collapsed "
                 "onto few answers (exploration is gone); response length shows drift towards longer or "
                 "truncated answers; a clipped fraction that keeps growing means updates are too large for the "
-                "trust region; KL measures how far the policy moved from the reference (flat zero when "
-                "kl_coef = 0). Dashed lines mark stage changes (SFT to RL). Long curves are shown "
+                "trust region; KL measures how far the policy moved from the reference. The clipped fraction "
+                "is exactly zero when updates are on-policy (one epoch, one mini-batch: ratio = 1), and KL is "
+                "logged as zero when kl_coef = 0 (no reference model). Dashed lines mark stage changes (SFT to "
+                "RL). Long curves are shown "
                 "smoothed (centred moving average) over the faint raw values.")
 
 
@@ -319,21 +344,34 @@ def crossing_verdict(first: dict, ks0: np.ndarray, m0: np.ndarray, last: dict, k
     a, b, kn = str(first.get("tag")), str(last.get("tag")), int(ks0[k - 1])
     diff = m1[:k] - m0[:k]
     tail = f"pass@{kn}: {m1[k - 1]:.3f} vs {m0[k - 1]:.3f}"
-    if abs(diff[-1]) > 0 and abs(diff[-1]) <= noise:
+    noisy = 0 < abs(diff[-1]) <= noise
+    if noisy:
         tail += f", a gap within the 95% CI of ±{noise:.3f}"
     eps = 1e-9
     behind = np.flatnonzero(diff < -eps)
     if diff[0] > eps and behind.size:
         where = (f"from k = {int(ks0[behind[0]])}" if np.all(diff[behind[0]:] < -eps)
-                 else f"at k = {', '.join(str(int(ks0[i])) for i in behind)}")
-        return (f"'{b}' beats '{a}' at pass@1 ({m1[0]:.3f} vs {m0[0]:.3f}) but falls behind {where} ({tail}): "
-                "sharpened, not widened.")
+                 else f"at k = {_ranges([int(ks0[i]) for i in behind])}")
+        verdict = "possibly sharpened rather than widened" if noisy else "sharpened, not widened"
+        return f"'{b}' beats '{a}' at pass@1 ({m1[0]:.3f} vs {m0[0]:.3f}) but falls behind {where} ({tail}): {verdict}."
     if diff[0] > eps and abs(diff[-1]) <= eps:
         return (f"'{b}' beats '{a}' at pass@1 ({m1[0]:.3f} vs {m0[0]:.3f}) and ties at large k ({tail}): "
                 "more reliable on problems it could already solve, no new ones.")
     if not behind.size and diff[-1] > eps:
-        return f"'{b}' is at or above '{a}' at every k ({tail}): the set of solvable problems grew."
+        verdict = "no clear change at large k" if noisy else "the set of solvable problems grew"
+        return f"'{b}' is at or above '{a}' at every k ({tail}): {verdict}."
     return f"'{b}' vs '{a}': pass@1 {m1[0]:.3f} vs {m0[0]:.3f}, {tail}."
+
+
+def _ranges(ks: list[int]) -> str:
+    """[2, 3, 4, 7, 9, 10] -> '2-4, 7, 9-10'."""
+    parts: list[list[int]] = []
+    for k in ks:
+        if parts and k == parts[-1][-1] + 1:
+            parts[-1].append(k)
+        else:
+            parts.append([k])
+    return ", ".join(str(p[0]) if len(p) == 1 else f"{p[0]}-{p[-1]}" for p in parts)
 
 
 def by_difficulty(runs: list[RunData], tcolors: dict, out_dir: Path) -> Plot | None:

@@ -232,8 +232,9 @@ def _eval_table(runs: list[RunData]) -> str:
     for _, rows, _ in per_run:
         for row in rows:
             metrics += [k for k in row if k not in ("tag", "step") and k not in metrics]
-    order = {m: i for i, m in enumerate(["greedy_acc"])}
-    metrics.sort(key=lambda m: (order.get(m, 1), _metric_key(m)))
+    if "pass@1" in metrics and "mean@n" in metrics:
+        metrics.remove("mean@n")  # mean@n = c / n is the unbiased pass@1: the same number twice
+    metrics.sort(key=lambda m: (m != "greedy_acc", _metric_key(m)))
     head = "".join(f"<th>{_e(m)}</th>" for m in metrics)
     body = []
     for run, rows, source in per_run:
@@ -251,7 +252,8 @@ def _eval_table(runs: list[RunData]) -> str:
                         f"{_e(source)} (no eval/*.json)</td></tr>")
     return (f"<table><tr><th>run</th><th>eval</th><th>step</th>{head}</tr>{''.join(body)}</table>"
             "<p class='muted'>Held-out problems; brackets are 95% bootstrap CIs over problems. pass@k is the "
-            "unbiased estimator from n samples per problem; greedy_acc is one greedy answer per problem.</p>")
+            "unbiased estimator from n samples per problem (pass@1 = mean@n); maj@n is majority-vote accuracy; "
+            "greedy_acc is one greedy answer per problem.</p>")
 
 
 def _metric_key(name: str) -> tuple[int, int, str]:
