@@ -1,0 +1,497 @@
+"""Sweeps: many ordinary runs over declared axes, one results table, seed CIs and iso-compute comparisons.
+
+    posttrain sweep recipes/scaling/ladder.toml            # run (or resume) every point, one after another
+    posttrain sweep recipes/scaling/ladder.toml --plan     # validate and list the points, run nothing
+
+A sweep file (docs/sweeps.md):
+
+    base = "../quickstart.toml"          # a recipe, relative to this file
+    name = "ladder"                      # points are named ladder-group_size=4-seed=0, ...
+    output_dir = "runs/ladder"           # optional (default runs/<name>, relative to the working directory)
+    [axes]                               # dotted recipe keys -> values; the points are the cartesian product
+    "rl.group_size" = [4, 8, 16]
+    seed = [0, 1, 2]
+    [set]                                # optional fixed overrides on top of the base recipe
+    "rl.steps" = 100
+
+Every point is validated before anything runs (an unknown key, a bad value, or a finished point whose saved config
+no longer matches is an error naming it). Each point is an ordinary run directory in output_dir; a finished one
+(DONE marker) is skipped on re-run and an unfinished one resumes from its newest checkpoint (recipes/run.py).
+results.csv (one row per finished point) is rebuilt from the run directories after every point, so it is always
+consistent with them. Columns: `point`, one per axis (the dotted key), then metrics, whose names contain "/"
+(`eval/pass@1` of the last stage's final evaluation, `compute/*` and `time/elapsed_s` of the last metrics row)
+plus `steps`. That naming rule is how aggregate() tells axes from metrics.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import re
+import tomllib
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from posttrain.config import RunConfig, _set_path, validate
+from posttrain.errors import UserError
+from posttrain.recipes.run import DONE, _diff_keys, run
+from posttrain.tracking.metrics import read_metrics
+
+SWEEP_KEYS = ("base", "name", "axes", "set", "output_dir")
+RESERVED = ("name", "output_dir")  # the sweep decides where each point lives
+RESULTS, BY_POINT, ISO = "results.csv", "results_by_point.csv", "iso_compute"
+METADATA = ("point",)
+
+
+@dataclass(frozen=True)
+class Point:
+    name: str
+    values: dict[str, Any]  # axis key -> value, in axis order
+    cfg: RunConfig
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.run_dir
+
+    @property
+    def done(self) -> bool:
+        return (self.run_dir / DONE).exists()
+
+
+@dataclass(frozen=True)
+class Sweep:
+    path: Path
+    name: str
+    axes: dict[str, list[Any]]
+    fixed: dict[str, Any]
+    output_dir: Path
+    points: list[Point]
+
+    @property
+    def results_csv(self) -> Path:
+        return self.output_dir / RESULTS
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Planning: read, validate, expand
+
+
+def _field_type(dotted: str) -> Any:
+    """The annotation of a dotted recipe key, or UserError naming the first part that is not a key."""
+    model: Any = RunConfig
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            if part not in model.model_fields:
+                where = ".".join(parts[:i]) or "the top level"
+                known = ", ".join(sorted(model.model_fields))
+                raise UserError(f"{dotted!r} is not a recipe key ({part!r} is not in {where}; known: {known})")
+            model = model.model_fields[part].annotation
+        elif typing.get_origin(model) is dict or model is dict:
+            return Any  # inside a free-form table such as env.args
+        else:
+            raise UserError(f"{dotted!r} is not a recipe key ({'.'.join(parts[:i])} is not a section)")
+    return model
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _flatten(table: dict[str, Any], where: str, prefix: str = "") -> dict[str, Any]:
+    """{'rl': {'lr': x}} or {'rl.lr': x} -> {'rl.lr': x}: nested TOML tables down to recipe keys (env.args stays a
+    value, because it is a key, not a section)."""
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        key = prefix + k
+        try:
+            annotation = _field_type(key)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        if isinstance(v, dict) and _is_section(annotation):
+            out.update(_flatten(v, where, key + "."))
+        elif _is_section(annotation):
+            raise UserError(f"{where}: {key!r} is a whole section; set keys inside it (e.g. '{key}.<key>')")
+        else:
+            out[key] = v
+    return out
+
+
+def _fmt(value: Any) -> str:
+    """An axis value as it appears in point names and in the CSV."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return repr(value)
+    return json.dumps(value, separators=(",", ":"))
+
+
+def axis_labels(keys: Sequence[str]) -> dict[str, str]:
+    """Short axis labels: the last part of the key (rl.group_size -> group_size) unless two axes share it."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", text).strip("_") or "_"
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and validate a sweep file; every point's config is validated here, before anything runs."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: sweep file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+    unknown = sorted(set(raw) - set(SWEEP_KEYS))
+    if unknown:
+        raise UserError(f"{path}: unknown top-level key {unknown[0]!r}; a sweep has {', '.join(SWEEP_KEYS)}")
+    for key, kind in (("base", str), ("name", str), ("axes", dict), ("set", dict), ("output_dir", str)):
+        if key in raw and not isinstance(raw[key], kind):
+            raise UserError(f"{path}: {key} must be a {'table' if kind is dict else 'string'}, got {raw[key]!r}")
+    if "base" not in raw:
+        raise UserError(f"{path}: missing 'base' (the recipe every point starts from, relative to this file)")
+    name = raw.get("name", path.stem)
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise UserError(f"{path}: name {name!r} must be letters, digits, '.', '_' or '-' (it names directories)")
+    base_path = path.parent / raw["base"]
+    try:
+        base = tomllib.loads(base_path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: base recipe {base_path} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{base_path}: not valid TOML ({e})") from None
+
+    axes = _flatten(raw.get("axes", {}), f"{path} [axes]")
+    fixed = _flatten(raw.get("set", {}), f"{path} [set]")
+    if not axes:
+        raise UserError(f"{path}: [axes] is empty; declare at least one, e.g. seed = [0, 1, 2]")
+    for key, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{path}: axis {key!r} must be a non-empty list of values, got {values!r}")
+        if len({_fmt(v) for v in values}) < len(values):
+            raise UserError(f"{path}: axis {key!r} repeats a value: {values!r}")
+    for key in (*axes, *fixed):
+        if key in RESERVED:
+            raise UserError(f"{path}: {key!r} is set by the sweep (points are named {name}-..., in output_dir)")
+    both = sorted(set(axes) & set(fixed))
+    if both:
+        raise UserError(f"{path}: {both[0]!r} is both an axis and in [set]")
+
+    output_dir = Path(raw.get("output_dir", f"runs/{name}"))
+    labels = axis_labels(list(axes))
+    points, names = [], {}
+    for combo in itertools.product(*axes.values()):
+        values = dict(zip(axes, combo))
+        point_name = name + "-" + "-".join(_slug(f"{labels[k]}={_fmt(v)}") for k, v in values.items())
+        if point_name in names:
+            raise UserError(f"{path}: points {names[point_name]} and {values} get the same name {point_name!r}")
+        names[point_name] = values
+        tree = json.loads(json.dumps(base))  # a deep copy of plain TOML data
+        for key, value in {**fixed, **values}.items():
+            _set_path(tree, key.split("."), value)
+        tree["name"], tree["output_dir"] = point_name, str(output_dir)
+        points.append(Point(point_name, values, validate(tree, f"{path} (point {point_name})")))
+    sweep = Sweep(path, name, axes, fixed, output_dir, points)
+    _check_finished_points_match(sweep)
+    return sweep
+
+
+def _check_finished_points_match(sweep: Sweep) -> None:
+    """A point directory that already holds a run must hold THIS point's config (run() checks unfinished ones too,
+    but a finished one would otherwise be skipped and reported with stale results)."""
+    for p in sweep.points:
+        saved = p.run_dir / "config.json"
+        if saved.exists():
+            changed = _diff_keys(json.loads(saved.read_text())["config"], p.cfg.model_dump(mode="json"))
+            if changed:
+                raise UserError(f"{sweep.path}: {p.run_dir} holds a run with a different config "
+                                f"({', '.join(changed[:5])} differ); delete it or change the sweep's name")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running and the results table
+
+
+def run_sweep(path: Path, *, only_plan: bool = False, console: Console | None = None) -> Path:
+    """Run every unfinished point in order (sequentially, in-process); return the results CSV."""
+    console = console or Console(stderr=True)
+    sweep = load_sweep(path)
+    _print_plan(sweep, console)
+    if only_plan:
+        return sweep.results_csv
+    sweep.output_dir.mkdir(parents=True, exist_ok=True)
+    write_results(sweep)
+    failed: list[str] = []
+    for i, p in enumerate(sweep.points, 1):
+        if p.done:
+            continue
+        console.rule(f"sweep {sweep.name}: point {i}/{len(sweep.points)}: {p.name}")
+        try:
+            run(p.cfg, console=console)
+        except Exception as e:  # noqa: BLE001 - one failed point must not lose the others; raised below
+            failed.append(f"{p.name}: {type(e).__name__}: {e}")
+            console.print(f"[red]point {p.name} failed[/red]: {e}")
+        write_results(sweep)
+    finished = sum(p.done for p in sweep.points)
+    console.print(f"sweep {sweep.name}: {finished}/{len(sweep.points)} points finished; {sweep.results_csv}")
+    if finished == len(sweep.points) > 1:
+        _analyse(sweep, console)
+    if failed:
+        raise UserError(f"{len(failed)} of {len(sweep.points)} sweep points failed (re-run to retry them):\n  "
+                        + "\n  ".join(failed))
+    return sweep.results_csv
+
+
+def _analyse(sweep: Sweep, console: Console) -> None:
+    """Once every point has finished: seed CIs (if seed is an axis) and the iso-compute table of eval/pass@1."""
+    over = "seed" if "seed" in sweep.axes else None
+    if over:
+        aggregate(sweep.results_csv, over=over)
+        console.print(f"mean and 95% CI over seeds: {sweep.output_dir / BY_POINT}")
+    try:
+        table = iso_compute(sweep.output_dir, over=over)
+    except UserError as e:  # e.g. a metric the runs do not log; the sweep itself succeeded
+        console.print(f"no iso-compute comparison: {e}")
+        return
+    view = Table(title="best eval/pass@1 at equal compute/flops")
+    for column in ("compute/flops", "best", "eval/pass@1"):
+        view.add_column(column)
+    for row in table:
+        view.add_row(f"{row['budget']:.3g}", row["best"], f"{row['best_value']:.3f}")
+    console.print(view)
+    console.print(f"{sweep.output_dir / (ISO + '.csv')}, {sweep.output_dir / (ISO + '.png')}")
+
+
+def _print_plan(sweep: Sweep, console: Console) -> None:
+    table = Table(title=f"sweep {sweep.name}: {len(sweep.points)} points in {sweep.output_dir}")
+    table.add_column("point")
+    labels = axis_labels(list(sweep.axes))
+    for key in sweep.axes:
+        table.add_column(labels[key])
+    table.add_column("status")
+    for p in sweep.points:
+        status = "done" if p.done else "resume" if (p.run_dir / "config.json").exists() else "new"
+        table.add_row(p.name, *(_fmt(v) for v in p.values.values()), status)
+    console.print(table)
+
+
+def result_row(point: Point) -> dict[str, Any] | None:
+    """The results.csv row of a finished point, None if it has not finished."""
+    if not point.done:
+        return None
+    summary = json.loads((point.run_dir / "summary.json").read_text())
+    evals = summary.get("evals") or {}
+    final = evals.get(point.cfg.recipe[-1]) or (list(evals.values())[-1] if evals else {})
+    rows = read_metrics(point.run_dir)
+    last = rows[-1] if rows else {}
+    row: dict[str, Any] = {"point": point.name, **{k: _fmt(v) for k, v in point.values.items()}, **final}
+    row.update({k: v for k, v in last.items() if k.startswith("compute/")})
+    row["time/elapsed_s"] = last.get("time/elapsed_s", summary.get("elapsed_s"))
+    row["steps"] = summary.get("steps")
+    return row
+
+
+def write_results(sweep: Sweep) -> Path:
+    """Rebuild results.csv from the finished run directories (idempotent; written atomically)."""
+    rows = [r for r in map(result_row, sweep.points) if r is not None]
+    return _write_csv(sweep.results_csv, rows)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns or ["point"], restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+    return path
+
+
+def _cell(text: str) -> Any:
+    if text == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_results(csv_path: Path) -> list[dict[str, Any]]:
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise UserError(f"{csv_path}: results file not found")
+    with csv_path.open(newline="") as f:
+        return [{k: _cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def is_metric(column: str) -> bool:
+    return "/" in column or column == "steps"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Seeds: mean and 95% t-interval per configuration
+
+
+def aggregate(csv_path: Path, over: str = "seed", *, confidence: float = 0.95) -> list[dict[str, Any]]:
+    """Mean and a `confidence` Student-t interval over `over` (an axis column) for every combination of the other
+    axes; written next to csv_path as results_by_point.csv.
+
+    Per metric, with the n runs that have it: mean, sample std s (ddof 1), and mean +- t_{(1+conf)/2, n-1} s/sqrt(n).
+    The t-interval assumes roughly normal run-to-run variation; with 3 seeds it is wide (t = 4.30), which is the
+    honest answer. n = 1 gives no interval (empty cells). Not clipped to [0, 1] for rates.
+    """
+    from scipy.stats import t as student_t
+
+    csv_path = Path(csv_path)
+    rows = read_results(csv_path)
+    columns = list(rows[0]) if rows else []
+    axes = [c for c in columns if c not in METADATA and not is_metric(c)]
+    metrics = [c for c in columns if is_metric(c)]
+    if over not in axes:
+        raise UserError(f"{csv_path}: cannot aggregate over {over!r}; axis columns: {', '.join(axes) or '(none)'}")
+    keep = [a for a in axes if a != over]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[a] for a in keep), []).append(row)
+    out = []
+    for key, members in groups.items():
+        agg: dict[str, Any] = {**dict(zip(keep, key)), "n": len(members),
+                               f"{over}_values": " ".join(str(m[over]) for m in members)}
+        for m in metrics:
+            values = np.array([r[m] for r in members if isinstance(r.get(m), int | float)], dtype=np.float64)
+            if values.size == 0:
+                continue
+            mean = float(values.mean())
+            agg[f"{m}_mean"] = mean
+            if values.size > 1:
+                std = float(values.std(ddof=1))
+                half = float(student_t.ppf((1 + confidence) / 2, values.size - 1)) * std / math.sqrt(values.size)
+                agg.update({f"{m}_std": std, f"{m}_ci_lo": mean - half, f"{m}_ci_hi": mean + half})
+        out.append(agg)
+    _write_csv(csv_path.parent / BY_POINT, out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Iso-compute: who is best at equal FLOPs
+
+
+def _curve(run_dir: Path, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of the metrics rows that hold both, sorted by x; of rows at equal x the last one wins."""
+    pts: dict[float, float] = {}
+    for row in read_metrics(run_dir):
+        vx, vy = row.get(x), row.get(y)
+        if isinstance(vx, int | float) and isinstance(vy, int | float) and math.isfinite(vx) and math.isfinite(vy):
+            pts[float(vx)] = float(vy)
+    xs = np.array(sorted(pts))
+    return xs, np.array([pts[v] for v in xs])
+
+
+def _sources(runs: Path | Sequence[Path], over: str | None) -> tuple[dict[str, list[Path]], Path]:
+    """-> {configuration label: run dirs}, output directory."""
+    if isinstance(runs, str | Path) and (Path(runs) / RESULTS).is_file():  # a sweep directory
+        sweep_dir = Path(runs)
+        rows = read_results(sweep_dir / RESULTS)
+        axes = [c for c in (list(rows[0]) if rows else []) if c not in METADATA and not is_metric(c)]
+        if over is not None and over not in axes:
+            raise UserError(f"{sweep_dir / RESULTS}: no axis {over!r} to average over; axes: {', '.join(axes)}")
+        keep = [a for a in axes if a != over]
+        labels = axis_labels(keep)
+        groups: dict[str, list[Path]] = {}
+        for row in rows:
+            label = ", ".join(f"{labels[a]}={row[a]}" for a in keep) if over else str(row["point"])
+            groups.setdefault(label or "all", []).append(sweep_dir / str(row["point"]))
+        return groups, sweep_dir
+    dirs = [Path(runs)] if isinstance(runs, str | Path) else [Path(r) for r in runs]
+    if len(dirs) == 1 and not (dirs[0] / "metrics.jsonl").is_file():
+        dirs = sorted(d for d in dirs[0].iterdir() if (d / "metrics.jsonl").is_file())
+    if over is not None:
+        raise UserError("iso_compute(over=...) needs a sweep directory (its results.csv names the axes)")
+    return {d.name: [d] for d in dirs}, (dirs[0].parent if dirs else Path("."))
+
+
+def iso_compute(runs: Path | Sequence[Path], *, y: str = "eval/pass@1", x: str = "compute/flops",
+                budgets: Sequence[float] | None = None, over: str | None = None, maximize: bool = True,
+                out_dir: Path | None = None) -> list[dict[str, Any]]:
+    """At each compute budget, every configuration's y interpolated at that x, and the best configuration.
+
+    runs: a sweep directory (configurations = its points; with over="seed", the points that differ only in the
+    seed are one configuration and its value is the mean over them), a directory of run dirs, or run dirs.
+    Each run's curve is its metrics rows holding y, linearly interpolated in x; never extrapolated (a budget
+    outside a run's [first, last] x gives NaN and that configuration is not ranked there). Default budgets: 5
+    log-spaced values from the latest first evaluation to the smallest final compute over all runs.
+    Writes iso_compute.csv and iso_compute.png (y against x for every run, budgets as dotted lines) in out_dir
+    (default: the sweep directory, or the runs' parent). Returns one dict per budget:
+    {"budget", "best", "best_value", <label>: value, ...}; "best" joins exact ties with " | ".
+    """
+    groups, default_out = _sources(runs, over)
+    curves = {label: [(d, *_curve(d, x, y)) for d in dirs] for label, dirs in groups.items()}
+    empty = [str(d) for members in curves.values() for d, xs, _ in members if xs.size == 0]
+    if not curves or empty:
+        raise UserError(f"iso_compute: no rows with both {x!r} and {y!r} in {', '.join(empty) or str(runs)}")
+    if budgets is None:
+        firsts = [xs[xs > 0][0] if (xs > 0).any() else xs[-1] for m in curves.values() for _, xs, _ in m]
+        lo, hi = max(firsts), min(xs[-1] for m in curves.values() for _, xs, _ in m)
+        budgets = [hi] if lo >= hi else list(np.geomspace(lo, hi, 5))
+    table = []
+    for b in budgets:
+        row: dict[str, Any] = {"budget": float(b)}
+        for label, members in curves.items():
+            vals = [np.interp(b, xs, ys) if xs[0] <= b <= xs[-1] else math.nan for _, xs, ys in members]
+            row[label] = float(np.mean(vals))  # NaN if any member has not reached b
+        ranked = [lab for lab in curves if not math.isnan(row[lab])]
+        top = (max if maximize else min)((row[lab] for lab in ranked), default=math.nan)
+        best = " | ".join(lab for lab in ranked if row[lab] == top)  # exact ties are all named
+        row = {"budget": row["budget"], "best": best, "best_value": top,
+               **{lab: row[lab] for lab in curves}}
+        table.append(row)
+    out_dir = Path(out_dir) if out_dir is not None else default_out
+    _write_csv(out_dir / f"{ISO}.csv", table)
+    _plot_iso(out_dir / f"{ISO}.png", curves, table, x=x, y=y)
+    return table
+
+
+def _plot_iso(png: Path, curves: dict[str, list], table: list[dict[str, Any]], *, x: str, y: str) -> None:
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    colors = [f"C{i % 10}" for i in range(len(curves))]
+    positive = True
+    for color, (label, members) in zip(colors, curves.items()):
+        for j, (_, xs, ys) in enumerate(members):
+            ax.plot(xs, ys, "o-", ms=3, lw=1, color=color, alpha=0.8, label=label if j == 0 else None)
+            positive &= bool((xs > 0).all())
+        ax.plot([r["budget"] for r in table], [r[label] for r in table], "D", ms=6, color=color, mec="k")
+    for r in table:
+        ax.axvline(r["budget"], color="0.6", ls=":", lw=1)
+    if positive:
+        ax.set_xscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(f"{y} at equal {x} (diamonds: interpolated at the budgets)", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120, bbox_inches="tight")
