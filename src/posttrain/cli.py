@@ -19,7 +19,7 @@ from posttrain.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="posttrain: SFT, RL with verifiable rewards, evaluation and scaling fits for LLMs.")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 out = Console()
 _DEBUG = {"on": False}
 
@@ -148,6 +148,20 @@ def eval_(
     run_eval(checkpoint, env=env, env_args=env_arg or [], split=split, problems=problems, n=n, ks=ks,
              temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, bf16=bf16,
              out=output, chat_template=chat_template, console=out)
+
+
+@app.command()
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(help="Sweep TOML: a base recipe plus [axes] (see docs/sweeps.md).")],
+    plan: Annotated[bool, typer.Option("--plan", help="Validate and list the points without running them.")
+                    ] = False,
+) -> None:
+    """Run every point of a sweep as an ordinary run; finished points are skipped, unfinished ones resume."""
+    _quiet_libraries()
+    from posttrain.recipes.sweep import run_sweep
+
+    path = run_sweep(sweep_file, only_plan=plan, console=err)
+    out.print(f"results: {path}")
 
 
 @app.command()

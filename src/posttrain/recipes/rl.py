@@ -37,7 +37,7 @@ from posttrain.data.prompts import render_prompt
 from posttrain.errors import UserError
 from posttrain.recipes.context import RunContext
 from posttrain.records import Completion, SamplingParams, Score, Task
-from posttrain.tracking.ledger import forward_flops, train_flops
+from posttrain.tracking.ledger import FlopModel, causal_context
 from posttrain.train.checkpoint import set_rng_state
 from posttrain.train.forward import completion_logprobs, logprobs_no_grad, pack
 from posttrain.train.guards import UpdateGuard
@@ -80,7 +80,7 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
 
     guard = UpdateGuard(c.max_bad_steps, state["bad_steps"])
     tasks = itertools.islice(task_stream(env, ctx.cfg.seed), cursor, None)
-    n_params = sum(p.numel() for p in model.parameters())
+    flops = FlopModel.from_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def save(stage_step: int, done: bool) -> None:
@@ -96,29 +96,26 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
         # 1-3. pick prompts, sample groups, score; group filtering (dynamic sampling refills) -------------------
         t0 = time.time()
 
-        def sample(chunk: list[Task], round_: int) -> Rollouts:
+        def sample(chunk: list[Task], round_: int, seed: int = sample_seed) -> Rollouts:
             params = SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                                    max_new_tokens=c.max_new_tokens, seed=sample_seed + 7919 * round_)
+                                    max_new_tokens=c.max_new_tokens, seed=seed + 7919 * round_)
             return rollout(ctx, chunk, params, c.group_size)
 
         batch, seen, rounds, consumed = collect_groups(sample, tasks,
             prompts_per_step=c.prompts_per_step, group_filter=c.group_filter, max_refill_rounds=c.max_refill_rounds)
         cursor += consumed
         record_visits(state["history"], seen, step=ctx.global_step + 1)
-        gen_tokens = sum(len(x.token_ids) for x in seen.completions) + sum(map(len, seen.prompts[::c.group_size]))
-        wasted_tokens = sum(len(x.token_ids) for x in seen.completions) - sum(len(x.token_ids)
-                                                                              for x in batch.completions)
+        gen_tokens = sum(len(x.token_ids) for x in seen.completions)
+        gen_flops, kept_gen_flops = generation_flops(flops, seen), generation_flops(flops, batch)
         t_generate = time.time() - t0
         metrics = rollout_metrics(seen)
         metrics["rollout/refill_rounds"] = rounds - 1
-        ctx.add(**{"compute/generate_flops": forward_flops(n_params, gen_tokens),
-                   "compute/wasted_flops": forward_flops(n_params, wasted_tokens),
-                   "rollout/tokens": gen_tokens})
+        ctx.add(**{"compute/generate_flops": gen_flops, "compute/wasted_flops": gen_flops - kept_gen_flops,
+                   "compute/flops": gen_flops, "rollout/tokens": gen_tokens})
         metrics["rollout/kept_samples"] = len(batch.completions)
 
         if not batch.completions:  # every group was degenerate: nothing to learn from this step
             ctx.global_step += 1
-            ctx.add(**{"compute/flops": forward_flops(n_params, gen_tokens)})
             ctx.write_metrics("rl", {**metrics, "time/generate_s": t_generate, "time/step_s": time.time() - t_step})
             continue
 
@@ -138,18 +135,19 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
         # 5. reference / old logprobs (only the passes this configuration needs) --------------------------------
         t0 = time.time()
         seq_tokens = sum(len(p) + len(x) for p, x in zip(prompts, comps))
+        logprob_flops = sum(flops.logprob_pass(len(p), len(x)) for p, x in zip(prompts, comps))
         ctx.phase("logprobs", "reference / old-policy forward passes")
         ref_lp = None
         if ref_model is not None:
             ref_lp = pad(logprobs_no_grad(ref_model, prompts, comps, tok.pad_token_id, temperature=c.temperature,
                                           bf16=ctx.cfg.model.bf16, micro_batch_size=c.micro_batch_size))
-            ctx.add(**{"compute/ref_flops": forward_flops(n_params, seq_tokens)})
+            ctx.add(**{"compute/ref_flops": logprob_flops, "compute/flops": logprob_flops})
             if c.kl_placement == "reward":  # sequence reward minus beta * summed per-token KL (REINFORCE++ style)
                 rewards = rewards - c.kl_coef * (kl_fn(sampler_lp, ref_lp) * mask).sum(-1)
         if c.recompute_old_logprobs:
             old_lp = pad(logprobs_no_grad(model, prompts, comps, tok.pad_token_id, temperature=c.temperature,
                                           bf16=ctx.cfg.model.bf16, micro_batch_size=c.micro_batch_size))
-            ctx.add(**{"compute/old_flops": forward_flops(n_params, seq_tokens)})
+            ctx.add(**{"compute/old_flops": logprob_flops, "compute/flops": logprob_flops})
         else:  # the engine runs this very module: its logprobs are the learner's (tests/test_engine.py)
             old_lp = sampler_lp
         is_weights = is_fn(old_lp, sampler_lp, mask, cap=c.is_cap)
@@ -203,10 +201,9 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
                 grad_norms.append(grad_norm)
                 updates += 1
         t_train = time.time() - t0
-        ctx.add(**{"compute/train_flops": c.epochs * train_flops(n_params, seq_tokens), "train/tokens": tokens_seen})
-        ctx.add(**{"compute/flops": forward_flops(n_params, gen_tokens) + c.epochs * train_flops(n_params, seq_tokens)
-                   + (forward_flops(n_params, seq_tokens) if ref_model is not None else 0)
-                   + (forward_flops(n_params, seq_tokens) if c.recompute_old_logprobs else 0)})
+        train_flops = c.epochs * sum(flops.train(len(p) + len(x), causal_context(len(p) + len(x)),
+                                                 logit_tokens=len(x)) for p, x in zip(prompts, comps))
+        ctx.add(**{"compute/train_flops": train_flops, "compute/flops": train_flops, "train/tokens": tokens_seen})
         denom = max(1, tokens_seen)
         metrics.update({
             "train/loss": sums["loss"] / max(1, updates), "train/grad_norm": sum(grad_norms) / len(grad_norms),
@@ -299,6 +296,17 @@ def collect_groups(sample: Callable[[list[Task], int], Rollouts], tasks: Iterato
         rounds += 1
         if group_filter != "dynamic_sampling" or num_groups(kept) >= prompts_per_step or rounds > max_refill_rounds:
             return kept, seen, rounds, consumed
+
+
+def generation_flops(flops: FlopModel, batch: Rollouts) -> float:
+    """Each distinct prompt is prefilled once per group, then every sample decodes on its own (hf.py)."""
+    total = 0.0
+    for g in batch.group_ids.unique().tolist():
+        rows = (batch.group_ids == g).nonzero().squeeze(-1).tolist()
+        prompt = len(batch.prompts[rows[0]])
+        total += flops.prefill(prompt) + sum(flops.decode_steps(prompt, len(batch.completions[i].token_ids))
+                                             for i in rows)
+    return total
 
 
 def num_groups(batch: Rollouts) -> int:

@@ -20,7 +20,7 @@ from posttrain.data.sft import collate, env_examples, jsonl_examples, micro_batc
 from posttrain.errors import UserError
 from posttrain.recipes.context import RunContext
 from posttrain.rollout.hf import autocast
-from posttrain.tracking.ledger import train_flops
+from posttrain.tracking.ledger import FlopModel, causal
 from posttrain.train.checkpoint import set_rng_state
 from posttrain.train.guards import UpdateGuard
 from posttrain.train.optim import build_optimizer, build_scheduler
@@ -53,7 +53,7 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
               env_examples(ctx.env, tok, seed=ctx.cfg.seed, chat_template=ctx.cfg.model.chat_template,
                            max_len=ctx.max_len))
     stream = itertools.islice(source, cursor, None)  # the data cursor: examples already consumed
-    n_params = sum(p.numel() for p in model.parameters())
+    flop_model = FlopModel.from_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     guard = UpdateGuard(c.max_bad_steps)
     step = start
@@ -84,9 +84,8 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
         optimizer.zero_grad(set_to_none=True)
 
         ctx.global_step += 1
-        seq_tokens = sum(len(e.prompt) + len(e.completion) for e in batch)
-        ctx.add(**{"train/tokens": total_tokens, "compute/flops": train_flops(n_params, seq_tokens),
-                   "compute/train_flops": train_flops(n_params, seq_tokens)})
+        flops = flop_model.train(*causal(len(e.prompt) + len(e.completion) for e in batch))
+        ctx.add(**{"train/tokens": total_tokens, "compute/flops": flops, "compute/train_flops": flops})
         metrics = {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm,
                    "time/step_s": time.time() - t0, "train/examples_seen": cursor}
         ctx.status(f"loss {loss_value:.3f}")
