@@ -31,6 +31,8 @@ class ModelConfig(Section):
                       "Face checkpoint directory (config.json + weights + tokenizer).")
     chat_template: bool = Field(True, description="Render prompts with the tokenizer's chat template. false feeds "
                                 "the user message as raw text (for base models without a template).")
+    device: str = Field("auto", description="Where the model runs: 'auto' (cuda if available, else cpu), 'cpu', "
+                        "'cuda', 'cuda:1', ...")
     bf16: bool = Field(False, description="bf16 autocast for forward/backward and generation (fp32 master weights, "
                        "fp32 logprobs and losses). About 1.5-6x faster on CPUs with bf16 matrix units.")
 

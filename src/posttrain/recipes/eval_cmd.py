@@ -35,7 +35,10 @@ def run_eval(checkpoint: str, *, env: str, env_args: list[str], split: str, prob
     if bad:
         raise UserError(f"--k {bad}: every k must be between 1 and --n {n}")
     path = resolve_model_path(checkpoint, seed)
-    model, tokenizer = load_model(path), load_tokenizer(path, require_chat_template=chat_template)
+    from posttrain.recipes.run import resolve_device
+
+    model = load_model(path).to(resolve_device("auto"))
+    tokenizer = load_tokenizer(path, require_chat_template=chat_template)
     environment = make_env(env, parse_env_args(env_args))
     torch.manual_seed(seed)
     engine = HFEngine(model, tokenizer, bf16=bf16)

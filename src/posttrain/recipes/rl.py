@@ -171,18 +171,21 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
                     width = packed.targets.shape[1]
                     lp, entropy = completion_logprobs(model, packed, temperature=c.temperature,
                                                       bf16=ctx.cfg.model.bf16, with_entropy=True)
-                    m = mask[rows, :width]
-                    adv = advantages[rows, None].expand(-1, width)
-                    per_token, parts = loss_fn(lp, old_lp[rows, :width], adv, m, is_weights=is_weights[rows, :width],
-                                               eps_low=c.eps_low, eps_high=state["eps_high"], dual_clip=c.dual_clip)
+                    dev = lp.device  # rollout tensors live on the CPU; the learner's on the model's device
+                    m = mask[rows, :width].to(dev)
+                    adv = advantages[rows, None].expand(-1, width).to(dev)
+                    per_token, parts = loss_fn(lp, old_lp[rows, :width].to(dev), adv, m,
+                                               is_weights=is_weights[rows, :width].to(dev), eps_low=c.eps_low,
+                                               eps_high=state["eps_high"], dual_clip=c.dual_clip)
                     if ref_lp is not None:
-                        kl = kl_fn(lp, ref_lp[rows, :width])
+                        kl = kl_fn(lp, ref_lp[rows, :width].to(dev))
                         if c.kl_placement == "loss":
                             per_token = per_token + c.kl_coef * kl
                         sums["kl/value"] += float((kl.detach() * m).sum())
                     if c.entropy_coef:
                         per_token = per_token - c.entropy_coef * entropy
-                    loss = aggregate(per_token, m, norm=norm, group_tokens=group_tokens[index_in(mb_rows, rows)])
+                    loss = aggregate(per_token, m, norm=norm,
+                                     group_tokens=group_tokens[index_in(mb_rows, rows)].to(dev))
                     loss.backward()
                     sums["loss"] += loss.item()
                     sums["pg/clip_frac"] += float((parts["clip_frac"] * m).sum())

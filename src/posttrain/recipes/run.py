@@ -53,6 +53,18 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"model.device={name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"model.device={name!r} but torch sees no CUDA device (torch {torch.__version__})")
+    return device
+
+
 def prepare_run_dir(cfg: RunConfig, *, fresh: bool) -> Path:
     run_dir = cfg.run_dir
     saved = run_dir / "config.json"
@@ -86,7 +98,7 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
     state = load_state(ckpt) if ckpt else None
     truncate_metrics(run_dir, state["metrics_offset"] if state else 0)
     model_dir = ckpt or resolve_model_path(cfg.model.path, cfg.seed)
-    model = load_model(model_dir)
+    model = load_model(model_dir).to(resolve_device(cfg.model.device))
     tokenizer = load_tokenizer(model_dir, require_chat_template=cfg.model.chat_template)
     env = make_env(cfg.env.name, cfg.env.args)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, model=model, tokenizer=tokenizer, env=env,

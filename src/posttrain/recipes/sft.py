@@ -28,8 +28,9 @@ from posttrain.train.optim import build_optimizer, build_scheduler
 
 def sft_loss(model, examples, *, total_tokens: int, pad_id: int, bf16: bool) -> torch.Tensor:
     """Sum of completion-token NLL of these examples / total_tokens of the whole batch. Call backward on it."""
-    ids, attn, loss_mask = collate(examples, pad_id)
-    with autocast(bf16):
+    dev = model.device
+    ids, attn, loss_mask = (t.to(dev) for t in collate(examples, pad_id))
+    with autocast(bf16, dev):
         logits = model(input_ids=ids, attention_mask=attn).logits
     nll = -token_logprobs(logits[:, :-1], ids[:, 1:]) * loss_mask[:, 1:]  # (B, L-1)
     return nll.sum() / total_tokens

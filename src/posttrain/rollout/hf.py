@@ -36,8 +36,10 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor
     return ids, mask
 
 
-def autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+def autocast(enabled: bool, device: torch.device | str = "cpu"):
+    """bf16 autocast on the model's device type (CPU or CUDA); weights stay fp32."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 class HFEngine:
@@ -48,7 +50,9 @@ class HFEngine:
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
         eos_ids.add(tokenizer.eos_token_id)
-        self.eos_ids = torch.tensor(sorted(i for i in eos_ids if i is not None), dtype=torch.long)
+        self.device = model.device
+        self.eos_ids = torch.tensor(sorted(i for i in eos_ids if i is not None), dtype=torch.long,
+                                    device=self.device)
         self.pad_id = tokenizer.pad_token_id
         self.version = 0
 
@@ -67,6 +71,7 @@ class HFEngine:
             tokens, logprobs, lengths, finish = self._decode(prompts, params)
         finally:
             self.model.train(was_training)
+        tokens, logprobs, lengths = tokens.cpu(), logprobs.cpu(), lengths.cpu()
         out = []
         for i, prompt in enumerate(prompts):
             n = int(lengths[i])
@@ -86,12 +91,13 @@ class HFEngine:
         for p in prompts:
             unique.setdefault(tuple(p), len(unique))
         ids, mask = left_pad(list(unique), self.pad_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        with autocast(self.bf16):
+        with autocast(self.bf16, self.device):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                              use_cache=True, logits_to_keep=1)
-        rows = torch.tensor([unique[tuple(p)] for p in prompts], dtype=torch.long)
+        rows = torch.tensor([unique[tuple(p)] for p in prompts], dtype=torch.long, device=self.device)
         if len(unique) < len(prompts):
             cache.batch_select_indices(rows)
         return cache, out.logits[:, -1].float()[rows], mask[rows], pos[rows, -1] + 1
@@ -99,12 +105,13 @@ class HFEngine:
     def _decode(self, prompts, params: SamplingParams):
         n = len(prompts)
         cache, logits, mask, next_pos = self._prefill(prompts)
-        generator = torch.Generator().manual_seed(params.seed)
-        tokens = torch.full((n, params.max_new_tokens), self.pad_id, dtype=torch.long)
-        logprobs = torch.zeros((n, params.max_new_tokens))
-        lengths = torch.zeros(n, dtype=torch.long)
+        dev = self.device
+        generator = torch.Generator(device=dev).manual_seed(params.seed)
+        tokens = torch.full((n, params.max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
+        logprobs = torch.zeros((n, params.max_new_tokens), device=dev)
+        lengths = torch.zeros(n, dtype=torch.long, device=dev)
         finish = ["length"] * n
-        live = torch.arange(n)  # rows of the full batch still decoding, in cache order
+        live = torch.arange(n, device=dev)  # rows of the full batch still decoding, in cache order
         for t in range(params.max_new_tokens):
             tok, lp = sample_next(logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                                   generator=generator)
@@ -123,7 +130,7 @@ class HFEngine:
                 live, tok, mask, next_pos = live[keep], tok[keep], mask[keep], next_pos[keep]
                 cache.batch_select_indices(keep)
             mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
-            with autocast(self.bf16):
+            with autocast(self.bf16, dev):
                 out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
                                  past_key_values=cache, use_cache=True)
             logits = out.logits[:, -1].float()
@@ -131,5 +138,5 @@ class HFEngine:
         return tokens, logprobs, lengths, finish
 
     def _hit_stop(self, generated: Tensor, stops: tuple[str, ...]) -> Tensor:
-        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-        return torch.tensor([any(s in text for s in stops) for text in texts], dtype=torch.bool)
+        texts = self.tokenizer.batch_decode(generated.tolist(), skip_special_tokens=True)
+        return torch.tensor([any(s in text for s in stops) for text in texts], dtype=torch.bool, device=self.device)

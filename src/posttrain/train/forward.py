@@ -45,9 +45,10 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
 def completion_logits(model: PreTrainedModel, batch: PackedBatch, *, bf16: bool = False) -> Tensor:
     """Logits predicting each completion token: (B, T, V)."""
     width = batch.targets.shape[1]
-    with autocast(bf16):
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids, logits_to_keep=width + 1)
+    dev = model.device
+    with autocast(bf16, dev):
+        out = model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
+                    position_ids=batch.position_ids.to(dev), logits_to_keep=width + 1)
     # logits_to_keep=T+1 returns the last T+1 positions; position P-1+t predicts completion token t.
     return out.logits[:, :width]
 
@@ -56,7 +57,7 @@ def completion_logprobs(model: PreTrainedModel, batch: PackedBatch, *, temperatu
                         bf16: bool = False, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """-> logprobs (B, T) fp32 and optionally entropy (B, T); values at masked positions are meaningless."""
     logits = completion_logits(model, batch, bf16=bf16)
-    lp = token_logprobs(logits, batch.targets, temperature)
+    lp = token_logprobs(logits, batch.targets.to(logits.device), temperature)
     ent = token_entropy(logits, temperature) if with_entropy else None
     return lp, ent
 
@@ -73,7 +74,7 @@ def logprobs_no_grad(model: PreTrainedModel, prompts, completions, pad_id: int, 
             batch = pack(prompts[s: s + micro_batch_size], completions[s: s + micro_batch_size], pad_id)
             lp, _ = completion_logprobs(model, batch, temperature=temperature, bf16=bf16)
             for i, c in enumerate(completions[s: s + micro_batch_size]):
-                out.append(lp[i, : len(c)].clone())
+                out.append(lp[i, : len(c)].cpu())
     finally:
         model.train(was_training)
     return out
