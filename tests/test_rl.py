@@ -62,3 +62,12 @@ def test_every_preset_runs_a_few_steps(tmp_path, preset):
     train_rows = [r for r in rows(cfg.run_dir) if r.get("stage") == "rl" and "rollout/samples" in r]
     assert len(train_rows) == 2
     assert all(r["rollout/samples"] > 0 for r in train_rows)
+
+
+def test_stage_env_args_change_training_tasks_but_not_evaluation(tmp_path):
+    cfg = rl_config(tmp_path, env_args={"digits": 2})
+    run(cfg)
+    history = [json.loads(x) for x in (cfg.run_dir / "prompts.jsonl").read_text().splitlines()]
+    assert history and {h["difficulty"] for h in history} == {2}
+    evaluated = json.loads((cfg.run_dir / "eval" / "rl.json").read_text())
+    assert {p["difficulty"] for p in evaluated["per_problem"]} == {1}

@@ -63,7 +63,13 @@ class OptimConfig(Section):
                                "a row stop the run, naming the step and the first non-finite gradient.")
 
 
-class SFTConfig(OptimConfig):
+class StageConfig(OptimConfig):
+    env_args: dict[str, Any] = Field(default_factory=dict, description="Overrides of env.args for this stage's "
+                                     "training tasks only (e.g. an easier SFT mix or a harder RL split); "
+                                     "evaluation always uses [env].")
+
+
+class SFTConfig(StageConfig):
     """The SFT stage (plus the optimizer keys shared with [rl]: lr, weight_decay, betas, warmup_steps, schedule,
     min_lr_ratio, grad_clip)."""
 
@@ -98,7 +104,7 @@ class EvalConfig(Section):
         return self
 
 
-class RLConfig(OptimConfig):
+class RLConfig(StageConfig):
     """The RL stage. Method choices are registry names; `preset` fills them from a named method."""
 
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")

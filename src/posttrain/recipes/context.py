@@ -53,16 +53,24 @@ class RunContext:
         self.max_len = context_length(self.model)
         self.heartbeat = Heartbeat(self.run_dir, stall_timeout_s=self.cfg.stall_timeout_s, on_stall=self.note)
 
+    def training_env(self, env_args: dict) -> Any:
+        """The environment a stage trains on: [env] with the stage's env_args overrides (evaluation keeps [env])."""
+        if not env_args:
+            return self.env
+        from posttrain.envs import make_env
+
+        return make_env(self.cfg.env.name, {**self.cfg.env.args, **env_args})
+
     def phase(self, name: str, detail: str = "") -> None:
         """Announce the phase being entered (heartbeat.json, stall watchdog, fault-injection point)."""
         self.heartbeat.phase(name, detail, step=self.global_step)
 
-    def score(self, tasks: list[Task], texts: list[str]) -> list[Score]:
+    def score(self, tasks: list[Task], texts: list[str], env: Any = None) -> list[Score]:
         """Score with the environment's verifier, isolated: a failing verifier costs only its sample. Too many
         failures in one call stop the run rather than train on garbage."""
-        e = self.cfg.env
-        self.phase("score", f"verifier of {self.env.name} on {len(texts)} completions")
-        scores = score_many(self.env, tasks, texts, timeout_s=e.score_timeout_s, failure_reward=e.failure_reward)
+        e, env = self.cfg.env, env or self.env
+        self.phase("score", f"verifier of {env.name} on {len(texts)} completions")
+        scores = score_many(env, tasks, texts, timeout_s=e.score_timeout_s, failure_reward=e.failure_reward)
         failed = [(t, s) for t, s in zip(tasks, scores) if "error" in s.info]
         if failed:
             task, s = failed[0]

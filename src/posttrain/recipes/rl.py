@@ -56,7 +56,8 @@ class Rollouts:
 
 
 def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
-    c, model, tok, env = ctx.cfg.rl, ctx.model, ctx.tokenizer, ctx.env
+    c, model, tok = ctx.cfg.rl, ctx.model, ctx.tokenizer
+    env = ctx.training_env(c.env_args)
     advantage_fn, loss_fn = ADVANTAGES.get(c.advantage), POLICY_LOSSES.get(c.policy_loss)
     aggregate, kl_fn, is_fn = AGGREGATIONS.get(c.aggregation), KL_ESTIMATORS.get(c.kl_estimator), \
         IS_CORRECTIONS.get(c.is_correction)
@@ -99,7 +100,7 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
         def sample(chunk: list[Task], round_: int, seed: int = sample_seed) -> Rollouts:
             params = SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
                                     max_new_tokens=c.max_new_tokens, seed=seed + 7919 * round_)
-            return rollout(ctx, chunk, params, c.group_size)
+            return rollout(ctx, env, chunk, params, c.group_size)
 
         batch, seen, rounds, consumed = collect_groups(sample, tasks,
             prompts_per_step=c.prompts_per_step, group_filter=c.group_filter, max_refill_rounds=c.max_refill_rounds)
@@ -268,14 +269,14 @@ def task_stream(env, seed: int) -> Iterator[Task]:
             raise UserError(f"environment {env.name!r} yields no training tasks")
 
 
-def rollout(ctx: RunContext, tasks: list[Task], params: SamplingParams, group_size: int) -> Rollouts:
-    prompts = [render_prompt(ctx.tokenizer, ctx.env.prompt(t), chat_template=ctx.cfg.model.chat_template,
+def rollout(ctx: RunContext, env, tasks: list[Task], params: SamplingParams, group_size: int) -> Rollouts:
+    prompts = [render_prompt(ctx.tokenizer, env.prompt(t), chat_template=ctx.cfg.model.chat_template,
                              max_len=ctx.max_len) for t in tasks]
     flat_prompts = [p for p in prompts for _ in range(group_size)]
     flat_tasks = [t for t in tasks for _ in range(group_size)]
     ctx.phase("generate", f"{len(flat_prompts)} completions of up to {params.max_new_tokens} tokens")
     completions = ctx.engine.generate(flat_prompts, params)
-    scores = ctx.score(flat_tasks, [x.text for x in completions])
+    scores = ctx.score(flat_tasks, [x.text for x in completions], env=env)
     group_ids = torch.arange(len(tasks)).repeat_interleave(group_size)
     return Rollouts(flat_tasks, flat_prompts, completions, scores, group_ids)
 

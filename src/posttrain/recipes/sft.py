@@ -51,7 +51,7 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
 
     source = (jsonl_examples(Path(c.data_path), tok, seed=ctx.cfg.seed, chat_template=ctx.cfg.model.chat_template,
                              max_len=ctx.max_len) if c.data_path else
-              env_examples(ctx.env, tok, seed=ctx.cfg.seed, chat_template=ctx.cfg.model.chat_template,
+              env_examples(ctx.training_env(c.env_args), tok, seed=ctx.cfg.seed, chat_template=ctx.cfg.model.chat_template,
                            max_len=ctx.max_len))
     stream = itertools.islice(source, cursor, None)  # the data cursor: examples already consumed
     flop_model = FlopModel.from_model(model)
