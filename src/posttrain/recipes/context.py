@@ -47,6 +47,7 @@ class RunContext:
     elapsed_offset: float = 0.0  # seconds spent before a resume
     totals: dict[str, float] = field(default_factory=dict)  # cumulative counters (tokens, flops, ...)
     evals: dict[str, dict] = field(default_factory=dict)
+    stage: str = "base"  # the stage running now; compute is also counted per stage (compute/<stage>_flops)
 
     def __post_init__(self) -> None:
         self.engine = HFEngine(self.model, self.tokenizer, bf16=self.cfg.model.bf16)
@@ -89,6 +90,9 @@ class RunContext:
     def add(self, **counters: float) -> None:
         for k, v in counters.items():
             self.totals[k] = self.totals.get(k, 0.0) + v
+            if k == "compute/flops":  # the x-axis of a stage's own scaling curve, e.g. compute/rl_flops
+                key = f"compute/{self.stage}_flops"
+                self.totals[key] = self.totals.get(key, 0.0) + v
 
     def write_metrics(self, stage: str, metrics: dict[str, Any]) -> None:
         row = {"step": self.global_step, "stage": stage, "time/elapsed_s": round(self.elapsed(), 3)}

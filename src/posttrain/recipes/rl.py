@@ -90,6 +90,10 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
                        scheduler=scheduler, cursor=cursor, extra=extra)
         write_prompt_history(ctx, state["history"])
 
+    if not resume and c.eval_every:  # the curve's first point: the policy RL starts from, at zero RL compute
+        ctx.add(**{"compute/rl_flops": 0.0})
+        ctx.evaluate("rl-step0", stage="rl")
+
     for step in ctx.progress(range(start, c.steps), total=c.steps, completed=start, description="rl"):
         t_step = time.time()
         sample_seed = ctx.cfg.seed * 1_000_003 + ctx.global_step

@@ -114,6 +114,7 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
         for i, stage in enumerate(cfg.recipe):
             if state and (i < state["stage_index"] or (i == state["stage_index"] and state["stage_done"])):
                 continue
+            ctx.stage = stage
             STAGES[stage](ctx, i, state if state and state["stage_index"] == i else None)
             state = None
         final = run_dir / "final"
