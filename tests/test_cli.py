@@ -13,7 +13,7 @@ TINY = ["--set", "model.path=tiny-test", "--set", "model.bf16=false", "--set", "
 
 
 def posttrain(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "posttrain.cli", *map(str, args)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "posttrain.cli", *map(str, args)], capture_output=True, text=True, check=False,
                           cwd=ROOT, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:{proc.stdout}\nstderr:{proc.stderr}")

@@ -4,8 +4,8 @@ import itertools
 
 import torch
 
-from posttrain.records import Completion, Score, Task
 from posttrain.recipes.rl import Rollouts, collect_groups
+from posttrain.records import Completion, Score, Task
 
 
 def fake_sampler(rewards_by_task: dict[str, list[float]]):
@@ -37,13 +37,13 @@ REWARDS = {f"t{i}": PATTERN[i % len(PATTERN)] for i in range(100)}
 
 def test_no_filter_keeps_everything():
     sample, calls = fake_sampler(REWARDS)
-    kept, seen, rounds, consumed = collect_groups(sample, map(task, itertools.count()), prompts_per_step=5,
+    kept, _seen, rounds, consumed = collect_groups(sample, map(task, itertools.count()), prompts_per_step=5,
                                                   group_filter="none", max_refill_rounds=3)
     assert len(kept.completions) == 20 and rounds == 1 and consumed == 5 and calls == [["t0", "t1", "t2", "t3", "t4"]]
 
 
 def test_zero_variance_drops_degenerate_groups_without_refilling():
-    sample, calls = fake_sampler(REWARDS)
+    sample, _calls = fake_sampler(REWARDS)
     kept, seen, rounds, consumed = collect_groups(sample, map(task, itertools.count()), prompts_per_step=5,
                                                   group_filter="zero_variance", max_refill_rounds=3)
     assert sorted({t.id for t in kept.tasks}) == ["t1", "t3"]  # t3: continuous rewards with variance count
@@ -52,7 +52,7 @@ def test_zero_variance_drops_degenerate_groups_without_refilling():
 
 def test_dynamic_sampling_refills_to_the_requested_number_of_useful_groups():
     sample, calls = fake_sampler(REWARDS)
-    kept, seen, rounds, consumed = collect_groups(sample, map(task, itertools.count()), prompts_per_step=5,
+    kept, _seen, rounds, consumed = collect_groups(sample, map(task, itertools.count()), prompts_per_step=5,
                                                   group_filter="dynamic_sampling", max_refill_rounds=10)
     ids = [t.id for t in kept.tasks[::4]]
     assert len(ids) == 5 and len(set(ids)) == 5
@@ -67,7 +67,7 @@ def test_dynamic_sampling_refills_to_the_requested_number_of_useful_groups():
 
 
 def test_dynamic_sampling_stops_after_the_refill_cap():
-    sample, calls = fake_sampler({f"t{i}": [0, 0, 0, 0] for i in range(100)})
-    kept, seen, rounds, consumed = collect_groups(sample, map(task, itertools.count()), prompts_per_step=4,
+    sample, _calls = fake_sampler({f"t{i}": [0, 0, 0, 0] for i in range(100)})
+    kept, seen, rounds, _consumed = collect_groups(sample, map(task, itertools.count()), prompts_per_step=4,
                                                   group_filter="dynamic_sampling", max_refill_rounds=2)
     assert kept.completions == [] and rounds == 3 and len(seen.completions) == 3 * 16

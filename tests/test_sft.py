@@ -39,9 +39,9 @@ def test_loss_and_gradient_do_not_depend_on_the_micro_batch_split(tiny):
 
 
 def test_loss_counts_only_completion_tokens(tiny):
-    model, tok = tiny
+    model, _tok = tiny
     ex = Example(prompt=[10, 11, 12, 13], completion=[20, 2])
-    ids, attn, loss_mask = collate([ex, Example([10], [21, 22, 2])], pad_id=0)
+    _ids, attn, loss_mask = collate([ex, Example([10], [21, 22, 2])], pad_id=0)
     assert loss_mask[0].tolist() == [0, 0, 0, 0, 1, 1]
     assert loss_mask[1].tolist() == [0, 1, 1, 1, 0, 0]
     assert attn[1].tolist() == [1, 1, 1, 1, 0, 0]
