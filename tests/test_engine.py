@@ -101,3 +101,18 @@ def test_stop_strings_end_generation_and_are_cut_from_text(tiny):
         full = tok.decode(list(c.token_ids), skip_special_tokens=True)
         if c.finish_reason == "stop" and c.token_ids[-1] != tok.eos_token_id:
             assert full[-1] in "a1" and "a" not in c.text and "1" not in c.text
+
+
+def test_lean_llama_decode_matches_the_generic_hf_path(tiny):
+    model, tok = tiny
+    from posttrain.rollout import llama_decode
+
+    assert llama_decode.supports(model)
+    prompts = prompts_for(tok, ["1+2=", "123+456=", "77*3="]) * 5
+    params = SamplingParams(temperature=1.0, max_new_tokens=16, seed=11)
+    lean = HFEngine(model, tok, lean=True).generate(prompts, params)
+    generic = HFEngine(model, tok, lean=False).generate(prompts, params)
+    assert [c.token_ids for c in lean] == [c.token_ids for c in generic]
+    assert [c.finish_reason for c in lean] == [c.finish_reason for c in generic]
+    for a, b in zip(lean, generic):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=LOGPROB_TOL, rtol=0)

@@ -21,6 +21,7 @@ from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from posttrain.records import Completion, SamplingParams
+from posttrain.rollout import llama_decode
 from posttrain.rollout.sampling import sample_next
 
 
@@ -43,8 +44,11 @@ def autocast(enabled: bool, device: torch.device | str = "cpu"):
 
 
 class HFEngine:
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, bf16: bool = False):
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, bf16: bool = False,
+                 lean: bool | None = None):
+        """lean: use the preallocated-cache decode step of llama_decode.py (default: when the model supports it)."""
         self.model = model
+        self.lean = llama_decode.supports(model) if lean is None else lean
         self.tokenizer = tokenizer
         self.bf16 = bf16
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
@@ -85,8 +89,9 @@ class HFEngine:
                                   logprobs=tuple(logprobs[i, :n].tolist()), finish_reason=finish[i], text=text))
         return out
 
-    def _prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[DynamicCache, Tensor, Tensor, Tensor]:
-        """Prefill each distinct prompt once, then repeat its cache rows for every copy (group sampling)."""
+    def _prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[DynamicCache, Tensor, Tensor, Tensor, Tensor]:
+        """Prefill each distinct prompt once. -> (cache of the distinct prompts, the distinct-prompt row of every
+        prompt, last logits, attention mask and next position per prompt); callers repeat the cache rows."""
         unique: dict[tuple[int, ...], int] = {}
         for p in prompts:
             unique.setdefault(tuple(p), len(unique))
@@ -94,46 +99,69 @@ class HFEngine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        with autocast(self.bf16, self.device):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                             use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
         rows = torch.tensor([unique[tuple(p)] for p in prompts], dtype=torch.long, device=self.device)
-        if len(unique) < len(prompts):
-            cache.batch_select_indices(rows)
-        return cache, out.logits[:, -1].float()[rows], mask[rows], pos[rows, -1] + 1
+        return cache, rows, out.logits[:, -1].float()[rows], mask[rows], pos[rows, -1] + 1
 
     def _decode(self, prompts, params: SamplingParams):
+        # One autocast region for the whole call: autocast caches its bf16 copies of the weights until the region
+        # exits, so they are cast once per call instead of once per token.
+        with autocast(self.bf16, self.device):
+            return self._decode_loop(prompts, params)
+
+    def _decode_loop(self, prompts, params: SamplingParams):
         n = len(prompts)
-        cache, logits, mask, next_pos = self._prefill(prompts)
+        cache, prompt_rows, logits, mask, next_pos = self._prefill(prompts)
+        width = mask.shape[1]
+        if self.lean:  # preallocated cache; the mask gets its generated columns up front
+            kv_dtype = torch.bfloat16 if self.bf16 else self.model.dtype
+            buffers = llama_decode.KVBuffers(self.model, cache, prompt_rows, width + params.max_new_tokens, kv_dtype)
+            mask = torch.cat([mask, mask.new_ones((n, params.max_new_tokens))], dim=1).bool()
+            del cache
+        else:
+            cache.batch_select_indices(prompt_rows)
         dev = self.device
         generator = torch.Generator(device=dev).manual_seed(params.seed)
         tokens = torch.full((n, params.max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
         logprobs = torch.zeros((n, params.max_new_tokens), device=dev)
         lengths = torch.zeros(n, dtype=torch.long, device=dev)
         finish = ["length"] * n
-        live = torch.arange(n, device=dev)  # rows of the full batch still decoding, in cache order
+        rows = torch.arange(n, device=dev)  # the full-batch row of each cache row
+        active = torch.ones(n, dtype=torch.bool, device=dev)  # cache rows still generating
         for t in range(params.max_new_tokens):
             tok, lp = sample_next(logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                                   generator=generator)
-            tokens[live, t] = tok
-            logprobs[live, t] = lp
-            lengths[live] = t + 1
-            done = torch.isin(tok, self.eos_ids)
+            live = active.nonzero().squeeze(-1)
+            tokens[rows[live], t] = tok[live]
+            logprobs[rows[live], t] = lp[live]
+            lengths[rows[live]] = t + 1
+            done = torch.isin(tok, self.eos_ids) & active
             if params.stop:
-                done |= self._hit_stop(tokens[live, : t + 1], params.stop)
-            for row in live[done].tolist():
+                done[live] |= self._hit_stop(tokens[rows[live], : t + 1], params.stop)
+            for row in rows[done].tolist():
                 finish[row] = "stop"
-            if t + 1 == params.max_new_tokens or bool(done.all()):
+            active &= ~done
+            alive = int(active.sum())
+            if t + 1 == params.max_new_tokens or alive == 0:
                 break
-            keep = (~done).nonzero().squeeze(-1)
-            if len(keep) < len(live):
-                live, tok, mask, next_pos = live[keep], tok[keep], mask[keep], next_pos[keep]
-                cache.batch_select_indices(keep)
-            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
-            with autocast(self.bf16, dev):
+            # Finished rows ride along (their outputs are ignored) until a quarter of the batch is finished; then
+            # the cache is compacted. Compacting copies the whole cache, so doing it on every finish costs more
+            # than it saves.
+            if len(rows) - alive >= max(1, len(rows) // 4):
+                keep = active.nonzero().squeeze(-1)
+                rows, active, tok, mask, next_pos = rows[keep], active[keep], tok[keep], mask[keep], next_pos[keep]
+                if self.lean:
+                    buffers.select(keep)
+                else:
+                    cache.batch_select_indices(keep)
+            if self.lean:
+                logits = llama_decode.decode_step(self.model, buffers, tok, next_pos, mask, width + t).float()
+            else:
+                mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
                 out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
                                  past_key_values=cache, use_cache=True)
-            logits = out.logits[:, -1].float()
+                logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
         return tokens, logprobs, lengths, finish
 
