@@ -33,6 +33,8 @@ class ModelConfig(Section):
                                 "the user message as raw text (for base models without a template).")
     device: str = Field("auto", description="Where the model runs: 'auto' (cuda if available, else cpu), 'cpu', "
                         "'cuda', 'cuda:1', ...")
+    attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel: 'auto' is eager on CPU (faster for short sequences) and sdpa on GPU.")
     bf16: bool = Field(False, description="bf16 autocast for forward/backward and generation (fp32 master weights, "
                        "fp32 logprobs and losses). About 1.5-6x faster on CPUs with bf16 matrix units.")
 

@@ -1,4 +1,4 @@
-from posttrain.models.load import load_model, load_tokenizer, resolve_model_path
+from posttrain.models.load import attention_for, load_model, load_tokenizer, resolve_model_path
 from posttrain.models.presets import PRESETS
 
-__all__ = ["PRESETS", "load_model", "load_tokenizer", "resolve_model_path"]
+__all__ = ["PRESETS", "attention_for", "load_model", "load_tokenizer", "resolve_model_path"]

@@ -23,11 +23,20 @@ def resolve_model_path(path: str, seed: int = 0) -> Path:
     return p
 
 
-def load_model(path: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def load_model(path: Path, dtype: torch.dtype = torch.float32, attention: str | None = None) -> PreTrainedModel:
+    kwargs = {"attn_implementation": attention} if attention else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot load a model from {path}: {str(e).splitlines()[0]}") from e
+
+
+def attention_for(device: torch.device, choice: str = "auto") -> str:
+    """'auto': eager attention on CPU, where for the short sequences of RL on small models it measured about 2x
+    faster than SDPA's flash kernel for forward+backward (docs/performance.md); SDPA on GPUs."""
+    if choice != "auto":
+        return choice
+    return "eager" if device.type == "cpu" else "sdpa"
 
 
 def load_tokenizer(path: Path, *, require_chat_template: bool = True) -> PreTrainedTokenizerBase:

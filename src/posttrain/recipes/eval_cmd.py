@@ -15,7 +15,7 @@ from rich.table import Table
 from posttrain.config import parse_override
 from posttrain.envs import make_env
 from posttrain.errors import UserError
-from posttrain.models import load_model, load_tokenizer, resolve_model_path
+from posttrain.models import attention_for, load_model, load_tokenizer, resolve_model_path
 from posttrain.recipes.evaluate import evaluate, write_eval
 from posttrain.rollout.hf import HFEngine
 
@@ -37,7 +37,8 @@ def run_eval(checkpoint: str, *, env: str, env_args: list[str], split: str, prob
     path = resolve_model_path(checkpoint, seed)
     from posttrain.recipes.run import resolve_device
 
-    model = load_model(path).to(resolve_device("auto"))
+    device = resolve_device("auto")
+    model = load_model(path, attention=attention_for(device)).to(device)
     tokenizer = load_tokenizer(path, require_chat_template=chat_template)
     environment = make_env(env, parse_env_args(env_args))
     torch.manual_seed(seed)

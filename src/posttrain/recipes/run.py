@@ -23,7 +23,7 @@ import posttrain
 from posttrain.config import RunConfig, to_toml
 from posttrain.envs import make_env
 from posttrain.errors import UserError
-from posttrain.models import load_model, load_tokenizer, resolve_model_path
+from posttrain.models import attention_for, load_model, load_tokenizer, resolve_model_path
 from posttrain.recipes import rl, sft
 from posttrain.recipes.context import RunContext
 from posttrain.tracking.metrics import MetricsLog, truncate_metrics
@@ -98,7 +98,8 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
     state = load_state(ckpt) if ckpt else None
     truncate_metrics(run_dir, state["metrics_offset"] if state else 0)
     model_dir = ckpt or resolve_model_path(cfg.model.path, cfg.seed)
-    model = load_model(model_dir).to(resolve_device(cfg.model.device))
+    device = resolve_device(cfg.model.device)
+    model = load_model(model_dir, attention=attention_for(device, cfg.model.attention)).to(device)
     tokenizer = load_tokenizer(model_dir, require_chat_template=cfg.model.chat_template)
     env = make_env(cfg.env.name, cfg.env.args)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, model=model, tokenizer=tokenizer, env=env,
