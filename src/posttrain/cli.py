@@ -164,6 +164,26 @@ def sweep(
     out.print(f"results: {path}")
 
 
+@app.command("iso-compute")
+def iso_compute_(
+    runs: Annotated[list[Path], typer.Argument(help="A sweep directory, or run directories.")],
+    x: Annotated[str, typer.Option(help="Compute column.")] = "compute/flops",
+    y: Annotated[str, typer.Option(help="Performance column.")] = "eval/pass@1",
+    over: Annotated[str | None, typer.Option(help="Average configurations over this axis (e.g. seed).")] = None,
+) -> None:
+    """Which configuration is best at equal compute: interpolates every run's curve at shared budgets."""
+    from posttrain.recipes.sweep_results import iso_compute
+
+    target = runs[0] if len(runs) == 1 and not (runs[0] / "metrics.jsonl").exists() else runs
+    table = iso_compute(target, x=x, y=y, over=over)
+    view = Table(title=f"best {y} at equal {x}")
+    for col in table[0] if table else ["budget"]:
+        view.add_column(str(col))
+    for row in table:
+        view.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()])
+    out.print(view)
+
+
 @app.command()
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run directories; several are overlaid.")],
