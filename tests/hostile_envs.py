@@ -59,3 +59,14 @@ class Verbose(Arithmetic):
     def tasks(self, split, seed):
         for t in super().tasks(split, seed):
             yield Task(id=t.id, question="1" * 2000 + t.question, answer=t.answer, solution=t.solution)
+
+
+class ParityReward(Arithmetic):
+    """Reward 1 when the completion has an even length: untrained models get mixed groups, so advantages are a
+    mix of zero and non-zero (for tests of the training loop, not a task to learn)."""
+
+    isolation = "inline"
+
+    def score(self, task: Task, completion: str) -> Score:
+        ok = len(completion) % 2 == 0
+        return Score(1.0 if ok else 0.0, ok)

@@ -156,6 +156,9 @@ class RLConfig(StageConfig):
                                     "this many evaluations (0 = off).")
     ref_reset_optimizer: bool = Field(False, description="Re-initialise the optimizer state on a reference reset.")
     eval_every: int = Field(0, ge=0, description="Held-out evaluation every N RL steps (0 = only at the end).")
+    skip_zero_advantage: bool = Field(True, description="Skip the forward/backward of samples whose advantage is "
+                                      "exactly 0 (their gradient is exactly 0; normalisers still count them). "
+                                      "Ignored when an entropy bonus or a KL loss term gives them a gradient.")
     recompute_old_logprobs: bool = Field(False, description="Recompute old logprobs with a learner forward pass "
                                          "instead of using the sampler's (needed only if the sampler's numerics "
                                          "differ from the learner's, e.g. vLLM or bf16 rollouts).")

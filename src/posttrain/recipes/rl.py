@@ -139,7 +139,6 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
 
         # 5. reference / old logprobs (only the passes this configuration needs) --------------------------------
         t0 = time.time()
-        seq_tokens = sum(len(p) + len(x) for p, x in zip(prompts, comps))
         logprob_flops = sum(flops.logprob_pass(len(p), len(x)) for p, x in zip(prompts, comps))
         ctx.phase("logprobs", "reference / old-policy forward passes")
         ref_lp = None
@@ -166,12 +165,19 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
         t0 = time.time()
         ctx.phase("train", f"{c.epochs} epoch(s) x {c.mini_batches} mini-batch(es) over {B} completions")
         sums = {"loss": 0.0, "pg/clip_frac": 0.0, "pg/entropy": 0.0, "kl/value": 0.0, "pg/ratio_mean": 0.0}
-        grad_norms, updates, tokens_seen = [], 0, 0
+        grad_norms, updates, tokens_seen, trained_tokens, trained = [], 0, 0, 0, []
+        # A sample whose advantage is exactly 0 contributes exactly 0 to every policy loss and its gradient, so
+        # unless a KL-in-loss or entropy term gives it one, its forward/backward is skipped. The normalisers
+        # still count its tokens, so the loss and the update are unchanged (up to float summation order).
+        per_sample_terms = c.entropy_coef != 0 or (ref_model is not None and c.kl_placement == "loss")
+        skippable = (advantages == 0) if c.skip_zero_advantage and not per_sample_terms else torch.zeros(B, dtype=bool)
         for epoch in range(c.epochs):
             for mb_rows in split_groups(batch.group_ids, c.mini_batches, seed=sample_seed + epoch):
                 norm, group_tokens = normalisers_for(mask[mb_rows], batch.group_ids[mb_rows], c.max_new_tokens)
                 tokens_seen += norm.total_tokens
-                for rows in mb_rows.split(c.micro_batch_size):
+                run_rows = mb_rows[~skippable[mb_rows]]
+                trained += run_rows.tolist()
+                for rows in run_rows.split(c.micro_batch_size) if len(run_rows) else ():
                     packed = pack([prompts[i] for i in rows], [comps[i] for i in rows], tok.pad_token_id)
                     width = packed.targets.shape[1]
                     lp, entropy = completion_logprobs(model, packed, temperature=c.temperature,
@@ -196,6 +202,10 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
                     sums["pg/clip_frac"] += float((parts["clip_frac"] * m).sum())
                     sums["pg/ratio_mean"] += float((parts["ratio"] * m).sum())
                     sums["pg/entropy"] += float((entropy.detach() * m).sum())
+                    trained_tokens += int(m.sum())
+                for p in params:  # an all-skipped mini-batch is a zero gradient, not no step (Adam still moves)
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.grad_clip))
                 ctx.phase("optimizer_step")
                 problem = guard.check(model, loss=sums["loss"], grad_norm=grad_norm, where=f"rl step {step + 1}")
@@ -209,10 +219,11 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
                 grad_norms.append(grad_norm)
                 updates += 1
         t_train = time.time() - t0
-        train_flops = c.epochs * sum(flops.train(len(p) + len(x), causal_context(len(p) + len(x)),
-                                                 logit_tokens=len(x)) for p, x in zip(prompts, comps))
+        train_flops = sum(flops.train(len(prompts[i]) + len(comps[i]), causal_context(len(prompts[i]) + len(comps[i])),
+                                      logit_tokens=len(comps[i])) for i in trained)
         ctx.add(**{"compute/train_flops": train_flops, "compute/flops": train_flops, "train/tokens": tokens_seen})
-        denom = max(1, tokens_seen)
+        metrics["train/skipped_frac"] = 1 - len(trained) / max(1, B * c.epochs)
+        denom = max(1, trained_tokens)  # pg/* and kl/* are means over the tokens that were trained
         metrics.update({
             "train/loss": sums["loss"] / max(1, updates), "train/grad_norm": sum(grad_norms) / len(grad_norms),
             "train/lr": scheduler.get_last_lr()[0], "pg/clip_frac": sums["pg/clip_frac"] / denom,
@@ -220,7 +231,7 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
             "kl/value": sums["kl/value"] / denom, "pg/eps_high": state["eps_high"], "train/updates": updates,
             "time/generate_s": t_generate, "time/logprob_s": t_logprob, "time/train_s": t_train,
             "perf/gen_tokens_per_s": gen_tokens / max(t_generate, 1e-9),
-            "perf/train_tokens_per_s": c.epochs * seq_tokens / max(t_train, 1e-9),
+            "perf/train_tokens_per_s": sum(len(prompts[i]) + len(comps[i]) for i in trained) / max(t_train, 1e-9),
         })
         ctx.global_step += 1
 
