@@ -92,3 +92,16 @@ def test_skipping_zero_advantage_samples_does_not_change_the_update(tmp_path, mo
     # move that weight by up to ~1e-3 of a step (lr = 1e-2 here), hence atol 1e-5.
     for name, tensor in finals[0][1].items():
         torch.testing.assert_close(tensor, finals[1][1][name], atol=1e-5, rtol=1e-5)
+
+
+def test_entropy_controller_and_reference_reset_act_and_are_logged(tmp_path):
+    # An entropy band far above anything reachable: the controller must raise eps_high every step, by its step.
+    cfg = rl_config(tmp_path, steps=3, entropy_target=[50.0, 60.0], entropy_adapt_step=0.05,
+                    eps_high_bounds=[0.2, 0.3], kl_coef=0.01, ref_reset_every=2, ref_reset_optimizer=True)
+    run(cfg)
+    train = [r for r in rows(cfg.run_dir) if "pg/eps_high" in r]
+    assert [round(r["pg/eps_high"], 6) for r in train] == [0.2, 0.25, 0.3]  # logged before each step's update
+    log = (cfg.run_dir / "run.log").read_text()
+    assert log.count("eps_high") == 2  # 0.2 -> 0.25 -> 0.3, then clamped at the bound: no further change
+    resets = [r for r in rows(cfg.run_dir) if r.get("ctrl/ref_reset") == 1]
+    assert len(resets) == 1 and "reference policy reset" in log and "optimizer state cleared" in log
