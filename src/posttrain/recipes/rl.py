@@ -38,7 +38,7 @@ from posttrain.errors import UserError
 from posttrain.recipes.context import RunContext
 from posttrain.records import Completion, SamplingParams, Score, Task
 from posttrain.tracking.ledger import FlopModel, causal_context
-from posttrain.train.checkpoint import set_rng_state
+from posttrain.train.checkpoint import restore_training_state
 from posttrain.train.forward import completion_logprobs, logprobs_no_grad, pack
 from posttrain.train.guards import UpdateGuard
 from posttrain.train.optim import build_optimizer, build_scheduler
@@ -69,12 +69,8 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
     # The reference policy exists only when a KL term does; it starts as the policy at the start of the stage.
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if c.kl_coef > 0 else None
     state = {"eps_high": c.eps_high, "last_reset": 0, "val_history": [], "bad_steps": 0, "history": {}}
-    start, cursor = 0, 0
+    start, cursor = restore_training_state(optimizer, scheduler, resume)
     if resume:
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        set_rng_state(resume["rng"])
-        start, cursor = resume["stage_step"], resume["cursor"]
         state.update(resume["extra"]["state"])
         if ref_model is not None:
             ref_model.load_state_dict(resume["extra"]["ref"])

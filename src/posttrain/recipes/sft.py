@@ -21,7 +21,7 @@ from posttrain.errors import UserError
 from posttrain.recipes.context import RunContext
 from posttrain.rollout.hf import autocast
 from posttrain.tracking.ledger import FlopModel, causal
-from posttrain.train.checkpoint import set_rng_state
+from posttrain.train.checkpoint import restore_training_state
 from posttrain.train.guards import UpdateGuard
 from posttrain.train.optim import build_optimizer, build_scheduler
 
@@ -42,12 +42,7 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
     optimizer = build_optimizer(model, lr=c.lr, weight_decay=c.weight_decay, betas=c.betas)
     scheduler = build_scheduler(optimizer, total_steps=c.steps, warmup_steps=c.warmup_steps, schedule=c.schedule,
                                 min_lr_ratio=c.min_lr_ratio)
-    start, cursor = 0, 0
-    if resume:
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        set_rng_state(resume["rng"])
-        start, cursor = resume["stage_step"], resume["cursor"]
+    start, cursor = restore_training_state(optimizer, scheduler, resume)
 
     source = (jsonl_examples(Path(c.data_path), tok, seed=ctx.cfg.seed, chat_template=ctx.cfg.model.chat_template,
                              max_len=ctx.max_len) if c.data_path else

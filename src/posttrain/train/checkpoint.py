@@ -109,3 +109,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+
+
+def restore_training_state(optimizer, scheduler, resume: dict[str, Any] | None) -> tuple[int, int]:
+    """Load a stage's optimizer, scheduler and RNG states from a checkpoint's trainer state.
+    -> (stage steps already completed, data cursor); (0, 0) when starting fresh."""
+    if not resume:
+        return 0, 0
+    optimizer.load_state_dict(resume["optimizer"])
+    scheduler.load_state_dict(resume["scheduler"])
+    set_rng_state(resume["rng"])
+    return resume["stage_step"], resume["cursor"]
