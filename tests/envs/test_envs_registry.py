@@ -47,3 +47,17 @@ def test_builtins_are_registered_and_described():
     for name in ("arithmetic", "strings", "countdown", "sorting"):
         env = make_env(name)
         assert isinstance(env, Environment) and env.name == name and env.isolation == "inline"
+
+
+def test_entry_point_environments_are_found_by_name(monkeypatch):
+    """A user's package adds an environment through the `posttrain.envs` entry-point group."""
+    from importlib.metadata import EntryPoint
+
+    from posttrain.envs import registry
+
+    ep = EntryPoint(name="user_addition", value="posttrain.envs.arithmetic:Arithmetic", group="posttrain.envs")
+    monkeypatch.setattr(registry, "entry_points", lambda group: [ep] if group == "posttrain.envs" else [])
+    env = registry.make_env("user_addition", {"digits": 2})
+    task = next(env.tasks("train", 0))
+    assert env.score(task, task.answer).correct
+    assert "user_addition" in registry.available_envs()
