@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -122,6 +123,21 @@ class RunContext:
         bar = getattr(self, "_bar", None)
         if bar is not None:
             bar.update(self._task, status=text)
+
+    def optimizer_step(self, params, optimizer, scheduler, guard, *, loss: float, grad_clip: float,
+                       where: str) -> float:
+        """Clip, then step unless the loss or gradient is non-finite (the guard logs, skips, or stops the run);
+        advance the schedule either way. -> the pre-clip gradient norm."""
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+        self.phase("optimizer_step")
+        problem = guard.check(self.model, loss=loss, grad_norm=grad_norm, where=where)
+        if problem is None:
+            optimizer.step()
+        else:
+            self.note(problem + "; update skipped")
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def checkpoint(self, *, stage_index: int, stage_step: int, stage_done: bool, optimizer, scheduler,

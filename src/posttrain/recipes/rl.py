@@ -202,16 +202,9 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
                 for p in params:  # an all-skipped mini-batch is a zero gradient, not no step (Adam still moves)
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.grad_clip))
-                ctx.phase("optimizer_step")
-                problem = guard.check(model, loss=sums["loss"], grad_norm=grad_norm, where=f"rl step {step + 1}")
+                grad_norm = ctx.optimizer_step(params, optimizer, scheduler, guard, loss=sums["loss"],
+                                               grad_clip=c.grad_clip, where=f"rl step {step + 1}")
                 state["bad_steps"] = guard.bad_steps
-                if problem is None:
-                    optimizer.step()
-                else:
-                    ctx.note(problem + "; update skipped")
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 grad_norms.append(grad_norm)
                 updates += 1
         t_train = time.time() - t0

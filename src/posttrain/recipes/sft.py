@@ -68,16 +68,9 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
             loss = sft_loss(model, mb, total_tokens=total_tokens, pad_id=tok.pad_token_id, bf16=ctx.cfg.model.bf16)
             loss.backward()
             loss_value += loss.item()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.grad_clip))
         lr = scheduler.get_last_lr()[0]
-        ctx.phase("optimizer_step")
-        problem = guard.check(model, loss=loss_value, grad_norm=grad_norm, where=f"sft step {step + 1}")
-        if problem is None:
-            optimizer.step()
-        else:
-            ctx.note(problem + "; update skipped")
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = ctx.optimizer_step(params, optimizer, scheduler, guard, loss=loss_value, grad_clip=c.grad_clip,
+                                       where=f"sft step {step + 1}")
 
         ctx.global_step += 1
         flops = flop_model.train(*causal(len(e.prompt) + len(e.completion) for e in batch))
