@@ -6,7 +6,6 @@ The stream is deterministic for a seed and resumable by a cursor (the number of 
 from __future__ import annotations
 
 import itertools
-import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from posttrain.data.jsonl import json_objects
 from posttrain.data.prompts import completion_ids, render_prompt
 from posttrain.errors import UserError
 
@@ -36,15 +36,10 @@ def read_jsonl_pairs(path: Path) -> list[tuple[str, str]]:
         raise UserError(f"sft.data_path={str(path)!r}: file not found")
     pairs = []
     with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                pairs.append((str(row["prompt"]), str(row["completion"])))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise UserError(f"{path}:{lineno}: expected a JSON object with 'prompt' and 'completion' "
-                                f"({type(e).__name__}: {e})") from None
+        for lineno, row in json_objects(path, f):
+            if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
+                raise UserError(f"{path}:{lineno}: expected string 'prompt' and 'completion'; keys: {sorted(row)}")
+            pairs.append((row["prompt"], row["completion"]))
     if not pairs:
         raise UserError(f"{path}: no examples (the file is empty)")
     return pairs

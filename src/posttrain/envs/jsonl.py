@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from posttrain.data.jsonl import json_objects
 from posttrain.envs.base import check_split, split_of, user_prompt
 from posttrain.envs.registry import register_env
 from posttrain.errors import UserError
@@ -37,16 +38,8 @@ def read_tasks(path: str | Path, *, solution_of: Callable[[str], str] = str) -> 
     except OSError as e:
         raise UserError(f"{path}: cannot read the task file ({e.strerror or e})") from e
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for lineno, row in json_objects(path, text.splitlines()):
         where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
-        if not isinstance(row, dict):
-            raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
         prompt = row.get("prompt", row.get("question"))
         if not isinstance(prompt, str) or not prompt:
             raise UserError(f"{where}: needs a non-empty string 'prompt' (or 'question'); keys: {sorted(row)}")

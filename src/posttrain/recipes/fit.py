@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from posttrain.data.jsonl import json_objects
 from posttrain.errors import UserError
 from posttrain.science.curves import CURVES
 from posttrain.science.fit import FitResult, fit_curve, holdout_errors, split_for_predictivity
@@ -45,15 +46,7 @@ def read_xy(run_dir: Path, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
     ys: list[float] = []
     columns: set[str] = set()
     with path.open() as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        for lineno, row in json_objects(path, fh):
             columns.update(row)
             vx, vy = row.get(x), row.get(y)
             if vx is None or vy is None:
