@@ -270,15 +270,20 @@ def validate(raw: dict[str, Any], source: str = "<recipe>") -> RunConfig:
         raise UserError(_format_error(source, e)) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    path = Path(path)
+def read_toml(path: Path, *, missing: str) -> dict[str, Any]:
+    """A TOML file as a dict; `missing` is the message when it does not exist, bad TOML names the file."""
     try:
         with path.open("rb") as f:
-            raw = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
-        raise UserError(f"{path}: recipe file not found") from None
+        raise UserError(missing) from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML ({e})") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    raw = read_toml(path, missing=f"{path}: recipe file not found")
     raw.setdefault("name", path.stem)
     for text in overrides or []:
         key, value = parse_override(text)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from posttrain.config import RunConfig, _set_path, validate
+from posttrain.config import RunConfig, _set_path, read_toml, validate
 from posttrain.errors import UserError
 from posttrain.recipes.run import DONE, _diff_keys, run
 from posttrain.recipes.sweep_results import (  # noqa: F401
@@ -152,12 +151,7 @@ def _slug(text: str) -> str:
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file; every point's config is validated here, before anything runs."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: sweep file not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: not valid TOML ({e})") from None
+    raw = read_toml(path, missing=f"{path}: sweep file not found")
     unknown = sorted(set(raw) - set(SWEEP_KEYS))
     if unknown:
         raise UserError(f"{path}: unknown top-level key {unknown[0]!r}; a sweep has {', '.join(SWEEP_KEYS)}")
@@ -170,12 +164,7 @@ def load_sweep(path: str | Path) -> Sweep:
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise UserError(f"{path}: name {name!r} must be letters, digits, '.', '_' or '-' (it names directories)")
     base_path = path.parent / raw["base"]
-    try:
-        base = tomllib.loads(base_path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: base recipe {base_path} not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{base_path}: not valid TOML ({e})") from None
+    base = read_toml(base_path, missing=f"{path}: base recipe {base_path} not found")
 
     axes = _flatten(raw.get("axes", {}), f"{path} [axes]")
     fixed = _flatten(raw.get("set", {}), f"{path} [set]")
