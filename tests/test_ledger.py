@@ -146,3 +146,28 @@ def test_decode_and_logprob_pass_match_the_engine(tiny):
     dense = 4 * fm.layers * fm.attn_dim * ((P + T) ** 2 - (P + T) * (P + T + 1) / 2)
     extra_logit = 2 * fm.n_head  # train/forward.py keeps T + 1 logit positions and drops one
     assert measured == pytest.approx(fm.logprob_pass(P, T) + dense + extra_logit, rel=1e-12)
+
+
+def test_shared_prefix_pass_matches_the_flop_counter(tiny):
+    """Prompt once + completions on its keys/values (train/forward.py) = forward_shared_prefix, plus what a dense
+    kernel adds: the masked half of the prompt's square and of each completion's own T x T block."""
+    from posttrain.train.forward import completion_logprobs, pack
+
+    model, tok = tiny
+    fm = FlopModel.from_model(model)
+    prompt = tok.encode("12+345=")
+    P = len(prompt)
+    completions = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
+    batch = pack([prompt] * 3, completions, tok.pad_token_id)
+    assert batch.shares_prefixes and batch.targets.shape[1] == 5
+    with torch.no_grad():
+        measured = count(lambda: completion_logprobs(model, batch))
+    W = 5  # completions are right-padded to the widest: the kernel works on 3 rows of W tokens each
+    half = 4 * fm.layers * fm.attn_dim
+    dense = half * (P * P - P * (P + 1) / 2) + 3 * half * (W * W - W * (W + 1) / 2)
+    padded = fm.forward_shared_prefix(P, [W] * 3)
+    extra_logits = 3 * 2 * fm.n_head  # logits at all W positions, the last one unused
+    assert measured == pytest.approx(padded + dense + extra_logits, rel=1e-12)
+    # one completion: the same count as the unshared pass
+    assert fm.forward_shared_prefix(P, [4]) == pytest.approx(fm.logprob_pass(P, 4), rel=1e-12)
+    assert fm.train_shared_prefix(P, [4, 2]) == pytest.approx(3 * fm.forward_shared_prefix(P, [4, 2]), rel=1e-12)

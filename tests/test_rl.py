@@ -89,9 +89,11 @@ def test_skipping_zero_advantage_samples_does_not_change_the_update(tmp_path, mo
     skipped = [r["train/skipped_frac"] for r in rows(finals[0][0]) if "train/skipped_frac" in r]
     assert any(0 < s < 1 for s in skipped)  # the test exercises a real mix
     # Equal up to float summation order: Adam divides by sqrt(v), so order noise in a near-zero gradient entry can
-    # move that weight by up to ~1e-3 of a step (lr = 1e-2 here), hence atol 1e-5.
+    # move that weight by a few thousandths of a step (lr = 1e-2 here; skipping also changes which rows share a
+    # prompt forward, train/forward.py), hence atol 1e-4 -- 1% of one step. A wrongly skipped sample would move
+    # many weights by a large fraction of lr.
     for name, tensor in finals[0][1].items():
-        torch.testing.assert_close(tensor, finals[1][1][name], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tensor, finals[1][1][name], atol=1e-4, rtol=1e-5)
 
 
 def test_entropy_controller_and_reference_reset_act_and_are_logged(tmp_path):

@@ -37,7 +37,7 @@ from posttrain.data.prompts import render_prompt
 from posttrain.errors import UserError
 from posttrain.recipes.context import RunContext
 from posttrain.records import Completion, SamplingParams, Score, Task
-from posttrain.tracking.ledger import FlopModel, causal_context
+from posttrain.tracking.ledger import TRAIN_MULTIPLIER, FlopModel
 from posttrain.train.checkpoint import restore_training_state
 from posttrain.train.forward import completion_logprobs, logprobs_no_grad, pack
 from posttrain.train.guards import UpdateGuard
@@ -135,7 +135,8 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
 
         # 5. reference / old logprobs (only the passes this configuration needs) --------------------------------
         t0 = time.time()
-        logprob_flops = sum(flops.logprob_pass(len(p), len(x)) for p, x in zip(prompts, comps))
+        logprob_flops = sum(shared_prefix_flops(flops, prompts, comps, rows)
+                            for rows in torch.arange(B).split(c.micro_batch_size))
         ctx.phase("logprobs", "reference / old-policy forward passes")
         ref_lp = None
         if ref_model is not None:
@@ -161,7 +162,7 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
         t0 = time.time()
         ctx.phase("train", f"{c.epochs} epoch(s) x {c.mini_batches} mini-batch(es) over {B} completions")
         sums = {"loss": 0.0, "pg/clip_frac": 0.0, "pg/entropy": 0.0, "kl/value": 0.0, "pg/ratio_mean": 0.0}
-        grad_norms, updates, tokens_seen, trained_tokens, trained = [], 0, 0, 0, []
+        grad_norms, updates, tokens_seen, trained_tokens, trained, train_flops = [], 0, 0, 0, [], 0.0
         # A sample whose advantage is exactly 0 contributes exactly 0 to every policy loss and its gradient, so
         # unless a KL-in-loss or entropy term gives it one, its forward/backward is skipped. The normalisers
         # still count its tokens, so the loss and the update are unchanged (up to float summation order).
@@ -175,6 +176,7 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
                 trained += run_rows.tolist()
                 for rows in run_rows.split(c.micro_batch_size) if len(run_rows) else ():
                     packed = pack([prompts[i] for i in rows], [comps[i] for i in rows], tok.pad_token_id)
+                    train_flops += TRAIN_MULTIPLIER * shared_prefix_flops(flops, prompts, comps, rows)
                     width = packed.targets.shape[1]
                     lp, entropy = completion_logprobs(model, packed, temperature=c.temperature,
                                                       bf16=ctx.cfg.model.bf16, with_entropy=True)
@@ -208,8 +210,6 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
                 grad_norms.append(grad_norm)
                 updates += 1
         t_train = time.time() - t0
-        train_flops = sum(flops.train(len(prompts[i]) + len(comps[i]), causal_context(len(prompts[i]) + len(comps[i])),
-                                      logit_tokens=len(comps[i])) for i in trained)
         ctx.add(**{"compute/train_flops": train_flops, "compute/flops": train_flops, "train/tokens": tokens_seen})
         metrics["train/skipped_frac"] = 1 - len(trained) / max(1, B * c.epochs)
         denom = max(1, trained_tokens)  # pg/* and kl/* are means over the tokens that were trained
@@ -304,6 +304,15 @@ def collect_groups(sample: Callable[[list[Task], int], Rollouts], tasks: Iterato
         rounds += 1
         if group_filter != "dynamic_sampling" or num_groups(kept) >= prompts_per_step or rounds > max_refill_rounds:
             return kept, seen, rounds, consumed
+
+
+def shared_prefix_flops(flops: FlopModel, prompts: list, comps: list, rows: Tensor) -> float:
+    """Forward FLOPs of one packed micro-batch: each distinct prompt once, its completions on top of it
+    (train/forward.py's shared prefixes, tracking/ledger.py)."""
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i in rows.tolist():
+        by_prompt.setdefault(tuple(prompts[i]), []).append(len(comps[i]))
+    return sum(flops.forward_shared_prefix(len(p), lengths) for p, lengths in by_prompt.items())
 
 
 def generation_flops(flops: FlopModel, batch: Rollouts) -> float:

@@ -46,7 +46,11 @@ Logprob passes (train/forward.py) run over prompt + completion but keep logits o
 
     logprob_pass(P, T)  = forward(P + T, (P + T + 1) / 2, logit_tokens=T)
 
-The same shape with 3x is the RL training pass (`train(P + T, ..., logit_tokens=T)`).
+The same shape with 3x is the RL training pass (`train(P + T, ..., logit_tokens=T)`). When G completions share
+their prompt, the learner runs the prompt once and the completions on top of its keys/values:
+    forward_shared_prefix(P, [T_1..T_G]) = forward(P, (P + 1) / 2, logit_tokens=1)
+                                           + sum_g forward(T_g, P + (T_g + 1) / 2, logit_tokens=T_g - 1)
+and 3x that for training (`train_shared_prefix`). With G = 1 both equal the unshared formulas.
 Not modelled: mixture-of-experts routing, recomputation (activation checkpointing, flash-attention backward
 recomputing the scores: torch's SDPA backward formula counts it, so it reads ~2.5x instead of 2x on the attention
 term), padding (the ledger counts real tokens; a padded batch does more hardware work).
@@ -158,6 +162,19 @@ class FlopModel:
         """Teacher-forced no-grad pass for the completion's logprobs (old / ref / teacher)."""
         length = prompt_tokens + completion_tokens
         return self.forward(length, causal_context(length), logit_tokens=completion_tokens)
+
+    def forward_shared_prefix(self, prompt_tokens: int, completion_tokens: Iterable[int]) -> float:
+        """Teacher-forced pass over one prompt and the completions that continue it, the prompt computed once
+        (train/forward.py's shared prefixes): the prompt forward with one logit, then each completion's T tokens
+        attending the prompt plus their causal part, with logits at T - 1 positions. For a single completion this
+        equals logprob_pass(P, T)."""
+        prompt = self.forward(prompt_tokens, causal_context(prompt_tokens), logit_tokens=1) if prompt_tokens else 0.0
+        rest = sum(self.forward(t, prompt_tokens + causal_context(t), logit_tokens=t - 1) for t in completion_tokens if t)
+        return prompt + rest
+
+    def train_shared_prefix(self, prompt_tokens: int, completion_tokens: Iterable[int]) -> float:
+        """Forward + backward of forward_shared_prefix (the RL training pass)."""
+        return TRAIN_MULTIPLIER * self.forward_shared_prefix(prompt_tokens, completion_tokens)
 
 
 def causal_context(length: int) -> float:

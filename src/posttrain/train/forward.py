@@ -2,6 +2,13 @@
 
 Prompts are left-padded and completions right-padded, so every completion starts at the same column and the
 position ids match generation exactly: the learner's logprobs are comparable to the sampler's token for token.
+
+Shared prefixes. An RL batch holds each prompt G times (one per sample of its group). `pack` keeps each distinct
+prompt once, and `completion_logits` runs the prompt forward once per distinct prompt, then the completions of all
+its samples on top of that prompt's keys/values (the KV cache, gathered per row, with gradients flowing back
+through it). The logits, the loss and the gradients are those of the plain pass over G full copies (up to float
+summation order; tests/test_forward.py), at 1/G of the prompt tokens' work. The same trick the sampler uses
+for generation (rollout/hf.py), applied to the learner.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from posttrain.algos.logprobs import token_entropy, token_logprobs
 from posttrain.rollout.hf import autocast, left_pad
@@ -19,16 +26,36 @@ from posttrain.rollout.hf import autocast, left_pad
 
 @dataclass(frozen=True)
 class PackedBatch:
-    input_ids: Tensor  # (B, P + T)
-    attention_mask: Tensor  # (B, P + T)
-    position_ids: Tensor  # (B, P + T)
-    targets: Tensor  # (B, T) completion tokens
+    prompt_ids: Tensor  # (U, P) the distinct prompts, left-padded
+    prompt_mask: Tensor  # (U, P)
+    prompt_rows: Tensor  # (B,) which of the U prompts each row continues
+    targets: Tensor  # (B, T) completion tokens, right-padded
     mask: Tensor  # (B, T) float, 1 on real completion tokens
-    prompt_width: int  # P
+
+    @property
+    def prompt_width(self) -> int:
+        return self.prompt_ids.shape[1]
+
+    @property
+    def shares_prefixes(self) -> bool:
+        return self.prompt_ids.shape[0] < self.targets.shape[0]
+
+    @property
+    def prompt_tokens(self) -> Tensor:
+        """(U,) real tokens per distinct prompt."""
+        return self.prompt_mask.sum(-1)
 
 
-def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int) -> PackedBatch:
-    p_ids, p_mask = left_pad(prompts, pad_id)
+def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int, *,
+         share_prefixes: bool = True) -> PackedBatch:
+    """Left-pad prompts and right-pad completions; with `share_prefixes`, identical prompts are kept once."""
+    if share_prefixes:
+        index: dict[tuple[int, ...], int] = {}
+        rows = [index.setdefault(tuple(p), len(index)) for p in prompts]
+        distinct = [list(p) for p in index]
+    else:
+        rows, distinct = list(range(len(prompts))), [list(p) for p in prompts]
+    p_ids, p_mask = left_pad(distinct, pad_id)
     width = max(1, max(len(c) for c in completions))
     c_ids = torch.full((len(completions), width), pad_id, dtype=torch.long)
     c_mask = torch.zeros((len(completions), width), dtype=torch.long)
@@ -36,21 +63,33 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
         if c:
             c_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
             c_mask[i, : len(c)] = 1
-    ids = torch.cat([p_ids, c_ids], dim=1)
-    attn = torch.cat([p_mask, c_mask], dim=1)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    return PackedBatch(ids, attn, pos, c_ids, c_mask.float(), p_ids.shape[1])
+    return PackedBatch(p_ids, p_mask, torch.tensor(rows, dtype=torch.long), c_ids, c_mask.float())
 
 
 def completion_logits(model: PreTrainedModel, batch: PackedBatch, *, bf16: bool = False) -> Tensor:
     """Logits predicting each completion token: (B, T, V)."""
-    width = batch.targets.shape[1]
     dev = model.device
+    rows = batch.prompt_rows.to(dev)
+    p_ids, p_mask = batch.prompt_ids.to(dev), batch.prompt_mask.to(dev)
+    c_ids, c_mask = batch.targets.to(dev), (batch.mask > 0).long().to(dev)
+    width = c_ids.shape[1]
     with autocast(bf16, dev):
-        out = model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
-                    position_ids=batch.position_ids.to(dev), logits_to_keep=width + 1)
-    # logits_to_keep=T+1 returns the last T+1 positions; position P-1+t predicts completion token t.
-    return out.logits[:, :width]
+        if not batch.shares_prefixes:
+            ids = torch.cat([p_ids[rows], c_ids], dim=1)
+            attn = torch.cat([p_mask[rows], c_mask], dim=1)
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            out = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=width + 1)
+            # logits_to_keep=T+1 returns the last T+1 positions; position P-1+t predicts completion token t.
+            return out.logits[:, :width]
+        p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
+        prompt = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, logits_to_keep=1)
+        # Every row gets its prompt's keys/values (a gather: the backward sums the rows' gradients into them).
+        cache = DynamicCache([(layer.keys[rows], layer.values[rows]) for layer in prompt.past_key_values.layers])
+        attn = torch.cat([p_mask[rows], c_mask], dim=1)
+        pos = p_mask.sum(-1)[rows, None] + torch.arange(width, device=dev)
+        out = model(input_ids=c_ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+        # The prompt's last position predicts completion token 0; completion position t predicts token t + 1.
+        return torch.cat([prompt.logits[rows, -1:], out.logits[:, : width - 1]], dim=1)
 
 
 def completion_logprobs(model: PreTrainedModel, batch: PackedBatch, *, temperature: float = 1.0,
