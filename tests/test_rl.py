@@ -107,3 +107,21 @@ def test_entropy_controller_and_reference_reset_act_and_are_logged(tmp_path):
     assert log.count("eps_high") == 2  # 0.2 -> 0.25 -> 0.3, then clamped at the bound: no further change
     resets = [r for r in rows(cfg.run_dir) if r.get("ctrl/ref_reset") == 1]
     assert len(resets) == 1 and "reference policy reset" in log and "optimizer state cleared" in log
+
+
+@pytest.mark.slow
+def test_compiled_learner_trains_like_the_eager_one(tmp_path):
+    """model.compile: the same first-step loss and entropy as eager (same weights, same samples), a checkpoint
+    without compile-wrapper key prefixes, and every step still updates the model."""
+    runs = {}
+    for compiled in (False, True):
+        cfg = rl_config(tmp_path, name=f"compile{compiled}", entropy_coef=0.01, recompute_old_logprobs=True)
+        cfg = validate({**cfg.model_dump(mode="json"), "model": {"path": "tiny-test", "compile": compiled}}, "test")
+        run(cfg)
+        runs[compiled] = [r for r in rows(cfg.run_dir) if "train/loss" in r]
+        state = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "final").state_dict()
+        assert not any("_orig_mod" in k for k in state)
+    eager, compiled = runs[False][0], runs[True][0]
+    for key in ("train/loss", "pg/entropy", "pg/ratio_mean"):
+        assert compiled[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-5), key
+    assert all(r["train/grad_norm"] > 0 for r in runs[True])

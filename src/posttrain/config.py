@@ -37,6 +37,10 @@ class ModelConfig(Section):
         "auto", description="Attention kernel: 'auto' is eager on CPU (faster for short sequences) and sdpa on GPU.")
     bf16: bool = Field(False, description="bf16 autocast for forward/backward and generation (fp32 master weights, "
                        "fp32 logprobs and losses). About 1.5-6x faster on CPUs with bf16 matrix units.")
+    compile: bool = Field(False, description="torch.compile the learner's forward/backward (dynamic shapes). Costs "
+                          "one compilation per run (about 1.5-3.5 min on a 2-core CPU), then made tiny-25m's RL "
+                          "training pass ~1.6x faster (docs/performance.md): worth it for long runs, not for the "
+                          "quickstart. Generation and checkpoints use the uncompiled module.")
 
 
 class EnvConfig(Section):

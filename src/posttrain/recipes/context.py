@@ -52,6 +52,9 @@ class RunContext:
 
     def __post_init__(self) -> None:
         self.engine = HFEngine(self.model, self.tokenizer, bf16=self.cfg.model.bf16)
+        # What the training passes call: the same parameters, compiled on request (generation and checkpoints keep
+        # using the plain module, whose state_dict has no compile-wrapper prefixes).
+        self.learner = torch.compile(self.model, dynamic=True) if self.cfg.model.compile else self.model
         self.max_len = context_length(self.model)
         self.heartbeat = Heartbeat(self.run_dir, stall_timeout_s=self.cfg.stall_timeout_s, on_stall=self.note)
 

@@ -146,7 +146,7 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
             if c.kl_placement == "reward":  # sequence reward minus beta * summed per-token KL (REINFORCE++ style)
                 rewards = rewards - c.kl_coef * (kl_fn(sampler_lp, ref_lp) * mask).sum(-1)
         if c.recompute_old_logprobs:
-            old_lp = pad(logprobs_no_grad(model, prompts, comps, tok.pad_token_id, temperature=c.temperature,
+            old_lp = pad(logprobs_no_grad(ctx.learner, prompts, comps, tok.pad_token_id, temperature=c.temperature,
                                           bf16=ctx.cfg.model.bf16, micro_batch_size=c.micro_batch_size))
             ctx.add(**{"compute/old_flops": logprob_flops, "compute/flops": logprob_flops})
         else:  # the engine runs this very module: its logprobs are the learner's (tests/test_engine.py)
@@ -178,7 +178,7 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
                     packed = pack([prompts[i] for i in rows], [comps[i] for i in rows], tok.pad_token_id)
                     train_flops += TRAIN_MULTIPLIER * shared_prefix_flops(flops, prompts, comps, rows)
                     width = packed.targets.shape[1]
-                    lp, entropy = completion_logprobs(model, packed, temperature=c.temperature,
+                    lp, entropy = completion_logprobs(ctx.learner, packed, temperature=c.temperature,
                                                       bf16=ctx.cfg.model.bf16, with_entropy=True)
                     dev = lp.device  # rollout tensors live on the CPU; the learner's on the model's device
                     m = mask[rows, :width].to(dev)

@@ -65,7 +65,7 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
         loss_value = 0.0
         ctx.phase("train", f"forward/backward over {len(batch)} sequences")
         for mb in micro_batches(batch, c.micro_batch_size):
-            loss = sft_loss(model, mb, total_tokens=total_tokens, pad_id=tok.pad_token_id, bf16=ctx.cfg.model.bf16)
+            loss = sft_loss(ctx.learner, mb, total_tokens=total_tokens, pad_id=tok.pad_token_id, bf16=ctx.cfg.model.bf16)
             loss.backward()
             loss_value += loss.item()
         lr = scheduler.get_last_lr()[0]
