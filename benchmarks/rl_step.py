@@ -101,7 +101,7 @@ def posttrain_round(a, model: str, steps: int, out_dir: Path, tag: str, fixed: b
     skip = {"skip_zero_advantage": a.posttrain_skip_zero_adv} if "skip_zero_advantage" in RLConfig.model_fields else {}
     cfg = validate({
         "recipe": "rl", "name": tag, "output_dir": str(out_dir), "seed": 0, "threads": a.threads,
-        "model": {"path": model, "bf16": a.bf16},
+        "model": {"path": model, "bf16": a.bf16, **({"compile": True} if a.compile else {})},
         "env": {"name": "arithmetic", "args": {"digits": 3}},
         "rl": {"steps": steps, "prompts_per_step": a.prompts, "group_size": a.group, "max_new_tokens": a.max_new_tokens,
                "temperature": 1.0, "lr": a.lr, "betas": [0.9, 0.999], "weight_decay": 0.0, "grad_clip": 1.0,
@@ -178,7 +178,7 @@ def trl_round(a, model_dir: Path, tasks: list, steps: int, out_dir: Path, fixed:
         learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta2=0.999,
         max_grad_norm=1.0, gradient_checkpointing=a.trl_gradient_checkpointing, shuffle_dataset=False,
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
-        dataloader_num_workers=0, remove_unused_columns=False,
+        dataloader_num_workers=0, remove_unused_columns=False, torch_compile=a.compile,
     )
     records: list[dict] = []
 
@@ -272,7 +272,9 @@ def bench_model(a, name: str, mode: str, gemm: float, out_dir: Path, n_params: i
     from posttrain.models import resolve_model_path
     from posttrain.recipes.rl import task_stream
 
-    model_dir = resolve_model_path(name, seed=0)
+    model_dir = resolve_model_path(name, seed=0)  # a preset name or a local checkpoint directory
+    label = model_dir.name if name not in ("tiny-test", "tiny-3m", "tiny-25m") else name
+    model_path = str(model_dir.resolve()) if label != name else name
     fixed = mode == "fixed"
     per_round = max(1, round(a.steps / a.rounds))
     steps = a.warmup + per_round
@@ -281,10 +283,10 @@ def bench_model(a, name: str, mode: str, gemm: float, out_dir: Path, n_params: i
     pt, tr = [], []
     for r in range(a.rounds):
         t0 = time.time()
-        pt += posttrain_round(a, name, steps, out_dir, f"pt-{name}-{mode}-r{r}", fixed)[a.warmup:]
+        pt += posttrain_round(a, model_path, steps, out_dir, f"pt-{label}-{mode}-r{r}", fixed)[a.warmup:]
         t1 = time.time()
         torch.set_num_threads(a.threads)
-        tr += trl_round(a, model_dir, tasks, steps, out_dir / f"trl-{name}-{mode}-r{r}", fixed)[a.warmup:]
+        tr += trl_round(a, model_dir, tasks, steps, out_dir / f"trl-{label}-{mode}-r{r}", fixed)[a.warmup:]
         torch.set_num_threads(a.threads)
         print(f"  {name} {mode} round {r + 1}/{a.rounds}: posttrain {t1 - t0:.0f}s, "
               f"TRL {time.time() - t1:.0f}s (incl. warm-up and setup)", flush=True)
@@ -308,6 +310,11 @@ def bench_model(a, name: str, mode: str, gemm: float, out_dir: Path, n_params: i
     train_rate = med([(s["compute/train_flops"] or 6 * n_params * s["rollout/tokens"]) / s["time/train_s"]
                       for s in pt])
     lp_flops = med([s["compute/ref_flops"] + s["compute/old_flops"] for s in pt])
+    # The roofline: posttrain's whole step (its ledger's FLOPs) at 100% of the measured GEMM rate. No kernel work
+    # can make this step faster, so TRL s/step / floor_s is the largest speed-up reachable without doing less work.
+    floor = med([(s["compute/generate_flops"] + s["compute/train_flops"] + s["compute/ref_flops"]
+                  + s["compute/old_flops"]) / (gemm * 1e9) for s in pt])
+    res.update(floor_s=floor, max_speedup=res["trl_step_s"] / floor if floor else float("nan"))
     res.update(gen_gflops=gen_rate / 1e9, train_gflops=train_rate / 1e9, gen_frac=gen_rate / 1e9 / gemm,
                train_frac=train_rate / 1e9 / gemm, logprob_flops=lp_flops,
                gen_tokens=med([s["rollout/tokens"] for s in pt]), train_tokens=med([s["train/tokens"] for s in pt]))
@@ -316,7 +323,8 @@ def bench_model(a, name: str, mode: str, gemm: float, out_dir: Path, n_params: i
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="tiny-3m,tiny-25m")
+    p.add_argument("--models", default="tiny-3m,tiny-25m",
+                   help="presets or local checkpoint dirs, e.g. runs/scaling-sft/final (a policy that earns rewards)")
     p.add_argument("--steps", type=int, default=6, help="measured steps per framework (split over --rounds)")
     p.add_argument("--warmup", type=int, default=2, help="steps dropped at the start of every round")
     p.add_argument("--rounds", type=int, default=2, help="A/B alternations (posttrain then TRL) per model and mode")
@@ -332,6 +340,9 @@ def main() -> None:
     p.add_argument("--trl-attention", default="same", help="same (posttrain's choice: eager on CPU), sdpa, eager")
     p.add_argument("--posttrain-skip-zero-adv", action="store_true",
                    help="keep posttrain's default skip of zero-advantage samples (with random weights: all of them)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile in both: posttrain model.compile (the learner) and TRL's torch_compile; the "
+                        "compilation falls in the warm-up steps")
     p.add_argument("--json", default=None, help="also write every measurement to this file")
     a = p.parse_args()
 
@@ -374,6 +385,9 @@ def main() -> None:
                       f"of GEMM ({res['gen_tokens']:.0f} completion tok/step), logprob passes "
                       f"{res['logprob_flops'] / 1e9:.1f} GFLOP (none needed), training {res['train_gflops']:.1f} "
                       f"GFLOP/s = {100 * res['train_frac']:.1f}% of GEMM (FLOPs: posttrain's compute ledger)", flush=True)
+                print(f"  roofline: posttrain's step at 100% of the GEMM rate would take {res['floor_s']:.3f} s, so "
+                      f"no implementation doing this work can be more than {res['max_speedup']:.2f}x TRL here",
+                      flush=True)
             tasks = [t for t, _ in zip(task_stream(make_env("arithmetic", {"digits": 3}), 0), range(a.decode_batch))]
             tps = {b: decode_tokens_per_s(resolve_model_path(name, seed=0), tasks, b, a.max_new_tokens, a.bf16)
                    for b in (1, a.decode_batch)}
@@ -390,12 +404,13 @@ def main() -> None:
           f"{a.prompts} prompts x {a.group} samples x {a.max_new_tokens} max new tokens, "
           f"{'bf16 autocast' if a.bf16 else 'fp32'}, {a.threads} threads, load avg at start "
           f"{info['load'][0]:.2f}, now {os.getloadavg()[0]:.2f}):")
-    print("| model | lengths | posttrain s/step | TRL s/step | speed-up | gen % of GEMM | train % of GEMM |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | lengths | posttrain s/step | TRL s/step | speed-up | gen % of GEMM | train % of GEMM "
+          "| floor s/step (100% GEMM) | largest reachable speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['model']} | {r['mode']} | {r['pt_time/step_s']:.3f} | {r['trl_step_s']:.3f} | "
               f"{r['trl_step_s'] / r['pt_time/step_s']:.2f}x | {100 * r['gen_frac']:.1f}% | "
-              f"{100 * r['train_frac']:.1f}% |")
+              f"{100 * r['train_frac']:.1f}% | {r['floor_s']:.3f} | {r['max_speedup']:.2f}x |")
     if a.json:
         Path(a.json).write_text(json.dumps({"machine": info, "gemm_gflops": gemm, "gemm_gflops_end": end, "args": vars(a),
                                             "results": results, "decode": decode}, indent=1, default=str))
