@@ -125,3 +125,17 @@ def test_compiled_learner_trains_like_the_eager_one(tmp_path):
     for key in ("train/loss", "pg/entropy", "pg/ratio_mean"):
         assert compiled[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-5), key
     assert all(r["train/grad_norm"] > 0 for r in runs[True])
+
+
+def test_steps_with_only_degenerate_groups_still_evaluate_and_checkpoint_on_schedule(tmp_path):
+    # The random tiny model never solves arithmetic: every group is all-zero, the zero-variance filter drops them
+    # all and no update happens. The evaluation and checkpoint scheduled at step 2 must still happen (a missing
+    # point would silently thin out the compute curve that `posttrain fit` models).
+    cfg = rl_config(tmp_path, steps=4, eval_every=2, group_filter="zero_variance")
+    cfg = validate({**cfg.model_dump(mode="json"), "checkpoint": {"every": 2, "keep_last_n": 3}}, "test")
+    run(cfg)
+    train = [r for r in rows(cfg.run_dir) if "rollout/kept_samples" in r]
+    assert len(train) == 4 and all(r["rollout/kept_samples"] == 0 for r in train)
+    assert (cfg.run_dir / "eval" / "rl-step2.json").is_file()
+    assert any(r.get("step") == 2 and "eval/pass@1" in r for r in rows(cfg.run_dir))
+    assert (cfg.run_dir / "checkpoints" / "step_2").is_dir()

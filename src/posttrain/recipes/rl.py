@@ -86,6 +86,27 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
                        scheduler=scheduler, cursor=cursor, extra=extra)
         write_prompt_history(ctx, state["history"])
 
+    def end_step(stage_step: int, metrics: dict, t_step: float) -> None:
+        """Log the step, then what is scheduled at it: evaluation, reference reset, checkpoint. Runs after every
+        step, including one whose groups were all degenerate (no update), so the schedule never skips a point."""
+        metrics["time/step_s"] = time.time() - t_step
+        ctx.status(f"reward {metrics['rollout/reward_mean']:.3f}")
+        ctx.write_metrics("rl", metrics)
+        if c.eval_every and stage_step % c.eval_every == 0 and stage_step < c.steps:
+            result = ctx.evaluate(f"rl-step{stage_step}", stage="rl")
+            state["val_history"].append((stage_step, result.get("mean@n", {}).get("mean", result["greedy_acc"])))
+        if ref_model is not None and should_reset_reference(stage_step, state["last_reset"], state["val_history"],
+                                                            every=c.ref_reset_every, patience=c.ref_reset_patience):
+            ref_model.load_state_dict(model.state_dict())
+            state["last_reset"] = stage_step
+            if c.ref_reset_optimizer:
+                optimizer.state.clear()
+            ctx.note(f"rl step {stage_step}: reference policy reset to the current policy"
+                     + (" (optimizer state cleared)" if c.ref_reset_optimizer else ""))
+            ctx.write_metrics("rl", {"ctrl/ref_reset": 1})
+        if ctx.due(stage_step) and stage_step < c.steps:
+            save(stage_step, done=False)
+
     if not resume and c.eval_every:  # the curve's first point: the policy RL starts from, at zero RL compute
         ctx.add(**{"compute/rl_flops": 0.0})
         ctx.evaluate("rl-step0", stage="rl")
@@ -117,7 +138,7 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
 
         if not batch.completions:  # every group was degenerate: nothing to learn from this step
             ctx.global_step += 1
-            ctx.write_metrics("rl", {**metrics, "time/generate_s": t_generate, "time/step_s": time.time() - t_step})
+            end_step(step + 1, {**metrics, "time/generate_s": t_generate}, t_step)
             continue
 
         # 4. rewards -> advantages -------------------------------------------------------------------------------
@@ -235,24 +256,7 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
                 state["eps_high"] = new_eps
 
         # 8. log, evaluate, reset the reference, checkpoint ------------------------------------------------------
-        metrics["time/step_s"] = time.time() - t_step
-        ctx.status(f"reward {metrics['rollout/reward_mean']:.3f}")
-        ctx.write_metrics("rl", metrics)
-        stage_step = step + 1
-        if c.eval_every and stage_step % c.eval_every == 0 and stage_step < c.steps:
-            result = ctx.evaluate(f"rl-step{stage_step}", stage="rl")
-            state["val_history"].append((stage_step, result.get("mean@n", {}).get("mean", result["greedy_acc"])))
-        if ref_model is not None and should_reset_reference(stage_step, state["last_reset"], state["val_history"],
-                                                            every=c.ref_reset_every, patience=c.ref_reset_patience):
-            ref_model.load_state_dict(model.state_dict())
-            state["last_reset"] = stage_step
-            if c.ref_reset_optimizer:
-                optimizer.state.clear()
-            ctx.note(f"rl step {stage_step}: reference policy reset to the current policy"
-                     + (" (optimizer state cleared)" if c.ref_reset_optimizer else ""))
-            ctx.write_metrics("rl", {"ctrl/ref_reset": 1})
-        if ctx.due(stage_step) and stage_step < c.steps:
-            save(stage_step, done=False)
+        end_step(step + 1, metrics, t_step)
 
     ctx.evaluate("rl", stage="rl")
     save(c.steps, done=True)
