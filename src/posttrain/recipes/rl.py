@@ -37,6 +37,7 @@ from posttrain.data.prompts import render_prompt
 from posttrain.errors import UserError
 from posttrain.recipes.context import RunContext
 from posttrain.records import Completion, SamplingParams, Score, Task
+from posttrain.rollout.hf import distinct_prompts
 from posttrain.tracking.ledger import TRAIN_MULTIPLIER, FlopModel
 from posttrain.train.checkpoint import restore_training_state
 from posttrain.train.forward import completion_logprobs, logprobs_no_grad, pack
@@ -313,10 +314,12 @@ def collect_groups(sample: Callable[[list[Task], int], Rollouts], tasks: Iterato
 def shared_prefix_flops(flops: FlopModel, prompts: list, comps: list, rows: Tensor) -> float:
     """Forward FLOPs of one packed micro-batch: each distinct prompt once, its completions on top of it
     (train/forward.py's shared prefixes, tracking/ledger.py)."""
-    by_prompt: dict[tuple[int, ...], list[int]] = {}
-    for i in rows.tolist():
-        by_prompt.setdefault(tuple(prompts[i]), []).append(len(comps[i]))
-    return sum(flops.forward_shared_prefix(len(p), lengths) for p, lengths in by_prompt.items())
+    rows = rows.tolist()
+    distinct, prompt_of = distinct_prompts([prompts[i] for i in rows])
+    lengths: list[list[int]] = [[] for _ in distinct]
+    for i, u in zip(rows, prompt_of):
+        lengths[u].append(len(comps[i]))
+    return sum(flops.forward_shared_prefix(len(p), ts) for p, ts in zip(distinct, lengths))
 
 
 def generation_flops(flops: FlopModel, batch: Rollouts) -> float:

@@ -37,6 +37,14 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor
     return ids, mask
 
 
+def distinct_prompts(prompts: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[int]]:
+    """-> (each distinct prompt once, in first-seen order; the index into that list of every prompt). The grouping
+    behind prefix sharing: the sampler prefills, and the learner runs, each distinct prompt once."""
+    index: dict[tuple[int, ...], int] = {}
+    rows = [index.setdefault(tuple(p), len(index)) for p in prompts]
+    return [list(p) for p in index], rows
+
+
 def autocast(enabled: bool, device: torch.device | str = "cpu"):
     """bf16 autocast on the model's device type (CPU or CUDA); weights stay fp32."""
     kind = torch.device(device).type
@@ -92,16 +100,14 @@ class HFEngine:
     def _prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[DynamicCache, Tensor, Tensor, Tensor, Tensor]:
         """Prefill each distinct prompt once. -> (cache of the distinct prompts, the distinct-prompt row of every
         prompt, last logits, attention mask and next position per prompt); callers repeat the cache rows."""
-        unique: dict[tuple[int, ...], int] = {}
-        for p in prompts:
-            unique.setdefault(tuple(p), len(unique))
-        ids, mask = left_pad(list(unique), self.pad_id)
+        distinct, rows = distinct_prompts(prompts)
+        ids, mask = left_pad(distinct, self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
-        rows = torch.tensor([unique[tuple(p)] for p in prompts], dtype=torch.long, device=self.device)
+        rows = torch.tensor(rows, dtype=torch.long, device=self.device)
         return cache, rows, out.logits[:, -1].float()[rows], mask[rows], pos[rows, -1] + 1
 
     def _decode(self, prompts, params: SamplingParams):

@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
 from posttrain.algos.logprobs import token_entropy, token_logprobs
-from posttrain.rollout.hf import autocast, left_pad
+from posttrain.rollout.hf import autocast, distinct_prompts, left_pad
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,6 @@ class PackedBatch:
     prompt_rows: Tensor  # (B,) which of the U prompts each row continues
     targets: Tensor  # (B, T) completion tokens, right-padded
     mask: Tensor  # (B, T) float, 1 on real completion tokens
-
-    @property
-    def prompt_width(self) -> int:
-        return self.prompt_ids.shape[1]
 
     @property
     def shares_prefixes(self) -> bool:
@@ -50,9 +46,7 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
          share_prefixes: bool = True) -> PackedBatch:
     """Left-pad prompts and right-pad completions; with `share_prefixes`, identical prompts are kept once."""
     if share_prefixes:
-        index: dict[tuple[int, ...], int] = {}
-        rows = [index.setdefault(tuple(p), len(index)) for p in prompts]
-        distinct = [list(p) for p in index]
+        distinct, rows = distinct_prompts(prompts)
     else:
         rows, distinct = list(range(len(prompts))), [list(p) for p in prompts]
     p_ids, p_mask = left_pad(distinct, pad_id)
