@@ -27,6 +27,18 @@ def batch(prompt_len: int, completion_len: int, prompts: int, group: int, seed: 
     return ps, cs
 
 
+def step(model, prompts: list, comps: list, share: bool) -> float:
+    """One forward (logprobs + entropy, as the RL step computes) and backward; -> seconds."""
+    from posttrain.train.forward import completion_logprobs, pack
+
+    t0 = time.perf_counter()
+    b = pack(prompts, comps, 0, share_prefixes=share)
+    lp, _entropy = completion_logprobs(model, b, bf16=True, with_entropy=True)
+    (-(lp * b.mask).sum() / b.mask.sum()).backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -38,8 +50,6 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     from posttrain.models import load_model, resolve_model_path
     from posttrain.tracking.ledger import FlopModel
-    from posttrain.train.forward import completion_logprobs, pack
-
     print("| model | prompt + completion tokens | plain s | shared s | time saved | plain GFLOP | shared GFLOP | "
           "plain GFLOP/s | shared GFLOP/s |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -51,19 +61,11 @@ def main() -> None:
         fm = FlopModel.from_model(model)
         prompts, comps = batch(P, T, 16, 8)
 
-        def step(share: bool) -> float:
-            t0 = time.perf_counter()
-            b = pack(prompts, comps, 0, share_prefixes=share)
-            lp, ent = completion_logprobs(model, b, bf16=True, with_entropy=True)
-            (-(lp * b.mask).sum() / b.mask.sum()).backward()
-            model.zero_grad(set_to_none=True)
-            return time.perf_counter() - t0
-
-        times = {True: [], False: []}
-        step(False), step(True)  # warm-up
+        times: dict[bool, list[float]] = {True: [], False: []}
+        step(model, prompts, comps, False), step(model, prompts, comps, True)  # warm-up
         for _ in range(a.repeats):
             for share in (False, True):
-                times[share].append(step(share))
+                times[share].append(step(model, prompts, comps, share))
         plain_f = 128 * fm.train(P + T, (P + T + 1) / 2, logit_tokens=T)
         shared_f = 16 * fm.train_shared_prefix(P, [T] * 8)
         tp, ts = min(times[False]), min(times[True])
