@@ -94,7 +94,7 @@ def posttrain_round(a, model: str, steps: int, out_dir: Path, tag: str, fixed: b
     from rich.console import Console
 
     from posttrain.config import RLConfig, validate
-    from posttrain.recipes.run import run
+    from posttrain.runner import run
 
     # posttrain skips the forward/backward of zero-advantage samples (exactly zero gradient). With the random
     # initial weights here every reward is 0, so it would skip all training: off by default for like-for-like work.

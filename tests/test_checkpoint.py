@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.config import validate
 from posttrain.errors import UserError
-from posttrain.recipes.run import run
+from posttrain.runner import run
 from posttrain.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,

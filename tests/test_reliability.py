@@ -11,7 +11,7 @@ import torch
 from posttrain.algos import POLICY_LOSSES
 from posttrain.config import validate
 from posttrain.errors import UserError
-from posttrain.recipes.run import run
+from posttrain.runner import run
 from posttrain.tracking.heartbeat import Heartbeat
 from posttrain.train.checkpoint import list_checkpoints, load_state
 from posttrain.train.guards import UpdateGuard

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from posttrain.config import PRESET_DIR, validate
-from posttrain.recipes.run import run
+from posttrain.runner import run
 
 REQUIRED_METRICS = [
     "rollout/reward_mean", "rollout/pass_rate", "rollout/len_mean", "rollout/truncated_frac",

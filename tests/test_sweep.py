@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.errors import UserError
-from posttrain.recipes.sweep import aggregate, iso_compute, load_sweep, run_sweep
+from posttrain.scaling.sweep import aggregate, iso_compute, load_sweep, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -50,7 +50,7 @@ def run(
 
     cfg = load_recipe(recipe, set_ or [])
     _quiet_libraries()
-    from posttrain.recipes.run import run as run_recipe
+    from posttrain.runner import run as run_recipe
 
     summary = run_recipe(cfg, fresh=fresh, console=err)
     _print_summary(summary)
@@ -112,7 +112,7 @@ def fit(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Fit a compute -> performance curve with bootstrap CIs and an optional predictivity check."""
-    from posttrain.recipes.fit import run_fit
+    from posttrain.scaling.fit_cmd import run_fit
 
     run_fit(run_dirs, x=x, y=y, form=form, fit_until=fit_until, exclude_frac=exclude_frac, out=out_png,
             as_json=as_json)
@@ -143,7 +143,7 @@ def eval_(
     except ValueError:
         raise UserError(f"--k {k!r}: expected comma-separated integers like 1,8,64") from None
     _quiet_libraries()
-    from posttrain.recipes.eval_cmd import run_eval
+    from posttrain.evals.eval_cmd import run_eval
 
     run_eval(checkpoint, env=env, env_args=env_arg or [], split=split, problems=problems, n=n, ks=ks,
              temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, bf16=bf16,
@@ -158,7 +158,7 @@ def sweep(
 ) -> None:
     """Run every point of a sweep as an ordinary run; finished points are skipped, unfinished ones resume."""
     _quiet_libraries()
-    from posttrain.recipes.sweep import run_sweep
+    from posttrain.scaling.sweep import run_sweep
 
     path = run_sweep(sweep_file, only_plan=plan, console=err)
     out.print(f"results: {path}")
@@ -172,7 +172,7 @@ def iso_compute_(
     over: Annotated[str | None, typer.Option(help="Average configurations over this axis (e.g. seed).")] = None,
 ) -> None:
     """Which configuration is best at equal compute: interpolates every run's curve at shared budgets."""
-    from posttrain.recipes.sweep_results import iso_compute
+    from posttrain.scaling.sweep_results import iso_compute
 
     target = runs[0] if len(runs) == 1 and not (runs[0] / "metrics.jsonl").exists() else runs
     table = iso_compute(target, x=x, y=y, over=over)

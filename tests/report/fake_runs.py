@@ -1,4 +1,4 @@
-"""Fake run directories shaped like the ones `posttrain run` writes (recipes/run.py, context.py, sft.py, rl.py):
+"""Fake run directories shaped like the ones `posttrain run` writes (runner.py, context.py, sft.py, rl.py):
 a base eval row at step 0, SFT rows with a periodic greedy eval, an eval row closing each stage at the stage's
 last step, RL rows (one with every group filtered, so only rollout keys), a reference-reset row, and eval files."""
 

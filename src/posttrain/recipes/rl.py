@@ -35,9 +35,9 @@ from posttrain.algos import (
 )
 from posttrain.data.prompts import render_prompt
 from posttrain.errors import UserError
-from posttrain.recipes.context import RunContext
+from posttrain.models.layout import distinct_prompts
 from posttrain.records import Completion, SamplingParams, Score, Task
-from posttrain.rollout.hf import distinct_prompts
+from posttrain.runtime.context import RunContext
 from posttrain.tracking.ledger import TRAIN_MULTIPLIER, FlopModel
 from posttrain.train.checkpoint import restore_training_state
 from posttrain.train.forward import completion_logprobs, logprobs_no_grad, pack

@@ -18,8 +18,8 @@ import torch
 from posttrain.algos.logprobs import token_logprobs
 from posttrain.data.sft import collate, env_examples, jsonl_examples, micro_batches
 from posttrain.errors import UserError
-from posttrain.recipes.context import RunContext
-from posttrain.rollout.hf import autocast
+from posttrain.models.layout import autocast
+from posttrain.runtime.context import RunContext
 from posttrain.tracking.ledger import FlopModel, causal
 from posttrain.train.checkpoint import restore_training_state
 from posttrain.train.guards import UpdateGuard

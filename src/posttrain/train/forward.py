@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
 from posttrain.algos.logprobs import token_entropy, token_logprobs
-from posttrain.rollout.hf import autocast, distinct_prompts, left_pad
+from posttrain.models.layout import autocast, distinct_prompts, left_pad
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from posttrain.config import RunConfig
 from posttrain.data.prompts import context_length
 from posttrain.envs.scoring import score_many
 from posttrain.errors import UserError
-from posttrain.recipes.evaluate import evaluate, headline_metrics, write_eval
+from posttrain.evals.evaluate import evaluate, headline_metrics, write_eval
 from posttrain.records import Score, Task
 from posttrain.rollout.hf import HFEngine
 from posttrain.tracking.heartbeat import Heartbeat

@@ -16,7 +16,7 @@ A sweep file (docs/sweeps.md):
 
 Every point is validated before anything runs (an unknown key, a bad value, or a finished point whose saved config
 no longer matches is an error naming it). Each point is an ordinary run directory in output_dir; a finished one
-(DONE marker) is skipped on re-run and an unfinished one resumes from its newest checkpoint (recipes/run.py).
+(DONE marker) is skipped on re-run and an unfinished one resumes from its newest checkpoint (runner.py).
 results.csv (one row per finished point) is rebuilt from the run directories after every point, so it is always
 consistent with them. Columns: `point`, one per axis (the dotted key), then metrics, whose names contain "/"
 (`eval/pass@1` of the last stage's final evaluation, `compute/*` and `time/elapsed_s` of the last metrics row)
@@ -39,8 +39,8 @@ from rich.table import Table
 
 from posttrain.config import RunConfig, _set_path, read_toml, validate
 from posttrain.errors import UserError
-from posttrain.recipes.run import DONE, _diff_keys, run
-from posttrain.recipes.sweep_results import (  # noqa: F401
+from posttrain.runner import DONE, _diff_keys, run
+from posttrain.scaling.sweep_results import (  # noqa: F401
     BY_POINT,
     ISO,
     METADATA,

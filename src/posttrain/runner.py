@@ -25,7 +25,7 @@ from posttrain.envs import make_env
 from posttrain.errors import UserError
 from posttrain.models import attention_for, load_model, load_tokenizer, resolve_model_path
 from posttrain.recipes import rl, sft
-from posttrain.recipes.context import RunContext
+from posttrain.runtime.context import RunContext
 from posttrain.tracking.metrics import MetricsLog, truncate_metrics
 from posttrain.train.checkpoint import latest_checkpoint, load_state, save_model_dir
 

@@ -1,6 +1,6 @@
 """Sweep results: reading results.csv, seed aggregation (mean and t-interval) and iso-compute comparison.
 
-These read finished run directories and CSV files only; planning and running a sweep is recipes/sweep.py.
+These read finished run directories and CSV files only; planning and running a sweep is scaling/sweep.py.
 """
 
 from __future__ import annotations

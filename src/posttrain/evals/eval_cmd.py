@@ -15,8 +15,8 @@ from rich.table import Table
 from posttrain.config import parse_override
 from posttrain.envs import make_env
 from posttrain.errors import UserError
+from posttrain.evals.evaluate import evaluate, write_eval
 from posttrain.models import attention_for, load_model, load_tokenizer, resolve_model_path
-from posttrain.recipes.evaluate import evaluate, write_eval
 from posttrain.rollout.hf import HFEngine
 
 
@@ -35,7 +35,7 @@ def run_eval(checkpoint: str, *, env: str, env_args: list[str], split: str, prob
     if bad:
         raise UserError(f"--k {bad}: every k must be between 1 and --n {n}")
     path = resolve_model_path(checkpoint, seed)
-    from posttrain.recipes.run import resolve_device
+    from posttrain.runner import resolve_device
 
     device = resolve_device("auto")
     model = load_model(path, attention=attention_for(device)).to(device)
