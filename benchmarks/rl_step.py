@@ -18,7 +18,7 @@ on when EOS happens to be sampled). posttrain has no ignore-EOS option, so "fixe
 
 Semantics matched to TRL 1.16 GRPOConfig defaults (loss_type="dapo", scale_rewards="group", epsilon=0.2,
 epsilon_high=None, beta=0.0, num_iterations=1, importance_sampling_level="token", no vLLM so no IS correction):
-posttrain [rl] advantage="grpo" (adv_eps=1e-4 as TRL), policy_loss="ppo_clip" (eps_low=eps_high=0.2),
+posttrain [rl] advantage="grpo" (eps=1e-4 as TRL), policy_loss="ppo_clip" (eps_low=eps_high=0.2),
 aggregation="token_mean" (DAPO: sum over tokens / tokens in the whole step), kl_coef=0, group_filter="none",
 mini_batches=epochs=1, recompute_old_logprobs=false (TRL uses the detached current logprobs as old ones when
 num_iterations=1: no extra pass in either). Optimizer: AdamW lr 1e-4, betas (0.9, 0.999), no weight decay,
@@ -73,40 +73,41 @@ def gemm_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
 
 @contextlib.contextmanager
 def engine_without_eos(enabled: bool):
-    """Make every HFEngine built inside the block ignore EOS, so each completion has max_new_tokens tokens."""
-    from posttrain.rollout.hf import HFEngine
+    """Make every LocalEngine built inside the block ignore EOS, so each completion has max_new_tokens tokens."""
+    from posttrain.rollout.local import LocalEngine
 
-    original = HFEngine.__init__
+    original = LocalEngine.__init__
 
     def init(self, *args, **kwargs):
         original(self, *args, **kwargs)
         self.eos_ids = torch.empty(0, dtype=torch.long)
 
     if enabled:
-        HFEngine.__init__ = init
+        LocalEngine.__init__ = init
     try:
         yield
     finally:
-        HFEngine.__init__ = original
+        LocalEngine.__init__ = original
 
 
 def posttrain_round(a, model: str, steps: int, out_dir: Path, tag: str, fixed: bool) -> list[dict]:
     from rich.console import Console
 
-    from posttrain.config import RLConfig, validate
+    from posttrain.config import validate
     from posttrain.runner import run
 
     # posttrain skips the forward/backward of zero-advantage samples (exactly zero gradient). With the random
     # initial weights here every reward is 0, so it would skip all training: off by default for like-for-like work.
-    skip = {"skip_zero_advantage": a.posttrain_skip_zero_adv} if "skip_zero_advantage" in RLConfig.model_fields else {}
+    skip = {"skip_zero_advantage": a.posttrain_skip_zero_adv}
     cfg = validate({
         "recipe": "rl", "name": tag, "output_dir": str(out_dir), "seed": 0, "threads": a.threads,
         "model": {"path": model, "bf16": a.bf16, **({"compile": True} if a.compile else {})},
         "env": {"name": "arithmetic", "args": {"digits": 3}},
         "rl": {"steps": steps, "prompts_per_step": a.prompts, "group_size": a.group, "max_new_tokens": a.max_new_tokens,
                "temperature": 1.0, "lr": a.lr, "betas": [0.9, 0.999], "weight_decay": 0.0, "grad_clip": 1.0,
-               "schedule": "constant", "warmup_steps": 0, "advantage": "grpo", "adv_eps": 1e-4,
-               "policy_loss": "ppo_clip", "eps_low": 0.2, "eps_high": 0.2, "aggregation": "token_mean",
+               "schedule": "constant", "warmup_steps": 0, "advantage": "grpo", "advantage_args": {"eps": 1e-4},
+               "policy_loss": "ppo_clip", "policy_loss_args": {"eps_low": 0.2, "eps_high": 0.2},
+               "aggregation": "token_mean",
                "kl_coef": 0.0, "group_filter": "none", "mini_batches": 1, "epochs": 1,
                "micro_batch_size": a.prompts * a.group, "recompute_old_logprobs": False, **skip},
         "eval": {"at_start": False, "problems": 1, "samples": 1, "ks": [1], "max_new_tokens": 4},
@@ -218,13 +219,13 @@ def decode_tokens_per_s(model_dir: Path, tasks: list, batch: int, new_tokens: in
     from posttrain.envs import make_env
     from posttrain.models import load_model, load_tokenizer
     from posttrain.records import SamplingParams
-    from posttrain.rollout.hf import HFEngine
+    from posttrain.rollout.local import LocalEngine
 
     env = make_env("arithmetic", {"digits": 3})
     model = load_model(model_dir, **{k.replace("attn_implementation", "attention"): v
                                       for k, v in attention_kwargs("same").items()})
     tok = load_tokenizer(model_dir)
-    engine = HFEngine(model, tok, bf16=bf16)
+    engine = LocalEngine(model, tok, bf16=bf16)
     engine.eos_ids = torch.empty(0, dtype=torch.long)  # fixed length: the batch stays full for every token
     prompts = [render_prompt(tok, env.prompt(t)) for t in tasks[:batch]]
     params = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, seed=0)
@@ -270,7 +271,7 @@ def machine() -> dict:
 def bench_model(a, name: str, mode: str, gemm: float, out_dir: Path, n_params: int) -> dict:
     from posttrain.envs import make_env
     from posttrain.models import resolve_model_path
-    from posttrain.recipes.rl import task_stream
+    from posttrain.data.samplers import task_stream
 
     model_dir = resolve_model_path(name, seed=0)  # a preset name or a local checkpoint directory
     label = model_dir.name if name not in ("tiny-test", "tiny-3m", "tiny-25m") else name
@@ -356,7 +357,7 @@ def main() -> None:
     _record_profiling()
     from posttrain.envs import make_env
     from posttrain.models import load_model, resolve_model_path
-    from posttrain.recipes.rl import task_stream
+    from posttrain.data.samplers import task_stream
 
     info = machine()
     print(f"{info['date']}  posttrain {info['code']}  {info['cpu']}  threads={info['threads']}  torch {info['torch']}  "

@@ -11,28 +11,36 @@ from posttrain.config import validate
 from posttrain.errors import UserError
 from posttrain.runner import run
 from posttrain.train.checkpoint import (
+    TrainerState,
     latest_checkpoint,
     list_checkpoints,
     load_state,
+    rng_state,
     rotate,
     save_checkpoint,
 )
 
 
+def state_at(step: int) -> TrainerState:
+    return TrainerState(global_step=step, stage_index=0, stage_step=step, stage_done=False, learner=None,
+                        stage={"cursor": 3}, rng=rng_state(), totals={}, elapsed_s=0.0, evals={}, metrics_offset=0)
+
+
 def test_checkpoint_round_trip_gives_identical_logits(tiny, tmp_path):
     model, tok = tiny
-    path = save_checkpoint(tmp_path / "ckpts", 7, model, tok, {"global_step": 7})
+    path = save_checkpoint(tmp_path / "ckpts", 7, model, tok, state_at(7))
     again = AutoModelForCausalLM.from_pretrained(path)
     tok2 = AutoTokenizer.from_pretrained(path)
     ids = torch.tensor([tok2("<|user|>12+3=<|end|><|assistant|>", add_special_tokens=False).input_ids])
     assert torch.equal(model(ids).logits, again(ids).logits)
-    assert load_state(path)["global_step"] == 7
+    assert load_state(path).global_step == 7
+    assert load_state(path).stage == {"cursor": 3}
 
 
 def test_half_written_checkpoint_is_never_loaded(tiny, tmp_path):
     model, tok = tiny
     root = tmp_path / "ckpts"
-    good = save_checkpoint(root, 1, model, tok, {"global_step": 1})
+    good = save_checkpoint(root, 1, model, tok, state_at(1))
     torn = root / ".tmp-step_2-999"  # what a crash mid-write leaves behind
     shutil.copytree(good, torn)
     (torn / "COMPLETE").unlink()
@@ -47,16 +55,19 @@ def test_half_written_checkpoint_is_never_loaded(tiny, tmp_path):
 
 def test_corrupt_trainer_state_is_a_user_error(tiny, tmp_path):
     model, tok = tiny
-    path = save_checkpoint(tmp_path, 1, model, tok, {"x": 1})
+    path = save_checkpoint(tmp_path, 1, model, tok, state_at(1))
     (path / "trainer_state.pt").write_bytes(b"garbage")
     with pytest.raises(UserError, match="trainer_state.pt"):
+        load_state(path)
+    torch.save({"global_step": 1, "cursor": 3}, path / "trainer_state.pt")  # a dict from an older version
+    with pytest.raises(UserError, match="another format.*--fresh"):
         load_state(path)
 
 
 def test_rotation_keeps_the_newest(tiny, tmp_path):
     model, tok = tiny
     for step in (1, 2, 3, 4):
-        save_checkpoint(tmp_path, step, model, tok, {})
+        save_checkpoint(tmp_path, step, model, tok, state_at(step))
     rotate(tmp_path, 2)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 4]
 
@@ -96,7 +107,7 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
         (run_dir / name).unlink()
     shutil.rmtree(run_dir / "final")
     state = load_state(run_dir / "checkpoints" / "step_4")
-    assert state["stage_step"] == 4 and state["cursor"] == 32 and state["optimizer"]["state"]
+    assert state.stage_step == 4 and state.stage["cursor"] == 32 and state.learner["optimizer"]["state"]
 
     run(cfg)
     assert without_time(read_rows(run_dir)) == without_time(reference)

@@ -13,9 +13,17 @@ def write(tmp_path, text):
 
 
 def test_minimal_recipe_fills_defaults(tmp_path):
+    cfg = load_recipe(write(tmp_path, 'recipe = ["sft", "rl"]\n'))
+    assert cfg.recipe == ["sft", "rl"] and cfg.name == "r" and cfg.model.path == "tiny-3m"
+    assert cfg.rl.lr == 1e-4 and cfg.sft.lr == 1e-3 and cfg.section("rl") is cfg.rl
+    # every hyperparameter of the chosen entries, filled in, so the resolved config says what ran
+    assert cfg.rl.policy_loss_args == {"eps_low": 0.2, "eps_high": 0.2, "dual_clip": None}
+    assert cfg.rl.advantage_args == {"eps": 1e-6}
+
+
+def test_a_stage_section_exists_only_for_the_stages_in_the_recipe(tmp_path):
     cfg = load_recipe(write(tmp_path, 'recipe = "sft"\n'))
-    assert cfg.recipe == ["sft"] and cfg.name == "r" and cfg.model.path == "tiny-3m"
-    assert cfg.rl.lr == 1e-4 and cfg.sft.lr == 1e-3
+    assert list(cfg.model_dump())[-1] == "sft" and "rl" not in cfg.model_dump()
 
 
 @pytest.mark.parametrize("text, key", [
@@ -24,8 +32,19 @@ def test_minimal_recipe_fills_defaults(tmp_path):
     ('recipe = "sft"\n[sft]\nlr = "fast"\n', "sft.lr"),
     ('recipe = "sft"\n[sft]\nlr = -1e-3\n', "sft.lr"),
     ('recipe = "rl"\n[rl]\ngroup_size = 0\n', "rl.group_size"),
-    ('recipe = "dpo"\n', "recipe"),
+    ('recipe = "dpo"\n', "recipe[0]"),
+    ('recipe = []\n', "recipe"),
     ('recipe = "sft"\n[eval]\nsamples = 4\nks = [1, 8]\n', "eval"),
+    ('recipe = "sft"\n[rl]\nsteps = 3\n', "rl"),  # a section for a stage the recipe does not run
+    ('recipe = "rl"\n[rl]\neps_high = 0.3\n', "rl.eps_high"),  # moved into policy_loss_args
+    ('recipe = "rl"\n[rl]\npolicy_loss_args = {eps_hgh = 0.3}\n', "rl.policy_loss_args.eps_hgh"),
+    ('recipe = "rl"\n[rl]\npolicy_loss = "cispo"\npolicy_loss_args = {eps_high = 0.3}\n',
+     "rl.policy_loss_args.eps_high"),
+    ('recipe = "rl"\n[rl]\nadvantage_args = {eps = -1}\n', "rl.advantage_args.eps"),
+    ('recipe = "rl"\n[rl]\nadvantage = "gpro"\n', "rl.advantage"),
+    ('recipe = "rl"\n[rl]\ngroup_filter = "zero_var"\n', "rl.group_filter"),
+    ('recipe = "rl"\n[rl]\ngroup_size = 1\n', "rl.group_size"),  # grpo is group-relative
+    ('recipe = "rl"\n[rl]\npolicy_loss = "reinforce"\nentropy_target = [0.1, 0.5]\n', "rl.entropy_adapt_arg"),
 ])
 def test_bad_recipes_name_the_key_and_file(tmp_path, text, key):
     path = write(tmp_path, text)
@@ -48,15 +67,19 @@ def test_set_of_unknown_key_is_an_error(tmp_path):
 
 
 def test_preset_supplies_defaults_and_recipe_keys_win(tmp_path):
-    cfg = load_recipe(write(tmp_path, 'recipe = "rl"\n[rl]\npreset = "dapo"\neps_high = 0.3\n'))
+    cfg = load_recipe(write(tmp_path, 'recipe = "rl"\n[rl]\npreset = "dapo"\npolicy_loss_args = {eps_high = 0.3}\n'))
     assert cfg.rl.group_filter == "dynamic_sampling" and cfg.rl.kl_coef == 0.0
-    assert cfg.rl.eps_high == 0.3  # the recipe overrides the preset's 0.28
+    # the recipe overrides the preset's eps_high 0.28 and keeps its eps_low
+    assert cfg.rl.policy_loss_args == {"eps_low": 0.2, "eps_high": 0.3, "dual_clip": None}
+    # choosing another loss drops the preset's table for ppo_clip (it would not fit) and takes cispo's defaults
+    cfg = load_recipe(write(tmp_path, 'recipe = "rl"\n[rl]\npreset = "dapo"\npolicy_loss = "cispo"\n'))
+    assert cfg.rl.policy_loss_args == {"max_weight": 5.0, "min_weight": 0.0}
     with pytest.raises(UserError, match="dapoo"):
         load_recipe(write(tmp_path, 'recipe = "rl"\n[rl]\npreset = "dapoo"\n'))
 
 
 def test_every_preset_validates():
-    from posttrain.config import PRESET_DIR
+    from posttrain.recipes.rl_config import PRESET_DIR
 
     names = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
     assert names == sorted(["grpo", "dr_grpo", "dapo", "prorl", "gspo", "cispo", "rloo", "reinforce_pp",
@@ -69,8 +92,9 @@ def test_every_preset_validates():
         assert rl.aggregation in AGGREGATIONS and rl.kl_estimator in KL_ESTIMATORS
 
 
-def test_resolved_toml_round_trips(tmp_path):
-    cfg = load_recipe(write(tmp_path, 'recipe = ["sft", "rl"]\n[rl]\npreset = "prorl"\n'))
+@pytest.mark.parametrize("preset", ["prorl", "scalerl", "reinforce_pp"])
+def test_resolved_toml_round_trips(tmp_path, preset):
+    cfg = load_recipe(write(tmp_path, f'recipe = ["sft", "rl"]\n[rl]\npreset = "{preset}"\n'))
     again = validate(tomllib.loads(to_toml(cfg)))
     assert again == cfg
 

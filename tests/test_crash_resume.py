@@ -72,10 +72,10 @@ def reference(tmp_path_factory):
 
 # global step at which the phase is entered: SFT steps 1-4 are global 1-4, RL steps 1-4 are global 5-8
 FAULTS = [
-    "optimizer_step:2",  # SFT, during the optimizer step, before the first checkpoint
+    "train:2",  # SFT step 3, during its forward/backward and optimizer step, before the first checkpoint
     "checkpoint_write:4",  # writing the SFT stage's final checkpoint (model written, state not yet)
     "generate:5",  # RL step 2, during generation
-    "optimizer_step:6",  # RL step 3, during the optimizer step
+    "train:6",  # RL step 3, during the update
     "checkpoint_write:8",  # writing the last checkpoint
 ]
 

@@ -4,7 +4,7 @@ import torch
 
 from posttrain.data.prompts import render_prompt
 from posttrain.records import SamplingParams
-from posttrain.rollout import HFEngine
+from posttrain.rollout.local import LocalEngine
 from posttrain.rollout.sampling import sample_next
 from posttrain.train.forward import completion_logprobs, pack
 
@@ -18,7 +18,7 @@ def prompts_for(tok, questions):
 
 def test_engine_logprobs_match_a_teacher_forced_forward(tiny):
     model, tok = tiny
-    engine = HFEngine(model, tok)
+    engine = LocalEngine(model, tok)
     prompts = prompts_for(tok, ["1+2=", "123+456=", "9="]) * 3
     outs = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=12, seed=0))
     assert len(outs) == len(prompts)
@@ -36,7 +36,7 @@ def test_engine_logprobs_match_a_teacher_forced_forward(tiny):
 
 def test_temperature_scaled_logprobs_match(tiny):
     model, tok = tiny
-    outs = HFEngine(model, tok).generate(prompts_for(tok, ["7+7="]) * 4,
+    outs = LocalEngine(model, tok).generate(prompts_for(tok, ["7+7="]) * 4,
                                          SamplingParams(temperature=0.7, max_new_tokens=6, seed=1))
     batch = pack([c.prompt_ids for c in outs], [c.token_ids for c in outs], tok.pad_token_id)
     lp, _ = completion_logprobs(model, batch, temperature=0.7)
@@ -46,7 +46,7 @@ def test_temperature_scaled_logprobs_match(tiny):
 
 def test_same_seed_same_samples_and_different_seed_differs(tiny):
     model, tok = tiny
-    engine = HFEngine(model, tok)
+    engine = LocalEngine(model, tok)
     prompts = prompts_for(tok, ["1+1="]) * 8
     a = engine.generate(prompts, SamplingParams(max_new_tokens=10, seed=5))
     b = engine.generate(prompts, SamplingParams(max_new_tokens=10, seed=5))
@@ -61,7 +61,7 @@ def test_eos_stops_a_sequence_and_length_is_reported(tiny):
     with torch.no_grad():
         model.lm_head.weight[tok.eos_token_id] *= 0  # tied: the embedding row too; fine for this test
         bias = torch.zeros(model.config.vocab_size)
-    engine = HFEngine(model, tok)
+    engine = LocalEngine(model, tok)
     outs = engine.generate(prompts_for(tok, ["1="]) * 4, SamplingParams(temperature=0.0, max_new_tokens=5))
     for c in outs:
         if c.finish_reason == "stop":
@@ -94,7 +94,7 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p():
 
 def test_stop_strings_end_generation_and_are_cut_from_text(tiny):
     model, tok = tiny
-    engine = HFEngine(model, tok)
+    engine = LocalEngine(model, tok)
     outs = engine.generate(prompts_for(tok, ["go"]) * 6, SamplingParams(temperature=1.0, max_new_tokens=30,
                                                                           seed=3, stop=("a", "1")))
     for c in outs:
@@ -110,8 +110,8 @@ def test_lean_llama_decode_matches_the_generic_hf_path(tiny):
     assert llama_decode.supports(model)
     prompts = prompts_for(tok, ["1+2=", "123+456=", "77*3="]) * 5
     params = SamplingParams(temperature=1.0, max_new_tokens=16, seed=11)
-    lean = HFEngine(model, tok, lean=True).generate(prompts, params)
-    generic = HFEngine(model, tok, lean=False).generate(prompts, params)
+    lean = LocalEngine(model, tok, lean=True).generate(prompts, params)
+    generic = LocalEngine(model, tok, lean=False).generate(prompts, params)
     assert [c.token_ids for c in lean] == [c.token_ids for c in generic]
     assert [c.finish_reason for c in lean] == [c.finish_reason for c in generic]
     for a, b in zip(lean, generic):
@@ -126,14 +126,14 @@ BF16_LOGPROB_TOL = 0.1
 def test_bf16_speedups_agree_with_the_fp32_path_within_tolerance(tiny):
     model, tok = tiny
     prompts = prompts_for(tok, ["12+34=", "5+6=", "99*9="]) * 4
-    outs = HFEngine(model, tok).generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=10, seed=2))
+    outs = LocalEngine(model, tok).generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=10, seed=2))
     batch = pack([c.prompt_ids for c in outs], [c.token_ids for c in outs], tok.pad_token_id)
     lp32, _ = completion_logprobs(model, batch)
     lp16, _ = completion_logprobs(model, batch, bf16=True)
     diff = ((lp32 - lp16).abs() * batch.mask).max()
     assert 0 < diff < BF16_LOGPROB_TOL
     # the bf16 engine's sampler logprobs against the bf16 learner (what the RL step compares)
-    outs16 = HFEngine(model, tok, bf16=True).generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=10,
+    outs16 = LocalEngine(model, tok, bf16=True).generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=10,
                                                                               seed=2))
     batch16 = pack([c.prompt_ids for c in outs16], [c.token_ids for c in outs16], tok.pad_token_id)
     learner16, _ = completion_logprobs(model, batch16, bf16=True)
@@ -141,10 +141,10 @@ def test_bf16_speedups_agree_with_the_fp32_path_within_tolerance(tiny):
         torch.testing.assert_close(learner16[i, : len(c.token_ids)], torch.tensor(c.logprobs),
                                    atol=BF16_LOGPROB_TOL, rtol=0)
     # and a policy-gradient loss on those numbers: fp32 vs bf16 learner within the same order
-    from posttrain.algos import POLICY_LOSSES
+    from posttrain.algos import POLICY_LOSSES, PolicyLossInputs
 
     adv = torch.randn(len(outs), 1).expand_as(batch.mask)
-    loss32, _ = POLICY_LOSSES.get("ppo_clip")(lp32, lp32.detach(), adv, batch.mask)
-    loss16, _ = POLICY_LOSSES.get("ppo_clip")(lp16, lp32.detach(), adv, batch.mask)
+    loss32, _ = POLICY_LOSSES.get("ppo_clip")(PolicyLossInputs(lp32, lp32.detach(), adv, batch.mask))
+    loss16, _ = POLICY_LOSSES.get("ppo_clip")(PolicyLossInputs(lp16, lp32.detach(), adv, batch.mask))
     scale = (loss32.abs() * batch.mask).sum()
     assert ((loss32 - loss16).abs() * batch.mask).sum() < 0.1 * scale

@@ -24,7 +24,7 @@ def test_pack_keeps_each_distinct_prompt_once():
     shared = pack(prompts, comps, 0)
     assert shared.shares_prefixes and shared.prompt_ids.shape[0] == 3
     assert shared.prompt_rows.tolist() == [0] * 4 + [1] * 4 + [2] * 4
-    assert shared.prompt_tokens.tolist() == [4, 7, 10]
+    assert shared.prompt_mask.sum(-1).tolist() == [4, 7, 10]
     plain = pack(prompts, comps, 0, share_prefixes=False)
     assert not plain.shares_prefixes and plain.prompt_ids.shape[0] == 12
     assert torch.equal(plain.targets, shared.targets) and torch.equal(plain.mask, shared.mask)

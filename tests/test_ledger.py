@@ -124,13 +124,13 @@ def test_forward_backward_matches_flop_counter(T):
 
 def test_decode_and_logprob_pass_match_the_engine(tiny):
     from posttrain.records import SamplingParams
-    from posttrain.rollout.hf import HFEngine
+    from posttrain.rollout.local import LocalEngine
     from posttrain.train.forward import completion_logprobs, pack
 
     model, tok = tiny
     fm = FlopModel.from_model(model)
     assert fm.n_params == sum(p.numel() for p in model.parameters())
-    engine = HFEngine(model, tok)
+    engine = LocalEngine(model, tok)
     prompt = tok.encode("12+345=")
     P = len(prompt)
     out: list = []

@@ -20,11 +20,13 @@ HERE = Path(__file__).parent
 
 
 def config(tmp_path, name="r", recipe="rl", env="arithmetic", env_extra=None, **rl):
+    stages = {"sft": {"steps": 3, "batch_size": 8, "micro_batch_size": 8},
+              "rl": {"steps": 2, "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 4, **rl}}
+    used = [recipe] if isinstance(recipe, str) else recipe
     return validate({
         "recipe": recipe, "name": name, "output_dir": str(tmp_path), "seed": 0, "threads": 1,
         "model": {"path": "tiny-test"}, "env": {"name": env, "args": {"digits": 1}, **(env_extra or {})},
-        "sft": {"steps": 3, "batch_size": 8, "micro_batch_size": 8},
-        "rl": {"steps": 2, "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 4, **rl},
+        **{k: v for k, v in stages.items() if k in used},
         "eval": {"problems": 4, "samples": 2, "ks": [1, 2], "max_new_tokens": 4, "at_start": False},
         "checkpoint": {"every": 1, "keep_last_n": 3},
     }, "test")
@@ -67,8 +69,8 @@ def test_a_hanging_verifier_cannot_block_the_run(tmp_path, hostile_path):
 
 
 def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
-    def nan_loss(logprobs, old_logprobs, advantages, mask, **_):
-        return logprobs * float("nan"), {"clip_frac": torch.zeros_like(mask), "ratio": torch.ones_like(mask)}
+    def nan_loss(x):
+        return x.logprobs * float("nan"), {"clip_frac": torch.zeros_like(x.mask), "ratio": torch.ones_like(x.mask)}
 
     monkeypatch.setitem(POLICY_LOSSES._entries, "nan_loss", nan_loss)
     cfg = config(tmp_path, policy_loss="nan_loss", steps=5, max_bad_steps=2, entropy_coef=0.01)
@@ -129,7 +131,7 @@ def test_disk_full_on_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, m
         run(cfg)
     found = list_checkpoints(cfg.run_dir / "checkpoints")
     assert [s for s, _ in found] == [1]
-    assert load_state(found[0][1])["global_step"] == 1
+    assert load_state(found[0][1]).global_step == 1
     assert not list((cfg.run_dir / "checkpoints").glob(".tmp-*"))
     monkeypatch.setattr(ckpt.torch, "save", real_save)
     assert run(cfg)["steps"] == 2  # free space, re-run: it resumes and finishes

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from posttrain.config import PRESET_DIR, validate
+from posttrain.config import validate
+from posttrain.recipes.rl_config import PRESET_DIR
 from posttrain.runner import run
 
 REQUIRED_METRICS = [
@@ -99,7 +100,7 @@ def test_skipping_zero_advantage_samples_does_not_change_the_update(tmp_path, mo
 def test_entropy_controller_and_reference_reset_act_and_are_logged(tmp_path):
     # An entropy band far above anything reachable: the controller must raise eps_high every step, by its step.
     cfg = rl_config(tmp_path, steps=3, entropy_target=[50.0, 60.0], entropy_adapt_step=0.05,
-                    eps_high_bounds=[0.2, 0.3], kl_coef=0.01, ref_reset_every=2, ref_reset_optimizer=True)
+                    entropy_adapt_bounds=[0.2, 0.3], kl_coef=0.01, ref_reset_every=2, ref_reset_optimizer=True)
     run(cfg)
     train = [r for r in rows(cfg.run_dir) if "pg/eps_high" in r]
     assert [round(r["pg/eps_high"], 6) for r in train] == [0.2, 0.25, 0.3]  # logged before each step's update

@@ -5,10 +5,11 @@ import itertools
 import pytest
 import torch
 
-from posttrain.data.sft import Example, collate, env_examples, micro_batches, read_jsonl_pairs
+from posttrain.data.sft import Example, env_examples, length_order, read_jsonl_pairs
 from posttrain.envs import make_env
 from posttrain.errors import UserError
-from posttrain.recipes.sft import sft_loss
+from posttrain.recipes.sft import SFTLoss
+from posttrain.train.learner import Learner, Sequences
 
 
 def batch_of(tok, n=12):
@@ -16,14 +17,21 @@ def batch_of(tok, n=12):
     return list(itertools.islice(env_examples(env, tok, seed=0, chat_template=True, max_len=512), n))
 
 
+def seqs_of(examples):
+    return Sequences([e.prompt for e in examples], [e.completion for e in examples])
+
+
 def grads_for(model, examples, size, total):
-    model.zero_grad()
-    value = 0.0
-    for mb in micro_batches(examples, size):
-        loss = sft_loss(model, mb, total_tokens=total, pad_id=0, bf16=False)
-        loss.backward()
-        value += loss.item()
-    return value, [p.grad.clone() for p in model.parameters()]
+    """One SFT train step's loss and its accumulated gradient (read by a hook as the last micro-batch's backward
+    finishes, before clipping and the step; lr 1e-12 keeps the weights the same for the next call)."""
+    learner = Learner(model, lr=1e-12, total_updates=1, micro_batch_size=size, pad_id=0)
+    grads = {}
+    hooks = [p.register_post_accumulate_grad_hook(lambda p, n=n: grads.__setitem__(n, p.grad.clone()))
+             for n, p in model.named_parameters()]
+    result = learner.train_step(seqs_of(examples), SFTLoss(total), rows=torch.tensor(length_order(examples)))
+    for h in hooks:
+        h.remove()
+    return result.loss, [grads[n] for n, _ in model.named_parameters()]
 
 
 def test_loss_and_gradient_do_not_depend_on_the_micro_batch_split(tiny):
@@ -38,31 +46,36 @@ def test_loss_and_gradient_do_not_depend_on_the_micro_batch_split(tiny):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
-def test_loss_counts_only_completion_tokens(tiny):
+def sft_value(model, examples, total):
+    learner = Learner(model, lr=1e-12, total_updates=1, micro_batch_size=8, pad_id=0)
+    return learner.train_step(seqs_of(examples), SFTLoss(total)).loss
+
+
+def test_loss_is_the_mean_nll_of_completion_tokens_only(tiny):
     model, _tok = tiny
     ex = Example(prompt=[10, 11, 12, 13], completion=[20, 2])
-    _ids, attn, loss_mask = collate([ex, Example([10], [21, 22, 2])], pad_id=0)
-    assert loss_mask[0].tolist() == [0, 0, 0, 0, 1, 1]
-    assert loss_mask[1].tolist() == [0, 1, 1, 1, 0, 0]
-    assert attn[1].tolist() == [1, 1, 1, 1, 0, 0]
-    # changing a prompt-token's target can't change the loss, changing a completion token does
-    base = sft_loss(model, [ex], total_tokens=2, pad_id=0, bf16=False).item()
-    other_completion = sft_loss(model, [Example([10, 11, 12, 13], [30, 2])], total_tokens=2, pad_id=0,
-                                bf16=False).item()
-    assert base != other_completion
+    # by hand: the model's logprobs of 20 after the prompt and of 2 after prompt + 20, unpadded
+    with torch.no_grad():
+        logp = model(torch.tensor([[10, 11, 12, 13, 20]])).logits[0].log_softmax(-1)
+    expected = -(logp[3, 20] + logp[4, 2]) / 2
+    assert sft_value(model, [ex], 2) == pytest.approx(float(expected), rel=1e-5)
+    # a prompt token is context, never a target: another prompt changes the loss only through the context, and a
+    # completion token's change changes it directly
+    other_completion = sft_value(model, [Example([10, 11, 12, 13], [30, 2])], 2)
+    assert other_completion != pytest.approx(sft_value(model, [ex], 2))
 
 
 def test_one_step_changes_every_trainable_parameter(tiny):
     model, tok = tiny
     examples = batch_of(tok, 16)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss = sft_loss(model, examples, total_tokens=sum(len(e.completion) for e in examples), pad_id=0, bf16=False)
-    assert torch.isfinite(loss)
-    loss.backward()
-    opt.step()
+    learner = Learner(model, lr=1e-3, total_updates=1, micro_batch_size=8, pad_id=0)
+    result = learner.train_step(seqs_of(examples), SFTLoss(sum(len(e.completion) for e in examples)))
+    assert result.skipped is None and torch.isfinite(torch.tensor(result.loss))
     unchanged = [n for n, p in model.named_parameters() if torch.equal(before[n], p.detach())]
     assert unchanged == []
+
+
 
 
 def test_jsonl_errors_name_file_and_line(tmp_path):

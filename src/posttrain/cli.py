@@ -72,14 +72,12 @@ def _print_summary(summary: dict) -> None:
 @app.command()
 def envs() -> None:
     """List the available environments."""
-    from posttrain.envs.registry import ENVIRONMENTS, available_envs
+    from posttrain.envs.registry import describe_envs
 
     table = Table(title="environments")
     table.add_column("name")
     table.add_column("description")
-    for name in available_envs():
-        cls = ENVIRONMENTS.get(name)
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls is not None and cls.__doc__ else "(entry point)"
+    for name, doc in describe_envs():
         table.add_row(name, doc)
     out.print(table)
 

@@ -1,6 +1,7 @@
-"""Recipes: one TOML file, validated into typed config. Every key is documented here (docs/recipes.md is generated
-from these models by `posttrain docs`); an unknown key, a wrong type or an impossible value is an error naming
-the key and the file.
+"""Recipes: one TOML file, validated into typed config. The shared sections are here; each stage's section lives
+with the stage (recipes/sft.py: SFTConfig, recipes/rl.py: RLConfig). docs/recipes.md is generated from these
+models by `posttrain docs`; an unknown key, a wrong type or an impossible value is an error naming the key and
+the file.
 
 Sizes that define the algorithm (prompts per step, group size, batch size) are global; sizes that only affect
 speed and memory (micro_batch_size) are per device and never change results beyond float rounding.
@@ -15,9 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from posttrain.errors import UserError
-
-PRESET_DIR = Path(__file__).parent / "presets"
+from posttrain.errors import ConfigError, UserError
 
 
 class Section(BaseModel):
@@ -68,27 +67,15 @@ class OptimConfig(Section):
     max_bad_steps: int = Field(3, gt=0, description="A non-finite loss or gradient skips the update; this many in "
                                "a row stop the run, naming the step and the first non-finite gradient.")
 
+    def optimizer_args(self) -> dict[str, Any]:
+        """These keys as the Learner's keyword arguments."""
+        return {name: getattr(self, name) for name in OptimConfig.model_fields}
+
 
 class StageConfig(OptimConfig):
     env_args: dict[str, Any] = Field(default_factory=dict, description="Overrides of env.args for this stage's "
                                      "training tasks only (e.g. an easier SFT mix or a harder RL split); "
                                      "evaluation always uses [env].")
-
-
-class SFTConfig(StageConfig):
-    """The SFT stage (plus the optimizer keys shared with [rl]: lr, weight_decay, betas, warmup_steps, schedule,
-    min_lr_ratio, grad_clip)."""
-
-    steps: int = Field(300, gt=0, description="Optimizer steps.")
-    batch_size: int = Field(128, gt=0, description="Sequences per optimizer step (global).")
-    micro_batch_size: int = Field(128, gt=0, description="Sequences per forward/backward (per device); only "
-                                  "memory and speed depend on it, not the loss.")
-    data_path: str | None = Field(None, description="JSONL of {\"prompt\": ..., \"completion\": ...}. When unset, "
-                                  "the environment's gold solutions on its train split are the data.")
-    eval_every: int = Field(0, ge=0, description="Greedy held-out accuracy every N steps (0 = only at the end).")
-    stop_at_accuracy: float | None = Field(None, gt=0, le=1, description="Stop early once the periodic greedy "
-                                           "held-out accuracy reaches this (a more reliable warm-up than a fixed "
-                                           "step count on tasks that are learned in a sudden jump).")
 
 
 class EvalConfig(Section):
@@ -110,77 +97,6 @@ class EvalConfig(Section):
         return self
 
 
-class RLConfig(StageConfig):
-    """The RL stage. Method choices are registry names; `preset` fills them from a named method."""
-
-    lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
-    preset: str | None = Field(None, description="A named method (grpo, dr_grpo, dapo, prorl, gspo, cispo, rloo, "
-                               "reinforce_pp, scalerl): a TOML file in posttrain/presets whose keys become the "
-                               "defaults of this section; keys set here override it.")
-    steps: int = Field(200, gt=0, description="RL steps (one rollout batch each).")
-    prompts_per_step: int = Field(32, gt=0, description="Distinct prompts per step (global).")
-    group_size: int = Field(8, gt=0, description="Completions sampled per prompt.")
-    temperature: float = Field(1.0, gt=0, description="Rollout temperature; logprobs use the same temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Rollout nucleus sampling.")
-    top_k: int = Field(0, ge=0, description="Rollout top-k (0 = off).")
-    max_new_tokens: int = Field(32, gt=0, description="Generation budget per completion (L_max).")
-    mini_batches: int = Field(1, gt=0, description="Optimizer steps per rollout batch (the batch is split into "
-                              "this many mini-batches of whole groups). >1 makes training off-policy.")
-    epochs: int = Field(1, gt=0, description="Passes over the rollout batch (PPO epochs).")
-    micro_batch_size: int = Field(256, gt=0, description="Sequences per forward/backward (per device).")
-    advantage: str = Field("grpo", description="Advantage estimator (registry algos.ADVANTAGES).")
-    adv_eps: float = Field(1e-6, gt=0, description="Epsilon added to std in std-normalised advantages.")
-    policy_loss: str = Field("ppo_clip", description="Per-token policy loss (registry algos.POLICY_LOSSES).")
-    eps_low: float = Field(0.2, ge=0, description="Lower clip range: ratio >= 1 - eps_low.")
-    eps_high: float = Field(0.2, ge=0, description="Upper clip range: ratio <= 1 + eps_high (DAPO clip-higher).")
-    dual_clip: float | None = Field(None, gt=1, description="Dual-clip constant c for negative advantages.")
-    aggregation: str = Field("token_mean", description="Loss aggregation (registry algos.AGGREGATIONS).")
-    kl_estimator: str = Field("k3", description="KL estimator (registry algos.KL_ESTIMATORS).")
-    kl_coef: float = Field(0.0, ge=0, description="KL coefficient; 0 disables the reference model.")
-    kl_placement: Literal["loss", "reward"] = Field("loss", description="KL as a loss term, or subtracted "
-                                                    "(summed over tokens) from the sequence reward.")
-    is_correction: str = Field("none", description="Sampler-vs-trainer importance correction "
-                               "(registry algos.IS_CORRECTIONS: none, tis, mask, seq_tis, seq_mask).")
-    is_cap: float = Field(2.0, gt=0, description="Cap C for the IS correction.")
-    entropy_coef: float = Field(0.0, description="Entropy bonus coefficient (loss -= coef * entropy).")
-    group_filter: Literal["none", "zero_variance", "dynamic_sampling"] = Field(
-        "none", description="zero_variance drops groups whose rewards are all equal (ScaleRL); dynamic_sampling "
-        "drops them and generates more prompts until the batch is full (DAPO).")
-    max_refill_rounds: int = Field(3, ge=0, description="dynamic_sampling: extra generation rounds per step.")
-    overlong_cache: int = Field(0, ge=0, description="DAPO soft overlong penalty buffer L_cache in tokens "
-                                "(0 = off); the penalty ramps over the last L_cache tokens of max_new_tokens.")
-    mask_truncated: bool = Field(False, description="Exclude completions cut by max_new_tokens from the loss.")
-    entropy_target: tuple[float, float] | None = Field(None, description="ProRL-style controller: keep the "
-                                                       "policy entropy inside [low, high] by adapting eps_high.")
-    entropy_adapt_step: float = Field(0.02, gt=0, description="Controller step on eps_high per RL step.")
-    eps_high_bounds: tuple[float, float] = Field((0.2, 0.5), description="Controller limits on eps_high.")
-    ref_reset_every: int = Field(0, ge=0, description="Reset the reference policy to the current one every N "
-                                 "steps (ProRL; 0 = never).")
-    ref_reset_patience: int = Field(0, ge=0, description="Also reset when held-out reward has not improved for "
-                                    "this many evaluations (0 = off).")
-    ref_reset_optimizer: bool = Field(False, description="Re-initialise the optimizer state on a reference reset.")
-    eval_every: int = Field(0, ge=0, description="Held-out evaluation every N RL steps (0 = only at the end).")
-    skip_zero_advantage: bool = Field(True, description="Skip the forward/backward of samples whose advantage is "
-                                      "exactly 0 (their gradient is exactly 0; normalisers still count them). "
-                                      "Ignored when an entropy bonus or a KL loss term gives them a gradient.")
-    recompute_old_logprobs: bool = Field(False, description="Recompute old logprobs with a learner forward pass "
-                                         "instead of using the sampler's (needed only if the sampler's numerics "
-                                         "differ from the learner's, e.g. vLLM or bf16 rollouts).")
-
-
-    @model_validator(mode="after")
-    def _registry_names_exist(self) -> RLConfig:
-        # Checked at load time, not when the RL stage starts (possibly after a long SFT stage).
-        from posttrain.algos import ADVANTAGES, AGGREGATIONS, IS_CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES
-
-        for key, registry in (("advantage", ADVANTAGES), ("policy_loss", POLICY_LOSSES),
-                              ("aggregation", AGGREGATIONS), ("kl_estimator", KL_ESTIMATORS),
-                              ("is_correction", IS_CORRECTIONS)):
-            if getattr(self, key) not in registry:
-                raise ValueError(f"{key} = {getattr(self, key)!r} is not one of {', '.join(registry.names())}")
-        return self
-
-
 class CheckpointConfig(Section):
     """Resumable checkpoints (Hugging Face format + trainer state), written atomically."""
 
@@ -188,9 +104,25 @@ class CheckpointConfig(Section):
     keep_last_n: int = Field(2, gt=0, description="Rotate step checkpoints, keeping the newest N.")
 
 
+class RolloutConfig(Section):
+    """The rollout engine: what generates samples for RL and evaluation."""
+
+    engine: str = Field("local", description="Rollout engine (registry rollout.ENGINES): 'local' is the in-process "
+                        "sampler on the transformers model.")
+    weights: Literal["auto", "shared", "copy"] = Field(
+        "auto", description="How the engine gets the policy's weights. 'shared': it runs the learner's own module "
+        "(local engine only; nothing to sync). 'copy': it holds its own copy, refreshed by update_weights after every "
+        "update, as an out-of-process engine does. 'auto': shared where the engine can, else copy.")
+
+
 class RunConfig(Section):
-    recipe: list[Literal["sft", "rl"]] = Field(description="Stages to run in order, e.g. 'sft', 'rl' or "
-                                               "['sft', 'rl']. Each stage starts from the previous one's model.")
+    """The whole recipe. Besides these keys and sections, each stage named in `recipe` has its own section
+    (`[sft]`, `[rl]`, ...), validated by the config class the stage registered (posttrain/stages.py)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    recipe: list[str] = Field(description="Stages to run in order, e.g. 'sft', 'rl' or ['sft', 'rl'] "
+                              "(`posttrain docs` lists the stages). Each stage starts from the previous one's model.")
     name: str = Field(description="Run name; the run directory is output_dir/name.")
     output_dir: str = Field("runs", description="Parent directory of run directories.")
     seed: int = Field(0, description="Seeds model init, data order and sampling.")
@@ -199,8 +131,7 @@ class RunConfig(Section):
                                    "makes no progress for this long, naming what it waits on (see heartbeat.json).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)
-    sft: SFTConfig = Field(default_factory=SFTConfig)
-    rl: RLConfig = Field(default_factory=RLConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
@@ -208,6 +139,41 @@ class RunConfig(Section):
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _stage_sections(self) -> RunConfig:
+        from posttrain.stages import load_stages
+
+        stages = load_stages()
+        if not self.recipe:
+            raise ConfigError("recipe", f"names no stage; known stages: {', '.join(stages.names())}")
+        for i, name in enumerate(self.recipe):
+            if name not in stages:
+                raise ConfigError(f"recipe[{i}]", f"{name!r} is not a known stage; known: "
+                                  f"{', '.join(stages.names())}")
+        extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
+        for key in list(extra):
+            if key not in stages:
+                raise ConfigError(key, "unknown key (check the spelling; `posttrain docs` lists every key)")
+            if key not in self.recipe:
+                raise ConfigError(key, f"section [{key}] is set but stage {key!r} is not in recipe = "
+                                  f"{self.recipe}; remove the section or add the stage")
+        for name in dict.fromkeys(self.recipe):
+            section = extra.get(name, {})
+            cls = stages.get(name).config
+            if not isinstance(section, cls):
+                if not isinstance(section, dict):
+                    raise ConfigError(name, f"must be a table of keys, got {section!r}")
+                try:
+                    section = cls.model_validate(section)
+                except ValidationError as e:
+                    raise ConfigError(*_first_error(e, prefix=name)) from None
+            extra[name] = section
+        return self
+
+    def section(self, stage: str) -> Any:
+        """The validated config section of a stage in the recipe (e.g. the RLConfig of [rl])."""
+        return (self.__pydantic_extra__ or {})[stage]
 
     @property
     def run_dir(self) -> Path:
@@ -239,39 +205,28 @@ def _set_path(tree: dict, path: list[str], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def load_preset(name: str) -> dict[str, Any]:
-    path = PRESET_DIR / f"{name}.toml"
-    if not path.is_file():
-        known = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
-        raise UserError(f"rl.preset={name!r} is not a known preset; known: {', '.join(known)}")
-    with path.open("rb") as f:
-        return tomllib.load(f)
-
-
-def _apply_preset(raw: dict[str, Any]) -> None:
-    rl = raw.get("rl")
-    if isinstance(rl, dict) and rl.get("preset"):
-        preset = load_preset(rl["preset"])
-        raw["rl"] = {**preset, **rl}
-
-
-def _format_error(source: str, err: ValidationError) -> str:
+def _first_error(err: ValidationError, prefix: str = "") -> tuple[str, str]:
+    """(dotted key, message) of pydantic's first error, in words a recipe author reads."""
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    key = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "") or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key (check the spelling; `posttrain docs` lists every key)"
-    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: {key}: {msg}{more}"
+    elif first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")  # our own validators' messages, without pydantic's label
+    if err.error_count() > 1:
+        msg += f" (and {err.error_count() - 1} more)"
+    return key, msg
 
 
 def validate(raw: dict[str, Any], source: str = "<recipe>") -> RunConfig:
-    raw = copy.deepcopy(raw)
-    _apply_preset(raw)
     try:
-        return RunConfig.model_validate(raw)
+        return RunConfig.model_validate(copy.deepcopy(raw))
     except ValidationError as e:
-        raise UserError(_format_error(source, e)) from None
+        key, msg = _first_error(e)
+        raise UserError(f"{source}: {key}: {msg}") from None
+    except ConfigError as e:
+        raise UserError(f"{source}: {e.key}: {e.message}") from None
 
 
 def read_toml(path: Path, *, missing: str) -> dict[str, Any]:
@@ -318,6 +273,6 @@ def _toml_value(v: Any) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, dict):  # TOML has no null: a None entry is left out (it reads back as its default, None)
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
     return repr(v)

@@ -13,3 +13,13 @@ class MissingExtraError(UserError):
 
     def __init__(self, package: str, extra: str):
         super().__init__(f"{package} is not installed: run `pip install -e '.[{extra}]'` (or `pip install {package}`)")
+
+
+class ConfigError(Exception):
+    """A recipe problem found by a validator, naming the dotted key (`rl.policy_loss_args.eps_high`). Not a
+    ValueError on purpose: pydantic would re-wrap that and lose the key. config.validate turns it into a
+    UserError that also names the recipe file."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message

@@ -53,7 +53,8 @@ class Completion:
     """One sampled completion.
 
     logprobs[t] is the sampler's log-probability of token_ids[t] under the temperature-scaled distribution
-    (before top-p/top-k truncation), the same quantity the learner recomputes; see rollout/hf.py.
+    (before top-p/top-k truncation), the same quantity the learner recomputes; see rollout/local.py.
+    policy_version is the version of the weights the engine sampled with (the global step that produced them).
     """
 
     prompt_ids: tuple[int, ...]
@@ -61,3 +62,4 @@ class Completion:
     logprobs: tuple[float, ...]
     finish_reason: FinishReason
     text: str
+    policy_version: int = 0

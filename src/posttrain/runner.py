@@ -1,5 +1,6 @@
-"""Run a recipe: prepare the run directory, resume from the newest complete checkpoint, run the stages in order,
-save the final model and a summary.
+"""Run a recipe: prepare the run directory, resume from the newest complete checkpoint, build the run's parts
+(policy, tokenizer, environment, rollout engine, scorer, evaluator), run the stages in order through the stage
+registry (posttrain/stages.py), save the final model and a summary.
 
 Resume is automatic: running the same recipe again continues from its newest complete checkpoint (or prints the
 summary if the run finished). A run directory holding a different config is an error unless --fresh.
@@ -21,15 +22,18 @@ from rich.console import Console
 
 import posttrain
 from posttrain.config import RunConfig, to_toml
+from posttrain.data.prompts import context_length
 from posttrain.envs import make_env
+from posttrain.envs.scoring import Scorer, shutdown_pool
 from posttrain.errors import UserError
-from posttrain.models import attention_for, load_model, load_tokenizer, resolve_model_path
-from posttrain.recipes import rl, sft
+from posttrain.evals.evaluate import Evaluator
+from posttrain.models import attention_for, load_model, load_tokenizer, resolve_device, resolve_model_path
+from posttrain.rollout.base import build_engine
 from posttrain.runtime.context import RunContext
+from posttrain.stages import StageResume, load_stages
 from posttrain.tracking.metrics import MetricsLog, truncate_metrics
-from posttrain.train.checkpoint import latest_checkpoint, load_state, save_model_dir
+from posttrain.train.checkpoint import latest_checkpoint, load_state, save_model_dir, set_rng_state
 
-STAGES = {"sft": sft.run_stage, "rl": rl.run_stage}
 DONE = "DONE"
 
 
@@ -51,18 +55,6 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif va != vb:
             keys.append(prefix + k)
     return keys
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"model.device={name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"model.device={name!r} but torch sees no CUDA device (torch {torch.__version__})")
-    return device
 
 
 def prepare_run_dir(cfg: RunConfig, *, fresh: bool) -> Path:
@@ -93,30 +85,47 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
         return json.loads((run_dir / "summary.json").read_text())
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     torch.manual_seed(cfg.seed)
+    stages = load_stages()
 
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     state = load_state(ckpt) if ckpt else None
-    truncate_metrics(run_dir, state["metrics_offset"] if state else 0)
+    truncate_metrics(run_dir, state.metrics_offset if state else 0)
     model_dir = ckpt or resolve_model_path(cfg.model.path, cfg.seed)
     device = resolve_device(cfg.model.device)
     model = load_model(model_dir, attention=attention_for(device, cfg.model.attention)).to(device)
     tokenizer = load_tokenizer(model_dir, require_chat_template=cfg.model.chat_template)
     env = make_env(cfg.env.name, cfg.env.args)
-    ctx = RunContext(cfg=cfg, run_dir=run_dir, model=model, tokenizer=tokenizer, env=env,
-                     log=MetricsLog(run_dir), console=console)
+    step = state.global_step if state else 0
+    engine = build_engine(cfg.rollout.engine, model, tokenizer, weights=cfg.rollout.weights, bf16=cfg.model.bf16,
+                          version=step)
+    scorer = Scorer(env, timeout_s=cfg.env.score_timeout_s, failure_reward=cfg.env.failure_reward,
+                    max_error_frac=cfg.env.max_error_frac)
+    e, max_len = cfg.eval, context_length(model)
+    evaluator = Evaluator(engine, tokenizer, env, scorer, problems=e.problems, samples=e.samples, ks=e.ks,
+                          temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens, seed=cfg.seed,
+                          chat_template=cfg.model.chat_template, max_len=max_len)
+    ctx = RunContext(run_dir=run_dir, policy=model, tokenizer=tokenizer, env=env, env_name=cfg.env.name,
+                     env_args=dict(cfg.env.args), engine=engine, scorer=scorer, evaluator=evaluator,
+                     log=MetricsLog(run_dir), console=console, stall_timeout_s=cfg.stall_timeout_s, seed=cfg.seed,
+                     bf16=cfg.model.bf16, compile=cfg.model.compile,
+                     chat_template=cfg.model.chat_template, max_len=max_len, checkpoint_every=cfg.checkpoint.every,
+                     keep_last_n=cfg.checkpoint.keep_last_n, global_step=step)
     if state:
-        ctx.global_step, ctx.totals, ctx.evals = state["global_step"], state["totals"], state["evals"]
-        ctx.elapsed_offset = state["elapsed_s"]
-        console.print(f"resuming {run_dir} from {ckpt.name} (stage {cfg.recipe[state['stage_index']]})")
+        ctx.totals, ctx.evals, ctx.elapsed_offset = state.totals, state.evals, state.elapsed_s
+        console.print(f"resuming {run_dir} from {ckpt.name} (stage {cfg.recipe[state.stage_index]})")
     elif cfg.eval.at_start:
         ctx.evaluate("base", stage="base")
 
     try:
-        for i, stage in enumerate(cfg.recipe):
-            if state and (i < state["stage_index"] or (i == state["stage_index"] and state["stage_done"])):
+        for i, name in enumerate(cfg.recipe):
+            if state and (i < state.stage_index or (i == state.stage_index and state.stage_done)):
                 continue
-            ctx.stage = stage
-            STAGES[stage](ctx, i, state if state and state["stage_index"] == i else None)
+            resume = None
+            if state and state.stage_index == i:
+                set_rng_state(state.rng)
+                resume = StageResume(stage_step=state.stage_step, learner=state.learner, state=state.stage)
+            ctx.stage, ctx.stage_index = name, i
+            stages.get(name).run(ctx, cfg.section(name), resume)
             state = None
         final = run_dir / "final"
         tmp = run_dir / ".tmp-final"
@@ -132,3 +141,5 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
     finally:
         ctx.heartbeat.close()
         ctx.log.close()
+        engine.close()
+        shutdown_pool()

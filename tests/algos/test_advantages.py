@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
+from posttrain.algos import KL_ESTIMATORS, AdvantageInputs
 from posttrain.algos.advantages import ADVANTAGES
 
 # Three non-contiguous groups of unequal size:
@@ -18,7 +19,10 @@ S3, S2 = math.sqrt(3.0), math.sqrt(2.0)
 
 
 def adv(name: str, rewards=R, groups=G, eps=0.0) -> torch.Tensor:
-    return ADVANTAGES.get(name)(rewards, groups, eps=eps)
+    """Sequence-level view: one token per sample, so (B, 1) advantages squeeze to (B,)."""
+    mask = torch.ones((len(rewards), 1), dtype=rewards.dtype)
+    hp = {"eps": eps} if "eps" in ADVANTAGES.hyperparameters(name).model_fields else {}
+    return ADVANTAGES.get(name)(AdvantageInputs(rewards, groups, mask), **hp)[:, 0]
 
 
 def t(*xs: float) -> torch.Tensor:
@@ -61,7 +65,7 @@ def test_grpo_batch_std_hand_computed():
 def test_all_equal_group_gives_zero_advantage_for_every_estimator_but_global_ones():
     r = t(0.7, 0.7, 0.7, 0.2, 0.9)
     g = torch.tensor([0, 0, 0, 1, 1])
-    for name in ("grpo", "dr_grpo", "rloo", "grpo_batch_std"):
+    for name in ("grpo", "dr_grpo", "rloo", "grpo_batch_std", "reinforce_pp_baseline"):
         assert_close(adv(name, r, g, eps=1e-6)[:3], t(0.0, 0.0, 0.0), msg=name)
 
 
@@ -95,7 +99,83 @@ def test_identities_against_explicit_loops(rows):
     centred = r - mean
     assert_close(adv("grpo_batch_std", r, g, eps), centred / (centred.std() + eps))
     # every group-relative advantage sums to zero within each group
-    for name in ("grpo", "dr_grpo", "rloo", "grpo_batch_std"):
+    for name in ("grpo", "dr_grpo", "rloo", "grpo_batch_std", "reinforce_pp_baseline"):
         a = adv(name, r, g, eps)
         for gi in g.unique():
             assert abs(float(a[g == gi].sum())) < 1e-6 * max(1.0, float(a.abs().max())), name
+
+
+# ----- token-level estimators: (B, T) with ragged lengths ------------------------------------------------------
+
+
+def ragged(rewards, lengths, groups=None, token_rewards=None) -> AdvantageInputs:
+    width = max(lengths)
+    mask = torch.tensor([[1.0] * n + [0.0] * (width - n) for n in lengths], dtype=torch.float64)
+    groups = torch.tensor(groups if groups is not None else list(range(len(rewards))))
+    return AdvantageInputs(t(*rewards), groups, mask, token_rewards=token_rewards)
+
+
+def test_reinforce_pp_normalises_over_tokens_not_samples():
+    # Rewards [1, 0], lengths [1, 3] (ALGORITHMS.md §14.1; verl masked_whiten): token returns [1 | 0, 0, 0],
+    # mean 0.25, unbiased var (0.75^2 + 3 * 0.25^2) / 3 = 0.25, std 0.5 -> +1.5 and -0.5, -0.5, -0.5.
+    a = ADVANTAGES.get("reinforce_pp")(ragged([1.0, 0.0], [1, 3]), eps=0.0)
+    assert_close(a, torch.tensor([[1.5, 0.0, 0.0], [-0.5, -0.5, -0.5]], dtype=torch.float64))
+
+
+def test_reinforce_pp_kl_in_the_reward_is_reward_to_go():
+    # A 3-token sample and a 1-token sample; k2 per-token KL against the reference, beta = 0.1 (eq. 8):
+    # return_t = r - beta * sum_{i >= t} KL_i, so the 3 tokens of one sample get 3 different advantages.
+    lp = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, 0.0, 0.0]], dtype=torch.float64)
+    ref = torch.tensor([[-1.2, -1.0, -0.5], [-2.0, 0.0, 0.0]], dtype=torch.float64)
+    kl = KL_ESTIMATORS.get("k2")(lp, ref)  # 0.5 * d^2: [0.02, 0.5, 0] and [0.5]
+    x = ragged([1.0, 0.0], [3, 1])
+    x = AdvantageInputs(x.rewards, x.group_ids, x.mask, token_rewards=-0.1 * kl * x.mask)
+    returns = torch.tensor([1 - 0.1 * (0.02 + 0.5), 1 - 0.1 * 0.5, 1.0, -0.1 * 0.5], dtype=torch.float64)
+    expected = (returns - returns.mean()) / returns.std()
+    a = ADVANTAGES.get("reinforce_pp")(x, eps=0.0)
+    assert_close(a[0], expected[:3])
+    assert_close(a[1, :1], expected[3:])
+    assert a[1, 1:].abs().sum() == 0  # padding stays 0
+    assert len(set(a[0].tolist())) == 3
+
+
+def test_sequence_estimators_see_per_token_rewards_as_a_total():
+    # grpo on [1 + (-0.3), 0 + (-0.1)] per group of two: the KL enters as each sample's sum
+    tr = torch.tensor([[-0.1, -0.2], [-0.1, 0.0]], dtype=torch.float64)
+    x = ragged([1.0, 0.0], [2, 1], groups=[0, 0], token_rewards=tr)
+    a = ADVANTAGES.get("dr_grpo")(x)
+    # sequence rewards 0.7 and -0.1 (the padded -0.0 is masked), mean 0.3 -> +0.4 on both tokens, -0.4 on one
+    assert_close(a, torch.tensor([[0.4, 0.4], [-0.4, 0.0]], dtype=torch.float64))
+
+
+def test_reinforce_pp_baseline_hand_computed():
+    # verl "reinforce_plus_plus_baseline": subtract the group mean, then whiten over the batch's tokens.
+    # Group 0 = rewards [1, 0] with lengths [2, 1]; group 1 = [1] alone (centred 0).
+    # Centred per token: [0.5, 0.5 | -0.5 | 0], mean 0.125, deviations (0.375, 0.375, -0.625, -0.125),
+    # unbiased var = (2 * 0.140625 + 0.390625 + 0.015625) / 3 = 0.229167
+    x = ragged([1.0, 0.0, 1.0], [2, 1, 1], groups=[0, 0, 1])
+    a = ADVANTAGES.get("reinforce_pp_baseline")(x, eps=0.0)
+    tokens = torch.tensor([0.5, 0.5, -0.5, 0.0], dtype=torch.float64)
+    expected = (tokens - 0.125) / tokens.std()
+    assert_close(a[0], expected[:2])
+    assert_close(a[1, :1], expected[2:3])
+    assert_close(a[2, :1], expected[3:])
+    assert a[1, 1] == 0 and a[2, 1] == 0
+
+
+def test_every_estimator_is_zero_on_masked_tokens():
+    x = ragged([1.0, 0.0, 0.5, 0.0], [3, 1, 2, 2], groups=[0, 0, 1, 1])
+    for name in ADVANTAGES.names():
+        hp = {}
+        a = ADVANTAGES.get(name)(x, **hp)
+        assert a.shape == x.mask.shape, name
+        assert (a[x.mask == 0] == 0).all(), name
+
+
+def test_inputs_reject_misshapen_tensors():
+    import pytest
+
+    with pytest.raises(ValueError, match="token_rewards has shape"):
+        AdvantageInputs(t(1.0, 0.0), torch.tensor([0, 0]), torch.ones(2, 3), token_rewards=torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="must both be"):
+        AdvantageInputs(t(1.0, 0.0), torch.tensor([0]), torch.ones(2, 3))

@@ -1,6 +1,6 @@
 import pytest
 
-from posttrain.algos.controllers import adapt_clip_high, adapt_entropy_coef, should_reset_reference
+from posttrain.algos.controllers import adapt_in_band, should_reset_reference
 
 BAND = {"target_low": 0.3, "target_high": 0.6, "step_size": 0.02}
 
@@ -17,23 +17,14 @@ BAND = {"target_low": 0.3, "target_high": 0.6, "step_size": 0.02}
         (0.21, 0.9, 0.20),  # clamped at min_eps
     ],
 )
-def test_adapt_clip_high_band(eps, entropy, expected):
-    got = adapt_clip_high(eps, entropy, **BAND, min_eps=0.2, max_eps=0.4)
-    assert got == pytest.approx(expected)
-
-
-@pytest.mark.parametrize(
-    ("coef", "entropy", "expected"),
-    [(0.01, 0.1, 0.03), (0.01, 0.9, 0.0), (0.01, 0.5, 0.01), (0.04, 0.1, 0.05)],
-)
-def test_adapt_entropy_coef_band(coef, entropy, expected):
-    got = adapt_entropy_coef(coef, entropy, **BAND, min_coef=0.0, max_coef=0.05)
+def test_adapt_in_band(eps, entropy, expected):
+    got = adapt_in_band(eps, entropy, **BAND, lo=0.2, hi=0.4)
     assert got == pytest.approx(expected)
 
 
 def test_empty_band_is_an_error():
     with pytest.raises(ValueError, match="target_low=0.7 > target_high=0.6"):
-        adapt_clip_high(0.2, 0.5, target_low=0.7, target_high=0.6, step_size=0.1, min_eps=0.1, max_eps=0.5)
+        adapt_in_band(0.2, 0.5, target_low=0.7, target_high=0.6, step_size=0.1, lo=0.1, hi=0.5)
 
 
 def test_periodic_reset():

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from posttrain.algos.aggregation import AGGREGATIONS, normalisers_for
+from posttrain.algos.inputs import PolicyLossInputs
 from posttrain.algos.policy_losses import POLICY_LOSSES
 
 D = torch.float64
@@ -16,13 +17,21 @@ OLD = torch.full((2, 4), -1.0, dtype=D)
 A = torch.tensor([[1.0, 2.0, 1.0, -1.0], [-1.0, -1.0, -1.0, 1.0]], dtype=D)
 MASK = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=D)
 DAPO = {"eps_low": 0.2, "eps_high": 0.28}  # trust region [0.8, 1.28]
+CISPO_DAPO = {"min_weight": 0.8, "max_weight": 1.28}  # the same bounds as CISPO's absolute weight caps
+
+
+def loss_fn(name, lp, old, adv, mask, is_weights=None, **hp):
+    """Call a policy loss with the hyperparameters it declares (others are dropped: each entry has its own)."""
+    accepted = POLICY_LOSSES.hyperparameters(name).model_fields
+    return POLICY_LOSSES.get(name)(PolicyLossInputs(lp, old, adv, mask, is_weights),
+                                   **{k: v for k, v in hp.items() if k in accepted})
 
 
 def run(name, ratio=RATIO, adv=A, mask=MASK, **kw):
     """Loss, metrics and d(Σ loss)/d logprobs."""
     old = torch.full_like(ratio, -1.0)
     lp = (old + ratio.log()).requires_grad_(True)
-    loss, metrics = POLICY_LOSSES.get(name)(lp, old, adv, mask, **kw)
+    loss, metrics = loss_fn(name, lp, old, adv, mask, **kw)
     loss.sum().backward()
     return loss.detach(), metrics, lp.grad
 
@@ -73,7 +82,7 @@ def test_is_weights_multiply_the_loss_and_stay_detached():
 
 
 def test_cispo_hand_computed():
-    loss, m, grad = run("cispo", **DAPO)
+    loss, m, grad = run("cispo", **CISPO_DAPO)
     w = t([[0.8, 1.1, 1.28, 0.8], [0.8, 1.28, 1.28, 0.0]])  # clip(ratio, 0.8, 1.28), padding 0
     lp = OLD + RATIO.log()
     assert_close(loss, -w * A * lp)
@@ -83,8 +92,8 @@ def test_cispo_hand_computed():
     assert_close(m["clip_frac_low"], t([[1, 0, 0, 1], [1, 0, 0, 0]]))
 
 
-def test_cispo_large_eps_low_disables_the_lower_bound():
-    _, m, grad = run("cispo", eps_low=10.0, eps_high=4.0)  # ScaleRL eps_max = 5
+def test_cispo_without_a_lower_cap_and_scalerl_upper_cap():
+    _, m, grad = run("cispo", min_weight=0.0, max_weight=5.0)  # ScaleRL eps_max = 5
     # weights = ratios (all < 5): gradient -ratio * A
     assert_close(grad, t([[-0.5, -2.2, -1.5, 0.7], [0.5, 1.5, 4.0, 0.0]]))
     assert float(m["clip_frac"].sum()) == 0.0
@@ -117,7 +126,7 @@ def test_gspo_hand_computed():
 def test_gspo_gradient_equals_sequence_level_objective():
     """With seq_mean_token_mean, the GSPO-token loss has the gradient of (1/N) Σ_i max(-A s_i, -A clip(s_i))."""
     lp = (OLD + GSPO_LR).requires_grad_(True)
-    loss, _ = POLICY_LOSSES.get("gspo")(lp, OLD, GSPO_A, GSPO_MASK, eps_low=0.2, eps_high=0.2)
+    loss, _ = loss_fn("gspo", lp, OLD, GSPO_A, GSPO_MASK, eps_low=0.2, eps_high=0.2)
     norm, gt = normalisers_for(GSPO_MASK, torch.tensor([0, 0]), max_len=4)
     agg = AGGREGATIONS.get("seq_mean_token_mean")(loss, GSPO_MASK, norm=norm, group_tokens=gt)
     (g_token,) = torch.autograd.grad(agg, lp)
@@ -154,7 +163,8 @@ def test_on_policy_gradient_is_minus_a_times_is_weight_for_every_loss(name):
     adv = torch.randn(3, 5, generator=g, dtype=D)
     mask = (torch.rand(3, 5, generator=g) > 0.3).to(D)
     w = torch.rand(3, 5, generator=g, dtype=D) + 0.5
-    loss, m = POLICY_LOSSES.get(name)(lp, lp.detach(), adv, mask, is_weights=w, eps_low=0.2, eps_high=0.28)
+    loss, m = loss_fn(name, lp, lp.detach(), adv, mask, is_weights=w, eps_low=0.2, eps_high=0.28,
+                      **CISPO_DAPO)
     loss.sum().backward()
     assert_close(lp.grad, -adv * w * mask)
     assert float(m["clip_frac"].sum()) == 0.0
@@ -166,8 +176,21 @@ def test_padding_with_inf_logprobs_gives_zero_loss_and_finite_gradients(name):
     lp = t([[-1.0, -2.0, float("-inf")]]).requires_grad_(True)
     old = t([[-1.2, -1.9, float("-inf")]])
     mask = t([[1.0, 1.0, 0.0]])
-    loss, m = POLICY_LOSSES.get(name)(lp, old, t([[1.0, -1.0, 5.0]]), mask, dual_clip=3.0)
+    loss, m = loss_fn(name, lp, old, t([[1.0, -1.0, 5.0]]), mask, dual_clip=3.0)
     loss.sum().backward()
     assert float(loss.detach()[0, 2]) == 0.0
     assert torch.isfinite(lp.grad).all() and float(lp.grad[0, 2]) == 0.0
     assert all(float(v[0, 2]) == 0.0 for v in m.values())
+
+
+def test_each_loss_declares_only_its_own_hyperparameters():
+    # eps_high means the PPO clip bound where it exists; CISPO's cap is a separately named absolute weight
+    assert list(POLICY_LOSSES.hyperparameters("ppo_clip").model_fields) == ["eps_low", "eps_high", "dual_clip"]
+    assert list(POLICY_LOSSES.hyperparameters("gspo").model_fields) == ["eps_low", "eps_high", "dual_clip"]
+    assert list(POLICY_LOSSES.hyperparameters("cispo").model_fields) == ["max_weight", "min_weight"]
+    assert list(POLICY_LOSSES.hyperparameters("reinforce").model_fields) == []
+
+
+def test_inputs_reject_misshapen_tensors():
+    with pytest.raises(ValueError, match="advantages has shape"):
+        PolicyLossInputs(OLD, OLD, A[:, :2], MASK)

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from posttrain.algos.registry import Registry
+from posttrain.registry import Registry
 
 
 @dataclass(frozen=True)

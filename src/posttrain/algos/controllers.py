@@ -1,6 +1,6 @@
 """ProRL-style training controllers (Liu et al., arXiv 2505.24864; ALGORITHMS.md §3): pure decision functions.
 
-The recipe holds the state (current eps_high, coefficient, last reset step, validation history) and passes it
+The recipe holds the state (the adapted hyperparameter's value, last reset step, validation history) and passes it
 in; each function returns the next value. Nothing here mutates hidden state, so a resumed run replays exactly.
 """
 
@@ -9,8 +9,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def _band_step(value: float, entropy: float, *, target_low: float, target_high: float, step_size: float,
-               lo: float, hi: float) -> float:
+def adapt_in_band(value: float, entropy: float, *, target_low: float, target_high: float, step_size: float,
+                  lo: float, hi: float) -> float:
+    """Next value of a knob that raises exploration (e.g. the PPO upper clip eps_high): entropy below the band
+    raises it by step_size, above lowers it, clamped to [lo, hi].
+
+    DAPO's Clip-Higher (arXiv 2503.14476, §3.1) lets low-probability tokens grow, which counters entropy
+    collapse; ProRL fixes eps_high = 0.4. This makes the same knob a feedback loop on the rollout entropy.
+    """
     if target_low > target_high:
         raise ValueError(f"entropy band is empty: target_low={target_low} > target_high={target_high}")
     if lo > hi:
@@ -20,24 +26,6 @@ def _band_step(value: float, entropy: float, *, target_low: float, target_high: 
     elif entropy > target_high:  # too random: exploit more
         value -= step_size
     return min(max(value, lo), hi)
-
-
-def adapt_clip_high(eps_high: float, entropy: float, *, target_low: float, target_high: float,
-                    step_size: float, min_eps: float, max_eps: float) -> float:
-    """Next eps_high: entropy below the band raises it, above lowers it, clamped to [min_eps, max_eps].
-
-    DAPO's Clip-Higher (arXiv 2503.14476, §3.1) lets low-probability tokens grow, which counters entropy
-    collapse; ProRL fixes eps_high = 0.4. This makes the same knob a feedback loop on the rollout entropy.
-    """
-    return _band_step(eps_high, entropy, target_low=target_low, target_high=target_high, step_size=step_size,
-                      lo=min_eps, hi=max_eps)
-
-
-def adapt_entropy_coef(coef: float, entropy: float, *, target_low: float, target_high: float,
-                       step_size: float, min_coef: float, max_coef: float) -> float:
-    """Next entropy-bonus coefficient, same band rule as ``adapt_clip_high``, clamped to [min_coef, max_coef]."""
-    return _band_step(coef, entropy, target_low=target_low, target_high=target_high, step_size=step_size,
-                      lo=min_coef, hi=max_coef)
 
 
 def should_reset_reference(step: int, last_reset_step: int, val_history: Sequence[tuple[int, float]], *,

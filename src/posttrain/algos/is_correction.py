@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from posttrain.algos.kl import k3
-from posttrain.algos.registry import Registry
+from posttrain.registry import Registry
 
 
 class ISCorrectionFn(Protocol):

@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from posttrain.algos.registry import Registry
+from posttrain.registry import Registry
 
 K3_LOG_RATIO_CLAMP = 20.0
 
@@ -40,9 +40,11 @@ def k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 def k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     """k3 = (r - 1) - log r: unbiased, low variance, >= 0; the GRPO estimator (DeepSeekMath, arXiv 2402.03300).
 
-    log r is clamped to [-20, 20] first, as verl's ``low_var_kl`` does, so one token the reference finds
-    impossible cannot overflow exp. ``expm1(d) - d`` instead of ``exp(d) - d - 1`` keeps small values exact and
-    never negative in floating point (expm1(d) >= d holds after rounding, since d is representable).
+    The log-ratio log r is clamped to [-20, 20] first (verl clamps the same input in ``low_var_kl``), so one token
+    the reference finds impossible cannot overflow exp. The value itself is not clamped: verl additionally clamps
+    k3 to [-10, 10], which zeroes the gradient of such a token, and TRL does not; we follow TRL (ALGORITHMS.md
+    §14). ``expm1(d) - d`` instead of ``exp(d) - d - 1`` keeps small values exact and never negative in floating
+    point (expm1(d) >= d holds after rounding, since d is representable).
     """
     d = (ref_logprobs - logprobs).clamp(-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP)  # (B, T) log r
     return torch.expm1(d) - d

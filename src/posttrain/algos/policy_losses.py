@@ -1,12 +1,16 @@
-"""Per-token policy-gradient losses: one signature, see ``PolicyLossFn``.
+"""Per-token policy-gradient losses: ``fn(x: PolicyLossInputs, **hyperparameters) -> (loss (B,T), metrics)``.
 
-Each returns ``(loss (B,T), metrics)``: the loss is the NEGATIVE objective per token (minimise it), zero where
-mask = 0, and the aggregation (aggregation.py) turns it into a scalar. Metrics are per-token (B,T), detached
-and zero where mask = 0, so they aggregate the same way:
+Each entry declares its own hyperparameters as keyword-only arguments (set in a recipe as
+``[rl.policy_loss_args]``), so a name means one thing: ``eps_high`` is PPO's upper clip bound in ppo_clip and
+gspo, and CISPO's IS-weight cap is a separate ``max_weight``.
+
+The loss is the NEGATIVE objective per token (minimise it), zero where mask = 0, and the aggregation
+(aggregation.py) turns it into a scalar. Metrics are per-token (B,T), detached and zero where mask = 0, so they
+aggregate the same way:
   ratio          the importance ratio the loss used (token ratio, or the GSPO sequence ratio)
   clip_frac      1 where the token's gradient was zeroed or its weight clipped
-  clip_frac_low  ... because the ratio fell below 1 - eps_low
-  clip_frac_high ... because the ratio exceeded 1 + eps_high (or the dual-clip bound)
+  clip_frac_low  ... because the ratio fell below the lower bound
+  clip_frac_high ... because the ratio exceeded the upper bound (or the dual-clip bound)
 ``is_weights`` (detached, e.g. the truncated sampler-vs-trainer weights of is_correction.py) multiply the loss.
 
 Log-ratios are clamped to [-20, 20] before exp (as verl does) so a stale token cannot overflow to inf.
@@ -14,29 +18,25 @@ Log-ratios are clamped to [-20, 20] before exp (as verl does) so a stale token c
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Annotated, Protocol
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
-from posttrain.algos.registry import Registry
+from posttrain.algos.inputs import PolicyLossInputs
+from posttrain.registry import Registry
 
 LOG_RATIO_CLAMP = 20.0
 
+EpsLow = Annotated[float, Field(ge=0, description="lower clip bound: ratio >= 1 - eps_low")]
+EpsHigh = Annotated[float, Field(ge=0, description="upper clip bound: ratio <= 1 + eps_high (DAPO clip-higher)")]
+DualClip = Annotated[float | None, Field(gt=1, description="dual-clip constant c: caps the loss of A < 0 tokens "
+                                          "at -A c (verl semantics); null = off")]
+
 
 class PolicyLossFn(Protocol):
-    def __call__(
-        self,
-        logprobs: Tensor,
-        old_logprobs: Tensor,
-        advantages: Tensor,
-        mask: Tensor,
-        *,
-        is_weights: Tensor | None = None,
-        eps_low: float = 0.2,
-        eps_high: float = 0.2,
-        dual_clip: float | None = None,
-    ) -> tuple[Tensor, dict[str, Tensor]]: ...
+    def __call__(self, x: PolicyLossInputs, **hyperparameters: object) -> tuple[Tensor, dict[str, Tensor]]: ...
 
 
 POLICY_LOSSES: Registry[PolicyLossFn] = Registry("policy loss")
@@ -92,40 +92,22 @@ def _clipped_surrogate(
 
 
 @POLICY_LOSSES.register("ppo_clip")
-def ppo_clip(
-    logprobs: Tensor,  # (B, T) π_θ, carries the gradient
-    old_logprobs: Tensor,  # (B, T) π_θold
-    advantages: Tensor,  # (B, T)
-    mask: Tensor,  # (B, T) {0, 1}
-    *,
-    is_weights: Tensor | None = None,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip: float | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
+def ppo_clip(x: PolicyLossInputs, *, eps_low: EpsLow = 0.2, eps_high: EpsHigh = 0.2,
+             dual_clip: DualClip = None) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO/GRPO/DAPO token loss: max(-A r, -A clip(r, 1-eps_low, 1+eps_high)), r = exp(logp - logp_old).
 
     GRPO (arXiv 2402.03300, §4.1) uses eps_low = eps_high = 0.2; DAPO (arXiv 2503.14476) 0.2 / 0.28.
     ``dual_clip = c`` additionally caps the loss of A < 0 tokens at -A c (verl semantics).
     """
-    valid = mask.bool()
-    ratio = torch.exp(_log_ratio(logprobs, old_logprobs, valid))  # (B, T)
-    loss, low, high = _clipped_surrogate(ratio, advantages, eps_low, eps_high, dual_clip)
-    return _finish(loss, valid, is_weights, ratio, low, high)
+    valid = x.mask.bool()
+    ratio = torch.exp(_log_ratio(x.logprobs, x.old_logprobs, valid))  # (B, T)
+    loss, low, high = _clipped_surrogate(ratio, x.advantages, eps_low, eps_high, dual_clip)
+    return _finish(loss, valid, x.is_weights, ratio, low, high)
 
 
 @POLICY_LOSSES.register("gspo")
-def gspo(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    *,
-    is_weights: Tensor | None = None,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip: float | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
+def gspo(x: PolicyLossInputs, *, eps_low: EpsLow = 0.2, eps_high: EpsHigh = 0.2,
+         dual_clip: DualClip = None) -> tuple[Tensor, dict[str, Tensor]]:
     """GSPO (Zheng et al., arXiv 2507.18071), in its GSPO-token form (same paper).
 
     s_i = exp(mean over valid t of (logp - logp_old)) is the length-normalised sequence ratio; every token gets
@@ -133,60 +115,47 @@ def gspo(
     With "seq_mean_token_mean" aggregation the per-token 1/|o_i| then gives exactly the GSPO gradient
     s_i A_i (1/|o_i|) Σ_t ∇logp_t. Clipping acts on whole sequences; GSPO uses eps_low=3e-4, eps_high=4e-4.
     """
-    valid = mask.bool()
-    m = valid.to(logprobs.dtype)
-    token_lr = torch.where(valid, logprobs - old_logprobs, torch.zeros_like(logprobs))  # (B, T)
+    valid = x.mask.bool()
+    m = valid.to(x.logprobs.dtype)
+    token_lr = torch.where(valid, x.logprobs - x.old_logprobs, torch.zeros_like(x.logprobs))  # (B, T)
     seq_lr = (token_lr.sum(-1) / m.sum(-1).clamp(min=1)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (B,)
-    lp = torch.where(valid, logprobs, torch.zeros_like(logprobs))
+    lp = torch.where(valid, x.logprobs, torch.zeros_like(x.logprobs))
     ratio = torch.exp(seq_lr.detach()[:, None] + lp - lp.detach())  # (B, T), value s_i on every token
-    loss, low, high = _clipped_surrogate(ratio, advantages, eps_low, eps_high, dual_clip)
-    return _finish(loss, valid, is_weights, ratio, low, high)
+    loss, low, high = _clipped_surrogate(ratio, x.advantages, eps_low, eps_high, dual_clip)
+    return _finish(loss, valid, x.is_weights, ratio, low, high)
 
 
 @POLICY_LOSSES.register("cispo")
 def cispo(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    *,
-    is_weights: Tensor | None = None,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip: float | None = None,
+    x: PolicyLossInputs, *,
+    max_weight: Annotated[float, Field(gt=0, description="upper cap of the IS weight sg(min(r, max_weight))")] = 5.0,
+    min_weight: Annotated[float, Field(ge=0, description="lower cap of the IS weight (0 = off)")] = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """CISPO (MiniMax-M1, arXiv 2506.13585): -sg(clip(r, 1-eps_low, 1+eps_high)) A logp.
+    """CISPO (MiniMax-M1, arXiv 2506.13585): -sg(clip(r, min_weight, max_weight)) A logp.
 
     The IS weight is clipped and detached but every token keeps its REINFORCE gradient, unlike PPO which
-    zeroes clipped tokens (often the rare "fork" tokens of reflective reasoning). MiniMax-M1 and ScaleRL
-    (arXiv 2510.13786) effectively disable the lower bound: pass a large eps_low (verl's example uses 10).
-    ScaleRL's sg(min(r, eps_max)) with eps_max = 5 is eps_high = 4 here. Only the gradient is meaningful:
-    the loss value is -w A logp, not a surrogate objective. ``dual_clip`` is ignored (weights are bounded).
+    zeroes clipped tokens (often the rare "fork" tokens of reflective reasoning). The caps are absolute weights,
+    not offsets from 1: MiniMax-M1's clip(r, 1 - eps_low, 1 + eps_high) with the lower bound off is
+    min_weight = 0, max_weight = 1 + eps_high; ScaleRL's sg(min(r, eps_max)) with eps_max = 5 (arXiv
+    2510.13786, §4) is max_weight = 5 (TRL's CISPO epsilon_high is the same absolute cap). Only the gradient is
+    meaningful: the loss value is -w A logp, not a surrogate objective.
     """
-    valid = mask.bool()
-    ratio = torch.exp(_log_ratio(logprobs, old_logprobs, valid)).detach()  # (B, T)
-    weight = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-    lp = torch.where(valid, logprobs, torch.zeros_like(logprobs))
-    loss = -weight * advantages * lp
-    return _finish(loss, valid, is_weights, ratio, ratio < 1.0 - eps_low, ratio > 1.0 + eps_high)
+    if min_weight > max_weight:
+        raise ValueError(f"cispo: min_weight {min_weight} > max_weight {max_weight}")
+    valid = x.mask.bool()
+    ratio = torch.exp(_log_ratio(x.logprobs, x.old_logprobs, valid)).detach()  # (B, T)
+    weight = ratio.clamp(min_weight, max_weight)
+    lp = torch.where(valid, x.logprobs, torch.zeros_like(x.logprobs))
+    loss = -weight * x.advantages * lp
+    return _finish(loss, valid, x.is_weights, ratio, ratio < min_weight, ratio > max_weight)
 
 
 @POLICY_LOSSES.register("reinforce")
-def reinforce(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    *,
-    is_weights: Tensor | None = None,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip: float | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
+def reinforce(x: PolicyLossInputs) -> tuple[Tensor, dict[str, Tensor]]:
     """Vanilla policy gradient (Williams 1992, REINFORCE): -A logp. No ratio enters the loss (correct only
-    on-policy); the ratio is still reported so off-policyness stays visible. Never clips."""
-    valid = mask.bool()
-    ratio = torch.exp(_log_ratio(logprobs, old_logprobs, valid)).detach()
-    lp = torch.where(valid, logprobs, torch.zeros_like(logprobs))
+    on-policy); the ratio is still reported so off-policyness stays visible. Never clips. No hyperparameters."""
+    valid = x.mask.bool()
+    ratio = torch.exp(_log_ratio(x.logprobs, x.old_logprobs, valid)).detach()
+    lp = torch.where(valid, x.logprobs, torch.zeros_like(x.logprobs))
     never = torch.zeros_like(valid)
-    return _finish(-advantages * lp, valid, is_weights, ratio, never, never)
+    return _finish(-x.advantages * lp, valid, x.is_weights, ratio, never, never)

@@ -1,4 +1,4 @@
-"""SFT examples: from an environment's gold solutions or a JSONL file; batching into length-bucketed micro-batches.
+"""SFT examples: from an environment's gold solutions or a JSONL file, and their length-bucketed order.
 
 The stream is deterministic for a seed and resumable by a cursor (the number of examples already consumed).
 """
@@ -10,9 +10,6 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from torch import Tensor
 
 from posttrain.data.jsonl import json_objects
 from posttrain.data.prompts import completion_ids, render_prompt
@@ -58,22 +55,6 @@ def jsonl_examples(path: Path, tokenizer, *, seed: int, chat_template: bool, max
             yield examples[i]
 
 
-def micro_batches(examples: list[Example], size: int) -> list[list[Example]]:
-    """Sort by length so each micro-batch pads little (length bucketing), then chunk."""
-    ordered = sorted(examples, key=lambda e: len(e.prompt) + len(e.completion))
-    return [ordered[i: i + size] for i in range(0, len(ordered), size)]
-
-
-def collate(examples: list[Example], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Right-padded (input_ids, attention_mask, loss_mask); loss_mask marks completion tokens as targets, aligned
-    with input positions (position i's target is token i+1)."""
-    width = max(len(e.prompt) + len(e.completion) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(examples), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(examples), width), dtype=torch.float)
-    for i, e in enumerate(examples):
-        seq = e.prompt + e.completion
-        ids[i, : len(seq)] = torch.tensor(seq)
-        attn[i, : len(seq)] = 1
-        loss_mask[i, len(e.prompt): len(seq)] = 1
-    return ids, attn, loss_mask
+def length_order(examples: list[Example]) -> list[int]:
+    """Row order shortest to longest, so each micro-batch pads little (length bucketing)."""
+    return sorted(range(len(examples)), key=lambda i: len(examples[i].prompt) + len(examples[i].completion))

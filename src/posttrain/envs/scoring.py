@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from posttrain.envs._worker import READY, Worker, WorkerDied
+from posttrain.errors import UserError
 from posttrain.records import Score, Task
 
 ISOLATIONS = ("inline", "thread", "process")
@@ -271,3 +272,44 @@ class ScoreErrors:
             return f"0/{self.total} failed"
         parts = ", ".join(f"{reason}={n}" for reason, n in self.by_reason.items())
         return f"{self.failed}/{self.total} failed ({parts})"
+
+
+# ----- the scorer a run uses ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Scorer:
+    """The environment's verifier with a run's limits: `scorer(tasks, texts) -> scores`.
+
+    A failed verifier call costs only its own sample (failure_reward); more than `max_error_frac` of one call's
+    completions failing stops the run (a UserError naming the first failure) rather than train on garbage.
+    `failures(tasks, scores)` describes the failures of a call that passed, for the run log.
+    """
+
+    env: Any
+    timeout_s: float = 10.0
+    failure_reward: float = 0.0
+    max_error_frac: float = 0.5
+
+    def __call__(self, tasks: Sequence[Task], texts: Sequence[str]) -> list[Score]:
+        scores = score_many(self.env, tasks, texts, timeout_s=self.timeout_s, failure_reward=self.failure_reward)
+        errors = ScoreErrors.of(scores)
+        if errors.failed > self.max_error_frac * errors.total:
+            raise UserError(f"{errors.failed} of {errors.total} completions could not be scored (more than "
+                            f"env.max_error_frac = {self.max_error_frac}); first: {_first_failure(tasks, scores)}")
+        return scores
+
+    def with_env(self, env: Any) -> Scorer:
+        return Scorer(env, self.timeout_s, self.failure_reward, self.max_error_frac)
+
+    @staticmethod
+    def failures(tasks: Sequence[Task], scores: Sequence[Score]) -> str | None:
+        """A line for the run log about the completions that could not be scored, or None if all were."""
+        errors = ScoreErrors.of(scores)
+        if not errors.failed:
+            return None
+        return f"{errors.failed}/{errors.total} completions could not be scored; e.g. {_first_failure(tasks, scores)}"
+
+
+def _first_failure(tasks: Sequence[Task], scores: Sequence[Score]) -> str:
+    task, s = next((t, s) for t, s in zip(tasks, scores) if "error" in s.info)
+    return f"task {task.id!r}: {s.info.get('error')} {str(s.info.get('detail', ''))[:200]}"

@@ -16,8 +16,8 @@ from posttrain.config import parse_override
 from posttrain.envs import make_env
 from posttrain.errors import UserError
 from posttrain.evals.evaluate import evaluate, write_eval
-from posttrain.models import attention_for, load_model, load_tokenizer, resolve_model_path
-from posttrain.rollout.hf import HFEngine
+from posttrain.models import attention_for, load_model, load_tokenizer, resolve_device, resolve_model_path
+from posttrain.rollout.local import LocalEngine
 
 
 def parse_env_args(items: list[str]) -> dict[str, Any]:
@@ -35,14 +35,12 @@ def run_eval(checkpoint: str, *, env: str, env_args: list[str], split: str, prob
     if bad:
         raise UserError(f"--k {bad}: every k must be between 1 and --n {n}")
     path = resolve_model_path(checkpoint, seed)
-    from posttrain.runner import resolve_device
-
     device = resolve_device("auto")
     model = load_model(path, attention=attention_for(device)).to(device)
     tokenizer = load_tokenizer(path, require_chat_template=chat_template)
     environment = make_env(env, parse_env_args(env_args))
     torch.manual_seed(seed)
-    engine = HFEngine(model, tokenizer, bf16=bf16)
+    engine = LocalEngine(model, tokenizer, bf16=bf16)
     with console.status(f"evaluating {path} on {env}/{split}: {problems} problems x {n} samples"):
         result = evaluate(engine, tokenizer, environment, problems=problems, samples=n, ks=ks,
                           temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,

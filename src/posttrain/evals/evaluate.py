@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,31 @@ def evaluate(engine, tokenizer, env, *, problems: int, samples: int, ks: Sequenc
     result.update({"samples": samples, "ks": list(ks), "temperature": temperature, "top_p": top_p,
                    "max_new_tokens": max_new_tokens, "per_problem": rows})
     return result
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """A run's held-out evaluation protocol ([eval]) bound to its engine, environment and scorer."""
+
+    engine: Any
+    tokenizer: Any
+    env: Any
+    score: Any  # (tasks, texts) -> scores, e.g. envs.scoring.Scorer
+    problems: int
+    samples: int
+    ks: Sequence[int]
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+    chat_template: bool = True
+    max_len: int | None = None
+
+    def __call__(self, *, greedy_only: bool = False) -> dict[str, Any]:
+        return evaluate(self.engine, self.tokenizer, self.env, problems=self.problems, samples=self.samples,
+                        ks=self.ks, temperature=self.temperature, top_p=self.top_p,
+                        max_new_tokens=self.max_new_tokens, seed=self.seed, chat_template=self.chat_template,
+                        max_len=self.max_len, greedy_only=greedy_only, score=self.score)
 
 
 def headline_metrics(result: dict[str, Any]) -> dict[str, float]:

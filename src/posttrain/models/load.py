@@ -23,6 +23,18 @@ def resolve_model_path(path: str, seed: int = 0) -> Path:
     return p
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"model.device={name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"model.device={name!r} but torch sees no CUDA device (torch {torch.__version__})")
+    return device
+
+
 def load_model(path: Path, dtype: torch.dtype = torch.float32, attention: str | None = None) -> PreTrainedModel:
     kwargs = {"attn_implementation": attention} if attention else {}
     try:

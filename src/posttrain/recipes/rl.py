@@ -4,18 +4,21 @@
     posttrain run recipes/quickstart.toml --set rl.preset=dapo
 
 Which method runs is decided only by `[rl]` keys naming registry entries (advantage, policy_loss, aggregation,
-kl_estimator, is_correction, group_filter); presets in posttrain/presets/*.toml are sets of those keys. Nothing
-below branches on a method's name.
+kl_estimator, is_correction, group_filter, sampler) and their hyperparameter tables; presets in
+posttrain/presets/*.toml are sets of those keys. Nothing below branches on a method's name.
+
+One step, top to bottom in `run`: next(batches) (sample prompts, generate, score, filter) -> rl_batch (rewards,
+reference / old logprobs, IS weights, advantages) -> update (epochs x mini-batches of Learner.train_step) ->
+controllers -> engine.update_weights -> end_step (log, evaluate, reset the reference, checkpoint).
 """
 
 from __future__ import annotations
 
-import copy
-import itertools
 import json
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,304 +29,303 @@ from posttrain.algos import (
     IS_CORRECTIONS,
     KL_ESTIMATORS,
     POLICY_LOSSES,
-    adapt_clip_high,
+    AdvantageInputs,
+    Normalisers,
+    PolicyLossInputs,
+    adapt_in_band,
     effective_sample_size,
     group_has_variance,
+    mismatch_kl,
     normalisers_for,
     overlong_penalty,
     should_reset_reference,
 )
-from posttrain.data.prompts import render_prompt
-from posttrain.errors import UserError
-from posttrain.models.layout import distinct_prompts
-from posttrain.records import Completion, SamplingParams, Score, Task
+from posttrain.data.samplers import SAMPLERS, TaskSampler
+from posttrain.recipes.rl_config import RLConfig
+from posttrain.records import SamplingParams
+from posttrain.rollout.collect import PromptRenderer, RolloutBatch, StepRollouts, collect
 from posttrain.runtime.context import RunContext
-from posttrain.tracking.ledger import TRAIN_MULTIPLIER, FlopModel
-from posttrain.train.checkpoint import restore_training_state
-from posttrain.train.forward import completion_logprobs, logprobs_no_grad, pack
-from posttrain.train.guards import UpdateGuard
-from posttrain.train.optim import build_optimizer, build_scheduler
+from posttrain.stages import StageResume, register_stage
+from posttrain.tracking.ledger import FlopModel
+from posttrain.train.learner import ForwardOut, FrozenModel, Learner, Sequences, StepResult
+
+
+@dataclass
+class RLState:
+    """What the RL stage carries from step to step besides the learner (checkpointed)."""
+
+    loss_args: dict[str, Any]  # the policy loss's hyperparameters, as the controllers have adapted them
+    last_reset: int = 0  # stage step of the last reference reset
+    val_history: list[tuple[int, float]] = field(default_factory=list)  # (stage step, held-out mean@n)
 
 
 @dataclass(frozen=True)
-class Rollouts:
-    """One step's samples, B = groups x group_size, flattened group by group."""
+class RLBatch:
+    """One step's kept samples as tensors, B x T, ready for the update."""
 
-    tasks: list[Task]
-    prompts: list[list[int]]
-    completions: list[Completion]
-    scores: list[Score]
-    group_ids: Tensor  # (B,) long
+    seqs: Sequences
+    group_ids: Tensor  # (B,)
+    mask: Tensor  # (B, T) 1 on tokens that train
+    sampler_logprobs: Tensor  # (B, T) the engine's logprobs of its samples
+    old_logprobs: Tensor  # (B, T) π_θold: the learner's recomputation, or the sampler's
+    ref_logprobs: Tensor | None  # (B, T) π_ref, when a KL term exists
+    is_weights: Tensor  # (B, T) detached sampler-vs-trainer weights
+    advantages: Tensor  # (B, T)
 
 
-def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
-    c, model, tok = ctx.cfg.rl, ctx.model, ctx.tokenizer
+@register_stage("rl", RLConfig)
+def run(ctx: RunContext, c: RLConfig, resume: StageResume | None) -> None:
     env = ctx.training_env(c.env_args)
-    advantage_fn, loss_fn = ADVANTAGES.get(c.advantage), POLICY_LOSSES.get(c.policy_loss)
-    aggregate, kl_fn, is_fn = AGGREGATIONS.get(c.aggregation), KL_ESTIMATORS.get(c.kl_estimator), \
-        IS_CORRECTIONS.get(c.is_correction)
-    model.train()
-    optimizer = build_optimizer(model, lr=c.lr, weight_decay=c.weight_decay, betas=c.betas)
-    total_updates = c.steps * c.epochs * c.mini_batches
-    scheduler = build_scheduler(optimizer, total_steps=total_updates, warmup_steps=c.warmup_steps,
-                                schedule=c.schedule, min_lr_ratio=c.min_lr_ratio)
-    # The reference policy exists only when a KL term does; it starts as the policy at the start of the stage.
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if c.kl_coef > 0 else None
-    state = {"eps_high": c.eps_high, "last_reset": 0, "val_history": [], "bad_steps": 0, "history": {}}
-    start, cursor = restore_training_state(optimizer, scheduler, resume)
+    learner = Learner(ctx.policy, **c.optimizer_args(), total_updates=c.steps * c.epochs * c.mini_batches,
+                      micro_batch_size=c.micro_batch_size, pad_id=ctx.tokenizer.pad_token_id, bf16=ctx.bf16,
+                      compile=ctx.compile)
+    # The reference exists only when a KL term does; it starts as the policy at the start of the stage.
+    reference = learner.frozen_copy() if c.kl_coef > 0 else None
+    sampler = SAMPLERS.get(c.sampler)(env, ctx.seed, **c.sampler_args)
+    state, start = RLState(loss_args=dict(c.policy_loss_args)), 0
     if resume:
-        state.update(resume["extra"]["state"])
-        if ref_model is not None:
-            ref_model.load_state_dict(resume["extra"]["ref"])
-
-    guard = UpdateGuard(c.max_bad_steps, state["bad_steps"])
-    tasks = itertools.islice(task_stream(env, ctx.cfg.seed), cursor, None)
-    flops = FlopModel.from_model(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def save(stage_step: int, done: bool) -> None:
-        extra = {"state": state, "ref": ref_model.state_dict() if ref_model is not None else None}
-        ctx.checkpoint(stage_index=stage_index, stage_step=stage_step, stage_done=done, optimizer=optimizer,
-                       scheduler=scheduler, cursor=cursor, extra=extra)
-        write_prompt_history(ctx, state["history"])
-
-    def end_step(stage_step: int, metrics: dict, t_step: float) -> None:
-        """Log the step, then what is scheduled at it: evaluation, reference reset, checkpoint. Runs after every
-        step, including one whose groups were all degenerate (no update), so the schedule never skips a point."""
-        metrics["time/step_s"] = time.time() - t_step
-        ctx.status(f"reward {metrics['rollout/reward_mean']:.3f}")
-        ctx.write_metrics("rl", metrics)
-        if c.eval_every and stage_step % c.eval_every == 0 and stage_step < c.steps:
-            result = ctx.evaluate(f"rl-step{stage_step}", stage="rl")
-            state["val_history"].append((stage_step, result.get("mean@n", {}).get("mean", result["greedy_acc"])))
-        if ref_model is not None and should_reset_reference(stage_step, state["last_reset"], state["val_history"],
-                                                            every=c.ref_reset_every, patience=c.ref_reset_patience):
-            ref_model.load_state_dict(model.state_dict())
-            state["last_reset"] = stage_step
-            if c.ref_reset_optimizer:
-                optimizer.state.clear()
-            ctx.note(f"rl step {stage_step}: reference policy reset to the current policy"
-                     + (" (optimizer state cleared)" if c.ref_reset_optimizer else ""))
-            ctx.write_metrics("rl", {"ctrl/ref_reset": 1})
-        if ctx.due(stage_step) and stage_step < c.steps:
-            save(stage_step, done=False)
-
+        start, state = resume.stage_step, RLState(**resume.state["rl"])
+        learner.load_state_dict(resume.learner)
+        sampler.load_state_dict(resume.state["sampler"])
+        if reference is not None:
+            reference.load_weights(resume.state["reference"])
+    batches = collect(ctx.engine, sampler, ctx.scorer.with_env(env),
+                      PromptRenderer(env, ctx.tokenizer, ctx.chat_template, ctx.max_len),
+                      prompts_per_step=c.prompts_per_step, group_size=c.group_size, group_filter=c.group_filter,
+                      max_refill_rounds=c.max_refill_rounds, seed=ctx.seed, first_step=ctx.global_step,
+                      sampling=SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
+                                              max_new_tokens=c.max_new_tokens), heartbeat=ctx.heartbeat)
     if not resume and c.eval_every:  # the curve's first point: the policy RL starts from, at zero RL compute
         ctx.add(**{"compute/rl_flops": 0.0})
         ctx.evaluate("rl-step0", stage="rl")
 
     for step in ctx.progress(range(start, c.steps), total=c.steps, completed=start, description="rl"):
         t_step = time.time()
-        sample_seed = ctx.cfg.seed * 1_000_003 + ctx.global_step
-
-        # 1-3. pick prompts, sample groups, score; group filtering (dynamic sampling refills) -------------------
-        t0 = time.time()
-
-        def sample(chunk: list[Task], round_: int, seed: int = sample_seed) -> Rollouts:
-            params = SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                                    max_new_tokens=c.max_new_tokens, seed=seed + 7919 * round_)
-            return rollout(ctx, env, chunk, params, c.group_size)
-
-        batch, seen, rounds, consumed = collect_groups(sample, tasks,
-            prompts_per_step=c.prompts_per_step, group_filter=c.group_filter, max_refill_rounds=c.max_refill_rounds)
-        cursor += consumed
-        record_visits(state["history"], seen, step=ctx.global_step + 1)
-        gen_tokens = sum(len(x.token_ids) for x in seen.completions)
-        gen_flops, kept_gen_flops = generation_flops(flops, seen), generation_flops(flops, batch)
-        t_generate = time.time() - t0
-        metrics = rollout_metrics(seen)
-        metrics["rollout/refill_rounds"] = rounds - 1
-        ctx.add(**{"compute/generate_flops": gen_flops, "compute/wasted_flops": gen_flops - kept_gen_flops,
-                   "compute/flops": gen_flops, "rollout/tokens": gen_tokens})
-        metrics["rollout/kept_samples"] = len(batch.completions)
-
-        if not batch.completions:  # every group was degenerate: nothing to learn from this step
-            ctx.global_step += 1
-            end_step(step + 1, {**metrics, "time/generate_s": t_generate}, t_step)
-            continue
-
-        # 4. rewards -> advantages -------------------------------------------------------------------------------
-        B = len(batch.completions)
-        prompts = batch.prompts
-        comps = [list(x.token_ids) for x in batch.completions]
-        mask = pad([[1.0] * len(x) for x in comps])  # (B, T)
-        if c.mask_truncated:
-            mask = mask * torch.tensor([x.finish_reason != "length" for x in batch.completions]).float()[:, None]
-        sampler_lp = pad([list(x.logprobs) for x in batch.completions])  # (B, T)
-        rewards = torch.tensor([s.reward for s in batch.scores], dtype=torch.float)
-        if c.overlong_cache > 0:
-            lengths = torch.tensor([len(x) for x in comps])
-            rewards = rewards + overlong_penalty(lengths, max_len=c.max_new_tokens, cache=c.overlong_cache)
-
-        # 5. reference / old logprobs (only the passes this configuration needs) --------------------------------
-        t0 = time.time()
-        logprob_flops = sum(shared_prefix_flops(flops, prompts, comps, rows)
-                            for rows in torch.arange(B).split(c.micro_batch_size))
-        ctx.phase("logprobs", "reference / old-policy forward passes")
-        ref_lp = None
-        if ref_model is not None:
-            ref_lp = pad(logprobs_no_grad(ref_model, prompts, comps, tok.pad_token_id, temperature=c.temperature,
-                                          bf16=ctx.cfg.model.bf16, micro_batch_size=c.micro_batch_size))
-            ctx.add(**{"compute/ref_flops": logprob_flops, "compute/flops": logprob_flops})
-            if c.kl_placement == "reward":  # sequence reward minus beta * summed per-token KL (REINFORCE++ style)
-                rewards = rewards - c.kl_coef * (kl_fn(sampler_lp, ref_lp) * mask).sum(-1)
-        if c.recompute_old_logprobs:
-            old_lp = pad(logprobs_no_grad(ctx.learner, prompts, comps, tok.pad_token_id, temperature=c.temperature,
-                                          bf16=ctx.cfg.model.bf16, micro_batch_size=c.micro_batch_size))
-            ctx.add(**{"compute/old_flops": logprob_flops, "compute/flops": logprob_flops})
-        else:  # the engine runs this very module: its logprobs are the learner's (tests/test_engine.py)
-            old_lp = sampler_lp
-        is_weights = is_fn(old_lp, sampler_lp, mask, cap=c.is_cap)
-        metrics["is/weight_max"] = float((is_weights * mask).max())
-        metrics["is/ess"] = float(effective_sample_size(is_weights, mask))
-        advantages = advantage_fn(rewards, batch.group_ids, eps=c.adv_eps)  # (B,)
-        metrics["rollout/adv_abs_mean"] = float(advantages.abs().mean())
-        t_logprob = time.time() - t0
-
-        # 6. update: epochs x mini-batches of whole groups x micro-batches, global normalisers per mini-batch -----
-        t0 = time.time()
-        ctx.phase("train", f"{c.epochs} epoch(s) x {c.mini_batches} mini-batch(es) over {B} completions")
-        sums = {"loss": 0.0, "pg/clip_frac": 0.0, "pg/entropy": 0.0, "kl/value": 0.0, "pg/ratio_mean": 0.0}
-        grad_norms, updates, tokens_seen, trained_tokens, trained, train_flops = [], 0, 0, 0, [], 0.0
-        # A sample whose advantage is exactly 0 contributes exactly 0 to every policy loss and its gradient, so
-        # unless a KL-in-loss or entropy term gives it one, its forward/backward is skipped. The normalisers
-        # still count its tokens, so the loss and the update are unchanged (up to float summation order).
-        per_sample_terms = c.entropy_coef != 0 or (ref_model is not None and c.kl_placement == "loss")
-        skippable = (advantages == 0) if c.skip_zero_advantage and not per_sample_terms else torch.zeros(B, dtype=bool)
-        for epoch in range(c.epochs):
-            for mb_rows in split_groups(batch.group_ids, c.mini_batches, seed=sample_seed + epoch):
-                norm, group_tokens = normalisers_for(mask[mb_rows], batch.group_ids[mb_rows], c.max_new_tokens)
-                tokens_seen += norm.total_tokens
-                run_rows = mb_rows[~skippable[mb_rows]]
-                trained += run_rows.tolist()
-                for rows in run_rows.split(c.micro_batch_size) if len(run_rows) else ():
-                    packed = pack([prompts[i] for i in rows], [comps[i] for i in rows], tok.pad_token_id)
-                    train_flops += TRAIN_MULTIPLIER * shared_prefix_flops(flops, prompts, comps, rows)
-                    width = packed.targets.shape[1]
-                    lp, entropy = completion_logprobs(ctx.learner, packed, temperature=c.temperature,
-                                                      bf16=ctx.cfg.model.bf16, with_entropy=True)
-                    dev = lp.device  # rollout tensors live on the CPU; the learner's on the model's device
-                    m = mask[rows, :width].to(dev)
-                    adv = advantages[rows, None].expand(-1, width).to(dev)
-                    per_token, parts = loss_fn(lp, old_lp[rows, :width].to(dev), adv, m,
-                                               is_weights=is_weights[rows, :width].to(dev), eps_low=c.eps_low,
-                                               eps_high=state["eps_high"], dual_clip=c.dual_clip)
-                    if ref_lp is not None:
-                        kl = kl_fn(lp, ref_lp[rows, :width].to(dev))
-                        if c.kl_placement == "loss":
-                            per_token = per_token + c.kl_coef * kl
-                        sums["kl/value"] += float((kl.detach() * m).sum())
-                    if c.entropy_coef:
-                        per_token = per_token - c.entropy_coef * entropy
-                    loss = aggregate(per_token, m, norm=norm,
-                                     group_tokens=group_tokens[index_in(mb_rows, rows)].to(dev))
-                    loss.backward()
-                    sums["loss"] += loss.item()
-                    sums["pg/clip_frac"] += float((parts["clip_frac"] * m).sum())
-                    sums["pg/ratio_mean"] += float((parts["ratio"] * m).sum())
-                    sums["pg/entropy"] += float((entropy.detach() * m).sum())
-                    trained_tokens += int(m.sum())
-                for p in params:  # an all-skipped mini-batch is a zero gradient, not no step (Adam still moves)
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                grad_norm = ctx.optimizer_step(params, optimizer, scheduler, guard, loss=sums["loss"],
-                                               grad_clip=c.grad_clip, where=f"rl step {step + 1}")
-                state["bad_steps"] = guard.bad_steps
-                grad_norms.append(grad_norm)
-                updates += 1
-        t_train = time.time() - t0
-        ctx.add(**{"compute/train_flops": train_flops, "compute/flops": train_flops, "train/tokens": tokens_seen})
-        metrics["train/skipped_frac"] = 1 - len(trained) / max(1, B * c.epochs)
-        denom = max(1, trained_tokens)  # pg/* and kl/* are means over the tokens that were trained
-        metrics.update({
-            "train/loss": sums["loss"] / max(1, updates), "train/grad_norm": sum(grad_norms) / len(grad_norms),
-            "train/lr": scheduler.get_last_lr()[0], "pg/clip_frac": sums["pg/clip_frac"] / denom,
-            "pg/entropy": sums["pg/entropy"] / denom, "pg/ratio_mean": sums["pg/ratio_mean"] / denom,
-            "kl/value": sums["kl/value"] / denom, "pg/eps_high": state["eps_high"], "train/updates": updates,
-            "time/generate_s": t_generate, "time/logprob_s": t_logprob, "time/train_s": t_train,
-            "perf/gen_tokens_per_s": gen_tokens / max(t_generate, 1e-9),
-            "perf/train_tokens_per_s": sum(len(prompts[i]) + len(comps[i]) for i in trained) / max(t_train, 1e-9),
-        })
+        # 1-3. pick prompts, sample groups, score, filter groups ------------------------------------------------
+        rollouts = next(batches)
+        metrics = rollout_metrics(ctx, rollouts, learner.flop_model, t_generate=time.time() - t_step)
+        if len(rollouts.kept):
+            # 4-5. rewards, reference / old logprobs, IS weights, advantages --------------------------------------
+            t0 = time.time()
+            ctx.phase("logprobs", "reference / old-policy forward passes")
+            batch, batch_metrics = rl_batch(ctx, rollouts.kept, c, learner, reference)
+            metrics.update(batch_metrics, **{"time/logprob_s": time.time() - t0})
+            # 6. update: epochs x mini-batches of whole groups, each one Learner.train_step --------------------
+            t0 = time.time()
+            ctx.phase("train", f"{c.epochs} epoch(s) x {c.mini_batches} mini-batch(es) over {len(batch.seqs)} "
+                      "completions")
+            results = update(learner, batch, c, state.loss_args, seed=ctx.seed * 1_000_003 + ctx.global_step,
+                             where=f"rl step {step + 1}")
+            metrics.update(train_metrics(ctx, results, batch, c, state, t_train=time.time() - t0))
         ctx.global_step += 1
-
-        # 7. controllers between steps -------------------------------------------------------------------------
-        if c.entropy_target is not None:
-            new_eps = adapt_clip_high(state["eps_high"], metrics["pg/entropy"], target_low=c.entropy_target[0],
-                                      target_high=c.entropy_target[1], step_size=c.entropy_adapt_step,
-                                      min_eps=c.eps_high_bounds[0], max_eps=c.eps_high_bounds[1])
-            if new_eps != state["eps_high"]:
-                ctx.note(f"entropy {metrics['pg/entropy']:.3f} outside {list(c.entropy_target)}: "
-                         f"eps_high {state['eps_high']:.3f} -> {new_eps:.3f}")
-                state["eps_high"] = new_eps
-
-        # 8. log, evaluate, reset the reference, checkpoint ------------------------------------------------------
-        end_step(step + 1, metrics, t_step)
+        # 7. controllers between steps ---------------------------------------------------------------------------
+        if c.entropy_target is not None and len(rollouts.kept):
+            adapt_to_entropy(ctx, state, c, metrics["pg/entropy"])
+        # 8. the engine samples the next step from the new weights; log, evaluate, reset, checkpoint ------------
+        ctx.engine.update_weights(learner.weights(), ctx.global_step)
+        end_step(ctx, c, step + 1, metrics, t_step, learner, sampler, state, reference)
 
     ctx.evaluate("rl", stage="rl")
-    save(c.steps, done=True)
+    save(ctx, c.steps, True, learner, sampler, state, reference)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Small helpers the loop above composes.
+# The step's parts, in the order the loop above calls them.
 
 
-def task_stream(env, seed: int) -> Iterator[Task]:
-    """Training tasks forever: a finite dataset is replayed epoch after epoch in a fresh order."""
-    for epoch in itertools.count():
-        empty = True
-        for task in env.tasks("train", seed + epoch):
-            empty = False
-            yield task
-        if empty:
-            raise UserError(f"environment {env.name!r} yields no training tasks")
+def rollout_metrics(ctx: RunContext, rollouts: StepRollouts, flops: FlopModel, *, t_generate: float) -> dict:
+    """Count the generation work (all of it, and the part spent on filtered-out groups) and describe the samples."""
+    for note in rollouts.notes:
+        ctx.note(note)
+    seen, kept = rollouts.seen, rollouts.kept
+    gen_flops = generation_flops(flops, seen)
+    ctx.add_flops(generate=gen_flops)
+    ctx.add(**{"compute/wasted_flops": gen_flops - generation_flops(flops, kept),
+               "rollout/tokens": sum(len(x.token_ids) for x in seen.completions)})
+    metrics = describe_samples(seen)
+    metrics.update({"rollout/refill_rounds": rollouts.rounds - 1, "rollout/kept_samples": len(kept),
+                    "time/generate_s": t_generate,
+                    "perf/gen_tokens_per_s": sum(len(x.token_ids) for x in seen.completions) / max(t_generate, 1e-9)})
+    return metrics
 
 
-def rollout(ctx: RunContext, env, tasks: list[Task], params: SamplingParams, group_size: int) -> Rollouts:
-    prompts = [render_prompt(ctx.tokenizer, env.prompt(t), chat_template=ctx.cfg.model.chat_template,
-                             max_len=ctx.max_len) for t in tasks]
-    flat_prompts = [p for p in prompts for _ in range(group_size)]
-    flat_tasks = [t for t in tasks for _ in range(group_size)]
-    ctx.phase("generate", f"{len(flat_prompts)} completions of up to {params.max_new_tokens} tokens")
-    completions = ctx.engine.generate(flat_prompts, params)
-    scores = ctx.score(flat_tasks, [x.text for x in completions], env=env)
-    group_ids = torch.arange(len(tasks)).repeat_interleave(group_size)
-    return Rollouts(flat_tasks, flat_prompts, completions, scores, group_ids)
+def rl_batch(ctx: RunContext, kept: RolloutBatch, c: RLConfig, learner: Learner,
+             reference: FrozenModel | None) -> tuple[RLBatch, dict[str, float]]:
+    """Masks, shaped rewards, the reference and old-policy logprobs this configuration needs, IS weights and
+    advantages, for the samples that train."""
+    seqs = Sequences(kept.prompts, [list(x.token_ids) for x in kept.completions])
+    mask = pad([[1.0] * len(x) for x in seqs.completions])  # (B, T)
+    if c.mask_truncated:
+        mask = mask * torch.tensor([x.finish_reason != "length" for x in kept.completions]).float()[:, None]
+    sampler_lp = pad([list(x.logprobs) for x in kept.completions])  # (B, T)
+    rewards = kept.rewards()
+    if c.overlong_cache > 0:
+        lengths = torch.tensor([len(x) for x in seqs.completions])
+        rewards = rewards + overlong_penalty(lengths, max_len=c.max_new_tokens, cache=c.overlong_cache)
+    metrics: dict[str, float] = {}
+    ref_lp = token_rewards = None
+    if reference is not None:
+        ref, flops = reference.logprobs(seqs, temperature=c.temperature)
+        ref_lp = pad(ref)
+        ctx.add_flops(ref=flops)
+        if c.kl_placement == "reward":  # -beta * KL_t of the sampling policy to the reference, per token
+            token_rewards = -c.kl_coef * KL_ESTIMATORS.get(c.kl_estimator)(sampler_lp, ref_lp) * mask
+    if c.recompute_old_logprobs:
+        old, flops = learner.logprobs(seqs, temperature=c.temperature)
+        old_lp = pad(old)
+        ctx.add_flops(old=flops)
+        metrics["is/mismatch_kl"] = float(mismatch_kl(old_lp, sampler_lp, mask))
+    else:  # the engine's logprobs: the learner's own only for fp32 shared weights (tests/test_engine.py)
+        old_lp = sampler_lp
+    is_weights = IS_CORRECTIONS.get(c.is_correction)(old_lp, sampler_lp, mask, cap=c.is_cap)
+    advantages = ADVANTAGES.get(c.advantage)(
+        AdvantageInputs(rewards, kept.group_ids, mask, token_rewards=token_rewards, logprobs=sampler_lp),
+        **c.advantage_args)
+    valid = mask.bool()
+    metrics.update({"is/weight_max": float((is_weights * mask).max()),
+                    "is/ess": float(effective_sample_size(is_weights, mask)),
+                    "rollout/adv_abs_mean": float(advantages[valid].abs().mean()) if valid.any() else 0.0})
+    batch = RLBatch(seqs, kept.group_ids, mask, sampler_lp, old_lp, ref_lp, is_weights, advantages)
+    return batch, metrics
 
 
-def collect_groups(sample: Callable[[list[Task], int], Rollouts], tasks: Iterator[Task], *, prompts_per_step: int,
-                   group_filter: str, max_refill_rounds: int) -> tuple[Rollouts, Rollouts, int, int]:
-    """Sample `prompts_per_step` groups; filter degenerate ones (all rewards equal, ScaleRL) and, for DAPO's
-    dynamic sampling, sample more prompts until the batch holds `prompts_per_step` useful groups or
-    `max_refill_rounds` extra rounds are spent. -> (kept, everything sampled, rounds, tasks consumed)."""
-    kept: Rollouts | None = None
-    seen: Rollouts | None = None
-    rounds = consumed = 0
-    while True:
-        chunk = list(itertools.islice(tasks, prompts_per_step - (num_groups(kept) if kept else 0)))
-        consumed += len(chunk)
-        new = sample(chunk, rounds)
-        seen = new if seen is None else concat(seen, new)
-        if group_filter != "none":
-            new = select(new, group_has_variance(torch.tensor([s.reward for s in new.scores]), new.group_ids))
-        kept = new if kept is None else concat(kept, new)
-        rounds += 1
-        if group_filter != "dynamic_sampling" or num_groups(kept) >= prompts_per_step or rounds > max_refill_rounds:
-            return kept, seen, rounds, consumed
+@dataclass(frozen=True)
+class RLLoss:
+    """The per-micro-batch loss the Learner calls: policy loss (+ KL term) (- entropy bonus), aggregated with the
+    mini-batch's global normalisers. Composed from registry names, so it pickles (a Ray learner can take it)."""
+
+    batch: RLBatch
+    norm: Normalisers
+    group_tokens: Tensor  # (B,) valid tokens of each row's group within the mini-batch
+    policy_loss: str
+    loss_args: dict[str, Any]
+    aggregation: str
+    kl_estimator: str
+    kl_coef_in_loss: float
+    entropy_coef: float
+
+    def __call__(self, out: ForwardOut) -> tuple[Tensor, dict[str, float]]:
+        b, rows, width = self.batch, out.rows, out.logprobs.shape[1]
+        dev = out.logprobs.device  # rollout tensors live on the CPU; the learner's on the model's device
+
+        def take(t: Tensor) -> Tensor:
+            return t[rows, :width].to(dev)
+
+        m = take(b.mask)
+        per_token, parts = POLICY_LOSSES.get(self.policy_loss)(
+            PolicyLossInputs(out.logprobs, take(b.old_logprobs), take(b.advantages), m, take(b.is_weights)),
+            **self.loss_args)
+        metrics = {"clip_frac": float((parts["clip_frac"] * m).sum()), "ratio": float((parts["ratio"] * m).sum())}
+        if b.ref_logprobs is not None:
+            kl = KL_ESTIMATORS.get(self.kl_estimator)(out.logprobs, take(b.ref_logprobs))
+            per_token = per_token + self.kl_coef_in_loss * kl
+            metrics["kl"] = float((kl.detach() * m).sum())
+        if out.entropy is not None:
+            if self.entropy_coef:
+                per_token = per_token - self.entropy_coef * out.entropy
+            metrics["entropy"] = float((out.entropy.detach() * m).sum())
+        loss = AGGREGATIONS.get(self.aggregation)(per_token, m, norm=self.norm,
+                                                  group_tokens=self.group_tokens[rows].to(dev))
+        return loss, metrics
 
 
-def shared_prefix_flops(flops: FlopModel, prompts: list, comps: list, rows: Tensor) -> float:
-    """Forward FLOPs of one packed micro-batch: each distinct prompt once, its completions on top of it
-    (train/forward.py's shared prefixes, tracking/ledger.py)."""
-    rows = rows.tolist()
-    distinct, prompt_of = distinct_prompts([prompts[i] for i in rows])
-    lengths: list[list[int]] = [[] for _ in distinct]
-    for i, u in zip(rows, prompt_of):
-        lengths[u].append(len(comps[i]))
-    return sum(flops.forward_shared_prefix(len(p), ts) for p, ts in zip(distinct, lengths))
+def update(learner: Learner, batch: RLBatch, c: RLConfig, loss_args: dict[str, Any], *, seed: int,
+           where: str) -> list[tuple[StepResult, Tensor]]:
+    """epochs x mini-batches of whole groups, one optimizer update each; global normalisers per mini-batch.
+    -> (result, rows forwarded) per update."""
+    # A sample whose advantage is exactly 0 contributes exactly 0 to every policy loss and its gradient, so
+    # unless a KL-in-loss or entropy term gives it one, its forward/backward is skipped. The normalisers still
+    # count its tokens, so the loss and the update are unchanged (up to float summation order).
+    per_sample_terms = c.entropy_coef != 0 or (batch.ref_logprobs is not None and c.kl_placement == "loss")
+    zero = (batch.advantages * batch.mask == 0).all(-1)
+    skippable = zero if c.skip_zero_advantage and not per_sample_terms else torch.zeros_like(zero)
+    results = []
+    for epoch in range(c.epochs):
+        for rows in split_groups(batch.group_ids, c.mini_batches, seed=seed + epoch):
+            norm, group_tokens = normalisers_for(batch.mask[rows], batch.group_ids[rows], c.max_new_tokens)
+            tokens = torch.zeros(len(batch.seqs), dtype=group_tokens.dtype).index_copy_(0, rows, group_tokens)
+            loss = RLLoss(batch, norm, tokens, c.policy_loss, loss_args, c.aggregation, c.kl_estimator,
+                          c.kl_coef if c.kl_placement == "loss" else 0.0, c.entropy_coef)
+            trained = rows[~skippable[rows]]
+            results.append((learner.train_step(batch.seqs, loss, rows=trained, temperature=c.temperature,
+                                               with_entropy=True, where=where), trained))
+    return results
 
 
-def generation_flops(flops: FlopModel, batch: Rollouts) -> float:
-    """Each distinct prompt is prefilled once per group, then every sample decodes on its own (hf.py)."""
+def train_metrics(ctx: RunContext, results: list[tuple[StepResult, Tensor]], batch: RLBatch, c: RLConfig,
+                  state: RLState, *, t_train: float) -> dict[str, float]:
+    for r, _ in results:
+        if r.skipped:
+            ctx.note(r.skipped + "; update skipped")
+    ctx.add_flops(train=sum(r.flops for r, _ in results))
+    ctx.add(**{"train/tokens": sum(r.tokens for r, _ in results)})
+    sums = {k: sum(r.metrics.get(k, 0.0) for r, _ in results) for k in ("clip_frac", "ratio", "entropy", "kl")}
+    denom = max(1, sum(r.tokens for r, _ in results))  # pg/* and kl/* are means over the tokens that trained
+    trained = [int(i) for _, rows in results for i in rows]
+    seqs = batch.seqs
+    return {
+        "train/loss": sum(r.loss for r, _ in results) / len(results),
+        "train/grad_norm": sum(r.grad_norm for r, _ in results) / len(results),
+        "train/lr": results[-1][0].lr, "train/updates": len(results),
+        "train/skipped_frac": 1 - len(trained) / max(1, len(seqs) * c.epochs),
+        "pg/clip_frac": sums["clip_frac"] / denom, "pg/ratio_mean": sums["ratio"] / denom,
+        "pg/entropy": sums["entropy"] / denom, "kl/value": sums["kl"] / denom,
+        **{f"pg/{k}": v for k, v in state.loss_args.items() if isinstance(v, float)},
+        "time/train_s": t_train,
+        "perf/train_tokens_per_s": sum(len(seqs.prompts[i]) + len(seqs.completions[i]) for i in trained)
+        / max(t_train, 1e-9),
+    }
+
+
+def adapt_to_entropy(ctx: RunContext, state: RLState, c: RLConfig, entropy: float) -> None:
+    """ProRL-style band controller on the policy loss hyperparameter `entropy_adapt_arg`."""
+    name = c.entropy_adapt_arg
+    old = state.loss_args[name]
+    new = adapt_in_band(old, entropy, target_low=c.entropy_target[0], target_high=c.entropy_target[1],
+                        step_size=c.entropy_adapt_step, lo=c.entropy_adapt_bounds[0], hi=c.entropy_adapt_bounds[1])
+    if new != old:
+        ctx.note(f"entropy {entropy:.3f} outside {list(c.entropy_target)}: {name} {old:.3f} -> {new:.3f}")
+        state.loss_args[name] = new
+
+
+def end_step(ctx: RunContext, c: RLConfig, stage_step: int, metrics: dict, t_step: float, learner: Learner,
+             sampler: TaskSampler, state: RLState, reference: FrozenModel | None) -> None:
+    """Log the step, then what is scheduled at it: evaluation, reference reset, checkpoint. Runs after every
+    step, including one whose groups were all degenerate (no update), so the schedule never skips a point."""
+    metrics["time/step_s"] = time.time() - t_step
+    ctx.status(f"reward {metrics['rollout/reward_mean']:.3f}")
+    ctx.write_metrics("rl", metrics)
+    if c.eval_every and stage_step % c.eval_every == 0 and stage_step < c.steps:
+        result = ctx.evaluate(f"rl-step{stage_step}", stage="rl")
+        state.val_history.append((stage_step, result.get("mean@n", {}).get("mean", result["greedy_acc"])))
+    if reference is not None and should_reset_reference(stage_step, state.last_reset, state.val_history,
+                                                        every=c.ref_reset_every, patience=c.ref_reset_patience):
+        reference.load_weights(learner.weights())
+        state.last_reset = stage_step
+        if c.ref_reset_optimizer:
+            learner.reset_optimizer()
+        ctx.note(f"rl step {stage_step}: reference policy reset to the current policy"
+                 + (" (optimizer state cleared)" if c.ref_reset_optimizer else ""))
+        ctx.write_metrics("rl", {"ctrl/ref_reset": 1})
+    if ctx.due(stage_step) and stage_step < c.steps:
+        save(ctx, stage_step, False, learner, sampler, state, reference)
+
+
+def save(ctx: RunContext, stage_step: int, done: bool, learner: Learner, sampler: TaskSampler, state: RLState,
+         reference: FrozenModel | None) -> None:
+    stage_state = {"rl": asdict(state), "sampler": sampler.state_dict(),
+                   "reference": reference.state_dict() if reference is not None else None}
+    ctx.checkpoint(stage_index=ctx.stage_index, stage_step=stage_step, stage_done=done,
+                   learner=learner.state_dict(), stage_state=stage_state)
+    write_prompt_history(ctx.run_dir, sampler.history.rows())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small helpers.
+
+
+def generation_flops(flops: FlopModel, batch: RolloutBatch) -> float:
+    """Each distinct prompt is prefilled once per group, then every sample decodes on its own (rollout/local.py)."""
     total = 0.0
     for g in batch.group_ids.unique().tolist():
         rows = (batch.group_ids == g).nonzero().squeeze(-1).tolist()
@@ -333,20 +335,23 @@ def generation_flops(flops: FlopModel, batch: Rollouts) -> float:
     return total
 
 
-def num_groups(batch: Rollouts) -> int:
-    return int(batch.group_ids.unique().numel())
-
-
-def select(batch: Rollouts, keep: Tensor) -> Rollouts:
-    idx = keep.nonzero().squeeze(-1).tolist()
-    return Rollouts([batch.tasks[i] for i in idx], [batch.prompts[i] for i in idx],
-                    [batch.completions[i] for i in idx], [batch.scores[i] for i in idx], batch.group_ids[idx])
-
-
-def concat(a: Rollouts, b: Rollouts) -> Rollouts:
-    offset = int(a.group_ids.max()) + 1 if len(a.group_ids) else 0  # group ids stay unique across rounds
-    return Rollouts(a.tasks + b.tasks, a.prompts + b.prompts, a.completions + b.completions, a.scores + b.scores,
-                    torch.cat([a.group_ids, b.group_ids + offset]))
+def describe_samples(batch: RolloutBatch) -> dict[str, float]:
+    """Statistics of everything sampled this step (before group filtering)."""
+    if not len(batch):
+        return {"rollout/reward_mean": 0.0, "rollout/pass_rate": 0.0, "rollout/len_mean": 0.0,
+                "rollout/truncated_frac": 0.0, "rollout/effective_groups_frac": 0.0, "rollout/samples": 0}
+    rewards = batch.rewards()
+    n = len(batch)
+    return {
+        "rollout/reward_mean": float(rewards.mean()),
+        "rollout/reward_std": float(rewards.std()) if n > 1 else 0.0,
+        "rollout/pass_rate": sum(s.correct for s in batch.scores) / n,
+        "rollout/len_mean": sum(len(x.token_ids) for x in batch.completions) / n,
+        "rollout/truncated_frac": sum(x.finish_reason == "length" for x in batch.completions) / n,
+        "rollout/effective_groups_frac": float(group_has_variance(rewards, batch.group_ids).float().mean()),
+        "rollout/samples": n,
+        "rollout/score_errors": sum(1 for s in batch.scores if "error" in s.info),
+    }
 
 
 def pad(rows: list[list[float]] | list[Tensor]) -> Tensor:
@@ -366,47 +371,9 @@ def split_groups(group_ids: Tensor, parts: int, *, seed: int) -> list[Tensor]:
     return [torch.isin(group_ids, g).nonzero().squeeze(-1) for g in groups.tensor_split(min(parts, len(groups)))]
 
 
-def index_in(rows_of_minibatch: Tensor, rows: Tensor) -> Tensor:
-    """Positions of `rows` within the mini-batch's row list (both sorted)."""
-    return torch.searchsorted(rows_of_minibatch, rows)
-
-
-def rollout_metrics(batch: Rollouts) -> dict[str, float]:
-    """Statistics of everything sampled this step (before group filtering)."""
-    if not batch.completions:
-        return {"rollout/reward_mean": 0.0, "rollout/pass_rate": 0.0, "rollout/len_mean": 0.0,
-                "rollout/truncated_frac": 0.0, "rollout/effective_groups_frac": 0.0, "rollout/samples": 0}
-    rewards = torch.tensor([s.reward for s in batch.scores])
-    effective = group_has_variance(rewards, batch.group_ids)
-    return {
-        "rollout/reward_mean": float(rewards.mean()),
-        "rollout/reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-        "rollout/pass_rate": sum(s.correct for s in batch.scores) / len(batch.scores),
-        "rollout/len_mean": sum(len(x.token_ids) for x in batch.completions) / len(batch.completions),
-        "rollout/truncated_frac": sum(x.finish_reason == "length" for x in batch.completions) / len(batch.completions),
-        "rollout/effective_groups_frac": float(effective.float().mean()),
-        "rollout/samples": len(batch.completions),
-        "rollout/score_errors": sum(1 for s in batch.scores if "error" in s.info),
-    }
-
-
-def record_visits(history: dict, batch: Rollouts, *, step: int) -> None:
-    """Per-prompt learning history: every visit's step and pass rate, first step solved, times sampled."""
-    for g in batch.group_ids.unique().tolist():
-        rows = (batch.group_ids == g).nonzero().squeeze(-1).tolist()
-        task = batch.tasks[rows[0]]
-        rate = sum(batch.scores[i].correct for i in rows) / len(rows)
-        h = history.setdefault(task.id, {"id": task.id, "difficulty": task.difficulty, "visits": [],
-                                         "first_solved_step": None, "times_sampled": 0})
-        h["visits"].append([step, rate])
-        h["times_sampled"] += len(rows)
-        if rate > 0 and h["first_solved_step"] is None:
-            h["first_solved_step"] = step
-
-
-def write_prompt_history(ctx: RunContext, history: dict) -> None:
-    tmp = ctx.run_dir / "prompts.jsonl.tmp"
+def write_prompt_history(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = run_dir / "prompts.jsonl.tmp"
     with tmp.open("w") as f:
-        for h in history.values():
+        for h in rows:
             f.write(json.dumps(h) + "\n")
-    tmp.replace(ctx.run_dir / "prompts.jsonl")
+    tmp.replace(run_dir / "prompts.jsonl")

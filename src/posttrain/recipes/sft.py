@@ -2,56 +2,71 @@
 
     posttrain run recipes/sft-tiny.toml
 
-One step: take `batch_size` examples, split them into length-sorted micro-batches, sum each micro-batch's token
-losses divided by the number of completion tokens in the WHOLE batch (so the loss and the gradient do not depend on
-the micro-batch split), clip, step.
+One step: take `batch_size` examples, run them through the Learner in length-sorted micro-batches, each
+micro-batch's token losses summed and divided by the number of completion tokens in the WHOLE batch (so the loss
+and the gradient do not depend on the micro-batch split), clip, step.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import Field
+from torch import Tensor
 
-from posttrain.algos.logprobs import token_logprobs
-from posttrain.data.sft import collate, env_examples, jsonl_examples, micro_batches
+from posttrain.config import StageConfig
+from posttrain.data.sft import env_examples, jsonl_examples, length_order
 from posttrain.errors import UserError
-from posttrain.models.layout import autocast
 from posttrain.runtime.context import RunContext
-from posttrain.tracking.ledger import FlopModel, causal
-from posttrain.train.checkpoint import restore_training_state
-from posttrain.train.guards import UpdateGuard
-from posttrain.train.optim import build_optimizer, build_scheduler
+from posttrain.stages import StageResume, register_stage
+from posttrain.train.learner import ForwardOut, Learner, Sequences
 
 
-def sft_loss(model, examples, *, total_tokens: int, pad_id: int, bf16: bool) -> torch.Tensor:
-    """Sum of completion-token NLL of these examples / total_tokens of the whole batch. Call backward on it."""
-    dev = model.device
-    ids, attn, loss_mask = (t.to(dev) for t in collate(examples, pad_id))
-    with autocast(bf16, dev):
-        logits = model(input_ids=ids, attention_mask=attn).logits
-    nll = -token_logprobs(logits[:, :-1], ids[:, 1:]) * loss_mask[:, 1:]  # (B, L-1)
-    return nll.sum() / total_tokens
+class SFTConfig(StageConfig):
+    """The SFT stage (plus the optimizer keys shared with [rl]: lr, weight_decay, betas, warmup_steps, schedule,
+    min_lr_ratio, grad_clip, max_bad_steps)."""
+
+    steps: int = Field(300, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(128, gt=0, description="Sequences per optimizer step (global).")
+    micro_batch_size: int = Field(128, gt=0, description="Sequences per forward/backward (per device); only "
+                                  "memory and speed depend on it, not the loss.")
+    data_path: str | None = Field(None, description="JSONL of {\"prompt\": ..., \"completion\": ...}. When unset, "
+                                  "the environment's gold solutions on its train split are the data.")
+    eval_every: int = Field(0, ge=0, description="Greedy held-out accuracy every N steps (0 = only at the end).")
+    stop_at_accuracy: float | None = Field(None, gt=0, le=1, description="Stop early once the periodic greedy "
+                                           "held-out accuracy reaches this (a more reliable warm-up than a fixed "
+                                           "step count on tasks that are learned in a sudden jump).")
 
 
-def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
-    c, model, tok = ctx.cfg.sft, ctx.model, ctx.tokenizer
-    model.train()
-    optimizer = build_optimizer(model, lr=c.lr, weight_decay=c.weight_decay, betas=c.betas)
-    scheduler = build_scheduler(optimizer, total_steps=c.steps, warmup_steps=c.warmup_steps, schedule=c.schedule,
-                                min_lr_ratio=c.min_lr_ratio)
-    start, cursor = restore_training_state(optimizer, scheduler, resume)
+@dataclass(frozen=True)
+class SFTLoss:
+    """Summed negative log-likelihood of the completion tokens / the batch's completion tokens."""
 
-    source = (jsonl_examples(Path(c.data_path), tok, seed=ctx.cfg.seed, chat_template=ctx.cfg.model.chat_template,
+    total_tokens: int
+
+    def __call__(self, out: ForwardOut) -> tuple[Tensor, dict[str, float]]:
+        nll = -torch.where(out.mask.bool(), out.logprobs, torch.zeros_like(out.logprobs)).sum()
+        return nll / max(self.total_tokens, 1), {}
+
+
+@register_stage("sft", SFTConfig)
+def run(ctx: RunContext, c: SFTConfig, resume: StageResume | None) -> None:
+    tok = ctx.tokenizer
+    learner = Learner(ctx.policy, **c.optimizer_args(), total_updates=c.steps, micro_batch_size=c.micro_batch_size,
+                      pad_id=tok.pad_token_id, bf16=ctx.bf16, compile=ctx.compile)
+    start, cursor = 0, 0
+    if resume:
+        learner.load_state_dict(resume.learner)
+        start, cursor = resume.stage_step, resume.state["cursor"]
+    source = (jsonl_examples(Path(c.data_path), tok, seed=ctx.seed, chat_template=ctx.chat_template,
                              max_len=ctx.max_len) if c.data_path else
-              env_examples(ctx.training_env(c.env_args), tok, seed=ctx.cfg.seed, chat_template=ctx.cfg.model.chat_template,
+              env_examples(ctx.training_env(c.env_args), tok, seed=ctx.seed, chat_template=ctx.chat_template,
                            max_len=ctx.max_len))
     stream = itertools.islice(source, cursor, None)  # the data cursor: examples already consumed
-    flop_model = FlopModel.from_model(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    guard = UpdateGuard(c.max_bad_steps)
     step = start
     for step in ctx.progress(range(start, c.steps), total=c.steps, completed=start, description="sft"):
         t0 = time.time()
@@ -61,36 +76,33 @@ def run_stage(ctx: RunContext, stage_index: int, resume: dict | None) -> None:
             raise UserError(f"sft: no training examples left at step {step + 1} (the environment "
                             f"{ctx.env.name!r} yields no train-split tasks)")
         cursor += len(batch)
-        total_tokens = sum(len(e.completion) for e in batch)
-        loss_value = 0.0
+        seqs = Sequences([e.prompt for e in batch], [e.completion for e in batch])
         ctx.phase("train", f"forward/backward over {len(batch)} sequences")
-        for mb in micro_batches(batch, c.micro_batch_size):
-            loss = sft_loss(ctx.learner, mb, total_tokens=total_tokens, pad_id=tok.pad_token_id, bf16=ctx.cfg.model.bf16)
-            loss.backward()
-            loss_value += loss.item()
-        lr = scheduler.get_last_lr()[0]
-        grad_norm = ctx.optimizer_step(params, optimizer, scheduler, guard, loss=loss_value, grad_clip=c.grad_clip,
-                                       where=f"sft step {step + 1}")
-
+        result = learner.train_step(seqs, SFTLoss(sum(len(e.completion) for e in batch)),
+                                    rows=torch.tensor(length_order(batch)), where=f"sft step {step + 1}")
+        if result.skipped:
+            ctx.note(result.skipped + "; update skipped")
         ctx.global_step += 1
-        flops = flop_model.train(*causal(len(e.prompt) + len(e.completion) for e in batch))
-        ctx.add(**{"train/tokens": total_tokens, "compute/flops": flops, "compute/train_flops": flops})
-        metrics = {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm,
+        ctx.add_flops(train=result.flops)
+        ctx.add(**{"train/tokens": result.tokens})
+        metrics = {"train/loss": result.loss, "train/lr": result.lr, "train/grad_norm": result.grad_norm,
                    "time/step_s": time.time() - t0, "train/examples_seen": cursor}
-        ctx.status(f"loss {loss_value:.3f}")
+        ctx.status(f"loss {result.loss:.3f}")
         stop = False
         if c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < c.steps:
+            ctx.engine.update_weights(learner.weights(), ctx.global_step)
             acc = ctx.evaluate("sft-periodic", stage="sft", greedy_only=True, log=False)["greedy_acc"]
             metrics["eval/greedy_acc"] = acc
-            ctx.note(f"sft step {step + 1}: loss {loss_value:.3f}, held-out greedy accuracy {acc:.3f}")
+            ctx.note(f"sft step {step + 1}: loss {result.loss:.3f}, held-out greedy accuracy {acc:.3f}")
             stop = c.stop_at_accuracy is not None and acc >= c.stop_at_accuracy
         ctx.write_metrics("sft", metrics)
         if stop:
             ctx.note(f"sft: accuracy reached {c.stop_at_accuracy} at step {step + 1}; stopping the stage")
             break
         if ctx.due(step + 1) and step + 1 < c.steps:
-            ctx.checkpoint(stage_index=stage_index, stage_step=step + 1, stage_done=False, optimizer=optimizer,
-                           scheduler=scheduler, cursor=cursor)
+            ctx.checkpoint(stage_index=ctx.stage_index, stage_step=step + 1, stage_done=False,
+                           learner=learner.state_dict(), stage_state={"cursor": cursor})
+    ctx.engine.update_weights(learner.weights(), ctx.global_step)
     ctx.evaluate("sft", stage="sft")
-    ctx.checkpoint(stage_index=stage_index, stage_step=step + 1, stage_done=True, optimizer=optimizer,
-                   scheduler=scheduler, cursor=cursor)
+    ctx.checkpoint(stage_index=ctx.stage_index, stage_step=step + 1, stage_done=True, learner=learner.state_dict(),
+                   stage_state={"cursor": cursor})

@@ -1,4 +1,3 @@
-from posttrain.rollout.base import RolloutEngine
-from posttrain.rollout.hf import HFEngine
+from posttrain.rollout.base import ENGINES, RolloutEngine, build_engine
 
-__all__ = ["HFEngine", "RolloutEngine"]
+__all__ = ["ENGINES", "RolloutEngine", "build_engine"]

@@ -1,21 +1,83 @@
-"""The rollout engine protocol. The local engine (hf.py) and GPU engines (vLLM) implement the same two calls."""
+"""Rollout engines: the protocol every engine implements, and the registry `rollout.engine` selects from.
+
+    engine = build_engine("local", model, tokenizer, weights="copy", bf16=True)
+    completions = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=32, seed=7))
+    engine.update_weights(learner.weights(), version=step)       # after every update; the engine owns its weights
+
+An engine that lives in another process or on other devices (vLLM, a Ray worker) cannot see the learner's
+module: it holds its own weights and samples from whatever it was last given. Every Completion records the
+`policy_version` it was sampled with, so staleness is measurable. Heavy backends are registered lazily (their
+module is imported when chosen) and a missing one is an error naming the `pip install` that brings it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, Protocol
 
 from torch import Tensor
 
+from posttrain.errors import MissingExtraError, UserError
 from posttrain.records import Completion, SamplingParams
+from posttrain.registry import Registry, import_object
+
+WeightsMode = Literal["auto", "shared", "copy"]
 
 
 class RolloutEngine(Protocol):
+    version: int  # policy version of the weights it samples with
+
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
         """One completion per prompt (repeat a prompt to sample a group). Completions carry the sampler's
-        per-token logprobs (temperature-scaled distribution) and a finish reason."""
+        per-token logprobs (temperature-scaled distribution), a finish reason and the policy version."""
         ...
 
-    def update_weights(self, state: Mapping[str, Tensor], version: int) -> None:
-        """Load new policy weights (no-op for an engine that shares the learner's module)."""
+    def update_weights(self, weights: Mapping[str, Tensor], version: int) -> None:
+        """Load new policy weights and record their version."""
         ...
+
+    def close(self) -> None:
+        """Release processes, memory and devices."""
+        ...
+
+
+class EngineBuilder(Protocol):
+    def __call__(self, model: Any, tokenizer: Any, *, weights: WeightsMode, bf16: bool, version: int
+                 ) -> RolloutEngine: ...
+
+
+ENGINES: Registry[EngineBuilder] = Registry("rollout engine")
+
+
+def lazy_builder(path: str, *, requires: str, extra: str) -> EngineBuilder:
+    """A builder that imports `path` ("pkg.module:builder") only when chosen; if the package `requires` is not
+    installed, the error names `pip install -e '.[extra]'`."""
+
+    def build(model: Any, tokenizer: Any, **kwargs: Any) -> RolloutEngine:
+        try:
+            importlib.import_module(requires)
+        except ImportError:
+            raise MissingExtraError(requires, extra) from None
+        builder: Callable[..., RolloutEngine] = import_object(path, what="rollout.engine")
+        return builder(model, tokenizer, **kwargs)
+
+    return build
+
+
+@ENGINES.register("local")
+def build_local(model: Any, tokenizer: Any, *, weights: WeightsMode, bf16: bool, version: int) -> RolloutEngine:
+    """In-process sampler on the transformers model (rollout/local.py). weights = "auto" shares the learner's
+    module; "copy" gives the engine its own weights, synced by update_weights as an out-of-process engine is."""
+    from posttrain.rollout.local import LocalEngine
+
+    return LocalEngine(model, tokenizer, bf16=bf16, copy_weights=weights == "copy", version=version)
+
+
+def build_engine(name: str, model: Any, tokenizer: Any, *, weights: WeightsMode = "auto", bf16: bool = False,
+                 version: int = 0) -> RolloutEngine:
+    try:
+        builder = ENGINES.get(name)
+    except UserError as e:
+        raise UserError(f"rollout.engine: {e}") from None
+    return builder(model, tokenizer, weights=weights, bf16=bf16, version=version)

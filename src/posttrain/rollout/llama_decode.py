@@ -12,10 +12,13 @@ Only for architectures whose layer structure is exactly Llama's; anything else u
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
-from transformers import DynamicCache, PreTrainedModel
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache, PreTrainedModel
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 
@@ -95,6 +98,8 @@ def decode_step(model: PreTrainedModel, buffers: KVBuffers, tokens: Tensor, posi
     """Feed one token per row; write its keys/values at `column`; attend over columns [0, column].
 
     tokens (N,), positions (N,), mask (N, >= column + 1) bool (False on left padding) -> logits (N, V)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # lazy, as in train/forward.py
+
     inner, lin = model.model, buffers.linear
     n = tokens.shape[0]
     x = inner.embed_tokens(tokens[:, None])  # (N, 1, d)

@@ -1,5 +1,9 @@
-"""What every stage of a run shares: the policy, the environment, the run directory, the metric log, the step
-counter, checkpointing and evaluation. Stages (sft.py, rl.py) are plain functions that receive it."""
+"""What every stage of a run shares: the policy and its sampler, the environment, and the run's services (metric
+log, notes, heartbeat, progress, checkpoints, evaluation, the compute ledger's totals).
+
+The runner (runner.py) builds every part from the config and hands the stages plain values: nothing here reads
+the recipe. The context holds no optimizer: each stage builds its own Learner (train/learner.py).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -20,83 +24,75 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from posttrain.config import RunConfig
-from posttrain.data.prompts import context_length
-from posttrain.envs.scoring import score_many
-from posttrain.errors import UserError
-from posttrain.evals.evaluate import evaluate, headline_metrics, write_eval
-from posttrain.records import Score, Task
-from posttrain.rollout.hf import HFEngine
+from posttrain.envs.scoring import Scorer
+from posttrain.evals.evaluate import Evaluator, headline_metrics, write_eval
+from posttrain.rollout.base import RolloutEngine
 from posttrain.tracking.heartbeat import Heartbeat
 from posttrain.tracking.metrics import MetricsLog
-from posttrain.train.checkpoint import rng_state, rotate, save_checkpoint
+from posttrain.train.checkpoint import TrainerState, rng_state, rotate, save_checkpoint
 
 T = TypeVar("T")
 
 
 @dataclass
 class RunContext:
-    cfg: RunConfig
     run_dir: Path
-    model: Any
+    policy: Any  # the model every stage trains; each stage continues from the previous one's weights
     tokenizer: Any
-    env: Any
+    env: Any  # the run's environment ([env]): evaluation, and training unless a stage overrides its args
+    env_name: str
+    env_args: dict[str, Any]
+    engine: RolloutEngine
+    scorer: Scorer
+    evaluator: Evaluator
     log: MetricsLog
     console: Console
-    global_step: int = 0
+    stall_timeout_s: float = 900.0
+    seed: int = 0
+    bf16: bool = False
+    compile: bool = False
+    chat_template: bool = True
+    max_len: int | None = None
+    checkpoint_every: int = 0
+    keep_last_n: int = 2
+    global_step: int = 0  # optimizer steps of the whole run; also the version of the policy's weights
+    stage: str = "base"  # the stage running now; its compute is also counted as compute/<stage>_flops
+    stage_index: int = 0  # its position in the recipe (checkpoints record it)
     started: float = field(default_factory=time.time)
     elapsed_offset: float = 0.0  # seconds spent before a resume
     totals: dict[str, float] = field(default_factory=dict)  # cumulative counters (tokens, flops, ...)
     evals: dict[str, dict] = field(default_factory=dict)
-    stage: str = "base"  # the stage running now; compute is also counted per stage (compute/<stage>_flops)
 
     def __post_init__(self) -> None:
-        self.engine = HFEngine(self.model, self.tokenizer, bf16=self.cfg.model.bf16)
-        # What the training passes call: the same parameters, compiled on request (generation and checkpoints keep
-        # using the plain module, whose state_dict has no compile-wrapper prefixes).
-        self.learner = torch.compile(self.model, dynamic=True) if self.cfg.model.compile else self.model
-        self.max_len = context_length(self.model)
-        self.heartbeat = Heartbeat(self.run_dir, stall_timeout_s=self.cfg.stall_timeout_s, on_stall=self.note)
+        self.heartbeat = Heartbeat(self.run_dir, stall_timeout_s=self.stall_timeout_s, on_stall=self.note)
 
-    def training_env(self, env_args: dict) -> Any:
+    def training_env(self, overrides: dict[str, Any]) -> Any:
         """The environment a stage trains on: [env] with the stage's env_args overrides (evaluation keeps [env])."""
-        if not env_args:
+        if not overrides:
             return self.env
         from posttrain.envs import make_env
 
-        return make_env(self.cfg.env.name, {**self.cfg.env.args, **env_args})
+        return make_env(self.env_name, {**self.env_args, **overrides})
 
     def phase(self, name: str, detail: str = "") -> None:
         """Announce the phase being entered (heartbeat.json, stall watchdog, fault-injection point)."""
         self.heartbeat.phase(name, detail, step=self.global_step)
 
-    def score(self, tasks: list[Task], texts: list[str], env: Any = None) -> list[Score]:
-        """Score with the environment's verifier, isolated: a failing verifier costs only its sample. Too many
-        failures in one call stop the run rather than train on garbage."""
-        e, env = self.cfg.env, env or self.env
-        self.phase("score", f"verifier of {env.name} on {len(texts)} completions")
-        scores = score_many(env, tasks, texts, timeout_s=e.score_timeout_s, failure_reward=e.failure_reward)
-        failed = [(t, s) for t, s in zip(tasks, scores) if "error" in s.info]
-        if failed:
-            task, s = failed[0]
-            self.note(f"{len(failed)}/{len(scores)} completions could not be scored; e.g. task {task.id!r}: "
-                      f"{s.info.get('error')} {str(s.info.get('detail', ''))[:200]}")
-            if len(failed) > e.max_error_frac * len(scores):
-                raise UserError(f"{len(failed)} of {len(scores)} completions could not be scored (more than "
-                                f"env.max_error_frac = {e.max_error_frac}); first: task {task.id!r}: "
-                                f"{s.info.get('error')} {str(s.info.get('detail', ''))[:200]}")
-        return scores
-
-    # -- time and metrics ---------------------------------------------------------------------------------------
-    def elapsed(self) -> float:
-        return self.elapsed_offset + time.time() - self.started
+    # -- the compute ledger's totals and the metric log ---------------------------------------------------------
+    def add_flops(self, **by_kind: float) -> None:
+        """Count work: add_flops(generate=..., train=...) adds to compute/<kind>_flops, to compute/flops (all
+        work) and to compute/<stage>_flops (the x-axis of one stage's own scaling curve)."""
+        for kind, flops in by_kind.items():
+            self.add(**{f"compute/{kind}_flops": flops, "compute/flops": flops,
+                        f"compute/{self.stage}_flops": flops})
 
     def add(self, **counters: float) -> None:
+        """Add to cumulative counters that are not a kind of work (tokens, wasted FLOPs)."""
         for k, v in counters.items():
             self.totals[k] = self.totals.get(k, 0.0) + v
-            if k == "compute/flops":  # the x-axis of a stage's own scaling curve, e.g. compute/rl_flops
-                key = f"compute/{self.stage}_flops"
-                self.totals[key] = self.totals.get(key, 0.0) + v
+
+    def elapsed(self) -> float:
+        return self.elapsed_offset + time.time() - self.started
 
     def write_metrics(self, stage: str, metrics: dict[str, Any]) -> None:
         row = {"step": self.global_step, "stage": stage, "time/elapsed_s": round(self.elapsed(), 3)}
@@ -106,7 +102,7 @@ class RunContext:
 
     def note(self, message: str) -> None:
         """A line for the human: printed above the progress bar and kept in run.log."""
-        self.console.print(f"[dim]{message}[/dim]")
+        self.console.print(f"[dim]{escape(message)}[/dim]")
         with (self.run_dir / "run.log").open("a") as f:
             f.write(f"[step {self.global_step}] {message}\n")
 
@@ -125,55 +121,36 @@ class RunContext:
     def status(self, text: str) -> None:
         bar = getattr(self, "_bar", None)
         if bar is not None:
-            bar.update(self._task, status=text)
-
-    def optimizer_step(self, params, optimizer, scheduler, guard, *, loss: float, grad_clip: float,
-                       where: str) -> float:
-        """Clip, then step unless the loss or gradient is non-finite (the guard logs, skips, or stops the run);
-        advance the schedule either way. -> the pre-clip gradient norm."""
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-        self.phase("optimizer_step")
-        problem = guard.check(self.model, loss=loss, grad_norm=grad_norm, where=where)
-        if problem is None:
-            optimizer.step()
-        else:
-            self.note(problem + "; update skipped")
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+            bar.update(self._task, status=escape(text))
 
     # -- checkpoints --------------------------------------------------------------------------------------------
-    def checkpoint(self, *, stage_index: int, stage_step: int, stage_done: bool, optimizer, scheduler,
-                   cursor: int, extra: dict[str, Any] | None = None) -> Path:
-        state = {
-            "global_step": self.global_step, "stage_index": stage_index, "stage_step": stage_step,
-            "stage_done": stage_done, "optimizer": optimizer.state_dict() if optimizer else None,
-            "scheduler": scheduler.state_dict() if scheduler else None, "cursor": cursor, "rng": rng_state(),
-            "totals": dict(self.totals), "elapsed_s": self.elapsed(), "evals": self.evals,
-            "metrics_offset": self.log.offset(), "extra": extra or {},
-        }
+    def checkpoint(self, *, stage_index: int, stage_step: int, stage_done: bool, learner: dict[str, Any] | None,
+                   stage_state: dict[str, Any] | None = None) -> Path:
+        state = TrainerState(global_step=self.global_step, stage_index=stage_index, stage_step=stage_step,
+                             stage_done=stage_done, learner=learner, stage=stage_state or {}, rng=rng_state(),
+                             totals=dict(self.totals), elapsed_s=self.elapsed(), evals=self.evals,
+                             metrics_offset=self.log.offset())
         self.phase("checkpoint", f"writing step_{self.global_step}")
-        path = save_checkpoint(self.run_dir / "checkpoints", self.global_step, self.model, self.tokenizer, state)
-        rotate(self.run_dir / "checkpoints", self.cfg.checkpoint.keep_last_n)
+        path = save_checkpoint(self.run_dir / "checkpoints", self.global_step, self.policy, self.tokenizer, state)
+        rotate(self.run_dir / "checkpoints", self.keep_last_n)
         return path
 
     def due(self, stage_step: int) -> bool:
-        every = self.cfg.checkpoint.every
-        return every > 0 and stage_step % every == 0
+        return self.checkpoint_every > 0 and stage_step % self.checkpoint_every == 0
 
     # -- evaluation ---------------------------------------------------------------------------------------------
     def evaluate(self, tag: str, *, stage: str, greedy_only: bool = False, log: bool = True) -> dict[str, Any]:
-        e = self.cfg.eval
+        if self.engine.version != self.global_step:  # a stage forgot update_weights: the numbers would be stale
+            raise RuntimeError(f"evaluation '{tag}' would sample weights of version {self.engine.version}, but the "
+                               f"policy is at version {self.global_step}; call engine.update_weights first")
+        e = self.evaluator
         t0 = time.time()
         self.phase("eval", f"{e.problems} problems x {e.samples} samples")
-        result = evaluate(self.engine, self.tokenizer, self.env, problems=e.problems, samples=e.samples, ks=e.ks,
-                          temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
-                          seed=self.cfg.seed, chat_template=self.cfg.model.chat_template, max_len=self.max_len,
-                          greedy_only=greedy_only, score=self.score)
+        result = e(greedy_only=greedy_only)
         result.update({"tag": tag, "step": self.global_step, "stage": stage})
         if not greedy_only:
             write_eval(self.run_dir / "eval" / f"{tag}.json", result)
-            self.evals[tag] = {k: v for k, v in headline_metrics(result).items()}
+            self.evals[tag] = dict(headline_metrics(result))
         if log:
             self.write_metrics(stage, {**headline_metrics(result), "time/eval_s": time.time() - t0})
         return result

@@ -51,6 +51,7 @@ from posttrain.scaling.sweep_results import (  # noqa: F401
     iso_compute,
     read_results,
 )
+from posttrain.stages import load_stages
 from posttrain.tracking.metrics import read_metrics
 
 SWEEP_KEYS = ("base", "name", "axes", "set", "output_dir")
@@ -93,12 +94,15 @@ class Sweep:
 def _field_type(dotted: str) -> Any:
     """The annotation of a dotted recipe key, or UserError naming the first part that is not a key."""
     model: Any = RunConfig
+    stages = load_stages()
     parts = dotted.split(".")
     for i, part in enumerate(parts):
-        if isinstance(model, type) and issubclass(model, BaseModel):
+        if i == 0 and part in stages and part not in RunConfig.model_fields:  # a stage's section ([rl])
+            model = stages.get(part).config
+        elif isinstance(model, type) and issubclass(model, BaseModel):
             if part not in model.model_fields:
                 where = ".".join(parts[:i]) or "the top level"
-                known = ", ".join(sorted(model.model_fields))
+                known = ", ".join(sorted([*model.model_fields, *(stages.names() if i == 0 else [])]))
                 raise UserError(f"{dotted!r} is not a recipe key ({part!r} is not in {where}; known: {known})")
             model = model.model_fields[part].annotation
         elif typing.get_origin(model) is dict or model is dict:

@@ -34,7 +34,7 @@ dense kernel (eager attention, torch's CPU SDPA) computes the full T x T square 
 FlopCounterMode counts that full square (context = T). tests/test_ledger.py checks both: with context = T the
 ledger equals FlopCounterMode's matmul count exactly.
 
-Generation with a KV cache (rollout/hf.py): one prefill over the P prompt tokens (causal, logits only at the last
+Generation with a KV cache (rollout/local.py): one prefill over the P prompt tokens (causal, logits only at the last
 position), then one single-token forward per further new token; the t-th of them (t = 1 .. n-1) attends P + t
 positions. The last sampled token needs no forward pass.
 

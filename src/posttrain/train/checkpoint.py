@@ -2,7 +2,8 @@
 
 checkpoints/step_N/ = model (config.json + model.safetensors) + tokenizer + trainer_state.pt + COMPLETE.
 Written to a hidden temp dir, fsynced, then renamed: a crash mid-write leaves a temp dir that is never loaded
-(and is cleaned up on the next start), and the previous checkpoint is untouched.
+(and is cleaned up on the next start), and the previous checkpoint is untouched. trainer_state.pt holds one
+TrainerState record: where the run is, the learner's optimizer state and the stage's own resumable state.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,35 @@ from posttrain.tracking.heartbeat import fault_point
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+STATE_FORMAT = 2  # bump when TrainerState changes incompatibly
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """Everything a checkpoint holds besides the model: enough to continue the run exactly."""
+
+    global_step: int  # optimizer steps of the whole run (all stages)
+    stage_index: int  # which entry of `recipe` was running
+    stage_step: int  # that stage's own step count
+    stage_done: bool  # the stage had finished (the next one starts on resume)
+    learner: dict[str, Any] | None  # Learner.state_dict(): optimizer, schedule, bad-update count
+    stage: dict[str, Any]  # the stage's own state (data cursor or task sampler, controllers, reference weights)
+    rng: dict[str, Any]  # torch, numpy and python RNG states
+    totals: dict[str, float]  # cumulative counters (compute ledger, tokens)
+    elapsed_s: float  # wall-clock seconds of the run so far
+    evals: dict[str, dict]  # headline metrics of every evaluation so far, by tag
+    metrics_offset: int  # bytes of metrics.jsonl that belong to the run up to here
+    format: int = STATE_FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: Path) -> TrainerState:
+        if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+            raise UserError(f"{where}: trainer state of another format (written by another version of posttrain); "
+                            "start the run again with --fresh")
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
 
 
 def _fsync_tree(root: Path) -> None:
@@ -42,7 +73,7 @@ def save_model_dir(path: Path, model, tokenizer) -> None:
     tokenizer.save_pretrained(path)
 
 
-def save_checkpoint(root: Path, step: int, model, tokenizer, state: dict[str, Any]) -> Path:
+def save_checkpoint(root: Path, step: int, model, tokenizer, state: TrainerState) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
     tmp = root / f".tmp-step_{step}-{os.getpid()}"
@@ -51,7 +82,7 @@ def save_checkpoint(root: Path, step: int, model, tokenizer, state: dict[str, An
         tmp.mkdir()
         save_model_dir(tmp, model, tokenizer)
         fault_point("checkpoint_write", step)
-        torch.save(state, tmp / STATE_FILE)
+        torch.save(state.to_dict(), tmp / STATE_FILE)
         (tmp / COMPLETE).write_text(f"step {step}\n")
         _fsync_tree(tmp)
     except OSError as e:  # disk full, quota, permissions: the previous checkpoint is untouched
@@ -92,13 +123,14 @@ def rotate(root: Path, keep_last_n: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_state(path: Path) -> dict[str, Any]:
+def load_state(path: Path) -> TrainerState:
     if not is_complete(path):
         raise UserError(f"{path}: not a complete checkpoint (missing {COMPLETE}, {STATE_FILE} or config.json)")
     try:
-        return torch.load(path / STATE_FILE, weights_only=False)
+        data = torch.load(path / STATE_FILE, weights_only=False)
     except Exception as e:  # a truncated or foreign file: say which
         raise UserError(f"{path / STATE_FILE}: cannot read trainer state ({type(e).__name__}: {e})") from e
+    return TrainerState.from_dict(data, where=path / STATE_FILE)
 
 
 def rng_state() -> dict[str, Any]:
@@ -109,14 +141,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-
-
-def restore_training_state(optimizer, scheduler, resume: dict[str, Any] | None) -> tuple[int, int]:
-    """Load a stage's optimizer, scheduler and RNG states from a checkpoint's trainer state.
-    -> (stage steps already completed, data cursor); (0, 0) when starting fresh."""
-    if not resume:
-        return 0, 0
-    optimizer.load_state_dict(resume["optimizer"])
-    scheduler.load_state_dict(resume["scheduler"])
-    set_rng_state(resume["rng"])
-    return resume["stage_step"], resume["cursor"]

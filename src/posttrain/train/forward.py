@@ -8,20 +8,24 @@ prompt once, and `completion_logits` runs the prompt forward once per distinct p
 its samples on top of that prompt's keys/values (the KV cache, gathered per row, with gradients flowing back
 through it). The logits, the loss and the gradients are those of the plain pass over G full copies (up to float
 summation order; tests/test_forward.py), at 1/G of the prompt tokens' work. The same trick the sampler uses
-for generation (rollout/hf.py), applied to the learner.
+for generation (rollout/local.py), applied to the learner.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache, PreTrainedModel
 
 from posttrain.algos.logprobs import token_entropy, token_logprobs
 from posttrain.models.layout import autocast, distinct_prompts, left_pad
+from posttrain.tracking.ledger import FlopModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -35,11 +39,6 @@ class PackedBatch:
     @property
     def shares_prefixes(self) -> bool:
         return self.prompt_ids.shape[0] < self.targets.shape[0]
-
-    @property
-    def prompt_tokens(self) -> Tensor:
-        """(U,) real tokens per distinct prompt."""
-        return self.prompt_mask.sum(-1)
 
 
 def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int, *,
@@ -60,8 +59,23 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
     return PackedBatch(p_ids, p_mask, torch.tensor(rows, dtype=torch.long), c_ids, c_mask.float())
 
 
+def packed_forward_flops(flops: FlopModel, prompts: Sequence[Sequence[int]],
+                         completions: Sequence[Sequence[int]]) -> float:
+    """Model FLOPs of the forward pass `completion_logits` runs over these rows: each distinct prompt once, its
+    completions on top of it (tracking/ledger.py, forward_shared_prefix). Training is TRAIN_MULTIPLIER times it."""
+    distinct, prompt_of = distinct_prompts(prompts)
+    lengths: list[list[int]] = [[] for _ in distinct]
+    for u, c in zip(prompt_of, completions):
+        lengths[u].append(len(c))
+    return sum(flops.forward_shared_prefix(len(p), ts) for p, ts in zip(distinct, lengths))
+
+
 def completion_logits(model: PreTrainedModel, batch: PackedBatch, *, bf16: bool = False) -> Tensor:
     """Logits predicting each completion token: (B, T, V)."""
+    from transformers import (
+        DynamicCache,  # lazy: importing transformers costs seconds, and config loading needs none
+    )
+
     dev = model.device
     rows = batch.prompt_rows.to(dev)
     p_ids, p_mask = batch.prompt_ids.to(dev), batch.prompt_mask.to(dev)

@@ -1,4 +1,8 @@
-"""The local rollout engine: batched sampling with a KV cache, in-process, sharing the learner's module.
+"""The local rollout engine: batched sampling with a KV cache, in-process, on a transformers model.
+
+Weights. With `copy_weights=False` it samples from the learner's own module (nothing to sync: the laptop default).
+With `copy_weights=True` it holds its own copy, as any out-of-process engine (vLLM, a Ray worker) does, and
+samples from whatever weights it was last given by `update_weights`; every Completion records that version.
 
 Exactness: the logprobs it reports are `log_softmax(logits / T)` of the same model on the same tokens with the
 same left-padded layout the learner uses (train/forward.py), so in fp32 they match a teacher-forced forward pass
@@ -13,24 +17,30 @@ Speed (the RL step is mostly generation on CPU):
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from posttrain.models.layout import autocast, distinct_prompts, left_pad
 from posttrain.records import Completion, SamplingParams
 from posttrain.rollout import llama_decode
 from posttrain.rollout.sampling import sample_next
 
+if TYPE_CHECKING:
+    from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-class HFEngine:
+
+class LocalEngine:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, bf16: bool = False,
-                 lean: bool | None = None):
-        """lean: use the preallocated-cache decode step of llama_decode.py (default: when the model supports it)."""
-        self.model = model
-        self.lean = llama_decode.supports(model) if lean is None else lean
+                 lean: bool | None = None, copy_weights: bool = False, version: int = 0):
+        """lean: use the preallocated-cache decode step of llama_decode.py (default: when the model supports it).
+        copy_weights: hold a private copy of the weights, refreshed only by update_weights."""
+        self.copy_weights = copy_weights
+        self.model = copy.deepcopy(model).eval().requires_grad_(False) if copy_weights else model
+        self.lean = llama_decode.supports(self.model) if lean is None else lean
         self.tokenizer = tokenizer
         self.bf16 = bf16
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
@@ -40,12 +50,16 @@ class HFEngine:
         self.eos_ids = torch.tensor(sorted(i for i in eos_ids if i is not None), dtype=torch.long,
                                     device=self.device)
         self.pad_id = tokenizer.pad_token_id
-        self.version = 0
-
-    def update_weights(self, state: Mapping[str, Tensor], version: int) -> None:
-        if state:
-            self.model.load_state_dict(state, strict=False)
         self.version = version
+
+    def update_weights(self, weights: Mapping[str, Tensor], version: int) -> None:
+        """Load the learner's weights (a copy; nothing to load when sharing its module) and record their version."""
+        if self.copy_weights:
+            self.model.load_state_dict(weights)
+        self.version = version
+
+    def close(self) -> None:
+        pass
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
@@ -68,7 +82,8 @@ class HFEngine:
                 if cut >= 0:
                     text = text[:cut]
             out.append(Completion(prompt_ids=tuple(prompt), token_ids=tuple(ids),
-                                  logprobs=tuple(logprobs[i, :n].tolist()), finish_reason=finish[i], text=text))
+                                  logprobs=tuple(logprobs[i, :n].tolist()), finish_reason=finish[i], text=text,
+                                  policy_version=self.version))
         return out
 
     def _prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[DynamicCache, Tensor, Tensor, Tensor, Tensor]:
@@ -78,6 +93,8 @@ class HFEngine:
         ids, mask = left_pad(distinct, self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        from transformers import DynamicCache  # lazy: see train/forward.py
+
         cache = DynamicCache()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)

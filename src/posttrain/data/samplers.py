@@ -1,0 +1,112 @@
+"""Task samplers: where an RL stage's prompts come from, step after step, resumably.
+
+    sampler = SAMPLERS.get("uniform")(env, 0)           # (env, seed, **sampler_args)
+    tasks = sampler.next(32)                        # the next 32 training tasks
+    sampler.observe(outcomes, step=12)              # how each sampled group did (pass rate, rewards)
+    state = sampler.state_dict()                    # in every checkpoint; load_state_dict resumes exactly
+
+Every sampler keeps the per-prompt learning history (`PromptHistory`: every visit's step and pass rate, first step
+solved, times sampled), written to the run's prompts.jsonl; a curriculum reads it to decide what to sample next.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from posttrain.errors import UserError
+from posttrain.records import Task
+from posttrain.registry import Registry
+
+
+@dataclass(frozen=True)
+class GroupOutcome:
+    """How the samples of one prompt did."""
+
+    task: Task
+    rewards: tuple[float, ...]
+    correct: tuple[bool, ...]
+
+    @property
+    def pass_rate(self) -> float:
+        return sum(self.correct) / len(self.correct) if self.correct else 0.0
+
+
+class TaskSampler(Protocol):
+    history: PromptHistory
+
+    def next(self, n: int) -> list[Task]: ...
+
+    def observe(self, outcomes: Sequence[GroupOutcome], *, step: int) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+SAMPLERS: Registry[Any] = Registry("task sampler")
+
+
+class PromptHistory:
+    """Per-prompt learning history, keyed by task id."""
+
+    def __init__(self) -> None:
+        self.prompts: dict[str, dict[str, Any]] = {}
+
+    def record(self, outcomes: Sequence[GroupOutcome], *, step: int) -> None:
+        for o in outcomes:
+            h = self.prompts.setdefault(o.task.id, {"id": o.task.id, "difficulty": o.task.difficulty, "visits": [],
+                                                    "first_solved_step": None, "times_sampled": 0})
+            h["visits"].append([step, o.pass_rate])
+            h["times_sampled"] += len(o.correct)
+            if o.pass_rate > 0 and h["first_solved_step"] is None:
+                h["first_solved_step"] = step
+
+    def rows(self) -> list[dict[str, Any]]:
+        return list(self.prompts.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"prompts": self.prompts}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.prompts = state["prompts"]
+
+
+def task_stream(env: Any, seed: int) -> Iterator[Task]:
+    """Training tasks forever: a finite dataset is replayed epoch after epoch in a fresh order."""
+    for epoch in itertools.count():
+        empty = True
+        for task in env.tasks("train", seed + epoch):
+            empty = False
+            yield task
+        if empty:
+            raise UserError(f"environment {env.name!r} yields no training tasks")
+
+
+@SAMPLERS.register("uniform")
+class UniformSampler:
+    """The environment's training tasks in its own seeded order, every task once per epoch."""
+
+    def __init__(self, env: Any, seed: int) -> None:
+        self.env, self.seed = env, seed
+        self.history = PromptHistory()
+        self._consumed = 0
+        self._stream = task_stream(env, seed)
+
+    def next(self, n: int) -> list[Task]:
+        tasks = list(itertools.islice(self._stream, n))
+        self._consumed += len(tasks)
+        return tasks
+
+    def observe(self, outcomes: Sequence[GroupOutcome], *, step: int) -> None:
+        self.history.record(outcomes, step=step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed": self._consumed, "history": self.history.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._stream = itertools.islice(task_stream(self.env, self.seed), state["consumed"], None)
+        self._consumed = state["consumed"]
+        self.history.load_state_dict(state["history"])

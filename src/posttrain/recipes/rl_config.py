@@ -1,0 +1,163 @@
+"""The [rl] section: RLConfig, its presets (posttrain/presets/*.toml) and the checks that run at load time.
+
+Method choices are registry names with their hyperparameter tables; a preset is a set of such keys. Every check
+here runs when the recipe is loaded, not when the RL stage starts (possibly after a long SFT stage).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from posttrain.algos import (
+    ADVANTAGES,
+    AGGREGATIONS,
+    GROUP_FILTERS,
+    IS_CORRECTIONS,
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
+)
+from posttrain.config import StageConfig
+from posttrain.data.samplers import SAMPLERS
+from posttrain.errors import ConfigError
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
+# Keys that became per-entry hyperparameters; a recipe that still sets one gets told where it went.
+MOVED = {"eps_low": "rl.policy_loss_args", "eps_high": "rl.policy_loss_args", "dual_clip": "rl.policy_loss_args",
+         "adv_eps": "rl.advantage_args (as eps)"}
+RENAMED = {"eps_high_bounds": "rl.entropy_adapt_bounds"}
+ENTRY_KEYS = {"advantage": "advantage_args", "policy_loss": "policy_loss_args", "sampler": "sampler_args"}
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = PRESET_DIR / f"{name}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+        raise ConfigError("rl.preset", f"{name!r} is not a known preset; known: {', '.join(known)}")
+    with path.open("rb") as f:
+        return tomllib.load(f)
+
+
+def merge_preset(preset: dict[str, Any], section: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's keys over the preset's. A hyperparameter table merges key by key while the recipe keeps the
+    preset's entry; a recipe that picks another entry drops the preset's table for it (it would not fit)."""
+    merged = {**preset, **section}
+    for entry, table in ENTRY_KEYS.items():
+        if table in preset and table in section and merged.get(entry) == preset.get(entry):
+            merged[table] = {**preset[table], **section[table]}
+        elif table in preset and table not in section and merged.get(entry) != preset.get(entry):
+            del merged[table]
+    return merged
+
+
+class RLConfig(StageConfig):
+    """The RL stage. Method choices are registry names with their hyperparameter tables; `preset` fills them
+    from a named method (posttrain/presets/*.toml)."""
+
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
+    preset: str | None = Field(None, description="A named method (grpo, dr_grpo, dapo, prorl, gspo, cispo, rloo, "
+                               "reinforce_pp, scalerl): a TOML file in posttrain/presets whose keys become the "
+                               "defaults of this section; keys set here override it.")
+    steps: int = Field(200, gt=0, description="RL steps (one rollout batch each).")
+    prompts_per_step: int = Field(32, gt=0, description="Distinct prompts per step (global).")
+    group_size: int = Field(8, gt=0, description="Completions sampled per prompt.")
+    temperature: float = Field(1.0, gt=0, description="Rollout temperature; logprobs use the same temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Rollout nucleus sampling.")
+    top_k: int = Field(0, ge=0, description="Rollout top-k (0 = off).")
+    max_new_tokens: int = Field(32, gt=0, description="Generation budget per completion (L_max).")
+    mini_batches: int = Field(1, gt=0, description="Optimizer steps per rollout batch (the batch is split into "
+                              "this many mini-batches of whole groups). >1 makes training off-policy.")
+    epochs: int = Field(1, gt=0, description="Passes over the rollout batch (PPO epochs).")
+    micro_batch_size: int = Field(256, gt=0, description="Sequences per forward/backward (per device).")
+    sampler: str = Field("uniform", description="Where prompts come from (registry data.samplers.SAMPLERS).")
+    sampler_args: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters of the sampler.")
+    advantage: str = Field("grpo", description="Advantage estimator (registry algos.ADVANTAGES), or an import "
+                           "path 'pkg.module:function'.")
+    advantage_args: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters of the advantage "
+                                           "estimator (e.g. {eps = 1e-6}); `posttrain docs` lists each entry's.")
+    policy_loss: str = Field("ppo_clip", description="Per-token policy loss (registry algos.POLICY_LOSSES), or an "
+                             "import path.")
+    policy_loss_args: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters of the policy loss "
+                                             "(ppo_clip: eps_low, eps_high, dual_clip; cispo: max_weight, ...).")
+    aggregation: str = Field("token_mean", description="Loss aggregation (registry algos.AGGREGATIONS).")
+    kl_estimator: str = Field("k3", description="KL estimator (registry algos.KL_ESTIMATORS).")
+    kl_coef: float = Field(0.0, ge=0, description="KL coefficient; 0 disables the reference model.")
+    kl_placement: Literal["loss", "reward"] = Field(
+        "loss", description="KL as a loss term, or as per-token rewards -kl_coef * KL_t (a sequence-level "
+        "advantage sees their sum; reinforce_pp sees the reward-to-go).")
+    is_correction: str = Field("none", description="Sampler-vs-trainer importance correction "
+                               "(registry algos.IS_CORRECTIONS: none, tis, mask, seq_tis, seq_mask).")
+    is_cap: float = Field(2.0, gt=0, description="Cap C for the IS correction.")
+    entropy_coef: float = Field(0.0, description="Entropy bonus coefficient (loss -= coef * entropy).")
+    group_filter: str = Field("none", description="Which groups train (registry algos.GROUP_FILTERS): none, "
+                              "zero_variance (drop groups whose rewards are all equal, ScaleRL), dynamic_sampling "
+                              "(drop them and generate more prompts until the batch is full, DAPO).")
+    max_refill_rounds: int = Field(3, ge=0, description="dynamic_sampling: extra generation rounds per step.")
+    overlong_cache: int = Field(0, ge=0, description="DAPO soft overlong penalty buffer L_cache in tokens "
+                                "(0 = off); the penalty ramps over the last L_cache tokens of max_new_tokens.")
+    mask_truncated: bool = Field(False, description="Exclude completions cut by max_new_tokens from the loss.")
+    entropy_target: tuple[float, float] | None = Field(None, description="ProRL-style controller: keep the "
+                                                       "policy entropy inside [low, high] by adapting the policy "
+                                                       "loss hyperparameter entropy_adapt_arg.")
+    entropy_adapt_arg: str = Field("eps_high", description="The policy-loss hyperparameter the entropy "
+                                   "controller adapts (it must be one of the loss's hyperparameters).")
+    entropy_adapt_step: float = Field(0.02, gt=0, description="Controller step per RL step.")
+    entropy_adapt_bounds: tuple[float, float] = Field((0.2, 0.5), description="Controller limits on the "
+                                                      "adapted hyperparameter.")
+    ref_reset_every: int = Field(0, ge=0, description="Reset the reference policy to the current one every N "
+                                 "steps (ProRL; 0 = never).")
+    ref_reset_patience: int = Field(0, ge=0, description="Also reset when held-out reward has not improved for "
+                                    "this many evaluations (0 = off).")
+    ref_reset_optimizer: bool = Field(False, description="Re-initialise the optimizer state on a reference reset.")
+    eval_every: int = Field(0, ge=0, description="Held-out evaluation every N RL steps (0 = only at the end).")
+    skip_zero_advantage: bool = Field(True, description="Skip the forward/backward of samples whose advantage is "
+                                      "exactly 0 (their gradient is exactly 0; normalisers still count them). "
+                                      "Ignored when an entropy bonus or a KL loss term gives them a gradient.")
+    recompute_old_logprobs: bool = Field(False, description="Recompute old logprobs with a learner forward pass "
+                                         "instead of using the sampler's (needed when the sampler's numerics "
+                                         "differ from the learner's: another engine, bf16 rollouts, copied "
+                                         "weights). Logs is/mismatch_kl.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_and_moved_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for key, where in MOVED.items():
+            if key in data:
+                raise ConfigError(f"rl.{key}", f"moved to {where} (each policy loss and advantage now declares "
+                                  "its own hyperparameters; `posttrain docs` lists them)")
+        for key, new in RENAMED.items():
+            if key in data:
+                raise ConfigError(f"rl.{key}", f"renamed to {new}")
+        if data.get("preset"):
+            data = merge_preset(load_preset(data["preset"]), data)
+        return data
+
+    @model_validator(mode="after")
+    def _registry_entries(self) -> RLConfig:
+        # Checked at load time, not when the RL stage starts (possibly after a long SFT stage).
+        for key, registry in (("aggregation", AGGREGATIONS), ("kl_estimator", KL_ESTIMATORS),
+                              ("is_correction", IS_CORRECTIONS), ("group_filter", GROUP_FILTERS)):
+            name = getattr(self, key)
+            if ":" not in name and name not in registry:
+                raise ConfigError(f"rl.{key}", f"{name!r} is not one of {', '.join(registry.names())}")
+        for entry, registry in (("advantage", ADVANTAGES), ("policy_loss", POLICY_LOSSES), ("sampler", SAMPLERS)):
+            name, table = getattr(self, entry), ENTRY_KEYS[entry]
+            if ":" not in name and name not in registry:
+                raise ConfigError(f"rl.{entry}", f"{name!r} is not one of {', '.join(registry.names())} "
+                                  "(or an import path 'pkg.module:name')")
+            # The resolved config shows every hyperparameter, defaults filled in.
+            self.__dict__[table] = registry.validate_args(name, getattr(self, table), key=f"rl.{table}")
+        if self.group_size == 1 and ADVANTAGES.trait(self.advantage, "group_relative"):
+            raise ConfigError("rl.group_size", f"1 with advantage {self.advantage!r}, which is group-relative "
+                              "(its baseline is the other samples of the same prompt): every advantage would be 0 "
+                              "and nothing would train; use group_size >= 2, or advantage = 'reinforce_pp'")
+        if self.entropy_target is not None and self.entropy_adapt_arg not in self.policy_loss_args:
+            raise ConfigError("rl.entropy_adapt_arg", f"the entropy controller adapts {self.entropy_adapt_arg!r}, "
+                              f"but policy loss {self.policy_loss!r} has no such hyperparameter; it has: "
+                              f"{', '.join(self.policy_loss_args) or 'none'}")
+        return self

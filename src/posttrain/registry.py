@@ -1,0 +1,159 @@
+"""A registry maps a name from a recipe (``advantage = "dr_grpo"``) to one small function or class.
+
+Every entry of one registry shares one signature, so a recipe swaps a component by changing a string, and adding a
+variant is one function, one decorator line and one test (STYLE.md §1). The same class serves the algorithm
+registries (algos/), the group filters, the rollout engines and the stages.
+
+    @ADVANTAGES.register("grpo", group_relative=True)      # traits: facts about the entry other code may ask
+    def grpo(x: AdvantageInputs, *, eps: float = 1e-6): ...
+
+Hyperparameters. An entry's keyword-only parameters (those after ``*``) are its hyperparameters, typed by their
+annotations, with their defaults; ``hyperparameters(name)`` validates a recipe table such as
+``[rl.advantage_args]`` against them (an unknown key or a wrong type is an error naming it). Constraints and a
+description can ride on the annotation: ``eps: Annotated[float, Field(gt=0, description="...")] = 1e-6``.
+
+Out-of-tree entries. A name containing ":" is an import path, ``"package.module:function"`` or
+``"path/to/file.py:function"``; it is imported on first use and needs no registration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable, Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+
+from posttrain.errors import ConfigError, UserError
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def import_object(spec: str, *, what: str) -> Any:
+    """``"pkg.module:attr"`` or ``"path/to/file.py:attr"`` -> the object. `what` names the recipe key in errors."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise UserError(f"{what}={spec!r}: an import path must look like 'package.module:name' or 'file.py:name'")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name).expanduser().resolve()
+            if not path.is_file():
+                raise UserError(f"{what}={spec!r}: {path} is not a file")
+            key = "posttrain_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+            module = sys.modules.get(key)
+            if module is None:
+                loader_spec = importlib.util.spec_from_file_location(key, path)
+                if loader_spec is None or loader_spec.loader is None:
+                    raise UserError(f"{what}={spec!r}: cannot load {path} as a Python module")
+                module = importlib.util.module_from_spec(loader_spec)
+                sys.modules[key] = module  # before exec, so pickling and dataclasses inside it work
+                try:
+                    loader_spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[key]
+                    raise
+        else:
+            module = importlib.import_module(module_name)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{what}={spec!r}: cannot import it ({type(e).__name__}: {e})") from e
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise UserError(f"{what}={spec!r}: {module_name} has no attribute {attr!r}") from None
+
+
+class Registry(Generic[F]):
+    """Name -> entry for one kind of component. `kind` names it in error messages ("advantage")."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, F] = {}
+        self._traits: dict[str, dict[str, Any]] = {}
+
+    def register(self, name: str, **traits: Any) -> Callable[[F], F]:
+        """Decorator: ``@ADVANTAGES.register("grpo", group_relative=True)``. A second entry under one name is a
+        bug, so it raises."""
+
+        def deco(entry: F) -> F:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is already registered (by {self._entries[name]!r})")
+            self._entries[name] = entry
+            self._traits[name] = dict(traits)
+            return entry
+
+        return deco
+
+    def get(self, name: str) -> F:
+        if name in self._entries:
+            return self._entries[name]
+        if ":" in name:
+            return import_object(name, what=self.kind)
+        raise UserError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())} "
+                        "(or an import path 'package.module:name')")
+
+    __getitem__ = get
+
+    def trait(self, name: str, key: str, default: Any = None) -> Any:
+        """A registered trait of the entry; an import-path entry may carry it as an attribute of the function."""
+        if name in self._traits:
+            return self._traits[name].get(key, default)
+        return getattr(self.get(name), key, default)
+
+    def hyperparameters(self, name: str) -> type[BaseModel]:
+        """The entry's hyperparameters as a pydantic model (extra keys forbidden), from its keyword-only params."""
+        return _hyperparameter_model(self.get(name), f"{self.kind} {name!r}")
+
+    def validate_args(self, name: str, args: dict[str, Any], *, key: str) -> dict[str, Any]:
+        """`args` checked against the entry's hyperparameters, every default filled in. Errors (ConfigError)
+        name `key`, the recipe key of the table ("rl.policy_loss_args")."""
+        model = self.hyperparameters(name)
+        try:
+            return model.model_validate(args).model_dump()
+        except ValidationError as e:
+            first = e.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            takes = ", ".join(model.model_fields) or "no hyperparameters"
+            if first["type"] == "extra_forbidden":
+                raise ConfigError(f"{key}.{field}", f"{self.kind} {name!r} has no hyperparameter {field!r}; "
+                                  f"it takes: {takes}") from None
+            raise ConfigError(f"{key}.{field}", f"{first['msg']} ({self.kind} {name!r} takes: {takes})") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {self.names()})"
+
+
+@cache
+def _hyperparameter_model(fn: Callable[..., Any], label: str) -> type[BaseModel]:
+    try:
+        params = inspect.signature(fn, eval_str=True).parameters.values()
+    except (TypeError, ValueError, NameError) as e:
+        raise UserError(f"{label}: cannot read its signature ({e})") from None
+    fields: dict[str, Any] = {}
+    for p in params:
+        if p.kind is not p.KEYWORD_ONLY:
+            continue
+        if p.default is p.empty:
+            raise UserError(f"{label}: hyperparameter {p.name!r} needs a default")
+        annotation = Any if p.annotation is p.empty else p.annotation
+        fields[p.name] = (annotation, p.default)
+    return create_model(f"{label} hyperparameters", __config__=ConfigDict(extra="forbid"), **fields)

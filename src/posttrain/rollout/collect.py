@@ -1,0 +1,136 @@
+"""Rollout collection as a generator: one RL step's scored groups per `next()` (nanochat's `get_batch()` shape).
+
+    batches = collect(engine, sampler, scorer, render, group_size=8, prompts_per_step=32, ...)
+    rollouts = next(batches)      # generate, score, filter (and, for a refilling filter, generate more)
+
+Each step asks the TaskSampler for prompts, repeats each `group_size` times, generates, scores, tells the sampler
+how every group did, and applies the group filter. A filter with `refill` (DAPO's dynamic sampling) asks for more
+prompts until `prompts_per_step` groups are kept or `max_refill_rounds` extra rounds are spent. This function is
+the seam an asynchronous producer replaces: the RL step only ever calls `next(batches)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from posttrain.algos import GROUP_FILTERS
+from posttrain.data.prompts import render_prompt
+from posttrain.data.samplers import GroupOutcome, TaskSampler
+from posttrain.envs.scoring import Scorer
+from posttrain.records import Completion, SamplingParams, Score, Task
+from posttrain.rollout.base import RolloutEngine
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """Scored samples, B = groups x group_size, flattened group by group."""
+
+    tasks: list[Task]
+    prompts: list[list[int]]
+    completions: list[Completion]
+    scores: list[Score]
+    group_ids: Tensor  # (B,) long; unique per group across refill rounds
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.group_ids.unique().numel())
+
+    def rewards(self) -> Tensor:
+        return torch.tensor([s.reward for s in self.scores], dtype=torch.float)
+
+    def select(self, keep: Tensor) -> RolloutBatch:
+        idx = keep.nonzero().squeeze(-1).tolist()
+        return RolloutBatch([self.tasks[i] for i in idx], [self.prompts[i] for i in idx],
+                            [self.completions[i] for i in idx], [self.scores[i] for i in idx], self.group_ids[idx])
+
+    def concat(self, other: RolloutBatch) -> RolloutBatch:
+        offset = int(self.group_ids.max()) + 1 if len(self.group_ids) else 0  # group ids stay unique
+        return RolloutBatch(self.tasks + other.tasks, self.prompts + other.prompts,
+                            self.completions + other.completions, self.scores + other.scores,
+                            torch.cat([self.group_ids, other.group_ids + offset]))
+
+    def outcomes(self) -> list[GroupOutcome]:
+        out = []
+        for g in self.group_ids.unique().tolist():
+            rows = (self.group_ids == g).nonzero().squeeze(-1).tolist()
+            out.append(GroupOutcome(self.tasks[rows[0]], tuple(self.scores[i].reward for i in rows),
+                                    tuple(self.scores[i].correct for i in rows)))
+        return out
+
+
+def empty_batch() -> RolloutBatch:
+    return RolloutBatch([], [], [], [], torch.zeros(0, dtype=torch.long))
+
+
+@dataclass(frozen=True)
+class StepRollouts:
+    """What one step collected."""
+
+    kept: RolloutBatch  # the groups that train
+    seen: RolloutBatch  # everything generated this step (metrics and the compute ledger count it all)
+    rounds: int  # generation rounds (1 + refills)
+    notes: list[str] = field(default_factory=list)  # lines for the run log (e.g. completions that failed to score)
+
+
+@dataclass(frozen=True)
+class PromptRenderer:
+    """A task -> its prompt's token ids, through the environment's prompt and the tokenizer's chat template."""
+
+    env: object
+    tokenizer: object
+    chat_template: bool = True
+    max_len: int | None = None
+
+    def __call__(self, task: Task) -> list[int]:
+        return render_prompt(self.tokenizer, self.env.prompt(task), chat_template=self.chat_template,
+                             max_len=self.max_len)
+
+
+def generate_groups(engine: RolloutEngine, scorer: Scorer, render: Callable[[Task], list[int]], tasks: list[Task],
+                    params: SamplingParams, group_size: int, *, heartbeat=None, step: int = 0) -> RolloutBatch:
+    """`group_size` scored samples of each task. `heartbeat` (tracking/heartbeat.py), if given, hears each phase."""
+    prompts = [render(t) for t in tasks]
+    flat_prompts = [p for p in prompts for _ in range(group_size)]
+    flat_tasks = [t for t in tasks for _ in range(group_size)]
+    if heartbeat is not None:
+        heartbeat.phase("generate", f"{len(flat_prompts)} completions of up to {params.max_new_tokens} tokens",
+                        step=step)
+    completions = engine.generate(flat_prompts, params)
+    if heartbeat is not None:
+        heartbeat.phase("score", f"verifier of {getattr(scorer.env, 'name', scorer.env)} on {len(completions)} "
+                        "completions", step=step)
+    scores = scorer(flat_tasks, [c.text for c in completions])
+    group_ids = torch.arange(len(tasks)).repeat_interleave(group_size)
+    return RolloutBatch(flat_tasks, flat_prompts, completions, scores, group_ids)
+
+
+def collect(engine: RolloutEngine, sampler: TaskSampler, scorer: Scorer, render: Callable[[Task], list[int]], *,
+            prompts_per_step: int, group_size: int, group_filter: str, max_refill_rounds: int,
+            sampling: SamplingParams, seed: int, first_step: int, heartbeat=None) -> Iterator[StepRollouts]:
+    """Yield each step's rollouts, forever. Step s (the global step being trained, from `first_step`) samples with
+    seed `seed * 1_000_003 + s` (+ 7919 per refill round), so a resumed run draws the same samples."""
+    keep_fn, refill = GROUP_FILTERS.get(group_filter), bool(GROUP_FILTERS.trait(group_filter, "refill"))
+    step = first_step
+    while True:
+        kept, seen, rounds, notes = empty_batch(), empty_batch(), 0, []
+        while True:
+            tasks = sampler.next(prompts_per_step - kept.num_groups)
+            params = replace(sampling, seed=seed * 1_000_003 + step + 7919 * rounds)
+            new = generate_groups(engine, scorer, render, tasks, params, group_size, heartbeat=heartbeat, step=step)
+            if failed := scorer.failures(new.tasks, new.scores):
+                notes.append(failed)
+            sampler.observe(new.outcomes(), step=step + 1)
+            seen = seen.concat(new)
+            kept = kept.concat(new.select(keep_fn(new.rewards(), new.group_ids)))
+            rounds += 1
+            if not refill or kept.num_groups >= prompts_per_step or rounds > max_refill_rounds:
+                break
+        yield StepRollouts(kept, seen, rounds, notes)
+        step += 1

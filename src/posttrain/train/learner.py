@@ -1,0 +1,204 @@
+"""The Learner: the only place with a backward pass and an optimizer step.
+
+    learner = Learner(model, lr=1e-4, total_updates=200, micro_batch_size=64, pad_id=tok.pad_token_id)
+    old = learner.logprobs(seqs, temperature=1.0)                       # no-grad logprobs, one (T_i,) per row
+    result = learner.train_step(seqs, loss_fn, rows=rows)               # one optimizer update -> StepResult
+    engine.update_weights(learner.weights(), version)
+
+`train_step` runs the rows it is given in micro-batches of `micro_batch_size` (in the order given: SFT sorts by
+length, RL keeps groups together so they share their prompt's forward pass), calls `loss_fn` on each micro-batch's
+logprobs and backpropagates it, then fills missing gradients with zeros, clips, checks that the loss and gradient
+are finite (a bad update is skipped; `max_bad_steps` in a row stop the run), steps the optimizer and the schedule.
+It never calls back into the run: what happened (loss, gradient norm, a skipped update and why, FLOPs) comes back
+in the StepResult, so the same object can later live in another process (a Ray actor) unchanged.
+
+The loss function sees one micro-batch at a time and must return a loss already divided by the step's GLOBAL
+normalisers (algos/aggregation.py), so that summing micro-batch losses gives the full-batch loss and gradient
+whatever the split. That is why micro_batch_size never changes results beyond float rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from posttrain.tracking.ledger import TRAIN_MULTIPLIER, FlopModel
+from posttrain.train.forward import completion_logprobs, pack, packed_forward_flops
+from posttrain.train.guards import UpdateGuard
+from posttrain.train.optim import build_optimizer, build_scheduler
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """Rows of (prompt, completion) token ids: what a forward pass runs over. Row i's completion tokens are the
+    positions that get logprobs; a batch's per-token tensors are (B, T) aligned with them."""
+
+    prompts: Sequence[Sequence[int]]
+    completions: Sequence[Sequence[int]]
+
+    def __post_init__(self) -> None:
+        if len(self.prompts) != len(self.completions):
+            raise ValueError(f"Sequences: {len(self.prompts)} prompts but {len(self.completions)} completions")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass(frozen=True)
+class ForwardOut:
+    """One micro-batch, as a loss function sees it."""
+
+    rows: Tensor  # (b,) which rows of the Sequences these are
+    logprobs: Tensor  # (b, t) fp32 log-probabilities of the completion tokens; carries the gradient
+    mask: Tensor  # (b, t) 1 on real completion tokens (t = the widest completion of this micro-batch)
+    entropy: Tensor | None  # (b, t) entropy of the next-token distribution, when asked for
+
+
+class LossFn(Protocol):
+    def __call__(self, out: ForwardOut) -> tuple[Tensor, dict[str, float]]:
+        """-> (scalar loss of this micro-batch, already divided by the global normalisers; metric sums)."""
+        ...
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # sum of the micro-batch losses: the step's loss
+    grad_norm: float  # global gradient norm before clipping
+    lr: float  # learning rate of this update
+    skipped: str | None  # why the update was not applied (non-finite loss or gradient), or None
+    metrics: dict[str, float] = field(default_factory=dict)  # the loss function's metric sums, added up
+    rows: int = 0  # rows forwarded
+    tokens: int = 0  # completion tokens forwarded
+    flops: float = 0.0  # model FLOPs of the forward and backward passes
+
+
+class FrozenModel:
+    """A model that only computes logprobs: a reference policy or a teacher. Counts its own FLOPs."""
+
+    def __init__(self, model: nn.Module, *, micro_batch_size: int, pad_id: int, bf16: bool = False) -> None:
+        self.model = model
+        self.micro_batch_size = micro_batch_size
+        self.pad_id = pad_id
+        self.bf16 = bf16
+        self.flop_model = FlopModel.from_model(model)
+
+    @torch.no_grad()
+    def logprobs(self, seqs: Sequences, *, temperature: float = 1.0) -> tuple[list[Tensor], float]:
+        """-> (one (T_i,) CPU tensor of logprobs per row, forward FLOPs spent)."""
+        was_training = self.model.training
+        self.model.eval()
+        out: list[Tensor] = []
+        flops = 0.0
+        try:
+            for s in range(0, len(seqs), self.micro_batch_size):
+                prompts = seqs.prompts[s: s + self.micro_batch_size]
+                completions = seqs.completions[s: s + self.micro_batch_size]
+                lp, _ = completion_logprobs(self.model, pack(prompts, completions, self.pad_id),
+                                            temperature=temperature, bf16=self.bf16)
+                flops += packed_forward_flops(self.flop_model, prompts, completions)
+                out += [lp[i, : len(c)].cpu() for i, c in enumerate(completions)]
+        finally:
+            self.model.train(was_training)
+        return out, flops
+
+    def load_weights(self, weights: Mapping[str, Tensor]) -> None:
+        self.model.load_state_dict(weights)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.model.state_dict()
+
+
+class Learner:
+    def __init__(self, model: nn.Module, *, lr: float, total_updates: int, micro_batch_size: int, pad_id: int,
+                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 0,
+                 schedule: str = "constant", min_lr_ratio: float = 0.1, grad_clip: float = 1.0,
+                 max_bad_steps: int = 3, bf16: bool = False, compile: bool = False) -> None:
+        self.model = model
+        self.micro_batch_size = micro_batch_size
+        self.pad_id = pad_id
+        self.bf16 = bf16
+        self.grad_clip = grad_clip
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay, betas=betas)
+        self.scheduler = build_scheduler(self.optimizer, total_steps=total_updates, warmup_steps=warmup_steps,
+                                         schedule=schedule, min_lr_ratio=min_lr_ratio)
+        self.guard = UpdateGuard(max_bad_steps)
+        # The training and logprob passes may run a compiled wrapper of the same parameters; weights(),
+        # checkpoints and generation use the plain module, whose state_dict has no wrapper prefixes.
+        self.forward_model = torch.compile(model, dynamic=True) if compile else model
+        self.flop_model = FlopModel.from_model(model)
+        self._frozen_self = FrozenModel(self.forward_model, micro_batch_size=micro_batch_size, pad_id=pad_id,
+                                        bf16=bf16)
+        self._frozen_self.flop_model = self.flop_model
+
+    # -- passes without gradient ---------------------------------------------------------------------------------
+    def logprobs(self, seqs: Sequences, *, temperature: float = 1.0) -> tuple[list[Tensor], float]:
+        """The current policy's logprobs of every row (old-policy logprobs). -> (per-row tensors, FLOPs)."""
+        return self._frozen_self.logprobs(seqs, temperature=temperature)
+
+    def frozen_copy(self) -> FrozenModel:
+        """A frozen snapshot of the current policy (the reference of a KL term)."""
+        ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+        return FrozenModel(ref, micro_batch_size=self.micro_batch_size, pad_id=self.pad_id, bf16=self.bf16)
+
+    # -- one optimizer update ------------------------------------------------------------------------------------
+    def train_step(self, seqs: Sequences, loss_fn: LossFn, *, rows: Tensor | None = None,
+                   temperature: float = 1.0, with_entropy: bool = False, where: str = "update") -> StepResult:
+        """One optimizer update over `rows` (default: all) of `seqs`. `where` labels errors ("rl step 12")."""
+        rows = torch.arange(len(seqs)) if rows is None else rows
+        lr = self.scheduler.get_last_lr()[0]
+        total_loss, flops, tokens = 0.0, 0.0, 0
+        metrics: dict[str, float] = {}
+        for chunk in rows.split(self.micro_batch_size) if len(rows) else ():
+            prompts = [seqs.prompts[i] for i in chunk.tolist()]
+            completions = [seqs.completions[i] for i in chunk.tolist()]
+            packed = pack(prompts, completions, self.pad_id)
+            lp, entropy = completion_logprobs(self.forward_model, packed, temperature=temperature, bf16=self.bf16,
+                                              with_entropy=with_entropy)
+            mask = packed.mask.to(lp.device)
+            loss, parts = loss_fn(ForwardOut(rows=chunk, logprobs=lp, mask=mask, entropy=entropy))
+            loss.backward()
+            total_loss += loss.item()
+            for k, v in parts.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v)
+            flops += TRAIN_MULTIPLIER * packed_forward_flops(self.flop_model, prompts, completions)
+            tokens += int(packed.mask.sum())
+        for p in self.params:  # rows that were all skipped are a zero gradient, not no step (Adam still moves)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
+        skipped = self.guard.check(self.model, loss=total_loss, grad_norm=grad_norm, where=where)
+        if skipped is None:
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss=total_loss, grad_norm=grad_norm, lr=lr, skipped=skipped, metrics=metrics,
+                          rows=len(rows), tokens=tokens, flops=flops)
+
+    def reset_optimizer(self) -> None:
+        """Forget the optimizer's moment estimates (ProRL's optimizer re-initialisation at a reference reset)."""
+        self.optimizer.state.clear()
+
+    # -- weights and state ---------------------------------------------------------------------------------------
+    def weights(self) -> Mapping[str, Tensor]:
+        """The current policy weights, for an engine's update_weights (live tensors: copy before mutating)."""
+        return self.model.state_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "bad_steps": self.guard.bad_steps}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.guard.bad_steps = int(state["bad_steps"])
