@@ -148,3 +148,66 @@ def test_bf16_speedups_agree_with_the_fp32_path_within_tolerance(tiny):
     loss16, _ = POLICY_LOSSES.get("ppo_clip")(PolicyLossInputs(lp16, lp32.detach(), adv, batch.mask))
     scale = (loss32.abs() * batch.mask).sum()
     assert ((loss32 - loss16).abs() * batch.mask).sum() < 0.1 * scale
+
+
+# ----- engines own their weights: the registry, copy mode and update_weights ------------------------------------
+
+
+def test_a_copying_engine_goes_stale_without_sync_and_matches_the_learner_after_it(tiny):
+    from posttrain.recipes.sft import SFTLoss
+    from posttrain.rollout import build_engine
+    from posttrain.train.learner import Learner, Sequences
+
+    model, tok = tiny
+    engine = build_engine("local", model, tok, weights="copy", version=0)
+    learner = Learner(model, lr=5e-2, total_updates=3, micro_batch_size=8, pad_id=tok.pad_token_id)
+    prompts = prompts_for(tok, ["1+2=", "34+5="]) * 3
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, seed=4)
+    for _ in range(3):  # move the policy well away from the engine's copy
+        learner.train_step(Sequences(prompts, [[tok.convert_tokens_to_ids("7")] * 3] * len(prompts)), SFTLoss(18))
+
+    def gap(outs):
+        lp, _ = learner.logprobs(Sequences([c.prompt_ids for c in outs], [c.token_ids for c in outs]))
+        return max(float((a - torch.tensor(c.logprobs)).abs().max()) for a, c in zip(lp, outs))
+
+    stale = engine.generate(prompts, params)
+    assert all(c.policy_version == 0 for c in stale)
+    assert gap(stale) > 1e-2  # the engine still samples from the weights it was built with
+
+    engine.update_weights(learner.weights(), version=3)
+    fresh = engine.generate(prompts, params)
+    assert all(c.policy_version == 3 for c in fresh)
+    assert gap(fresh) < 1e-5  # fp32: after the sync its logprobs are the learner's
+    assert engine.model is not model  # its own copy, not the learner's module
+
+
+def test_a_shared_engine_samples_the_learner_module_and_records_versions(tiny):
+    from posttrain.rollout import build_engine
+
+    model, tok = tiny
+    engine = build_engine("local", model, tok, weights="auto", version=5)
+    assert engine.model is model
+    outs = engine.generate(prompts_for(tok, ["1="]), SamplingParams(max_new_tokens=3))
+    assert outs[0].policy_version == 5
+    engine.update_weights({}, version=6)  # nothing to copy: it runs the learner's own parameters
+    assert engine.generate(prompts_for(tok, ["1="]), SamplingParams(max_new_tokens=3))[0].policy_version == 6
+
+
+def test_engine_registry_errors_name_the_key_and_the_missing_extra(tiny):
+    import pytest
+
+    from posttrain.errors import MissingExtraError, UserError
+    from posttrain.rollout import ENGINES, build_engine
+    from posttrain.rollout.base import lazy_builder
+
+    model, tok = tiny
+    with pytest.raises(UserError, match="rollout.engine: unknown rollout engine 'vlm'; known: local"):
+        build_engine("vlm", model, tok)
+    # a heavy backend is registered lazily: choosing it without its package names the pip install
+    ENGINES._entries["fake-heavy"] = lazy_builder("some_heavy_pkg_xyz.engine:build", requires="some_heavy_pkg_xyz",
+                                                   extra="heavy")
+    try:
+        with pytest.raises(MissingExtraError, match=r"pip install -e '\.\[heavy\]'"):
+            build_engine("fake-heavy", model, tok)
+    finally:
+        del ENGINES._entries["fake-heavy"]

@@ -34,8 +34,11 @@ class ModelConfig(Section):
                         "'cuda', 'cuda:1', ...")
     attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
         "auto", description="Attention kernel: 'auto' is eager on CPU (faster for short sequences) and sdpa on GPU.")
-    bf16: bool = Field(False, description="bf16 autocast for forward/backward and generation (fp32 master weights, "
-                       "fp32 logprobs and losses). About 1.5-6x faster on CPUs with bf16 matrix units.")
+    bf16: bool | Literal["auto"] = Field(
+        False, description="bf16 autocast for forward/backward and generation (fp32 master weights, fp32 logprobs and "
+        "losses). About 1.5-6x faster on CPUs with bf16 matrix units (AMX, AVX512-BF16) and on GPUs, but ~40x "
+        "SLOWER on CPUs without them (emulated). 'auto': on where the device has bf16 hardware, else fp32 (the "
+        "choice is written to run.log).")
     compile: bool = Field(False, description="torch.compile the learner's forward/backward (dynamic shapes). Costs "
                           "one compilation per run (about 1.5-3.5 min on a 2-core CPU), then made tiny-25m's RL "
                           "training pass ~1.6x faster (docs/performance.md): worth it for long runs, not for the "

@@ -27,7 +27,14 @@ from posttrain.envs import make_env
 from posttrain.envs.scoring import Scorer, shutdown_pool
 from posttrain.errors import UserError
 from posttrain.evals.evaluate import Evaluator
-from posttrain.models import attention_for, load_model, load_tokenizer, resolve_device, resolve_model_path
+from posttrain.models import (
+    attention_for,
+    load_model,
+    load_tokenizer,
+    resolve_bf16,
+    resolve_device,
+    resolve_model_path,
+)
 from posttrain.rollout.base import build_engine
 from posttrain.runtime.context import RunContext
 from posttrain.stages import StageResume, load_stages
@@ -96,8 +103,8 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
     tokenizer = load_tokenizer(model_dir, require_chat_template=cfg.model.chat_template)
     env = make_env(cfg.env.name, cfg.env.args)
     step = state.global_step if state else 0
-    engine = build_engine(cfg.rollout.engine, model, tokenizer, weights=cfg.rollout.weights, bf16=cfg.model.bf16,
-                          version=step)
+    bf16 = resolve_bf16(cfg.model.bf16, device)
+    engine = build_engine(cfg.rollout.engine, model, tokenizer, weights=cfg.rollout.weights, bf16=bf16, version=step)
     scorer = Scorer(env, timeout_s=cfg.env.score_timeout_s, failure_reward=cfg.env.failure_reward,
                     max_error_frac=cfg.env.max_error_frac)
     e, max_len = cfg.eval, context_length(model)
@@ -107,9 +114,12 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
     ctx = RunContext(run_dir=run_dir, policy=model, tokenizer=tokenizer, env=env, env_name=cfg.env.name,
                      env_args=dict(cfg.env.args), engine=engine, scorer=scorer, evaluator=evaluator,
                      log=MetricsLog(run_dir), console=console, stall_timeout_s=cfg.stall_timeout_s, seed=cfg.seed,
-                     bf16=cfg.model.bf16, compile=cfg.model.compile,
+                     bf16=bf16, compile=cfg.model.compile,
                      chat_template=cfg.model.chat_template, max_len=max_len, checkpoint_every=cfg.checkpoint.every,
                      keep_last_n=cfg.checkpoint.keep_last_n, global_step=step)
+    if cfg.model.bf16 == "auto":
+        ctx.note(f"model.bf16 = auto: {'bf16 autocast' if bf16 else 'fp32'} on {device} "
+                 f"({'bf16 matrix units found' if bf16 else 'no bf16 matrix units: bf16 would be emulated, far slower'})")
     if state:
         ctx.totals, ctx.evals, ctx.elapsed_offset = state.totals, state.evals, state.elapsed_s
         console.print(f"resuming {run_dir} from {ckpt.name} (stage {cfg.recipe[state.stage_index]})")

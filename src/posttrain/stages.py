@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
+from posttrain.errors import UserError
 from posttrain.registry import Registry
 
 ENTRY_POINT_GROUP = "posttrain.stages"
+BUILTIN = "posttrain.recipes"
 
 
 @dataclass(frozen=True)
@@ -62,11 +64,14 @@ def load_stages() -> Registry[Stage]:
     """The stage registry, with every built-in stage and every installed plugin loaded."""
     global _loaded
     if not _loaded:
-        import posttrain.recipes as builtin
-
+        builtin = importlib.import_module(BUILTIN)  # by name: the recipes are plugins, found, not depended on
         for module in pkgutil.iter_modules(builtin.__path__):
-            importlib.import_module(f"{builtin.__name__}.{module.name}")
+            importlib.import_module(f"{BUILTIN}.{module.name}")
         for ep in entry_points(group=ENTRY_POINT_GROUP):
-            importlib.import_module(ep.value.partition(":")[0])
+            try:
+                importlib.import_module(ep.value.partition(":")[0])
+            except Exception as e:  # noqa: BLE001 - a broken plugin is named, not a traceback
+                raise UserError(f"stage plugin {ep.name!r} ({ep.value}) cannot be imported: "
+                                f"{type(e).__name__}: {e}") from e
         _loaded = True
     return STAGES

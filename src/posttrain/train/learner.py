@@ -199,6 +199,8 @@ class Learner:
                 "bad_steps": self.guard.bad_steps}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        # A copy: torch's optimizer keeps the given moment tensors when dtype and device already match, so a state
+        # taken from a live learner would otherwise be shared by both and updated twice.
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.scheduler.load_state_dict(state["scheduler"])
         self.guard.bad_steps = int(state["bad_steps"])

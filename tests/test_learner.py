@@ -1,0 +1,115 @@
+"""The Learner: one optimizer update per train_step, what happened returned (not logged), resumable state."""
+
+import math
+
+import pytest
+import torch
+
+from posttrain.errors import UserError
+from posttrain.recipes.sft import SFTLoss
+from posttrain.train.learner import ForwardOut, Learner, Sequences
+
+SEQS = Sequences([[5, 6, 7], [5, 6, 7], [9, 10]], [[11, 12], [13], [14, 15, 16]])
+
+
+def learner_for(model, **kw):
+    return Learner(model, **{"lr": 1e-3, "total_updates": 10, "micro_batch_size": 2, "pad_id": 0, **kw})
+
+
+def test_train_step_updates_the_model_and_reports_what_it_did(tiny):
+    model, _ = tiny
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    learner = learner_for(model)
+    result = learner.train_step(SEQS, SFTLoss(6))
+    assert result.skipped is None and math.isfinite(result.loss) and result.grad_norm > 0
+    assert result.rows == 3 and result.tokens == 6 and result.lr == pytest.approx(1e-3)
+    # the FLOPs of what ran: the first two rows share their prompt (one prompt pass), x3 for the backward
+    fm = learner.flop_model
+    expected = 3 * (fm.forward_shared_prefix(3, [2, 1]) + fm.forward_shared_prefix(2, [3]))
+    assert result.flops == pytest.approx(expected)
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_a_non_finite_loss_skips_the_update_and_says_why(tiny):
+    model, _ = tiny
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    learner = learner_for(model, max_bad_steps=2)
+
+    def nan_loss(out: ForwardOut):
+        return out.logprobs.sum() * float("nan"), {}
+
+    result = learner.train_step(SEQS, nan_loss, where="rl step 4")
+    assert result.skipped is not None and "rl step 4: non-finite loss" in result.skipped
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert learner.scheduler.last_epoch == 1  # the schedule advanced anyway
+    with pytest.raises(UserError, match="2 consecutive bad updates"):
+        learner.train_step(SEQS, nan_loss, where="rl step 5")
+
+
+def test_rows_that_are_all_skipped_still_step_the_optimizer(tiny):
+    """Forwarding no rows is a zero gradient, not no step: Adam's moments from earlier steps still move weights."""
+    model, _ = tiny
+    learner = learner_for(model)
+    learner.train_step(SEQS, SFTLoss(6))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = learner.train_step(SEQS, SFTLoss(6), rows=torch.zeros(0, dtype=torch.long))
+    assert result.rows == 0 and result.tokens == 0 and result.grad_norm == 0 and result.skipped is None
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_micro_batch_size_does_not_change_the_update(tiny_dir):
+    from posttrain.models import load_model
+
+    finals = []
+    for size in (1, 3):
+        model = load_model(tiny_dir)
+        learner = Learner(model, lr=1e-2, total_updates=2, micro_batch_size=size, pad_id=0)
+        for _ in range(2):
+            learner.train_step(SEQS, SFTLoss(6))
+        finals.append(model.state_dict())
+    for name, tensor in finals[0].items():
+        torch.testing.assert_close(tensor, finals[1][name], atol=1e-4, rtol=1e-4)  # Adam: see test_rl.py
+
+
+def test_state_dict_round_trip_continues_identically(tiny_dir):
+    from posttrain.models import load_model
+
+    a = learner_for(load_model(tiny_dir))
+    a.train_step(SEQS, SFTLoss(6))
+    b_model = load_model(tiny_dir)
+    b_model.load_state_dict(a.model.state_dict())
+    b = learner_for(b_model)
+    b.load_state_dict(a.state_dict())
+    ra, rb = a.train_step(SEQS, SFTLoss(6)), b.train_step(SEQS, SFTLoss(6))
+    assert ra.loss == rb.loss and ra.lr == rb.lr
+    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(pa, pb), name
+
+
+def test_logprobs_and_a_frozen_copy(tiny):
+    model, _ = tiny
+    learner = learner_for(model)
+    lp, flops = learner.logprobs(SEQS)
+    assert [len(x) for x in lp] == [2, 1, 3] and flops > 0
+    ref = learner.frozen_copy()
+    learner.train_step(SEQS, SFTLoss(6))
+    after, _ = learner.logprobs(SEQS)
+    frozen, _ = ref.logprobs(SEQS)
+    assert all(torch.equal(x, y) for x, y in zip(lp, frozen))  # the copy did not move
+    assert any(not torch.equal(x, y) for x, y in zip(lp, after))  # the policy did
+    ref.load_weights(learner.weights())
+    again, _ = ref.logprobs(SEQS)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(after, again))
+
+
+def test_learner_code_never_reaches_into_a_run():
+    """It can move into another process (a Ray actor) unchanged: it imports no run context, console or log."""
+    import ast
+    from pathlib import Path
+
+    import posttrain.train.learner as mod
+
+    tree = ast.parse(Path(mod.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not any(m.startswith(("posttrain.runtime", "posttrain.runner", "posttrain.tracking.metrics", "rich"))
+                   for m in imported), imported
