@@ -179,3 +179,13 @@ def test_inputs_reject_misshapen_tensors():
         AdvantageInputs(t(1.0, 0.0), torch.tensor([0, 0]), torch.ones(2, 3), token_rewards=torch.zeros(2, 2))
     with pytest.raises(ValueError, match="must both be"):
         AdvantageInputs(t(1.0, 0.0), torch.tensor([0]), torch.ones(2, 3))
+
+
+def test_grpo_passk_credits_only_the_best_sample_of_each_group():
+    # group 0 = rows 0, 2, 4: rewards 1, 0, 1 -> a tie for the best: every advantage 0
+    # group 1 = rows 1, 3: rewards 0, 1 -> row 3 gets 1 - 0 = 1, over the group std 1/sqrt(2) -> sqrt(2)
+    # group 2 = row 5: singleton -> 0
+    assert_close(adv("grpo_passk"), t(0.0, 0.0, 0.0, S2, 0.0, 0.0))
+    x = AdvantageInputs(t(0.2, 0.9, 0.5), torch.tensor([0, 0, 0]), torch.ones(3, 2, dtype=torch.float64))
+    plain = ADVANTAGES.get("grpo_passk")(x, norm_by_std=False)
+    assert_close(plain, torch.tensor([[0.0, 0.0], [0.4, 0.4], [0.0, 0.0]], dtype=torch.float64))  # 0.9 - 0.5

@@ -111,6 +111,25 @@ def reinforce_pp_baseline(x: AdvantageInputs, *, eps: Eps = 1e-6) -> Tensor:
     return whiten_tokens(per_token(_group_centred(x), x.mask), x.mask, eps)
 
 
+@ADVANTAGES.register("grpo_passk", group_relative=True)
+def grpo_passk(x: AdvantageInputs, *, norm_by_std: bool = True, eps: Eps = 1e-6) -> Tensor:
+    """Pass@k training (arXiv 2503.19595; verl "grpo_passk"): only the best sample of each group gets an
+    advantage, r_max - r_second_max, divided by the group's std (+ eps) when `norm_by_std`; every other sample 0.
+
+    A tie for the best gives 0 (nothing to prefer); the first best sample in batch order is the one credited.
+    """
+    r = x.sequence_rewards()
+    out = torch.zeros_like(r)
+    for g in x.group_ids.unique():
+        rows = (x.group_ids == g).nonzero().squeeze(-1)
+        if len(rows) < 2:
+            continue
+        top, idx = torch.topk(r[rows], 2)  # topk keeps the first index among equal values
+        gap = top[0] - top[1]
+        out[rows[idx[0]]] = gap / (r[rows].std() + eps) if norm_by_std else gap
+    return per_token(out, x.mask)
+
+
 @ADVANTAGES.register("grpo_batch_std", group_relative=True)
 def grpo_batch_std(x: AdvantageInputs, *, eps: Eps = 1e-6) -> Tensor:
     """Group-centred, batch-scaled: (r - mean_group) / (std_batch(r - mean_group) + eps).
