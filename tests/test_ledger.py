@@ -15,7 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from posttrain.tracking.ledger import FlopModel, causal, causal_context, forward_flops, train_flops
+from posttrain.tracking.ledger import FlopModel, causal, causal_context
 
 aten = torch.ops.aten
 
@@ -76,7 +76,6 @@ def test_causal_helpers_and_classic_wrappers():
     # one pass over a sequence == prefill + decode, attention included (the KV cache changes nothing)
     P, n = 7, 5
     assert TOY.forward(*causal([P + n - 1]), logit_tokens=n) == pytest.approx(TOY.decode(P, n))
-    assert forward_flops(10, 3) == 60 and train_flops(10, 3) == 180
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -150,3 +150,21 @@ def test_same_recipe_and_seed_give_identical_metrics(tmp_path):
     c = validate({**a.model_dump(mode="json"), "seed": 1, "output_dir": str(tmp_path / "c")}, "test")
     run(c)
     assert without_time(rows(c.run_dir)) != without_time(rows(a.run_dir))
+
+
+def test_one_metrics_reader_tolerates_only_a_cut_last_line(tmp_path):
+    from posttrain.tracking.metrics import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "x"')  # a crash mid-write
+    notes = []
+    assert [r["step"] for r in read_metrics(tmp_path, notes=notes)] == [1, 2] and "incomplete" in notes[0]
+    path.write_text('{"step": 1}\n{"step": 2, "x"\n{"step": 3}\n')  # damage in the middle is not a crash
+    with pytest.raises(UserError, match=r"metrics.jsonl:2: not a JSON line"):
+        read_metrics(tmp_path)
+    path.write_text('{"step": 1}\n[1, 2]\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl:2: expected a JSON object"):
+        read_metrics(tmp_path)
+    path.write_bytes(b'{"step": 1}\n\xff\xfe\n')
+    with pytest.raises(UserError, match="metrics.jsonl: not UTF-8"):
+        read_metrics(tmp_path)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from posttrain.errors import UserError
-from posttrain.scaling.sweep import aggregate, iso_compute, load_sweep, run_sweep
+from posttrain.scaling.sweep import load_sweep, run_sweep
+from posttrain.scaling.sweep_results import aggregate, iso_compute
 
 ROOT = Path(__file__).resolve().parents[1]
 

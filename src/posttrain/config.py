@@ -199,7 +199,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def _set_path(tree: dict, path: list[str], value: Any) -> None:
+def set_path(tree: dict, path: list[str], value: Any) -> None:
     for part in path[:-1]:
         node = tree.setdefault(part, {})
         if not isinstance(node, dict):
@@ -249,7 +249,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RunConf
     raw.setdefault("name", path.stem)
     for text in overrides or []:
         key, value = parse_override(text)
-        _set_path(raw, key, value)
+        set_path(raw, key, value)
     return validate(raw, str(path))
 
 

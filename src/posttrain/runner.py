@@ -53,12 +53,12 @@ def _code_version() -> str:
         return "unknown"
 
 
-def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     keys = []
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
-            keys += _diff_keys(va, vb, f"{prefix}{k}.")
+            keys += diff_keys(va, vb, f"{prefix}{k}.")
         elif va != vb:
             keys.append(prefix + k)
     return keys
@@ -71,7 +71,7 @@ def prepare_run_dir(cfg: RunConfig, *, fresh: bool) -> Path:
         shutil.rmtree(run_dir)
     if saved.exists():
         before = json.loads(saved.read_text())["config"]
-        changed = _diff_keys(before, cfg.model_dump(mode="json"))
+        changed = diff_keys(before, cfg.model_dump(mode="json"))
         if changed:
             raise UserError(f"{run_dir} holds a run with a different config ({', '.join(changed[:5])} differ); "
                             "use --fresh to start over, or another name")

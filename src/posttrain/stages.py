@@ -70,7 +70,7 @@ def load_stages() -> Registry[Stage]:
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             try:
                 importlib.import_module(ep.value.partition(":")[0])
-            except Exception as e:  # noqa: BLE001 - a broken plugin is named, not a traceback
+            except Exception as e:
                 raise UserError(f"stage plugin {ep.name!r} ({ep.value}) cannot be imported: "
                                 f"{type(e).__name__}: {e}") from e
         _loaded = True

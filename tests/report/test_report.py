@@ -111,7 +111,7 @@ def test_partial_and_damaged_run_still_reports(tmp_path):
     names = {p.name for p in _images(path)}
     assert "report_passk.png" not in names and "report_difficulty.png" not in names  # need eval/*.json
     assert {"report_training_steps.png", "report_sft_loss.png", "report_eval_steps.png"} <= names
-    assert "unfinished (no summary.json)" in text and "skipped 1 unreadable line" in text
+    assert "unfinished (no summary.json)" in text and "last line is incomplete" in text
     assert "numbers from metrics.jsonl" in text
 
 

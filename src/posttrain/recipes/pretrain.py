@@ -20,7 +20,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from posttrain.config import StageConfig

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from posttrain.science.passk import bootstrap_ci, pass_at_k_many
+from posttrain.science.passk import bootstrap_ci, difficulty_order, pass_at_k_many
+from posttrain.tracking.metrics import read_metrics
 
 # metrics.jsonl stores +-inf as +-1e308 (tracking.metrics._clean); anything this large is not a plottable number.
 _HUGE = 1e300
@@ -55,28 +56,6 @@ def _read_json(path: Path, notes: list[str]) -> Any:
         return None
 
 
-def read_metrics_tolerant(path: Path, notes: list[str]) -> list[dict[str, Any]]:
-    """metrics.jsonl rows; a damaged line (e.g. cut by a crash) is skipped and noted."""
-    if not path.is_file():
-        return []
-    rows, bad = [], 0
-    for line in path.read_text(errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            bad += 1
-    if bad:
-        notes.append(f"{path.name}: skipped {bad} unreadable line(s)")
-    return rows
-
-
 def _eval_sort_key(result: dict[str, Any]) -> tuple[float, int, str]:
     step = number(result.get("step"))
     return (step if step is not None else math.inf, STAGE_ORDER.get(str(result.get("stage")), 3),
@@ -86,7 +65,7 @@ def _eval_sort_key(result: dict[str, Any]) -> tuple[float, int, str]:
 def load_run(path: Path, name: str | None = None) -> RunData:
     path = Path(path)
     run = RunData(path=path, name=name or path.resolve().name)
-    run.rows = read_metrics_tolerant(path / "metrics.jsonl", run.notes)
+    run.rows = read_metrics(path, notes=run.notes)
     cfg = _read_json(path / "config.json", run.notes)
     if isinstance(cfg, dict):
         run.config = cfg.get("config") if isinstance(cfg.get("config"), dict) else {}
@@ -270,11 +249,4 @@ def difficulty_table(result: dict[str, Any], metric: str = "pass@1") -> list[tup
             continue
         count = number(entry.get("count"))
         out.append((str(level), value, int(count) if count is not None else None))
-    return sorted(out, key=lambda t: _difficulty_order(t[0]))
-
-
-def _difficulty_order(d: str) -> tuple[int, float, str]:
-    try:
-        return (0, float(d), d)
-    except ValueError:
-        return (1, 0.0, d)
+    return sorted(out, key=lambda t: difficulty_order(t[0]))

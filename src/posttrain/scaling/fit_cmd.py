@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from posttrain.data.jsonl import json_objects
 from posttrain.errors import UserError
 from posttrain.science.curves import CURVES
 from posttrain.science.fit import FitResult, fit_curve, holdout_errors, split_for_predictivity
+from posttrain.tracking.metrics import numbered_metrics
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -45,22 +45,22 @@ def read_xy(run_dir: Path, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
     xs: list[float] = []
     ys: list[float] = []
     columns: set[str] = set()
-    with path.open() as fh:
-        for lineno, row in json_objects(path, fh):
-            columns.update(row)
-            vx, vy = row.get(x), row.get(y)
-            if vx is None or vy is None:
-                continue
-            for name, v in ((x, vx), (y, vy)):
-                if not _is_number(v):
-                    raise UserError(f"{path}:{lineno}: column {name!r} holds {v!r}, not a number")
-            if not (math.isfinite(vx) and math.isfinite(vy)):
-                continue
-            if xs and vx <= xs[-1]:
-                raise UserError(f"{path}:{lineno}: {x} = {vx} does not increase (previous {xs[-1]}); "
-                                f"--x must increase within a run")
-            xs.append(float(vx))
-            ys.append(float(vy))
+    for lineno, row in numbered_metrics(run_dir):
+        columns.update(row)
+        vx, vy = row.get(x), row.get(y)
+        if vx is None or vy is None:
+            continue
+        where = f"{path}:{lineno}"
+        for name, v in ((x, vx), (y, vy)):
+            if not _is_number(v):
+                raise UserError(f"{where}: column {name!r} holds {v!r}, not a number")
+        if not (math.isfinite(vx) and math.isfinite(vy)):
+            continue
+        if xs and vx <= xs[-1]:
+            raise UserError(f"{where}: {x} = {vx} does not increase (previous {xs[-1]}); "
+                            f"--x must increase within a run")
+        xs.append(float(vx))
+        ys.append(float(vy))
     for name in (x, y):
         if name not in columns:
             raise UserError(f"{path}: no column {name!r}; available: {', '.join(sorted(columns)) or '(none)'}")

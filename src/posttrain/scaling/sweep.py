@@ -37,19 +37,17 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from posttrain.config import RunConfig, _set_path, read_toml, validate
+from posttrain.config import RunConfig, read_toml, set_path, validate
 from posttrain.errors import UserError
-from posttrain.runner import DONE, _diff_keys, run
-from posttrain.scaling.sweep_results import (  # noqa: F401
+from posttrain.runner import DONE, diff_keys, run
+from posttrain.scaling.sweep_results import (
     BY_POINT,
     ISO,
-    METADATA,
     RESULTS,
-    _write_csv,
     aggregate,
     axis_labels,
     iso_compute,
-    read_results,
+    write_csv,
 )
 from posttrain.stages import load_stages
 from posttrain.tracking.metrics import read_metrics
@@ -197,7 +195,7 @@ def load_sweep(path: str | Path) -> Sweep:
         names[point_name] = values
         tree = json.loads(json.dumps(base))  # a deep copy of plain TOML data
         for key, value in {**fixed, **values}.items():
-            _set_path(tree, key.split("."), value)
+            set_path(tree, key.split("."), value)
         tree["name"], tree["output_dir"] = point_name, str(output_dir)
         points.append(Point(point_name, values, validate(tree, f"{path} (point {point_name})")))
     sweep = Sweep(path, name, axes, fixed, output_dir, points)
@@ -211,7 +209,7 @@ def _check_finished_points_match(sweep: Sweep) -> None:
     for p in sweep.points:
         saved = p.run_dir / "config.json"
         if saved.exists():
-            changed = _diff_keys(json.loads(saved.read_text())["config"], p.cfg.model_dump(mode="json"))
+            changed = diff_keys(json.loads(saved.read_text())["config"], p.cfg.model_dump(mode="json"))
             if changed:
                 raise UserError(f"{sweep.path}: {p.run_dir} holds a run with a different config "
                                 f"({', '.join(changed[:5])} differ); delete it or change the sweep's name")
@@ -303,6 +301,6 @@ def result_row(point: Point) -> dict[str, Any] | None:
 def write_results(sweep: Sweep) -> Path:
     """Rebuild results.csv from the finished run directories (idempotent; written atomically)."""
     rows = [r for r in map(result_row, sweep.points) if r is not None]
-    return _write_csv(sweep.results_csv, rows)
+    return write_csv(sweep.results_csv, rows)
 
 

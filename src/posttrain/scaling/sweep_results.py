@@ -27,7 +27,7 @@ def axis_labels(keys: Sequence[str]) -> dict[str, str]:
 
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
@@ -104,7 +104,7 @@ def aggregate(csv_path: Path, over: str = "seed", *, confidence: float = 0.95) -
                 half = float(student_t.ppf((1 + confidence) / 2, values.size - 1)) * std / math.sqrt(values.size)
                 agg.update({f"{m}_std": std, f"{m}_ci_lo": mean - half, f"{m}_ci_hi": mean + half})
         out.append(agg)
-    _write_csv(csv_path.parent / BY_POINT, out)
+    write_csv(csv_path.parent / BY_POINT, out)
     return out
 
 
@@ -182,7 +182,7 @@ def iso_compute(runs: Path | Sequence[Path], *, y: str = "eval/pass@1", x: str =
                **{lab: row[lab] for lab in curves}}
         table.append(row)
     out_dir = Path(out_dir) if out_dir is not None else default_out
-    _write_csv(out_dir / f"{ISO}.csv", table)
+    write_csv(out_dir / f"{ISO}.csv", table)
     _plot_iso(out_dir / f"{ISO}.png", curves, table, x=x, y=y)
     return table
 

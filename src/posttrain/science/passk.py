@@ -158,7 +158,7 @@ def summarize_eval(problems: list[dict], ks: Sequence[int], *, n_boot: int = 100
         out[name] = _summary(vals, n_boot, seed)
     difficulty = np.array([str(p["difficulty"]) for p in problems])
     by_diff: dict[str, dict[str, float | int]] = {}
-    for d in sorted(set(difficulty.tolist()), key=_difficulty_order):
+    for d in sorted(set(difficulty.tolist()), key=difficulty_order):
         rows = difficulty == d
         by_diff[d] = {name: float(vals[rows].mean()) for name, vals in per_problem.items()}
         by_diff[d]["count"] = int(rows.sum())
@@ -166,7 +166,7 @@ def summarize_eval(problems: list[dict], ks: Sequence[int], *, n_boot: int = 100
     return out
 
 
-def _difficulty_order(d: str) -> tuple[int, float, str]:
+def difficulty_order(d: str) -> tuple[int, float, str]:
     """Numeric difficulties in numeric order, then anything else alphabetically."""
     try:
         return (0, float(d), d)

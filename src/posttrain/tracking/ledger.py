@@ -190,14 +190,3 @@ def causal(lengths: Iterable[int]) -> tuple[int, float]:
     tokens = sum(lengths)
     pairs = sum(t * (t + 1) / 2 for t in lengths)
     return tokens, (pairs / tokens if tokens else 0.0)
-
-
-# -- the classic 2N / 6N approximations (Kaplan et al. 2020), kept for callers that only know a parameter count --
-def forward_flops(n_params: int, tokens: int) -> float:
-    """~2N FLOPs per token; FlopModel.forward adds attention and counts the LM head properly."""
-    return FORWARD * n_params * tokens
-
-
-def train_flops(n_params: int, tokens: int) -> float:
-    """~6N FLOPs per token; FlopModel.train is the precise count."""
-    return TRAIN_MULTIPLIER * FORWARD * n_params * tokens

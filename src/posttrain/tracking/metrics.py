@@ -57,14 +57,39 @@ def truncate_metrics(run_dir: Path, offset: int) -> None:
             f.truncate(offset)
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+def read_metrics(run_dir: Path, *, notes: list[str] | None = None) -> list[dict[str, Any]]:
+    """metrics.jsonl rows in file order ([] when the file does not exist); see `numbered_metrics`."""
+    return [row for _, row in numbered_metrics(run_dir, notes=notes)]
+
+
+def numbered_metrics(run_dir: Path, *, notes: list[str] | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) of metrics.jsonl. The one policy for a bad line, used by every reader (report, fit,
+    sweeps): the LAST line may have been cut by a crash mid-write, so it is skipped (and noted in `notes`, if
+    given; the next resume truncates it away); any other line that is not a JSON object is corruption, an error
+    naming file:line, and so is a file that is not UTF-8."""
+    from posttrain.errors import UserError
+
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
+    if not path.is_file():
         return []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 (byte {e.start}): the file is damaged") from None
     rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a crash; the next resume truncates it away
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
+        if not line.strip():
             continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            if i == last:
+                if notes is not None:
+                    notes.append(f"{path.name}: its last line is incomplete (a crash mid-write?) and was skipped")
+                continue
+            raise UserError(f"{path}:{i + 1}: not a JSON line ({getattr(e, 'msg', e)}): the file is damaged") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{i + 1}: expected a JSON object, got {type(row).__name__}")
+        rows.append((i + 1, row))
     return rows

@@ -59,15 +59,16 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
     return PackedBatch(p_ids, p_mask, torch.tensor(rows, dtype=torch.long), c_ids, c_mask.float())
 
 
-def packed_forward_flops(flops: FlopModel, prompts: Sequence[Sequence[int]],
-                         completions: Sequence[Sequence[int]]) -> float:
-    """Model FLOPs of the forward pass `completion_logits` runs over these rows: each distinct prompt once, its
-    completions on top of it (tracking/ledger.py, forward_shared_prefix). Training is TRAIN_MULTIPLIER times it."""
+def packed_flops(flops: FlopModel, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
+                 train: bool = False) -> float:
+    """Model FLOPs of the pass `completion_logits` runs over these rows (forward, or forward + backward with
+    `train`): each distinct prompt once, its completions on top of it (tracking/ledger.py, *_shared_prefix)."""
     distinct, prompt_of = distinct_prompts(prompts)
     lengths: list[list[int]] = [[] for _ in distinct]
     for u, c in zip(prompt_of, completions):
         lengths[u].append(len(c))
-    return sum(flops.forward_shared_prefix(len(p), ts) for p, ts in zip(distinct, lengths))
+    count = flops.train_shared_prefix if train else flops.forward_shared_prefix
+    return sum(count(len(p), ts) for p, ts in zip(distinct, lengths))
 
 
 def completion_logits(model: PreTrainedModel, batch: PackedBatch, *, bf16: bool = False) -> Tensor:

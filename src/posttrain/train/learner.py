@@ -28,8 +28,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from posttrain.tracking.ledger import TRAIN_MULTIPLIER, FlopModel
-from posttrain.train.forward import completion_logprobs, pack, packed_forward_flops
+from posttrain.tracking.ledger import FlopModel
+from posttrain.train.forward import completion_logprobs, pack, packed_flops
 from posttrain.train.guards import UpdateGuard
 from posttrain.train.optim import build_optimizer, build_scheduler
 
@@ -101,7 +101,7 @@ class FrozenModel:
                 completions = seqs.completions[s: s + self.micro_batch_size]
                 lp, _ = completion_logprobs(self.model, pack(prompts, completions, self.pad_id),
                                             temperature=temperature, bf16=self.bf16)
-                flops += packed_forward_flops(self.flop_model, prompts, completions)
+                flops += packed_flops(self.flop_model, prompts, completions)
                 out += [lp[i, : len(c)].cpu() for i, c in enumerate(completions)]
         finally:
             self.model.train(was_training)
@@ -167,7 +167,7 @@ class Learner:
             total_loss += loss.item()
             for k, v in parts.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v)
-            flops += TRAIN_MULTIPLIER * packed_forward_flops(self.flop_model, prompts, completions)
+            flops += packed_flops(self.flop_model, prompts, completions, train=True)
             tokens += int(packed.mask.sum())
         for p in self.params:  # rows that were all skipped are a zero gradient, not no step (Adam still moves)
             if p.grad is None:
