@@ -58,28 +58,37 @@ def test_objects_that_claim_equality_cannot_fake_a_pass():
 ])
 def test_hostile_programs_are_contained_and_score_zero(name, program, error):
     s = check_function(program, CASES, FAST)
-    assert (s.reward, s.correct, s.info["error"]) == (0.0, False, error), (name, s)
+    assert (s.reward, s.correct, s.info["program_error"]) == (0.0, False, error), (name, s)
 
 
-def test_writing_outside_the_work_dir_is_refused(tmp_path):
+@pytest.mark.parametrize("sandbox", ["bwrap", "weak"])
+def test_writing_outside_the_work_dir_is_refused(tmp_path, sandbox):
+    # /tmp is the program's own private tmpfs under bwrap (a write there is allowed and never reaches the host's
+    # /tmp); the source tree is outside everything the program can see; the weak sandbox's audit hook refuses both
+    limits = Limits(timeout_s=2.0, memory_mb=256, sandbox=sandbox)
     targets = [Path(f"/tmp/outside-{secrets.token_hex(6)}"), Path(__file__).parent / f"x-{secrets.token_hex(4)}"]
     for target in targets:
         for program in (f"open({str(target)!r}, 'w').write('pwned')\n",
                         f"import os\nos.close(os.open({str(target)!r}, os.O_CREAT | os.O_WRONLY))\n",
                         f"import os\nos.mkdir({str(target)!r})\n",
                         f"import os\nos.symlink('/etc', 'link')\nopen('link/{target.name}', 'w')\n"):
-            s = check_function(program + DOUBLE, CASES, FAST)
-            assert s.info["error"] == "forbidden", (program, s)
+            s = check_function(program + DOUBLE, CASES, limits)
+            private_tmp = sandbox == "bwrap" and str(target).startswith("/tmp/") and "symlink" not in program
+            if not private_tmp:
+                assert s.info["program_error"] in ("forbidden", "exception"), (program, s)
+                assert s.info["program_error"] == "forbidden" or sandbox == "bwrap", (program, s)
             assert not target.exists()
     victim = tmp_path / "victim.txt"
     victim.write_text("keep")
     for program in (f"import os\nos.remove({str(victim)!r})\n", f"import os\nos.rename({str(victim)!r}, 'v')\n",
                     (f"import os\nfd = os.open({str(tmp_path)!r}, os.O_RDONLY)\n"
                      "os.open('victim.txt', os.O_WRONLY | os.O_TRUNC, dir_fd=fd)\n")):
-        assert check_function(program + DOUBLE, CASES, FAST).info["error"] == "forbidden", program
+        error = check_function(program + DOUBLE, CASES, limits).info["program_error"]
+        # weak: the hook refuses it; bwrap: the path is not even there (the private /tmp holds no victim.txt)
+        assert error == ("forbidden" if sandbox == "weak" else "exception"), program
     assert victim.read_text() == "keep"
     inside = "open('scratch.txt', 'w').write('ok')\ndef f(x):\n    return 2*x + len(open('scratch.txt').read()) - 2\n"
-    assert check_function(inside, CASES, FAST).reward == 1.0
+    assert check_function(inside, CASES, limits).reward == 1.0
 
 
 def test_environment_secrets_are_not_visible(monkeypatch):
@@ -103,7 +112,7 @@ def test_no_socket_reaches_a_local_listener():
     try:
         program = f"import socket\ns = socket.create_connection(('127.0.0.1', {port}))\ns.sendall(b'hi')\n"
         s = check_function(program + DOUBLE, CASES, FAST)
-        assert s.info["error"] == "forbidden"
+        assert s.info["program_error"] == "forbidden"
         with pytest.raises(TimeoutError):
             server.accept()
     finally:

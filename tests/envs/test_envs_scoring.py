@@ -6,6 +6,8 @@ import itertools
 import time
 
 import pytest
+
+from posttrain.errors import UserError
 from envs_helpers import Faulty, make_tasks
 
 from posttrain.envs import make_env
@@ -74,7 +76,7 @@ def test_inline_builtins_are_fast():
 def test_unpicklable_env_and_bad_arguments_are_clear_errors():
     env = Faulty("process")
     env.callback = lambda: None  # lambdas do not pickle
-    with pytest.raises(ValueError, match="picklable"):
+    with pytest.raises(UserError, match="cannot be pickled.*declare `isolation"):
         score_many(env, make_tasks(1), ["0"])
     with pytest.raises(ValueError, match="1 tasks but 2 completions"):
         score_many(Faulty("inline"), make_tasks(1), ["0", "1"])

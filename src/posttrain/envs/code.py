@@ -13,6 +13,7 @@ import random
 import re
 from collections.abc import Callable, Iterator
 
+from posttrain.envs import bwrap
 from posttrain.envs.base import check_split, int_range, split_of, user_prompt
 from posttrain.envs.registry import register_env
 from posttrain.envs.sandbox import Limits, check_function
@@ -87,7 +88,9 @@ class Code:
     isolation = "thread"  # each score is a sandboxed subprocess with its own timeout: run them concurrently
 
     def __init__(self, depth: int | list[int] = (1, 2), families: list[str] | None = None, cases: int = 4,
-                 timeout_s: float = 5.0, memory_mb: int = 512):
+                 timeout_s: float = 5.0, memory_mb: int = 512, sandbox: str = "bwrap"):
+        """sandbox: "bwrap" (namespaces + seccomp, envs/bwrap.py) or "weak" (no OS isolation: only for machines
+        without user namespaces, chosen by name, and written to the run log)."""
         self.depth = int_range(depth, "depth")
         self.families = list(families) if families is not None else list(FAMILIES)
         unknown = [f for f in self.families if f not in FAMILIES]
@@ -96,7 +99,15 @@ class Code:
         if cases < 1:
             raise ValueError(f"cases must be >= 1, got {cases!r}")
         self.n_cases = cases
-        self.limits = Limits(timeout_s=timeout_s, memory_mb=memory_mb)
+        self.limits = Limits(timeout_s=timeout_s, memory_mb=memory_mb, sandbox=sandbox)
+        if sandbox == "bwrap":
+            ok, why = bwrap.available()
+            if not ok:
+                raise ValueError(f"the code sandbox needs bubblewrap: {why}; where namespaces cannot be had, choose "
+                                 "the weaker sandbox by name: sandbox = \"weak\"")
+        self.warning = (None if sandbox == "bwrap" else "code environment: sandbox = \"weak\": model-written "
+                        "programs run WITHOUT namespaces (same uid as the trainer, its files readable); only "
+                        "rlimits and an audit hook contain them")
 
     def tasks(self, split: str, seed: int) -> Iterator[Task]:
         check_split(split)

@@ -81,6 +81,12 @@ def make_env(name: str, args: dict[str, Any] | None = None) -> Environment:
         if unknown:
             raise UserError(f"env.args: {name!r} takes no argument {unknown[0]!r}; it takes {sorted(params)}")
     try:
-        return factory(**args)
+        env = factory(**args)
     except (TypeError, ValueError) as e:
         raise UserError(f"env.args for {name!r}: {e}") from e
+    if not isinstance(getattr(env, "name", None), str):  # an import-path class need not name itself
+        try:
+            env.name = name
+        except AttributeError:
+            raise UserError(f"env.name={name!r}: the environment has no `name` attribute and cannot be given one") from None
+    return env

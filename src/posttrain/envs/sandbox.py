@@ -1,51 +1,41 @@
-"""Run model-written Python in a separate, limited process and check it against tests.
+"""Run model-written Python in an isolated, limited process and check it against tests.
 
     result = run_python("def f(x):\\n    return 2*x", calls=["f(3)"])         # RunResult, values == [{"value": 6}]
     score = check_function(program, [("f(3)", 6), ("f(0)", 0)])                # Score: 1.0 only if every case matches
     score = run_asserts(program, "assert f(3) == 6")                           # Score, assert-style tests
 
-What is contained, layer by layer:
-  process   a fresh `python -I -S -B` (no env vars honoured, no site-packages, no .pyc writes) in its own
-            session; on timeout, on too much output, and after every run the whole process group is SIGKILLed.
-  time      wall clock (Limits.timeout_s, enforced by the parent) and CPU seconds (RLIMIT_CPU).
-  memory    RLIMIT_AS (address space): allocations beyond it raise MemoryError inside the child.
-  output    stdout+stderr are read at most Limits.output_bytes; beyond that the group is killed.
-  files     RLIMIT_FSIZE caps any file written; RLIMIT_NOFILE caps open files; RLIMIT_CORE=0; the cwd is a
-            fresh temporary directory, deleted afterwards; HOME and TMPDIR point into it.
-  env       the child gets a fixed environment (PATH, HOME, TMPDIR, LANG) and nothing of the parent's.
-  processes RLIMIT_NPROC=0 (fork fails for a non-root user) and, because root ignores RLIMIT_NPROC, an audit
-            hook (PEP 578) that refuses os.fork/forkpty/posix_spawn/exec*/spawn*/system, subprocess, pty,
-            os.kill/killpg (the child cannot signal the trainer) and the _posixsubprocess/_ctypes imports.
-  network   the audit hook refuses every socket.* event (socket creation, connect, bind, DNS lookups) and
-            the _socket/_ssl imports.
-  fs        the hook refuses writes (open for writing, remove, rename, mkdir, chmod, link, symlink, truncate,
-            utime, ...) outside the work dir, reads outside the work dir and the Python stdlib (so not
-            /proc/<pid>/environ of the trainer, not ~/.ssh), and os.open of a directory outside the work dir
-            (which would let dir_fd-relative paths escape the check).
-  limits    the hook refuses resource.setrlimit/prlimit, so a root child cannot raise its own limits.
-Any refused operation is recorded; a run with one is scored 0 with error "forbidden" even if the program
-caught the PermissionError.
+RL optimises against whatever the verifier rewards, so a program is assumed hostile. What contains it, layer by
+layer (docs/reliability.md says what each stops and what none of them does):
 
-What is NOT contained (be honest about it):
-  * Audit hooks are not a security boundary (PEP 578 says so): a CPython bug, or native code reached some way
-    we did not block, bypasses them. Then, running as root, the program has root's full power. The rlimits
-    and process-group kill still hold. Operations that raise no audit event (os.mkfifo, os.mknod, reading
-    /proc/self, os.setsid to leave the process group) are not checked.
-  * No namespaces/seccomp: the child sees the same filesystem (read access to the stdlib tree), the same
-    PID space and the same network stack (only the Python socket API is refused).
-  * Tests run in the same interpreter as the program. With `run_asserts` a hostile program can make its own
-    asserts pass (monkeypatching, objects whose __eq__ is always True, finding and printing the result
-    marker). `check_function` closes that hole: the expected values never enter the child, which only
-    returns JSON of the values it computed, and the parent compares them.
-  For adversarial code at scale, run this inside a container or gVisor/nsjail/bubblewrap as well.
+  namespaces  (sandbox="bwrap", the default) bubblewrap puts the program in fresh user, pid, net, mount, ipc, uts
+              and cgroup namespaces as uid 65534 with no capabilities: it sees a read-only /usr and Python
+              installation, its own /proc, a read-only minimal /dev and a private tmpfs at /tmp (Limits.tmp_mb)
+              as its only writable place. No project, no home, no run directories, no other process, no network.
+              A seccomp filter refuses memfd, pidfd, ptrace, mount, nested namespaces and similar (envs/bwrap.py).
+              Killing the sandbox's init at the end kills everything inside, daemons included.
+  process     a fresh `python -I -S -B` (no environment variables honoured, no site-packages, no .pyc writes),
+              its own session; on timeout, too much output, and after every run the whole group is SIGKILLed.
+  limits      set by the runner before any program byte is compiled, so the program cannot raise them: wall clock
+              (parent-enforced), CPU seconds, address space, file size, open files, no core dumps, and no new
+              processes or threads (RLIMIT_NPROC 0, enforced because the sandbox has no capabilities).
+  output      stdout + stderr are read at most Limits.output_bytes; beyond that the group is killed.
+  audit hook  defence in depth only (PEP 578 hooks are no boundary: Python code can reach them): refuses fork /
+              exec / subprocess / signals / sockets / ctypes and file access outside the work dir; a run with a
+              refused operation scores 0 with error "forbidden" even if the program caught the error. It keeps
+              no state a program could flip, never calls the program's own objects (a path must be a str, bytes
+              or a stdlib pathlib path), and has nothing shared between threads.
 
-Limits are applied by the runner script in the child before any program byte is compiled, not in
-subprocess's preexec_fn: preexec_fn is documented as unsafe when the parent has threads (the RL loop and
-score_many's thread isolation do).
+sandbox="weak" drops the namespaces (for machines without them: macOS, some containers): then only the process,
+limits, output cap and audit hook remain, the program runs with the trainer's uid and can read what it can read.
+It must be chosen by name (the code environment's `sandbox` argument) and the run log says so.
+
+The expected values of check_function never enter the child, which only returns JSON of the values it computed;
+run_asserts runs the tests in the program's own interpreter (a hostile program can make its own asserts pass).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -61,7 +51,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from posttrain.envs import bwrap
 from posttrain.records import Score
+
+SANDBOXES = ("bwrap", "weak")
 
 
 @dataclass(frozen=True)
@@ -72,6 +65,12 @@ class Limits:
     output_bytes: int = 256 * 1024  # stdout + stderr read at most this much
     file_mb: int = 16  # RLIMIT_FSIZE
     open_files: int = 64  # RLIMIT_NOFILE
+    tmp_mb: int = 64  # the sandbox's writable tmpfs, all files together (bwrap)
+    sandbox: str = "bwrap"  # "bwrap" (namespaces + seccomp) or "weak" (process, limits and audit hook only)
+
+    def __post_init__(self) -> None:
+        if self.sandbox not in SANDBOXES:
+            raise ValueError(f"sandbox must be one of {SANDBOXES}, got {self.sandbox!r}")
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,7 @@ class RunResult:
 
 
 _RUNNER = r'''
-import sys, os, json, resource
+import sys, os, json, resource, pathlib
 def _main():
     req = json.loads(sys.stdin.buffer.read())
     unenforced = []
@@ -105,24 +104,36 @@ def _main():
         except (AttributeError, ValueError, OSError) as e:
             unenforced.append(name + ": " + str(e))
     nonce, mode = req["nonce"], req["mode"]
-    real = os.path.realpath
+    real, fsdecode, isdir = os.path.realpath, os.fsdecode, os.path.isdir
     work = real(os.getcwd())
     read_roots = (work, real(sys.base_prefix), real(sys.base_exec_prefix), "/dev/null", "/dev/urandom")
     blocked = ("os.fork", "os.forkpty", "os.posix_spawn", "os.exec", "os.spawn", "os.system", "os.kill",
                "os.killpg", "os.startfile", "subprocess.", "pty.", "socket.", "ctypes.", "signal.pthread_kill",
-               "resource.setrlimit", "resource.prlimit")
-    bad_imports = {"_posixsubprocess", "_ctypes", "_socket", "_ssl", "_multiprocessing"}
+               "resource.setrlimit", "resource.prlimit", "_thread.start_new_thread", "os.setpriority",
+               "sys.setprofile", "sys.settrace", "sys.addaudithook")
+    bad_imports = frozenset({"_posixsubprocess", "_ctypes", "_socket", "_ssl", "_multiprocessing"})
     path_events = {"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.rename": (0, 1),
                    "os.link": (0, 1), "os.symlink": (1,), "os.truncate": (0,), "os.chmod": (0,),
                    "os.chown": (0,), "os.utime": (0,), "os.chflags": (0,), "os.lchflags": (0,),
                    "os.setxattr": (0,), "os.removexattr": (0,), "shutil.copyfile": (1,),
                    "shutil.copymode": (1,), "shutil.copystat": (1,), "shutil.copytree": (1,),
                    "shutil.rmtree": (0,), "shutil.move": (0, 1)}
+    trusted_paths = (str, bytes, pathlib.PurePosixPath, pathlib.PosixPath, pathlib.PurePath, pathlib.Path)
     violations = []
-    busy = [False]
+
+    # The hook keeps no mutable flag (nothing to switch off from a frame, a traceback or gc) and never runs the
+    # program's code: a path is accepted only as a str, bytes or an exact stdlib pathlib type (whose __fspath__
+    # cannot be the program's). It calls nothing that raises audit events, so it cannot re-enter itself.
+    def text(path):
+        if type(path) not in trusted_paths:
+            return None
+        return path if isinstance(path, str) else fsdecode(path) if isinstance(path, bytes) else str(path)
 
     def under(path, roots):
-        p = real(os.fsdecode(path))
+        p = text(path)
+        if p is None:
+            return False
+        p = real(p)
         return any(p == r or p.startswith(r.rstrip("/") + "/") for r in roots)
 
     def refuse(what):
@@ -130,30 +141,25 @@ def _main():
         raise PermissionError("sandbox: " + what + " is not allowed")
 
     def hook(event, args):
-        if busy[0]:
-            return
-        busy[0] = True
-        try:
-            if event.startswith(blocked):
-                refuse(event)
-            elif event == "import" and args[0] in bad_imports:
-                refuse("import " + args[0])
-            elif event == "open" and not isinstance(args[0], int):
-                path, m, flags = args[0], args[1], args[2] or 0
-                writing = any(c in m for c in "wax+") if isinstance(m, str) else bool(
-                    flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC))
-                if writing and not under(path, (work,)):
-                    refuse("writing " + os.fsdecode(path))
-                if not under(path, read_roots):
-                    refuse("reading " + os.fsdecode(path))
-                if m is None and os.path.isdir(path) and not under(path, (work,)):
-                    refuse("opening directory " + os.fsdecode(path))
-            elif event in path_events:
-                for i in path_events[event]:
-                    if i < len(args) and isinstance(args[i], (str, bytes, os.PathLike)) and not under(args[i], (work,)):
-                        refuse(event + " " + os.fsdecode(args[i]))
-        finally:
-            busy[0] = False
+        if event.startswith(blocked):
+            refuse(event)
+        elif event == "import" and args[0] in bad_imports:
+            refuse("import " + str(args[0]))
+        elif event == "open" and not isinstance(args[0], int):
+            path, m, flags = args[0], args[1], args[2] or 0
+            shown = text(path) or "<" + type(path).__name__ + " path>"
+            writing = any(c in m for c in "wax+") if isinstance(m, str) else bool(
+                flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC))
+            if writing and not under(path, (work,)):
+                refuse("writing " + shown)
+            if not under(path, read_roots):
+                refuse("reading " + shown)
+            if m is None and isdir(text(path)) and not under(path, (work,)):
+                refuse("opening directory " + shown)
+        elif event in path_events:
+            for i in path_events[event]:
+                if i < len(args) and not isinstance(args[i], int) and not under(args[i], (work,)):
+                    refuse(event + " " + (text(args[i]) or "<object>"))
 
     def emit(result):
         for stream in (sys.stdout, sys.stderr):
@@ -161,7 +167,7 @@ def _main():
                 stream.flush()
             except BaseException:
                 pass
-        result["violations"] = violations
+        result["violations"] = list(violations)
         result["unenforced"] = unenforced
         data = (nonce + json.dumps(result) + "\n").encode()
         while data:
@@ -215,20 +221,48 @@ def run_python(program: str, *, calls: Sequence[str] | None = None, tests: str |
     nonce = f"@@result-{secrets.token_hex(8)}@@"
     request = json.dumps({"nonce": nonce, "mode": mode, "program": program, "calls": list(calls or []),
                           "tests": tests or "", "rlimits": rlimits}).encode()
-    work = tempfile.mkdtemp(prefix="posttrain-sandbox-")
-    env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
     start = time.monotonic()
-    try:
-        proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", _RUNNER], cwd=work, env=env,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True, close_fds=True)
+    with _child(limits) as (argv, cwd, env, pass_fds):
+        proc = subprocess.Popen([*argv, os.path.realpath(sys.executable), "-I", "-S", "-B", "-c", _RUNNER], cwd=cwd,
+                                env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True, close_fds=True, pass_fds=pass_fds)
         try:
             out, err, killed = _communicate(proc, request, start + limits.timeout_s, limits.output_bytes)
         finally:
             _kill_group(proc)
-        return _classify(proc.returncode, out, err, killed, nonce, limits, time.monotonic() - start)
+    return _classify(proc.returncode, out, err, killed, nonce, limits, time.monotonic() - start)
+
+
+class SandboxUnavailable(RuntimeError):
+    """The OS sandbox cannot be built here; the message says why and how to fix it."""
+
+
+@contextlib.contextmanager
+def _child(limits: Limits):
+    """-> (command prefix, cwd, environment, fds to pass) for one sandboxed child; cleans up after it."""
+    if limits.sandbox == "weak":
+        work = tempfile.mkdtemp(prefix="posttrain-sandbox-")
+        try:
+            yield [], work, {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}, ()
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
+    ok, why = bwrap.available()
+    if not ok:
+        raise SandboxUnavailable(f"the code sandbox needs bubblewrap: {why}. Where namespaces cannot be had, "
+                                 "choose the weaker sandbox by name: env.args.sandbox = \"weak\"")
+    bpf = bwrap.seccomp_filter()
+    read_fd = None
+    if bpf is not None:
+        read_fd, write_fd = os.pipe()
+        os.write(write_fd, bpf)  # a few hundred bytes: fits the pipe buffer
+        os.close(write_fd)
+    try:
+        yield (bwrap.argv(bwrap.bwrap_binary(), tmp_mb=limits.tmp_mb, seccomp_fd=read_fd), "/",
+               {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, (read_fd,) if read_fd is not None else ())
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if read_fd is not None:
+            os.close(read_fd)
 
 
 def _communicate(proc: subprocess.Popen, request: bytes, deadline: float, cap: int
@@ -330,7 +364,11 @@ def same_value(got: Any, want: Any) -> bool:
 
 
 def _failure(result: RunResult) -> Score:
-    return Score(0.0, False, {"error": result.error, "detail": result.detail[:300], "stderr": result.stderr[-300:]})
+    """A program that fails (syntax, exception, timeout, memory, a refused operation, ...) earns 0: that is the
+    verdict on the program, not a failure of the verifier, so it is `program_error`, not `error` (which would
+    count against env.max_error_frac and stop a run whose untrained model writes broken code)."""
+    return Score(0.0, False, {"program_error": result.error, "detail": result.detail[:300],
+                              "stderr": result.stderr[-300:]})
 
 
 def check_function(program: str, cases: Sequence[tuple[str, Any]], limits: Limits = Limits()) -> Score:
@@ -348,7 +386,7 @@ def check_function(program: str, cases: Sequence[tuple[str, Any]], limits: Limit
         if not same_value(got["value"], json.loads(json.dumps(want))):
             return Score(0.0, False, {"failed": call, "got": repr(got["value"])[:100], "passed": i})
     if len(values) != len(cases):
-        return Score(0.0, False, {"error": "no_result", "detail": f"{len(values)} of {len(cases)} results"})
+        return Score(0.0, False, {"program_error": "no_result", "detail": f"{len(values)} of {len(cases)} results"})
     return Score(1.0, True, {"passed": len(cases)})
 
 

@@ -26,6 +26,7 @@ not declare one), overridable per call:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import pickle
 import queue
@@ -49,15 +50,26 @@ def failure(reason: str, detail: str = "", reward: float = 0.0) -> Score:
 
 
 def checked(result: Any, failure_reward: float = 0.0) -> Score:
-    """The verifier's return if it is a Score with a finite real reward, else a `bad_reward` failure."""
+    """The verifier's return as a well-formed Score (float reward, bool correct, dict info), or a `bad_reward`
+    failure when it is not a Score or its reward is not a finite real number (an int is fine; 10**400 is not)."""
     if not isinstance(result, Score):
         return failure("bad_reward", f"score() returned {type(result).__name__}, not Score", failure_reward)
     r = result.reward
-    if isinstance(r, bool) or not isinstance(r, int | float) or not math.isfinite(r):
-        return failure("bad_reward", f"reward {r!r} is not a finite number", failure_reward)
-    if not isinstance(result.correct, bool):
-        return Score(float(r), bool(result.correct), result.info)
-    return result
+    try:
+        ok = not isinstance(r, bool) and isinstance(r, int | float) and math.isfinite(float(r))
+    except OverflowError:
+        ok = False
+    if not ok:
+        return failure("bad_reward", f"reward {_short(r)} is not a finite number", failure_reward)
+    info = result.info if isinstance(result.info, dict) else ({} if result.info is None else {"info": result.info})
+    if type(r) is float and isinstance(result.correct, bool) and info is result.info:
+        return result
+    return Score(float(r), bool(result.correct), info)
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if not isinstance(value, int) or value.bit_length() < 200 else f"<int of {len(str(value))} digits>"
+    return text[:100]
 
 
 def _describe(e: BaseException) -> str:
@@ -70,8 +82,9 @@ def score_many(env: Any, tasks: Sequence[Task], completions: Sequence[str], *, t
     if len(tasks) != len(completions):
         raise ValueError(f"score_many: {len(tasks)} tasks but {len(completions)} completions")
     # An env that does not declare how trustworthy its verifier is gets worker processes: nothing it does can
-    # block the run past timeout_s. The built-ins declare "inline".
-    mode = isolation or getattr(env, "isolation", "process")
+    # block the run past timeout_s. Only the env's own class counts: a user subclass of a built-in does not
+    # inherit the built-in's "inline" (its new score() is not the trusted one) unless it says so itself.
+    mode = isolation or vars(type(env)).get("isolation") or getattr(env, "__dict__", {}).get("isolation") or "process"
     if mode not in ISOLATIONS:
         raise ValueError(f"isolation must be one of {ISOLATIONS}, got {mode!r} (env {getattr(env, 'name', env)!r})")
     if workers < 1 or timeout_s <= 0:
@@ -139,28 +152,34 @@ _POOL: list[Worker] = []
 _POOL_LOCK = threading.Lock()
 _POOL_TARGET = "posttrain.envs.scoring:_worker_handle"
 _WORKER_ENVS: dict[str, Any] = {}  # inside a worker process: the env it holds, by key
+_REQUEST_IDS = itertools.count()
 
 
 def _worker_handle(msg: tuple) -> Any:
-    """Runs inside a pool worker: ("env", key, pickled env) loads an env; ("score", key, task, text) scores."""
+    """Runs inside a pool worker: ("env", key, pickled env) loads an env; ("score", key, request id, task, text)
+    scores, and the reply carries the request id, so a late reply can never be taken for another sample's."""
     if msg[0] == "env":
         _WORKER_ENVS.clear()
         _WORKER_ENVS[msg[1]] = pickle.loads(msg[2])
         return None
     env = _WORKER_ENVS[msg[1]]
-    return env.score(msg[2], msg[3])
+    return msg[2], env.score(msg[3], msg[4])
 
 
 def _score_processes(env, tasks, completions, timeout_s, workers, failure_reward) -> list[Score]:
     try:
         blob = pickle.dumps(env, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as e:
-        raise ValueError(f"isolation='process' needs a picklable env; {getattr(env, 'name', env)!r}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - any pickling failure is the same user-fixable problem
+        raise UserError(f"environment {getattr(env, 'name', type(env).__name__)!r} is scored in worker processes "
+                        f"(isolation = 'process', the default for environments that do not declare one) and "
+                        f"cannot be pickled: {type(e).__name__}: {e}. Make it picklable, or declare "
+                        "`isolation = 'thread'` (or 'inline' for a trusted, fast verifier) on its class") from None
     key = hashlib.sha1(blob).hexdigest()
     while len(_POOL) < workers:
         _POOL.append(Worker(_POOL_TARGET))
     pool = _POOL[:workers]
     results: list[Score | None] = [None] * len(tasks)
+    request_ids: dict[Worker, int] = {}
     todo: deque[int] = deque(range(len(tasks)))
     busy: dict[Worker, tuple[Any, float]] = {}  # worker -> (sample index | "start" | "env", deadline)
     fatal: str | None = None  # the env cannot be loaded in a worker: fail every remaining sample
@@ -175,7 +194,8 @@ def _score_processes(env, tasks, completions, timeout_s, workers, failure_reward
             busy[w] = ("env", now + w.startup_timeout_s)
         else:
             i = todo.popleft()
-            w.send(("score", key, tasks[i], completions[i]))
+            request_ids[w] = request_id = next(_REQUEST_IDS)
+            w.send(("score", key, request_id, tasks[i], completions[i]))
             busy[w] = (i, now + timeout_s)
 
     def finish(w: Worker, job: Any, reply: Any) -> None:
@@ -190,7 +210,12 @@ def _score_processes(env, tasks, completions, timeout_s, workers, failure_reward
             else:
                 fatal = f"cannot load env in a worker: {reply[1]}: {reply[2]}"
         elif ok:
-            results[job] = checked(reply[1], failure_reward)
+            request_id, value = reply[1]
+            if request_id != request_ids.get(w):  # a reply to another call's request: not this sample's
+                results[job] = failure("crash", "worker answered a stale request", failure_reward)
+                w.kill()
+                return
+            results[job] = checked(value, failure_reward)
         else:
             results[job] = failure("exception", f"{reply[1]}: {reply[2]}", failure_reward)
 
@@ -203,31 +228,36 @@ def _score_processes(env, tasks, completions, timeout_s, workers, failure_reward
         else:
             fatal = f"worker {job} failed: {detail}"
 
-    while fatal is None and (todo or busy):
-        for w in pool:
-            if w not in busy and todo:
-                try:
-                    give_work(w)
-                except WorkerDied as e:
-                    fail(w, "start", "worker", str(e))
-        if not busy:
-            continue
-        wait = max(0.0, min(d for _, d in busy.values()) - time.monotonic())
-        readable = select.select([w.fileno() for w in busy], [], [], wait)[0]
-        for w in [w for w in list(busy) if w.fileno() in readable]:
-            job = busy[w][0]
-            try:
-                reply = w.poll()
-            except WorkerDied as e:
-                fail(w, job, "crash", f"worker died while scoring: {e}")
+    try:
+        while fatal is None and (todo or busy):
+            for w in pool:
+                if w not in busy and todo:
+                    try:
+                        give_work(w)
+                    except WorkerDied as e:
+                        fail(w, "start", "worker", str(e))
+            if not busy:
                 continue
-            if reply is not None and (job == "start") == (reply == READY):
-                finish(w, job, reply)
-        now = time.monotonic()
-        for w, (job, deadline) in list(busy.items()):
-            if now >= deadline:
-                fail(w, job, "timeout", f"no result within {timeout_s:g}s (worker killed)" if isinstance(job, int)
-                     else f"no {job} handshake within {w.startup_timeout_s:g}s")
+            wait = max(0.0, min(d for _, d in busy.values()) - time.monotonic())
+            readable = select.select([w.fileno() for w in busy], [], [], wait)[0]
+            for w in [w for w in list(busy) if w.fileno() in readable]:
+                job = busy[w][0]
+                try:
+                    reply = w.poll()
+                except WorkerDied as e:
+                    fail(w, job, "crash", f"worker died while scoring: {e}")
+                    continue
+                if reply is not None and (job == "start") == (reply == READY):
+                    finish(w, job, reply)
+            now = time.monotonic()
+            for w, (job, deadline) in list(busy.items()):
+                if now >= deadline:
+                    fail(w, job, "timeout", f"no result within {timeout_s:g}s (worker killed)" if isinstance(job, int)
+                         else f"no {job} handshake within {w.startup_timeout_s:g}s")
+    finally:  # an exception mid-batch leaves no worker holding a request a later call could read
+        if fatal is None:
+            for w in [w for w, (job, _) in busy.items() if isinstance(job, int)]:
+                w.kill()
     if fatal is not None:
         for w in list(busy):
             w.kill()
@@ -282,24 +312,28 @@ class Scorer:
 
     A failed verifier call costs only its own sample (failure_reward); more than `max_error_frac` of one call's
     completions failing stops the run (a UserError naming the first failure) rather than train on garbage.
-    `failures(tasks, scores)` describes the failures of a call that passed, for the run log.
+    max_error_frac = None never stops (evaluation: its failures are counted and reported, and a handful of
+    samples failing must not end a run). `failures(tasks, scores)` describes the failures of a call, for the log.
     """
 
     env: Any
     timeout_s: float = 10.0
     failure_reward: float = 0.0
-    max_error_frac: float = 0.5
+    max_error_frac: float | None = 0.5
 
     def __call__(self, tasks: Sequence[Task], texts: Sequence[str]) -> list[Score]:
         scores = score_many(self.env, tasks, texts, timeout_s=self.timeout_s, failure_reward=self.failure_reward)
         errors = ScoreErrors.of(scores)
-        if errors.failed > self.max_error_frac * errors.total:
+        if self.max_error_frac is not None and errors.failed > self.max_error_frac * errors.total:
             raise UserError(f"{errors.failed} of {errors.total} completions could not be scored (more than "
                             f"env.max_error_frac = {self.max_error_frac}); first: {_first_failure(tasks, scores)}")
         return scores
 
     def with_env(self, env: Any) -> Scorer:
         return Scorer(env, self.timeout_s, self.failure_reward, self.max_error_frac)
+
+    def never_stopping(self) -> Scorer:
+        return Scorer(self.env, self.timeout_s, self.failure_reward, None)
 
     @staticmethod
     def failures(tasks: Sequence[Task], scores: Sequence[Score]) -> str | None:
