@@ -96,7 +96,7 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
     run_dir = cfg.run_dir
     reference = read_rows(run_dir)
     final_weights = AutoModelForCausalLM.from_pretrained(run_dir / "final").state_dict()
-    assert [r["step"] for r in reference if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in reference if "sft/loss" in r] == [1, 2, 3, 4, 5, 6]
 
     # Simulate a crash after step 4: later checkpoints, the final model and the finish marker never happened,
     # and metrics.jsonl holds rows past the checkpoint that must not be duplicated.

@@ -30,9 +30,9 @@ def test_run_eval_report_through_the_cli(tmp_path):
         assert (run_dir / name).exists(), name
     assert list((run_dir / "tensorboard").glob("events.*"))
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows if "train/loss" in r]
+    steps = [r["step"] for r in rows if "sft/loss" in r]
     assert steps == [1, 2, 3]
-    assert all(k in rows[1] for k in ("time/elapsed_s", "train/loss", "train/lr", "train/grad_norm", "train/tokens"))
+    assert all(k in rows[1] for k in ("time/elapsed_s", "sft/loss", "train/lr", "train/grad_norm", "train/tokens"))
 
     again = posttrain("run", "recipes/sft-tiny.toml", *TINY, "--set", "sft.steps=3", "--set",
                       f"output_dir={tmp_path}", "--set", "sft.eval_every=0")
@@ -41,7 +41,7 @@ def test_run_eval_report_through_the_cli(tmp_path):
     proc = posttrain("eval", run_dir / "final", "--env", "arithmetic", "--env-arg", "digits=2", "--problems", "5",
                      "--n", "4", "--k", "1,4", "--max-new-tokens", "4")
     assert "pass@4" in proc.stdout
-    result = json.loads((run_dir / "eval" / "arithmetic-final.json").read_text())
+    result = json.loads((run_dir / "eval" / "adhoc" / "arithmetic-final-eval-n4.json").read_text())
     assert result["problems"] == 5 and len(result["per_problem"]) == 5
     assert all(p["n"] == 4 and 0 <= p["c"] <= 4 for p in result["per_problem"])
 

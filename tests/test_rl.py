@@ -42,7 +42,7 @@ def test_rl_steps_change_every_parameter_and_log_every_metric(tmp_path, tiny_dir
     after = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "final").state_dict()
     unchanged = [n for n, t in before.items() if torch.equal(t, after[n])]
     assert unchanged == []
-    train_rows = [r for r in rows(cfg.run_dir) if "train/loss" in r]
+    train_rows = [r for r in rows(cfg.run_dir) if "pg/loss" in r]
     assert len(train_rows) == 2
     for r in train_rows:
         missing = [m for m in REQUIRED_METRICS if m not in r]
@@ -119,11 +119,11 @@ def test_compiled_learner_trains_like_the_eager_one(tmp_path):
         cfg = rl_config(tmp_path, name=f"compile{compiled}", entropy_coef=0.01, recompute_old_logprobs=True)
         cfg = validate({**cfg.model_dump(mode="json"), "model": {"path": "tiny-test", "compile": compiled}}, "test")
         run(cfg)
-        runs[compiled] = [r for r in rows(cfg.run_dir) if "train/loss" in r]
+        runs[compiled] = [r for r in rows(cfg.run_dir) if "pg/loss" in r]
         state = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "final").state_dict()
         assert not any("_orig_mod" in k for k in state)
     eager, compiled = runs[False][0], runs[True][0]
-    for key in ("train/loss", "pg/entropy", "pg/ratio_mean"):
+    for key in ("pg/loss", "pg/entropy", "pg/ratio_mean"):
         assert compiled[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-5), key
     assert all(r["train/grad_norm"] > 0 for r in runs[True])
 

@@ -13,14 +13,16 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from posttrain.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="posttrain: SFT, RL with verifiable rewards, evaluation and scaling fits for LLMs.")
 err = Console(stderr=True, soft_wrap=True)
-out = Console()
+out = Console(soft_wrap=True)
 _DEBUG = {"on": False}
 
 
@@ -32,41 +34,83 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _version(value: bool) -> None:
+    if value:
+        import posttrain
+        from posttrain.rundir import code_version
+
+        v = code_version()
+        out.print(f"posttrain {posttrain.__version__} (code {v['code']}{', uncommitted changes' if v['dirty'] else ''})",
+                  markup=False, highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+          version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
     _DEBUG["on"] = debug
 
 
 @app.command()
 def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe TOML file (see docs/recipes.md for every key).")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set rl.lr=1e-4 (repeatable).")
+    set_: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Override a key: --set "
+                                                   "rl.lr=1e-4 (repeatable; KEY=null unsets an optional key).")
                     ] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete an existing run directory of this name first.")
                      ] = False,
 ) -> None:
     """Run a recipe. Re-running the same recipe resumes from its newest complete checkpoint."""
     from posttrain.config import load_recipe
+    from posttrain.rundir import finished_summary
 
     cfg = load_recipe(recipe, set_ or [])
-    _quiet_libraries()
-    from posttrain.runner import run as run_recipe
+    summary = None if fresh else finished_summary(cfg.run_dir, cfg.model_dump(mode="json"))
+    if summary is not None:  # before the heavy imports: re-printing a finished run takes no model loading
+        err.print(f"{cfg.run_dir} already finished; showing its summary (use --fresh to run again)", markup=False)
+    else:
+        _quiet_libraries()
+        from posttrain.runner import run as run_recipe
 
-    summary = run_recipe(cfg, fresh=fresh, console=err)
+        summary = run_recipe(cfg, fresh=fresh, console=err)
     _print_summary(summary)
+
+
+def summary_rows(evals: dict[str, dict]) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """(metric columns, rows) of the summary table: greedy accuracy, pass@k by k, maj@n; mean@n is left out (it is
+    pass@1 by definition), and an evaluation equal to the one before it (the same model evaluated again at a
+    stage boundary, e.g. rl-step0 after sft) is merged into its row ("sft = rl-step0")."""
+    import re
+
+    def order(m: str) -> tuple[int, int, str]:
+        k = re.fullmatch(r"eval/pass@(\d+)", m)
+        return (1, int(k.group(1)), m) if k else ((0, 0, m) if m == "eval/greedy_acc" else (2, 0, m))
+
+    metrics = sorted({k for v in evals.values() for k in v if k != "eval/mean@n"}, key=order)
+    rows: list[tuple[str, list[str]]] = []
+    previous: dict | None = None
+    for tag, values in evals.items():
+        cells = [f"{values[m]:.3f}" if m in values else "" for m in metrics]
+        if previous is not None and values == previous and rows:
+            rows[-1] = (f"{rows[-1][0]} = {tag}", rows[-1][1])
+        else:
+            rows.append((tag, cells))
+        previous = values
+    return [m.removeprefix("eval/") for m in metrics], rows
 
 
 def _print_summary(summary: dict) -> None:
     table = Table(title=f"run {summary['run_dir']}: {summary['steps']} steps in {summary['elapsed_s']:.0f} s")
-    evals = summary.get("evals", {})
-    metrics = sorted({k for v in evals.values() for k in v})
+    columns, rows = summary_rows(summary.get("evals", {}))
     table.add_column("model")
-    for m in metrics:
-        table.add_column(m.removeprefix("eval/"), justify="right")
-    for tag, values in evals.items():
-        table.add_row(tag, *[f"{values[m]:.3f}" if m in values else "" for m in metrics])
+    for m in columns:
+        table.add_column(m, justify="right")
+    for tag, cells in rows:
+        table.add_row(escape(tag), *cells)
     out.print(table)
-    out.print(f"final model: {summary['final_model']}   metrics: {summary['run_dir']}/metrics.jsonl")
+    out.print(f"final model: {summary['final_model']}", markup=False, highlight=False)
+    out.print(f"metrics: {summary['run_dir']}/metrics.jsonl", markup=False, highlight=False)
 
 
 @app.command()
@@ -78,7 +122,7 @@ def envs() -> None:
     table.add_column("name")
     table.add_column("description")
     for name, doc in describe_envs():
-        table.add_row(name, doc)
+        table.add_row(escape(name), escape(doc))
     out.print(table)
 
 
@@ -118,32 +162,38 @@ def fit(
 
 @app.command("eval")
 def eval_(
-    checkpoint: Annotated[str, typer.Argument(help="A local HF checkpoint dir (e.g. runs/quickstart/final) or a "
-                                              "preset name.")],
-    env: Annotated[str, typer.Option(help="Environment name (see `posttrain envs`).")],
-    env_arg: Annotated[list[str] | None, typer.Option("--env-arg", help="Environment argument key=value "
-                                                      "(repeatable), e.g. --env-arg digits=3.")] = None,
+    target: Annotated[str, typer.Argument(help="A run directory (its final model, with the run's own eval "
+                                          "protocol), a checkpoint (runs/x/checkpoints/step_N), a local HF model "
+                                          "directory or a preset name.")],
+    env: Annotated[str | None, typer.Option(help="Environment (`posttrain envs`); default: the run's.")] = None,
+    env_arg: Annotated[list[str] | None, typer.Option("--env-arg", metavar="KEY=VALUE", help="Environment "
+                                                      "argument (repeatable), e.g. --env-arg digits=3.")] = None,
     split: Annotated[str, typer.Option(help="train | eval")] = "eval",
-    problems: Annotated[int, typer.Option(help="Number of problems.")] = 200,
-    n: Annotated[int, typer.Option("--n", help="Samples per problem.")] = 16,
-    k: Annotated[str, typer.Option("--k", help="Comma-separated k values for pass@k.")] = "1,8",
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = 1.0,
-    max_new_tokens: Annotated[int, typer.Option(help="Generation budget.")] = 32,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    bf16: Annotated[bool, typer.Option(help="bf16 autocast.")] = False,
-    chat_template: Annotated[bool, typer.Option(help="Render prompts with the chat template.")] = True,
-    output: Annotated[Path | None, typer.Option("--out", help="JSON path (default: the run's eval/ dir).")] = None,
+    problems: Annotated[int | None, typer.Option(help="Number of problems (default: the run's, else 200).")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Samples per problem (default: the run's, else 16).")] = None,
+    k: Annotated[str | None, typer.Option("--k", help="Comma-separated k values for pass@k.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Generation budget.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed (default: the run's).")] = None,
+    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="bf16 autocast (default: the run's).")
+                    ] = None,
+    chat_template: Annotated[bool | None, typer.Option("--chat-template/--no-chat-template",
+                                                       help="Chat template (default: the run's).")] = None,
+    output: Annotated[Path | None, typer.Option("--out", help="JSON path (default: RUN/eval/adhoc/, a new file "
+                                                "each time).")] = None,
 ) -> None:
-    """Evaluate a checkpoint: greedy accuracy, pass@k (unbiased), mean@n, maj@n with bootstrap CIs."""
-    try:
-        ks = [int(x) for x in k.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--k {k!r}: expected comma-separated integers like 1,8,64") from None
+    """Evaluate a model: greedy accuracy, pass@k (unbiased), maj@n with bootstrap CIs."""
+    ks = None
+    if k is not None:
+        try:
+            ks = [int(x) for x in k.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--k {k!r}: expected comma-separated integers like 1,8,64") from None
     _quiet_libraries()
     from posttrain.evals.eval_cmd import run_eval
 
-    run_eval(checkpoint, env=env, env_args=env_arg or [], split=split, problems=problems, n=n, ks=ks,
+    run_eval(target, env=env, env_args=env_arg or [], split=split, problems=problems, n=n, ks=ks,
              temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, bf16=bf16,
              out=output, chat_template=chat_template, console=out)
 
@@ -159,7 +209,8 @@ def sweep(
     from posttrain.scaling.sweep import run_sweep
 
     path = run_sweep(sweep_file, only_plan=plan, console=err)
-    out.print(f"results: {path}")
+    out.print(f"results would be written to {path} (--plan runs nothing)" if plan else f"results: {path}",
+              markup=False, highlight=False)
 
 
 @app.command("iso-compute")
@@ -168,18 +219,22 @@ def iso_compute_(
     x: Annotated[str, typer.Option(help="Compute column.")] = "compute/flops",
     y: Annotated[str, typer.Option(help="Performance column.")] = "eval/pass@1",
     over: Annotated[str | None, typer.Option(help="Average configurations over this axis (e.g. seed).")] = None,
+    output: Annotated[Path | None, typer.Option("--out", help="Directory for iso_compute.csv/.png (default: the "
+                                                "sweep directory, the run directory, else here).")] = None,
 ) -> None:
     """Which configuration is best at equal compute: interpolates every run's curve at shared budgets."""
-    from posttrain.scaling.sweep_results import iso_compute
+    from posttrain.scaling.sweep_results import ISO, iso_compute, iso_output_dir
 
     target = runs[0] if len(runs) == 1 and not (runs[0] / "metrics.jsonl").exists() else runs
-    table = iso_compute(target, x=x, y=y, over=over)
+    out_dir = output or iso_output_dir(target)
+    table = iso_compute(target, x=x, y=y, over=over, out_dir=out_dir)
     view = Table(title=f"best {y} at equal {x}")
     for col in table[0] if table else ["budget"]:
-        view.add_column(str(col))
+        view.add_column(escape(str(col)))
     for row in table:
-        view.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()])
+        view.add_row(*[f"{v:.4g}" if isinstance(v, float) else escape(str(v)) for v in row.values()])
     out.print(view)
+    out.print(f"written: {out_dir / (ISO + '.csv')}, {out_dir / (ISO + '.png')}", markup=False, highlight=False)
 
 
 @app.command()
@@ -204,7 +259,7 @@ def main() -> None:
     except UserError as e:
         if _DEBUG["on"]:
             raise
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted; re-run the same command to resume from the newest checkpoint")

@@ -188,10 +188,13 @@ class RunConfig(Section):
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """'rl.lr=1e-4' -> (['rl', 'lr'], 1e-4). The value is read as a TOML value, else as a plain string."""
+    """'rl.lr=1e-4' -> (['rl', 'lr'], 1e-4). The value is read as a TOML value, else as a plain string; `null`
+    (TOML has none) unsets an optional key: 'sft.stop_at_accuracy=null' (quote it for the string: 'x="null"')."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set {text!r}: expected section.key=value")
+    if raw.strip() == "null":
+        return key.strip().split("."), None
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:

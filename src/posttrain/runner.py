@@ -10,22 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
-import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 
-import posttrain
+from posttrain import rundir
 from posttrain.config import RunConfig, to_toml
 from posttrain.data.prompts import context_length
 from posttrain.envs import make_env
 from posttrain.envs.scoring import Scorer, shutdown_pool
-from posttrain.errors import UserError
 from posttrain.evals.evaluate import Evaluator
 from posttrain.models import (
     attention_for,
@@ -41,55 +37,20 @@ from posttrain.stages import StageResume, load_stages
 from posttrain.tracking.metrics import MetricsLog, truncate_metrics
 from posttrain.train.checkpoint import latest_checkpoint, load_state, save_model_dir, set_rng_state
 
-DONE = "DONE"
-
-
-def _code_version() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=False,
-                             cwd=Path(posttrain.__file__).parent)
-        return rev.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            keys += diff_keys(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            keys.append(prefix + k)
-    return keys
-
-
-def prepare_run_dir(cfg: RunConfig, *, fresh: bool) -> Path:
-    run_dir = cfg.run_dir
-    saved = run_dir / "config.json"
-    if fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
-    if saved.exists():
-        before = json.loads(saved.read_text())["config"]
-        changed = diff_keys(before, cfg.model_dump(mode="json"))
-        if changed:
-            raise UserError(f"{run_dir} holds a run with a different config ({', '.join(changed[:5])} differ); "
-                            "use --fresh to start over, or another name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"posttrain": posttrain.__version__, "code": _code_version(), "torch": torch.__version__,
-            "python": platform.python_version(), "host_cpus": os.cpu_count()}
-    (run_dir / "config.toml").write_text(f"# resolved recipe; posttrain {meta['posttrain']} "
-                                         f"(code {meta['code']}), torch {meta['torch']}\n" + to_toml(cfg))
-    saved.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "meta": meta}, indent=1))
-    return run_dir
-
 
 def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) -> dict[str, Any]:
     console = console or Console(stderr=True)
-    run_dir = prepare_run_dir(cfg, fresh=fresh)
-    if (run_dir / DONE).exists():
-        console.print(f"{run_dir} already finished; showing its summary (use --fresh to run again)")
-        return json.loads((run_dir / "summary.json").read_text())
+    config = cfg.model_dump(mode="json")
+    summary = None if fresh else rundir.finished_summary(cfg.run_dir, config)
+    if summary is not None:
+        console.print(f"{cfg.run_dir} already finished; showing its summary (use --fresh to run again)")
+        return summary
+    if fresh or not rundir.has_resumable_step(cfg.run_dir):
+        # What can fail at start is checked before the run directory is touched.
+        tokenizer_dir = resolve_model_path(cfg.model.path, cfg.seed)
+        load_tokenizer(tokenizer_dir, require_chat_template=cfg.model.chat_template)
+        make_env(cfg.env.name, cfg.env.args)
+    run_dir, note = rundir.prepare(cfg.run_dir, config, to_toml(cfg), fresh=fresh)
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     torch.manual_seed(cfg.seed)
     stages = load_stages()
@@ -108,15 +69,19 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
     scorer = Scorer(env, timeout_s=cfg.env.score_timeout_s, failure_reward=cfg.env.failure_reward,
                     max_error_frac=cfg.env.max_error_frac)
     e, max_len = cfg.eval, context_length(model)
-    evaluator = Evaluator(engine, tokenizer, env, scorer, problems=e.problems, samples=e.samples, ks=e.ks,
+    evaluator = Evaluator(engine, tokenizer, env, scorer.never_stopping(), problems=e.problems, samples=e.samples, ks=e.ks,
                           temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens, seed=cfg.seed,
                           chat_template=cfg.model.chat_template, max_len=max_len)
     ctx = RunContext(run_dir=run_dir, policy=model, tokenizer=tokenizer, env=env, env_name=cfg.env.name,
                      env_args=dict(cfg.env.args), engine=engine, scorer=scorer, evaluator=evaluator,
-                     log=MetricsLog(run_dir), console=console, stall_timeout_s=cfg.stall_timeout_s, seed=cfg.seed,
+                     log=MetricsLog(run_dir, resume_step=state.global_step if state else None), console=console, stall_timeout_s=cfg.stall_timeout_s, seed=cfg.seed,
                      bf16=bf16, compile=cfg.model.compile,
                      chat_template=cfg.model.chat_template, max_len=max_len, checkpoint_every=cfg.checkpoint.every,
                      keep_last_n=cfg.checkpoint.keep_last_n, global_step=step)
+    if note:
+        ctx.note(note)
+    if getattr(env, "warning", None):  # an environment's own caveat (e.g. a weaker code sandbox chosen by name)
+        ctx.note(f"warning: {env.warning}")
     if cfg.model.bf16 == "auto":
         ctx.note(f"model.bf16 = auto: {'bf16 autocast' if bf16 else 'fp32'} on {device} "
                  f"({'bf16 matrix units found' if bf16 else 'no bf16 matrix units: bf16 would be emulated, far slower'})")
@@ -135,6 +100,7 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
                 set_rng_state(state.rng)
                 resume = StageResume(stage_step=state.stage_step, learner=state.learner, state=state.stage)
             ctx.stage, ctx.stage_index = name, i
+            rundir.record_stage(run_dir, name, resumed=resume is not None)
             stages.get(name).run(ctx, cfg.section(name), resume)
             state = None
         final = run_dir / "final"
@@ -146,7 +112,7 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
         summary = {"run_dir": str(run_dir), "steps": ctx.global_step, "elapsed_s": round(ctx.elapsed(), 1),
                    "evals": ctx.evals, "final_model": str(final), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        (run_dir / DONE).write_text("")
+        (run_dir / rundir.DONE).write_text("")
         return summary
     finally:
         ctx.heartbeat.close()

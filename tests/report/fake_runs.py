@@ -68,7 +68,7 @@ def write_fake_run(path: Path, *, seed: int = 0, evals: bool = True, rl_gain: fl
         flops += 4e11
         elapsed += 0.8
         row = {"step": step, "stage": "sft", "time/elapsed_s": elapsed, "compute/flops": flops,
-               "train/loss": 2.5 * np.exp(-step / 8) + 0.3 + rng.normal(0, 0.02), "train/lr": 1e-3}
+               "sft/loss": 2.5 * np.exp(-step / 8) + 0.3 + rng.normal(0, 0.02), "train/lr": 1e-3}
         if step == 15:
             row["eval/greedy_acc"] = 0.2
         rows.append(row)
@@ -81,11 +81,11 @@ def write_fake_run(path: Path, *, seed: int = 0, evals: bool = True, rl_gain: fl
         progress = i / RL_STEPS
         reward = 0.35 + rl_gain * progress + rng.normal(0, 0.04)
         row = {"step": step, "stage": "rl", "time/elapsed_s": elapsed, "compute/flops": flops,
-               "rollout/reward_mean": reward, "rollout/pass_rate": reward, "rollout/len_mean": 9 - 3 * progress,
+               "compute/rl_flops": 3e12 * i, "rollout/reward_mean": reward, "rollout/pass_rate": reward, "rollout/len_mean": 9 - 3 * progress,
                "rollout/effective_groups_frac": 0.7}
         if i != 7:  # step 7: every group filtered, so the learner did not run
             row.update({"pg/entropy": 1.2 * np.exp(-2 * progress), "pg/clip_frac": 0.01 + 0.02 * progress,
-                        "kl/value": 0.002 * i, "train/loss": rng.normal(0, 0.01)})
+                        "kl/value": 0.002 * i, "pg/loss": rng.normal(0, 0.01)})
         rows.append(row)
         if i % RL_EVAL_EVERY == 0 and i < RL_STEPS:
             # RL sharpens: easy problems get near-certain, hard ones are abandoned

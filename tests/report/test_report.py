@@ -100,7 +100,7 @@ def test_partial_and_damaged_run_still_reports(tmp_path):
     (run / "summary.json").unlink()
     (run / "config.json").unlink()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    rows[5]["train/loss"] = None  # NaN is written as null
+    rows[5]["sft/loss"] = None  # NaN is written as null
     rows[40]["rollout/reward_mean"] = None
     rows[41]["pg/entropy"] = 1e308  # +inf is written as 1e308
     rows[42]["kl/value"] = "oops"

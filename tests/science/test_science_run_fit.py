@@ -62,7 +62,7 @@ def test_run_fit_end_to_end_json_and_png(tmp_path, capsys):
     assert pred["mae"] < 0.02  # noise sd is 0.01: the extrapolation is about as good as the data
     assert abs(pred["final_predicted"] - sigmoid(16000.0, **TRUE)) < 0.02
 
-    png = a / "fit_eval_pass@1.png"  # default: first run dir, slashes replaced
+    png = a / "fit_eval_pass@1_vs_compute_flops_sigmoid.png"  # default: first run dir, one file per y, x, form
     assert printed["plot"] == str(png)
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000

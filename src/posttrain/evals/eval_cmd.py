@@ -1,23 +1,49 @@
-"""`posttrain eval CHECKPOINT --env NAME`: evaluate any local HF checkpoint on an environment's held-out split.
+"""`posttrain eval TARGET`: evaluate a run, a checkpoint or any local HF model on an environment's held-out split.
 
-    posttrain eval runs/quickstart/final --env arithmetic --env-arg digits=3 --n 64 --k 1,8,64
+    posttrain eval runs/quickstart                        # the run's final model, with the run's own protocol
+    posttrain eval runs/quickstart --n 64 --k 1,8,64      # ... with more samples per problem
+    posttrain eval runs/quickstart/checkpoints/step_900   # a checkpoint of the run, same protocol
+    posttrain eval /ckpts/Qwen2.5-0.5B --env arithmetic --env-arg digits=3
+
+Inside a run, every setting not given on the command line comes from the run's recipe (environment and its
+arguments, eval problems / samples / ks / temperature / top_p / max_new_tokens, chat template, bf16, seed), so the
+numbers are comparable with the run's own evaluations. The result goes to RUN/eval/adhoc/ (a new file each time,
+never over the run's own evaluations, which the report reads as the run's models), or beside a checkpoint that is
+not in a run.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from posttrain import rundir
 from posttrain.config import parse_override
 from posttrain.envs import make_env
+from posttrain.envs.base import SPLITS
+from posttrain.envs.scoring import Scorer
 from posttrain.errors import UserError
 from posttrain.evals.evaluate import evaluate, write_eval
-from posttrain.models import attention_for, load_model, load_tokenizer, resolve_device, resolve_model_path
+from posttrain.models import (
+    PRESETS,
+    attention_for,
+    load_model,
+    load_tokenizer,
+    resolve_bf16,
+    resolve_device,
+    resolve_model_path,
+)
 from posttrain.rollout.local import LocalEngine
+
+DEFAULTS = {"problems": 200, "samples": 16, "ks": [1, 8], "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 32,
+            "chat_template": True, "bf16": False}
 
 
 def parse_env_args(items: list[str]) -> dict[str, Any]:
@@ -28,48 +54,137 @@ def parse_env_args(items: list[str]) -> dict[str, Any]:
     return args
 
 
-def run_eval(checkpoint: str, *, env: str, env_args: list[str], split: str, problems: int, n: int, ks: list[int],
-             temperature: float, top_p: float, max_new_tokens: int, seed: int, bf16: bool, out: Path | None,
-             chat_template: bool, console: Console) -> dict[str, Any]:
-    bad = [k for k in ks if k < 1 or k > n]
+def resolve_target(target: str) -> tuple[str, Path | None, dict[str, Any]]:
+    """-> (model path or preset name, the run directory it belongs to or None, that run's config or {})."""
+    if target in PRESETS:
+        return target, None, {}
+    path = Path(target).expanduser()
+    if not path.exists():
+        raise UserError(f"{target}: no such directory, and not a preset ({', '.join(PRESETS)})")
+    if rundir.is_run_dir(path):  # a run directory: its final model
+        final = path / "final"
+        if not (final / "config.json").is_file():
+            ckpts = sorted((path / "checkpoints").glob("step_*")) if (path / "checkpoints").is_dir() else []
+            hint = f"; evaluate a checkpoint instead, e.g. {ckpts[-1]}" if ckpts else ""
+            raise UserError(f"{path} is a run directory whose run has not finished (no final/ model){hint}")
+        return str(final), path, rundir.read_saved(path)["config"]
+    for parent in path.resolve().parents:  # a checkpoint or final/ inside a run
+        if rundir.is_run_dir(parent):
+            return str(path), parent, rundir.read_saved(parent)["config"]
+    return str(path), None, {}
+
+
+def protocol(config: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """What was given on the command line, else the run's recipe, else the defaults."""
+    from_run = {**{k: v for k, v in config.get("eval", {}).items() if k in DEFAULTS},
+                **({"chat_template": config["model"]["chat_template"], "bf16": config["model"]["bf16"]}
+                   if "model" in config else {})}
+    chosen = {**DEFAULTS, **from_run, **{k: v for k, v in given.items() if v is not None}}
+    chosen["env"] = given.get("env") or config.get("env", {}).get("name")
+    chosen["env_args"] = {**(config.get("env", {}).get("args", {}) if not given.get("env") else {}),
+                          **given.get("env_args", {})}
+    chosen["seed"] = given["seed"] if given.get("seed") is not None else config.get("seed", 0)
+    return chosen
+
+
+def run_eval(target: str, *, env: str | None, env_args: list[str], split: str, problems: int | None,
+             n: int | None, ks: list[int] | None, temperature: float | None, top_p: float | None,
+             max_new_tokens: int | None, seed: int | None, bf16: bool | None, out: Path | None,
+             chat_template: bool | None, console: Console) -> dict[str, Any]:
+    if split not in SPLITS:
+        raise UserError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
+    model_path, run_dir, config = resolve_target(target)
+    p = protocol(config, {"env": env, "env_args": parse_env_args(env_args), "problems": problems, "samples": n,
+                          "ks": ks, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+                          "seed": seed, "bf16": bf16, "chat_template": chat_template})
+    if p["env"] is None:
+        raise UserError(f"{target} is not inside a run directory, so give the environment: --env NAME "
+                        "(`posttrain envs` lists them)")
+    for key, flag in (("problems", "--problems"), ("samples", "--n"), ("max_new_tokens", "--max-new-tokens")):
+        if p[key] < 1:
+            raise UserError(f"{flag} {p[key]}: must be at least 1")
+    bad = [k for k in p["ks"] if k < 1 or k > p["samples"]]
     if bad:
-        raise UserError(f"--k {bad}: every k must be between 1 and --n {n}")
-    path = resolve_model_path(checkpoint, seed)
+        raise UserError(f"--k {bad}: every k must be between 1 and --n {p['samples']}")
+    path = resolve_model_path(model_path, p["seed"])
     device = resolve_device("auto")
     model = load_model(path, attention=attention_for(device)).to(device)
-    tokenizer = load_tokenizer(path, require_chat_template=chat_template)
-    environment = make_env(env, parse_env_args(env_args))
-    torch.manual_seed(seed)
-    engine = LocalEngine(model, tokenizer, bf16=bf16)
-    with console.status(f"evaluating {path} on {env}/{split}: {problems} problems x {n} samples"):
-        result = evaluate(engine, tokenizer, environment, problems=problems, samples=n, ks=ks,
-                          temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
-                          chat_template=chat_template, max_len=getattr(model.config, "max_position_embeddings",
-                                                                       None), split=split)
-    result.update({"checkpoint": str(path), "tag": env})
-    target = out or default_output(Path(checkpoint), env)
-    write_eval(target, result)
+    tokenizer = load_tokenizer(path, require_chat_template=p["chat_template"])
+    environment = make_env(p["env"], p["env_args"])
+    torch.manual_seed(p["seed"])
+    engine = LocalEngine(model, tokenizer, bf16=resolve_bf16(p["bf16"], device))
+    total = p["problems"] * (p["samples"] + 1)
+    source = f"the protocol of {run_dir}" if run_dir else "the defaults"
+    console.print(f"evaluating {path} on {p['env']}/{split}: {p['problems']} problems x {p['samples']} samples "
+                  f"(unset options from {source})", markup=False, highlight=False)
+    with _progress(console, total) as advance:
+        result = evaluate(engine, tokenizer, environment, problems=p["problems"], samples=p["samples"], ks=p["ks"],
+                          temperature=p["temperature"], top_p=p["top_p"], max_new_tokens=p["max_new_tokens"],
+                          seed=p["seed"], chat_template=p["chat_template"],
+                          max_len=getattr(model.config, "max_position_embeddings", None), split=split,
+                          score=Scorer(environment, max_error_frac=None), progress=advance)
+    result.update({"checkpoint": str(path), "tag": f"{p['env']} (posttrain eval)", "adhoc": True,
+                   "protocol": {k: v for k, v in p.items()}, "evaluated_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+    target_file = out or default_output(run_dir, Path(path), p["env"], split, p["samples"])
+    write_eval(target_file, result)
     console.print(eval_table(result))
-    console.print(f"written: {target}")
+    console.print(f"written: {target_file}", markup=False, highlight=False)
     return result
 
 
-def default_output(checkpoint: Path, env: str) -> Path:
-    """Inside a run dir (runs/x/final or runs/x/checkpoints/step_N) write to runs/x/eval/; else beside it."""
-    for parent in [checkpoint, *checkpoint.parents]:
-        if (parent / "metrics.jsonl").exists():
-            return parent / "eval" / f"{env}-{checkpoint.name}.json"
-    return checkpoint.parent / f"eval-{env}-{checkpoint.name}.json"
+class _progress:
+    """Completions generated so far, with an ETA: a bar on a terminal, a line every 30 s in a log."""
+
+    def __init__(self, console: Console, total: int):
+        self.console, self.total = console, total
+        self.bar = None
+
+    def __enter__(self):
+        if self.console.is_terminal:
+            self.bar = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TextColumn("eta"),
+                                TimeRemainingColumn(), console=self.console, transient=True)
+            self.bar.__enter__()
+            self.task = self.bar.add_task("eval", total=self.total)
+        self.start = self.last = time.time()
+        return self.advance
+
+    def advance(self, done: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done)
+            return
+        now = time.time()
+        if now - self.last >= 30 or done >= self.total:
+            rate = done / max(now - self.start, 1e-9)
+            self.console.print(f"eval {done}/{self.total} completions, eta {(self.total - done) / rate:.0f} s",
+                               markup=False, highlight=False)
+            self.last = now
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False
+
+
+def default_output(run_dir: Path | None, model: Path, env: str, split: str, n: int) -> Path:
+    """RUN/eval/adhoc/<env>-<model>-<split>-n<N>.json inside a run, else beside the model; never an existing file."""
+    stem = f"{env}-{model.name}-{split}-n{n}".replace("/", "_").replace(":", "_")
+    base = run_dir / "eval" / "adhoc" if run_dir else model.parent
+    if not run_dir:
+        stem = f"eval-{stem}"
+    path, k = base / f"{stem}.json", 2
+    while path.exists():
+        path, k = base / f"{stem}-{k}.json", k + 1
+    return path
 
 
 def eval_table(result: dict[str, Any]) -> Table:
-    table = Table(title=f"{result['env']} / {result.get('split', 'eval')}: {result['problems']} problems, "
-                        f"n = {result.get('samples', 1)}")
+    table = Table(title=escape(f"{result['env']} / {result.get('split', 'eval')}: {result['problems']} problems, "
+                               f"n = {result.get('samples', 1)}"))
     for col in ("metric", "mean", "95% CI"):
         table.add_column(col, justify="right" if col != "metric" else "left")
     table.add_row("greedy accuracy", f"{result['greedy_acc']:.3f}", "")
     for key, value in result.items():
-        if isinstance(value, dict) and "mean" in value:
+        if isinstance(value, dict) and "mean" in value and key != "mean@n":
             table.add_row(key, f"{value['mean']:.3f}", f"[{value['ci_low']:.3f}, {value['ci_high']:.3f}]")
     by_diff = result.get("by_difficulty") or {}
     if len(by_diff) > 1:

@@ -19,23 +19,27 @@ EVAL_SEED = 0  # the held-out problem set is the same for every run seed, so run
 GENERATE_CHUNK = 512  # sequences per engine call: bounds KV-cache memory
 
 
-def generate_chunked(engine, prompts: Sequence[list[int]], params: SamplingParams):
+def generate_chunked(engine, prompts: Sequence[list[int]], params: SamplingParams, progress=None, done: int = 0):
+    """`progress(completions done so far)`, if given, after every chunk (the eval command's progress bar)."""
     out = []
     for i in range(0, len(prompts), GENERATE_CHUNK):
         chunk_params = SamplingParams(**{**params.__dict__, "seed": params.seed + i})
         out.extend(engine.generate(prompts[i: i + GENERATE_CHUNK], chunk_params))
+        if progress is not None:
+            progress(done + len(out))
     return out
 
 
 def evaluate(engine, tokenizer, env, *, problems: int, samples: int, ks: Sequence[int], temperature: float,
              top_p: float, max_new_tokens: int, seed: int, chat_template: bool = True,
              max_len: int | None = None, greedy_only: bool = False, split: str = "eval",
-             score=None) -> dict[str, Any]:
+             score=None, progress=None) -> dict[str, Any]:
     """`score(tasks, texts) -> list[Score]` defaults to the isolated scoring pool with default limits."""
     score = score or (lambda tasks, texts: score_many(env, tasks, texts))
     tasks = list(itertools.islice(env.tasks(split, EVAL_SEED), problems))
     prompts = [render_prompt(tokenizer, env.prompt(t), chat_template=chat_template, max_len=max_len) for t in tasks]
-    greedy = generate_chunked(engine, prompts, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
+    greedy = generate_chunked(engine, prompts, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens),
+                              progress)
     greedy_scores = score(tasks, [c.text for c in greedy])
     result: dict[str, Any] = {
         "env": env.name, "split": split, "problems": len(tasks),
@@ -45,10 +49,12 @@ def evaluate(engine, tokenizer, env, *, problems: int, samples: int, ks: Sequenc
         return result
     sampled = generate_chunked(
         engine, [p for p in prompts for _ in range(samples)],
-        SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed))
+        SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed), progress,
+        done=len(prompts))
     texts = [c.text for c in sampled]
     scores = score([t for t in tasks for _ in range(samples)], texts)
     rows = []
+    errors = sum(1 for s in [*greedy_scores, *scores] if "error" in s.info)
     for i, task in enumerate(tasks):
         block = slice(i * samples, (i + 1) * samples)
         correct = [s.correct for s in scores[block]]
@@ -58,7 +64,7 @@ def evaluate(engine, tokenizer, env, *, problems: int, samples: int, ks: Sequenc
                      "example": texts[block][0][:200]})
     result.update(summarize_eval(rows, ks, seed=seed))
     result.update({"samples": samples, "ks": list(ks), "temperature": temperature, "top_p": top_p,
-                   "max_new_tokens": max_new_tokens, "per_problem": rows})
+                   "max_new_tokens": max_new_tokens, "score_errors": errors, "per_problem": rows})
     return result
 
 

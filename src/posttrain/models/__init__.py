@@ -1,13 +1,20 @@
-from posttrain.models.load import (
-    attention_for,
-    bf16_is_fast,
-    load_model,
-    load_tokenizer,
-    resolve_bf16,
-    resolve_device,
-    resolve_model_path,
-)
-from posttrain.models.presets import PRESETS
+"""Policies: built-in presets, local Hugging Face checkpoints, and how batches are laid out.
+
+The names below load on first use, so importing a light submodule (models.layout) does not import transformers.
+"""
+
+from importlib import import_module
+from typing import Any
+
+_LAZY = {name: "posttrain.models.load" for name in (
+    "attention_for", "bf16_is_fast", "load_model", "load_tokenizer", "resolve_bf16", "resolve_device",
+    "resolve_model_path")} | {"PRESETS": "posttrain.models.presets"}
 
 __all__ = ["PRESETS", "attention_for", "bf16_is_fast", "load_model", "load_tokenizer", "resolve_bf16",
            "resolve_device", "resolve_model_path"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'posttrain.models' has no attribute {name!r}")

@@ -5,7 +5,10 @@ prompts kept once (prefix sharing), and bf16 autocast on the model's device."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,3 +38,20 @@ def autocast(enabled: bool, device: torch.device | str = "cpu"):
     """bf16 autocast on the model's device type (CPU or CUDA); weights stay fp32."""
     kind = torch.device(device).type
     return torch.autocast(kind, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    # transformers 5.2x renamed the forward's `past_key_values` to `cache` (the old name warns, then goes away in
+    # 5.40); older releases only know `past_key_values`.
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """The keyword that hands a KV cache to this model's forward, whichever transformers is installed."""
+    return {_cache_keyword(type(model)): cache}
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward returned (`cache` in new transformers, `past_key_values` in old)."""
+    return output["cache"] if "cache" in output else output["past_key_values"]

@@ -75,6 +75,8 @@ class RLBatch:
 
 @register_stage("rl", RLConfig)
 def run(ctx: RunContext, c: RLConfig, resume: StageResume | None) -> None:
+    if c.preset and c.preset_overrides and not resume:
+        ctx.note(f"rl.preset = {c.preset}, with the recipe overriding: {'; '.join(c.preset_overrides)}")
     env = ctx.training_env(c.env_args)
     learner = Learner(ctx.policy, **c.optimizer_args(), total_updates=c.steps * c.epochs * c.mini_batches,
                       micro_batch_size=c.micro_batch_size, pad_id=ctx.tokenizer.pad_token_id, bf16=ctx.bf16,
@@ -264,7 +266,7 @@ def train_metrics(ctx: RunContext, results: list[tuple[StepResult, Tensor]], bat
     trained = [int(i) for _, rows in results for i in rows]
     seqs = batch.seqs
     return {
-        "train/loss": sum(r.loss for r, _ in results) / len(results),
+        "pg/loss": sum(r.loss for r, _ in results) / len(results),
         "train/grad_norm": sum(r.grad_norm for r, _ in results) / len(results),
         "train/lr": results[-1][0].lr, "train/updates": len(results),
         "train/skipped_frac": 1 - len(trained) / max(1, len(seqs) * c.epochs),

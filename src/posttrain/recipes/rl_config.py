@@ -41,6 +41,20 @@ def load_preset(name: str) -> dict[str, Any]:
         return tomllib.load(f)
 
 
+def preset_overrides(preset: dict[str, Any], section: dict[str, Any]) -> list[str]:
+    """The recipe's keys that differ from the preset's: 'group_filter: dynamic_sampling -> zero_variance'."""
+    out = []
+    for key, value in section.items():
+        if key in ("preset", "preset_overrides") or key not in preset:
+            continue
+        if isinstance(value, dict) and isinstance(preset[key], dict):
+            out += [f"{key}.{k}: {preset[key].get(k)!r} -> {v!r}" for k, v in value.items()
+                    if k in preset[key] and preset[key][k] != v]
+        elif value != preset[key]:
+            out.append(f"{key}: {preset[key]!r} -> {value!r}")
+    return out
+
+
 def merge_preset(preset: dict[str, Any], section: dict[str, Any]) -> dict[str, Any]:
     """The recipe's keys over the preset's. A hyperparameter table merges key by key while the recipe keeps the
     preset's entry; a recipe that picks another entry drops the preset's table for it (it would not fit)."""
@@ -61,6 +75,10 @@ class RLConfig(StageConfig):
     preset: str | None = Field(None, description="A named method (grpo, dr_grpo, dapo, prorl, gspo, cispo, rloo, "
                                "reinforce_pp, scalerl): a TOML file in posttrain/presets whose keys become the "
                                "defaults of this section; keys set here override it.")
+    preset_overrides: list[str] = Field(default_factory=list, description="Written by posttrain, not read: the "
+                                        "keys this recipe sets to something other than its preset's value (the run "
+                                        "log names them at start), so a run labelled with a preset says where it "
+                                        "departs from it.")
     steps: int = Field(200, gt=0, description="RL steps (one rollout batch each).")
     prompts_per_step: int = Field(32, gt=0, description="Distinct prompts per step (global).")
     group_size: int = Field(8, gt=0, description="Completions sampled per prompt.")
@@ -133,8 +151,10 @@ class RLConfig(StageConfig):
         for key, new in RENAMED.items():
             if key in data:
                 raise ConfigError(f"rl.{key}", f"renamed to {new}")
+        data = {k: v for k, v in data.items() if k != "preset_overrides"}  # recomputed, never taken as input
         if data.get("preset"):
-            data = merge_preset(load_preset(data["preset"]), data)
+            preset = load_preset(data["preset"])
+            data = {**merge_preset(preset, data), "preset_overrides": preset_overrides(preset, data)}
         return data
 
     @model_validator(mode="after")

@@ -34,6 +34,7 @@ class RunData:
     config: dict[str, Any] = field(default_factory=dict)  # config.json["config"]
     meta: dict[str, Any] = field(default_factory=dict)  # config.json["meta"]
     evals: list[dict[str, Any]] = field(default_factory=list)  # eval/*.json, sorted by (step, stage, tag)
+    adhoc: list[dict[str, Any]] = field(default_factory=list)  # eval/adhoc/*.json: `posttrain eval` results
     summary: dict[str, Any] | None = None  # summary.json; None while the run is unfinished
     notes: list[str] = field(default_factory=list)  # what could not be read, shown in the HTML
 
@@ -79,6 +80,11 @@ def load_run(path: Path, name: str | None = None) -> RunData:
             result.setdefault("tag", f.stem)
             evals.append(result)
     run.evals = sorted(evals, key=_eval_sort_key)
+    for f in sorted((path / "eval" / "adhoc").glob("*.json")) if (path / "eval" / "adhoc").is_dir() else []:
+        result = _read_json(f, run.notes)
+        if isinstance(result, dict):
+            result["file"] = f.name
+            run.adhoc.append(result)
     if not run.rows:
         run.notes.append("metrics.jsonl: missing or empty")
     return run
@@ -100,22 +106,47 @@ def run_names(paths: list[Path]) -> list[str]:
 # Series from metrics.jsonl
 
 
+STAGE_STEP = "stage_step"  # x axis: steps since the row's stage started (RL step 0 = the end of SFT)
+
+
+def stage_starts(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The global step at which each training stage started: the last step of the stages before it (0 for the
+    first). Seed-dependent SFT lengths then do not shift the RL curves of different runs apart."""
+    starts: dict[str, float] = {}
+    last = 0.0
+    for row in sorted((r for r in rows if number(r.get("step")) is not None), key=lambda r: number(r["step"])):
+        stage = row.get("stage")
+        if stage not in (None, "base") and stage not in starts:
+            starts[str(stage)] = last
+        last = number(row["step"])
+    return starts
+
+
 def series(rows: list[dict[str, Any]], key: str, *, x: str = "step", stages: tuple[str, ...] | None = None,
            ) -> tuple[np.ndarray, np.ndarray]:
     """(x, y) of every row that has a finite `key` and a finite `x` (and, if given, a stage in `stages`),
-    sorted by x. With x = "compute/flops" only x > 0 is kept (the axis is logarithmic)."""
+    sorted by x. x is "step" (global), STAGE_STEP (steps since the row's stage started) or a column; for a compute
+    column only x > 0 is kept when any x > 0 (a log axis), else all."""
+    starts = stage_starts(rows) if x == STAGE_STEP else {}
     pts = []
     for row in rows:
         if stages is not None and row.get("stage") not in stages:
             continue
-        xv, yv = number(row.get(x)), number(row.get(key))
-        if xv is None or yv is None or (x != "step" and xv <= 0):
+        if x == STAGE_STEP:
+            step = number(row.get("step"))
+            xv = None if step is None or row.get("stage") not in starts else step - starts[row["stage"]]
+        else:
+            xv = number(row.get(x))
+        yv = number(row.get(key))
+        if xv is None or yv is None:
             continue
         pts.append((xv, yv))
     if not pts:
         return np.zeros(0), np.zeros(0)
     pts.sort(key=lambda p: p[0])  # stable: rows with equal x keep file order
     arr = np.array(pts, dtype=np.float64)
+    if x not in ("step", STAGE_STEP) and np.any(arr[:, 0] > 0):
+        arr = arr[arr[:, 0] > 0]
     return arr[:, 0], arr[:, 1]
 
 
@@ -152,6 +183,7 @@ def eval_metric_names(runs: list[RunData]) -> list[str]:
             if number(result.get("greedy_acc")) is not None:
                 found.add("greedy_acc")
             found.update(k for k, v in result.items() if isinstance(v, dict) and number(v.get("mean")) is not None)
+    found.discard("mean@n")  # pass@1 by definition: the same numbers under another name
     return sorted(found, key=_eval_metric_order)
 
 

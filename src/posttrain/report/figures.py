@@ -21,6 +21,7 @@ from matplotlib.ticker import (
     FixedLocator,
     LogFormatterSciNotation,
     LogLocator,
+    MaxNLocator,
     NullFormatter,
     NullLocator,
     ScalarFormatter,
@@ -28,6 +29,7 @@ from matplotlib.ticker import (
 
 from posttrain.report.data import (
     STAGE_ORDER,
+    STAGE_STEP,
     RunData,
     difficulty_table,
     eval_metric_names,
@@ -37,6 +39,7 @@ from posttrain.report.data import (
     passk_curve,
     series,
     stage_boundaries,
+    stage_starts,
 )
 
 DPI = 120
@@ -173,49 +176,87 @@ def _log2_ticks(ax, k_max: int) -> None:
 # figures
 
 
-def training_curves(runs: list[RunData], colors: dict, out_dir: Path, *, x: str = "step") -> Plot | None:
-    """Figure 1 (x = step) and 1b (x = compute/flops, log scale): the RL health panels."""
-    panels = [p for p in TRAINING_PANELS if any(series(r.rows, p[0], x=x)[0].size for r in runs)]
+def panel_choice(runs: list[RunData], x: str) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """The RL health panels worth drawing, and a sentence for each one left out: a panel identical to another
+    (with a binary reward the mean reward IS the pass rate) or zero at every step in every run."""
+    drawn, notes = [], []
+    for key, title, ylabel in TRAINING_PANELS:
+        curves = [series(r.rows, key, x=x, stages=("rl",)) for r in runs]
+        if not any(xs.size for xs, _ in curves):
+            continue
+        if key == "rollout/pass_rate" and all(
+                np.array_equal(series(r.rows, "rollout/reward_mean", x=x, stages=("rl",))[1], ys)
+                for r, (_, ys) in zip(runs, curves, strict=True)):
+            notes.append("The rollout pass rate is not drawn: it equals the mean reward at every step (a 0/1 "
+                         "reward), so the reward panel shows both.")
+            continue
+        if all(not np.any(ys) for _, ys in curves):
+            why = {"pg/clip_frac": " (updates are on-policy: one epoch, one mini-batch, so the ratio is 1)",
+                   "kl/value": " (no KL term: kl_coef = 0, so there is no reference model)"}.get(key, "")
+            notes.append(f"{title} is not drawn: it is zero at every step{why}.")
+            continue
+        drawn.append((key, title, ylabel))
+    return drawn, notes
+
+
+def training_curves(runs: list[RunData], colors: dict, out_dir: Path, *, x: str = STAGE_STEP) -> Plot | None:
+    """The RL health panels against the RL stage's own step (runs whose SFT stopped at different steps overlap)
+    or against the RL stage's own compute (compute/rl_flops)."""
+    panels, notes = panel_choice(runs, x)
     if not panels:
         return None
-    over_compute = x != "step"
+    over_compute = x != STAGE_STEP
     with rc_context(FONT):
         fig, axes = _new_figure(len(panels))
+        all_x = np.concatenate([series(r.rows, p[0], x=x, stages=("rl",))[0] for r in runs for p in panels])
         for ax, (key, title, ylabel) in zip(axes, panels, strict=True):
             for run in runs:
-                xs, ys = series(run.rows, key, x=x)
+                xs, ys = series(run.rows, key, x=x, stages=("rl",))
                 if xs.size:
                     _plot_curve(ax, xs, ys, colors[run.name], run.name)
-                    _mark_stages(ax, run, colors[run.name], x=x, label_text=len(runs) == 1)
-            if all(not np.any(series(r.rows, key, x=x)[1]) for r in runs):
-                ax.text(0.5, 0.56, "zero at every step", transform=ax.transAxes, ha="center", va="bottom",
-                        fontsize=9, color="0.4")
             ax.set_title(title)
             ax.set_ylabel(ylabel)
-            ax.set_xlabel("compute (cumulative FLOPs, log scale)" if over_compute else "step (optimizer steps)")
             if over_compute:
-                _log_axis(ax)
-        _run_legend(fig, runs, colors, stages=True)
+                ax.set_xlabel("RL compute (FLOPs since RL started)")
+                _compute_axis(ax, all_x)
+            else:
+                ax.set_xlabel("RL step")
+        _run_legend(fig, runs, colors, stages=False)
         file = "report_training_compute.png" if over_compute else "report_training_steps.png"
         _save(fig, out_dir, file)
+    left_out = (" " + " ".join(notes)) if notes else ""
     if over_compute:
-        return Plot(file, "Training curves over compute",
-                    "The same panels against cumulative FLOPs (generation + logprob passes + training; log x). "
-                    "This is the fair axis for comparing runs whose steps cost different amounts (group size, "
-                    "prompts per step, model size): the better recipe is the curve that is higher further left.")
-    return Plot(file, "Training curves over steps",
-                "Reward and pass rate should rise; entropy falling to near zero means the policy has collapsed "
-                "onto few answers (exploration is gone); response length shows drift towards longer or "
-                "truncated answers; a clipped fraction that keeps growing means updates are too large for the "
-                "trust region; KL measures how far the policy moved from the reference. The clipped fraction "
-                "is exactly zero when updates are on-policy (one epoch, one mini-batch: ratio = 1), and KL is "
-                "logged as zero when kl_coef = 0 (no reference model). Dashed lines mark stage changes (SFT to "
-                "RL). Long curves are shown "
-                "smoothed (centred moving average) over the faint raw values.")
+        return Plot(file, "RL curves over compute",
+                    "The same panels against the FLOPs spent in the RL stage (generation + logprob passes + "
+                    "training), counted from the stage's start so that runs with different SFT lengths start at "
+                    "zero together. This is the fair axis for comparing runs whose steps cost different amounts "
+                    "(group size, prompts per step, model size): the better recipe is the curve that is higher "
+                    "further left." + left_out)
+    return Plot(file, "RL curves over RL steps",
+                "Steps are counted from the start of the RL stage, so runs whose SFT stopped at different steps "
+                "(sft.stop_at_accuracy) overlap. Reward should rise; entropy falling to near zero means the "
+                "policy has collapsed onto few answers (exploration is gone); response length shows drift "
+                "towards longer or truncated answers; a clipped fraction that keeps growing means updates are "
+                "too large for the trust region; KL measures how far the policy moved from the reference. "
+                "Long curves are shown smoothed (centred moving average) over the faint raw values." + left_out)
+
+
+def _compute_axis(ax, xs: np.ndarray) -> None:
+    """Log scale over two or more decades, else linear with one shared power of ten (no colliding labels)."""
+    pos = xs[xs > 0]
+    if pos.size and pos.max() / pos.min() >= 100:
+        _log_axis(ax)
+    else:
+        fmt = ScalarFormatter(useMathText=True)
+        fmt.set_powerlimits((-3, 3))
+        ax.xaxis.set_major_formatter(fmt)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
 
 
 def sft_loss(runs: list[RunData], colors: dict, out_dir: Path) -> Plot | None:
-    data = [(r, *series(r.rows, "train/loss", stages=("sft",))) for r in runs]
+    # sft/loss; runs written before the metric had its own name logged it as train/loss
+    data = [(r, *(series(r.rows, "sft/loss", stages=("sft",)) if any("sft/loss" in row for row in r.rows)
+                  else series(r.rows, "train/loss", stages=("sft",)))) for r in runs]
     data = [(r, xs, ys) for r, xs, ys in data if xs.size]
     if not data:
         return None
@@ -242,34 +283,60 @@ def eval_over_steps(runs: list[RunData], colors: dict, out_dir: Path) -> Plot | 
     metrics = [m for m in eval_metric_names(runs) if any(eval_points(r, m) for r in runs)]
     if not metrics:
         return None
+    # Runs whose last stage starts at different global steps (seed-dependent SFT lengths) are aligned on that
+    # stage's start: its step 0 is x = 0 for every run, and the earlier stages extend to the left.
+    offsets = {r.name: max(stage_starts(r.rows).values(), default=0.0) for r in runs}
+    align = len(runs) > 1 and len(set(offsets.values())) > 1
     with rc_context(FONT):
         fig, axes = _new_figure(len(metrics), ncols=3, w=4.2, h=3.2)
         for ax, metric in zip(axes, metrics, strict=True):
+            all_x = []
             for run in runs:
                 pts = eval_points(run, metric)
                 if not pts:
                     continue
                 color = colors[run.name]
-                xs = np.array([p[0] for p in pts])
+                shift = offsets[run.name] if align else 0.0
+                xs = np.array([p[0] for p in pts]) - shift
                 ys = np.array([p[1] for p in pts])
-                ax.plot(xs, ys, color=color, lw=1.5, marker="o", ms=4, label=run.name)
-                ci = [(p[0], p[1], p[2], p[3]) for p in pts if p[2] is not None and p[3] is not None]
+                all_x.append(xs)
+                base = _base_points(run, pts)  # the starting model: a marker, not joined across the unmeasured gap
+                ax.plot(xs[~base], ys[~base], color=color, lw=1.5, marker="o", ms=4, label=run.name)
+                ax.plot(xs[base], ys[base], color=color, lw=0, marker="s", ms=4)
+                ci = [(p[0] - shift, p[1], p[2], p[3]) for p in pts if p[2] is not None and p[3] is not None]
                 if ci:
                     cx, cy, lo, hi = (np.array(v) for v in zip(*ci, strict=True))
                     ax.errorbar(cx, cy, yerr=[np.maximum(cy - lo, 0), np.maximum(hi - cy, 0)], fmt="none",
                                 ecolor=color, elinewidth=1, capsize=3, alpha=0.8)
-                _mark_stages(ax, run, color, label_text=len(runs) == 1)
+                if not align:
+                    _mark_stages(ax, run, color, label_text=len(runs) == 1)
+            if align:
+                ax.axvline(0, color="0.3", ls="--", lw=1.0)
+            xs = np.concatenate(all_x)
+            if xs.max() == xs.min():  # a single step: give it a readable axis instead of +-0.04
+                ax.set_xlim(xs.min() - 1, xs.max() + 1)
             ax.set_title(f"held-out {metric}")
-            ax.set_xlabel("step (optimizer steps)")
+            ax.set_xlabel("step, 0 = start of the last stage" if align else "step (optimizer steps)")
             ax.set_ylabel("fraction of problems")
         _run_legend(fig, runs, colors, stages=True)
         _save(fig, out_dir, "report_eval_steps.png")
+    aligned = (" The runs are aligned on the start of their last stage (x = 0, dashed), because their earlier "
+               "stages took different numbers of steps." if align else "")
     return Plot("report_eval_steps.png", "Held-out evaluation over steps",
                 "Accuracy on problems never trained on, at each evaluation (error bars: 95% bootstrap CI over "
-                "problems). greedy_acc and pass@1 should rise through SFT and RL. Watch pass@k at the largest k: "
-                "if it stays flat or falls while pass@1 rises, RL is concentrating probability on answers the "
-                "model could already find rather than teaching new ones. mean@n is the average sample accuracy; "
-                "maj@n is majority-vote accuracy.")
+                "problems; a square marks the starting model, not joined to the next point since nothing was "
+                "measured in between). greedy_acc and pass@1 should rise through SFT and RL. Watch pass@k at "
+                "the largest k: if it stays flat or falls while pass@1 rises, RL is concentrating probability "
+                "on answers the model could already find rather than teaching new ones. maj@n is majority-vote "
+                "accuracy (mean@n, the average sample accuracy, is pass@1 by definition and not drawn)." + aligned)
+
+
+def _base_points(run: RunData, pts: list[tuple]) -> np.ndarray:
+    base_steps = {number(r.get("step")) for r in run.evals if r.get("stage") == "base"}
+    base_steps |= {number(r.get("step")) for r in run.rows if r.get("stage") == "base"}
+    first_training = min((number(r.get("step")) for r in run.rows if r.get("stage") not in (None, "base")
+                          and number(r.get("step")) is not None), default=math.inf)
+    return np.array([p[0] in base_steps and p[0] < first_training for p in pts], dtype=bool)
 
 
 def passk_vs_k(runs: list[RunData], tcolors: dict, out_dir: Path) -> tuple[Plot | None, list[str]]:
@@ -280,13 +347,17 @@ def passk_vs_k(runs: list[RunData], tcolors: dict, out_dir: Path) -> tuple[Plot 
         curves = []
         for result in run.evals:
             ks, means = passk_curve(result.get("per_problem") or [])
-            if ks.size >= 2:
-                curves.append((result, ks, means, passk_band(result.get("per_problem") or [])))
+            if ks.size < 2:
+                continue
+            if curves and np.array_equal(curves[-1][2], means) and np.array_equal(curves[-1][1], ks):
+                continue  # the same model evaluated again (rl-step0 after sft): one curve, not two on top
+            curves.append((result, ks, means, passk_band(result.get("per_problem") or [])))
         if curves:
             panels.append((run, curves))
     if not panels:
         return None, []
     verdicts = []
+    top = max(float(np.max(c[2])) for _, curves in panels for c in curves)
     with rc_context(FONT):
         fig, axes = _new_figure(len(panels), ncols=min(3, len(panels)), w=5.0, h=3.8)
         for ax, (run, curves) in zip(axes, panels, strict=True):
@@ -305,7 +376,8 @@ def passk_vs_k(runs: list[RunData], tcolors: dict, out_dir: Path) -> tuple[Plot 
             ax.set_xlabel("k (samples per problem, log2 scale)")
             ax.set_ylabel("pass@k (fraction of problems)")
             ax.set_title(run.name if len(runs) > 1 else "pass@k vs k")
-            ax.legend(loc="lower right")
+            ax.set_ylim(0, min(1.0, top * 1.08) if top > 0 else 1.0)  # one y scale for every run's panel
+            ax.legend(loc="best", fontsize=8)
             ref, last = _reference_curve(curves), curves[-1]
             verdict = crossing_verdict(*ref[:3], *last[:3], noise=max(_half_width(ref), _half_width(last)))
             if verdict:

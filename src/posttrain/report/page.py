@@ -83,7 +83,7 @@ def write_report(run_dirs: list[Path], *, out_dir: Path | None = None) -> Path:
     rcolors, tcolors = figures.run_colors(runs), figures.tag_colors(runs)
     plots = [
         figures.training_curves(runs, rcolors, out_dir),
-        figures.training_curves(runs, rcolors, out_dir, x="compute/flops"),
+        figures.training_curves(runs, rcolors, out_dir, x="compute/rl_flops"),
         figures.sft_loss(runs, rcolors, out_dir),
         figures.eval_over_steps(runs, rcolors, out_dir),
     ]
@@ -256,6 +256,27 @@ def _eval_table(runs: list[RunData]) -> str:
             "greedy_acc is one greedy answer per problem.</p>")
 
 
+def _adhoc_table(runs: list[RunData]) -> str:
+    """`posttrain eval` results kept in a run (eval/adhoc/): listed with their own protocol, never mixed into the
+    run's evaluations (they are often the same final model at another n, which must not read as another model)."""
+    rows = []
+    for run in runs:
+        for r in run.adhoc:
+            p = r.get("protocol") or {}
+            metrics = ", ".join(f"{k} {v['mean']:.3f}" for k, v in r.items()
+                                if isinstance(v, dict) and number(v.get("mean")) is not None and k != "mean@n")
+            rows.append(f"<tr><td>{_e(run.name)}</td><td>{_e(r.get('file'))}</td><td>{_e(r.get('checkpoint'))}</td>"
+                        f"<td>{_e(r.get('env'))} / {_e(r.get('split'))}</td><td>{_e(r.get('problems'))} x "
+                        f"{_e(r.get('samples'))}</td><td>{_e(p.get('max_new_tokens', ''))}</td>"
+                        f"<td>greedy {number(r.get('greedy_acc')) or 0:.3f}, {_e(metrics)}</td></tr>")
+    if not rows:
+        return ""
+    return ("<h3>Ad-hoc evaluations (posttrain eval)</h3><table><tr><th>run</th><th>file</th><th>model</th>"
+            "<th>env / split</th><th>problems x n</th><th>max tokens</th><th>results</th></tr>" + "".join(rows)
+            + "</table><p class='muted'>Evaluated after the run with `posttrain eval`, each with its own protocol "
+            "(often more samples per problem); not part of the run's own evaluations above or of the figures.</p>")
+
+
 def _metric_key(name: str) -> tuple[int, int, str]:
     m = re.fullmatch(r"pass@(\d+)", name)
     return (0, int(m.group(1)), name) if m else (1, 0, name)
@@ -288,6 +309,7 @@ def render_html(runs: list[RunData], plots: list[figures.Plot], rcolors: dict, *
 {_config_table(runs)}
 <h2>Evaluation</h2>
 {_eval_table(runs)}
+{_adhoc_table(runs)}
 <h2>Figures</h2>
 {''.join(figs)}
 </body></html>

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from posttrain.models.layout import autocast, distinct_prompts, left_pad
+from posttrain.models.layout import autocast, cache_kwargs, distinct_prompts, left_pad
 from posttrain.records import Completion, SamplingParams
 from posttrain.rollout import llama_decode
 from posttrain.rollout.sampling import sample_next
@@ -96,7 +96,7 @@ class LocalEngine:
         from transformers import DynamicCache  # lazy: see train/forward.py
 
         cache = DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kwargs(self.model, cache),
                          use_cache=True, logits_to_keep=1)
         rows = torch.tensor(rows, dtype=torch.long, device=self.device)
         return cache, rows, out.logits[:, -1].float()[rows], mask[rows], pos[rows, -1] + 1
@@ -157,7 +157,7 @@ class LocalEngine:
             else:
                 mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
                 out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                                 past_key_values=cache, use_cache=True)
+                                 **cache_kwargs(self.model, cache), use_cache=True)
                 logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
         return tokens, logprobs, lengths, finish

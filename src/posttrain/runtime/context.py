@@ -32,6 +32,7 @@ from posttrain.tracking.metrics import MetricsLog
 from posttrain.train.checkpoint import TrainerState, rng_state, rotate, save_checkpoint
 
 T = TypeVar("T")
+PROGRESS_EVERY_S = 30.0  # how often a non-terminal log gets a progress line
 
 
 @dataclass
@@ -64,6 +65,7 @@ class RunContext:
     evals: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._status = ""
         self.heartbeat = Heartbeat(self.run_dir, stall_timeout_s=self.stall_timeout_s, on_stall=self.note)
 
     def training_env(self, overrides: dict[str, Any]) -> Any:
@@ -107,18 +109,47 @@ class RunContext:
             f.write(f"[step {self.global_step}] {message}\n")
 
     def progress(self, items: Iterable[T], *, total: int, description: str, completed: int = 0) -> Iterator[T]:
+        """A progress bar on a terminal; in a log (SLURM, `> file`) a plain line every PROGRESS_EVERY_S seconds.
+        A stage that stops early (SFT's accuracy target) leaves the bar at the step it reached, not an ETA."""
+        if not self.console.is_terminal:
+            yield from self._progress_lines(items, total=total, description=description, completed=completed)
+            return
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
                    TimeRemainingColumn()]
         with Progress(*columns, console=self.console, transient=False) as bar:
             task = bar.add_task(description, total=total, completed=completed, status="")
             self._bar, self._task = bar, task
-            for item in items:
-                yield item
-                bar.advance(task)
-            self._bar = None
+            done = completed
+            try:
+                for item in items:
+                    try:
+                        yield item
+                    except GeneratorExit:  # the stage broke out after finishing this item (an early stop)
+                        done += 1
+                        raise
+                    bar.advance(task)
+                    done += 1
+            finally:
+                if done < total:  # stopped early: the bar ends where the stage ended
+                    bar.update(task, total=done, status=escape(f"{self._status} (stopped at {done}/{total})"))
+                self._bar = None
+
+    def _progress_lines(self, items: Iterable[T], *, total: int, description: str, completed: int) -> Iterator[T]:
+        start, last, done = time.time(), time.time(), completed
+        for item in items:
+            yield item
+            done += 1
+            now = time.time()
+            if now - last >= PROGRESS_EVERY_S or done == total:
+                rate = (done - completed) / max(now - start, 1e-9)
+                eta = (total - done) / rate if rate > 0 else float("nan")
+                self.console.print(f"{description} {done}/{total} {self._status} elapsed {now - start:.0f} s, eta "
+                                   f"{eta:.0f} s", markup=False, highlight=False)
+                last = now
 
     def status(self, text: str) -> None:
+        self._status = text
         bar = getattr(self, "_bar", None)
         if bar is not None:
             bar.update(self._task, status=escape(text))

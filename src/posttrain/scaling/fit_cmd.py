@@ -56,9 +56,14 @@ def read_xy(run_dir: Path, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
                 raise UserError(f"{where}: column {name!r} holds {v!r}, not a number")
         if not (math.isfinite(vx) and math.isfinite(vy)):
             continue
+        if xs and vx == xs[-1] and vy == ys[-1]:
+            continue  # the same model evaluated again at the same compute (a stage's end and the next one's start)
         if xs and vx <= xs[-1]:
-            raise UserError(f"{where}: {x} = {vx} does not increase (previous {xs[-1]}); "
-                            f"--x must increase within a run")
+            stage = row.get("stage")  # compute/<stage>_flops counts one stage's own work from zero
+            hint = (f"; fit one stage's own compute instead, e.g. --x compute/{stage}_flops"
+                    if stage and f"compute/{stage}_flops" != x else "")
+            raise UserError(f"{where}: {x} = {vx} does not increase (previous {xs[-1]}); --x must increase "
+                            f"within a run{hint}")
         xs.append(float(vx))
         ys.append(float(vy))
     for name in (x, y):
@@ -131,7 +136,7 @@ def run_fit(
             "fit_until": fit_until, "cutoff_x": fit_until * float(C.max()), "n_fit": early.n_points,
             **holdout_errors(early, C[hold], R[hold]), "fit": early.to_dict(),
         }
-    png = Path(out) if out is not None else run_dirs[0] / f"fit_{y.replace('/', '_')}.png"
+    png = Path(out) if out is not None else run_dirs[0] / f"fit_{y.replace('/', '_')}_vs_{x.replace('/', '_')}_{form}.png"
     _plot(png, runs, fit, early, C_excluded_below=exclude_frac * C.max(), x=x, y=y, fit_until=fit_until)
     result["plot"] = str(png)
     if as_json:
@@ -147,9 +152,10 @@ def _fmt(v: float) -> str:
 
 def _print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    console = Console()
+    console = Console(soft_wrap=True)
     fit = result["fit"]
     console.print(f"{result['y']} vs {result['x']}: {result['equation']}")
     table = Table()
@@ -162,6 +168,13 @@ def _print_table(result: dict[str, Any]) -> None:
     console.print(table)
     console.print(f"{fit['n_points']} points ({result['n_excluded_warmup']} excluded as warm-up), "
                   f"x in [{_fmt(fit['fitted_range'][0])}, {_fmt(fit['fitted_range'][1])}], rmse {_fmt(fit['rmse'])}")
+    for fitted in (fit, (result["predictivity"] or {}).get("fit") or {}):
+        if fitted.get("at_bounds"):
+            names = ", ".join(fitted["at_bounds"])
+            console.print(f"[yellow]warning:[/yellow] not identified: the CI of {escape(names)} reaches the edge of "
+                          f"the search box{' (early-half fit)' if fitted is not fit else ''}, so those values say "
+                          "where the fitter stopped, not what the run measured. More evaluation points, a run long "
+                          "enough to bend the curve, or a form with fewer parameters would fix it.")
     pred = result["predictivity"]
     if pred is not None:
         console.print(f"predictivity: fit on {result['x']} <= {_fmt(pred['cutoff_x'])} "

@@ -39,7 +39,8 @@ from rich.table import Table
 
 from posttrain.config import RunConfig, read_toml, set_path, validate
 from posttrain.errors import UserError
-from posttrain.runner import DONE, diff_keys, run
+from posttrain.rundir import DONE, diff_keys
+from posttrain.runner import run
 from posttrain.scaling.sweep_results import (
     BY_POINT,
     ISO,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -139,11 +140,26 @@ def _sources(runs: Path | Sequence[Path], over: str | None) -> tuple[dict[str, l
             groups.setdefault(label or "all", []).append(sweep_dir / str(row["point"]))
         return groups, sweep_dir
     dirs = [Path(runs)] if isinstance(runs, str | Path) else [Path(r) for r in runs]
+    missing = [str(d) for d in dirs if not d.is_dir()]
+    if missing:
+        raise UserError(f"iso-compute: {', '.join(missing)}: no such directory (has the sweep run yet? `posttrain "
+                        "sweep FILE` creates it)")
     if len(dirs) == 1 and not (dirs[0] / "metrics.jsonl").is_file():
         dirs = sorted(d for d in dirs[0].iterdir() if (d / "metrics.jsonl").is_file())
+        if not dirs:
+            raise UserError(f"iso-compute: {runs} holds no run directories (no */metrics.jsonl) and no {RESULTS}")
     if over is not None:
         raise UserError("iso_compute(over=...) needs a sweep directory (its results.csv names the axes)")
-    return {d.name: [d] for d in dirs}, (dirs[0].parent if dirs else Path("."))
+    return {d.name: [d] for d in dirs}, iso_output_dir(runs)
+
+
+def iso_output_dir(runs: Path | Sequence[Path]) -> Path:
+    """Where iso_compute writes by default: into the directory it was given (a sweep, a directory of runs, or one
+    run), or for several run directories into their common parent. Never somewhere the caller did not name."""
+    if isinstance(runs, str | Path):
+        return Path(runs)
+    paths = [Path(r) for r in runs]
+    return paths[0] if len(paths) == 1 else Path(os.path.commonpath([p.resolve() for p in paths]))
 
 
 def iso_compute(runs: Path | Sequence[Path], *, y: str = "eval/pass@1", x: str = "compute/flops",
@@ -157,14 +173,16 @@ def iso_compute(runs: Path | Sequence[Path], *, y: str = "eval/pass@1", x: str =
     outside a run's [first, last] x gives NaN and that configuration is not ranked there). Default budgets: 5
     log-spaced values from the latest first evaluation to the smallest final compute over all runs.
     Writes iso_compute.csv and iso_compute.png (y against x for every run, budgets as dotted lines) in out_dir
-    (default: the sweep directory, or the runs' parent). Returns one dict per budget:
+    (default: `iso_output_dir`). Returns one dict per budget:
     {"budget", "best", "best_value", <label>: value, ...}; "best" joins exact ties with " | ".
     """
     groups, default_out = _sources(runs, over)
     curves = {label: [(d, *_curve(d, x, y)) for d in dirs] for label, dirs in groups.items()}
     empty = [str(d) for members in curves.values() for d, xs, _ in members if xs.size == 0]
     if not curves or empty:
-        raise UserError(f"iso_compute: no rows with both {x!r} and {y!r} in {', '.join(empty) or str(runs)}")
+        columns = sorted({k for members in groups.values() for d in members for row in read_metrics(d) for k in row})
+        raise UserError(f"iso_compute: no rows with both {x!r} and {y!r} in {', '.join(empty) or str(runs)}; "
+                        f"columns: {', '.join(columns) or '(none)'}")
     if budgets is None:
         firsts = [xs[xs > 0][0] if (xs > 0).any() else xs[-1] for m in curves.values() for _, xs, _ in m]
         lo, hi = max(firsts), min(xs[-1] for m in curves.values() for _, xs, _ in m)

@@ -41,6 +41,9 @@ class FitResult:
     n_boot_ok: bootstrap refits with a finite sum of squares (normally all of them).
     boot_params: (n_boot_ok, len(params)) bootstrap replicates in the order of CURVES[form].params (for bands).
     fixed: parameters held fixed (their CI is the point).
+    at_bounds: parameters whose bootstrap interval reaches the edge of the fitter's search box: the data do not
+        identify them (the curve bends outside the fitted range, or there are too few points), so their value and
+        CI say where the search stopped, not what the run measured.
     """
 
     form: str
@@ -53,6 +56,7 @@ class FitResult:
     n_boot_ok: int = 0
     alpha: float = 0.05
     boot_params: np.ndarray = field(default_factory=lambda: np.empty((0, 0)), repr=False, compare=False)
+    at_bounds: tuple[str, ...] = ()
 
     @property
     def curve(self) -> CurveForm:
@@ -89,6 +93,7 @@ class FitResult:
             "n_points": self.n_points,
             "rmse": float(self.rmse),
             "n_boot_ok": self.n_boot_ok,
+            "at_bounds": list(self.at_bounds),
         }
 
 
@@ -248,7 +253,27 @@ def fit_curve(
     return FitResult(
         form=form, params=params, ci=ci, fitted_range=(float(C.min()), float(C.max())), n_points=int(C.size),
         rmse=rmse, fixed=tuple(fixed), n_boot_ok=len(boot_theta), alpha=alpha, boot_params=boot_params,
+        at_bounds=_at_bounds(prob, theta, boot_theta, alpha),
     )
+
+
+def _at_bounds(prob: _Problem, theta: np.ndarray, boot_theta: np.ndarray, alpha: float,
+               tol: float = 0.01, max_decades: float = 3.0) -> tuple[str, ...]:
+    """Free parameters the data do not pin down: the point estimate or the (1 - alpha) bootstrap interval lies
+    within `tol` of the search box's width from one of its edges (edges at infinity are never reached), or, for a
+    scale parameter fitted on a log axis, the interval spans more than `max_decades` powers of ten."""
+    sample = np.vstack([theta[None, :], boot_theta]) if len(boot_theta) else theta[None, :]
+    lo_q = np.minimum(np.quantile(sample, alpha / 2, axis=0), theta)
+    hi_q = np.maximum(np.quantile(sample, 1 - alpha / 2, axis=0), theta)
+    out = []
+    for j, p in enumerate(prob.free):
+        lo, hi = prob.lo[j], prob.hi[j]
+        width = hi - lo if np.isfinite(hi - lo) else np.inf
+        near = (np.isfinite(lo) and lo_q[j] <= lo + tol * width) or (np.isfinite(hi) and hi_q[j] >= hi - tol * width)
+        wide = bool(prob.is_log[j]) and hi_q[j] - lo_q[j] > max_decades * np.log(10)
+        if (np.isfinite(width) and near) or wide:
+            out.append(p)
+    return tuple(out)
 
 
 def holdout_errors(fit: FitResult, C: np.ndarray, R: np.ndarray) -> dict[str, Any]:

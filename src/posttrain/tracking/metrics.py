@@ -20,14 +20,17 @@ def _clean(v: Any) -> Any:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, *, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True, resume_step: int | None = None):
+        """resume_step: the global step of the checkpoint a resumed run continues from. metrics.jsonl was cut back
+        to it; TensorBoard events logged after it (before the crash) are purged the same way."""
         self.path = run_dir / "metrics.jsonl"
         self._f = self.path.open("a")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
 
     def log(self, row: dict[str, Any]) -> None:
         row = {k: _clean(v) for k, v in row.items()}

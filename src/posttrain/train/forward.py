@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from posttrain.algos.logprobs import token_entropy, token_logprobs
-from posttrain.models.layout import autocast, distinct_prompts, left_pad
+from posttrain.models.layout import autocast, cache_kwargs, distinct_prompts, left_pad, output_cache
 from posttrain.tracking.ledger import FlopModel
 
 if TYPE_CHECKING:
@@ -93,10 +93,11 @@ def completion_logits(model: PreTrainedModel, batch: PackedBatch, *, bf16: bool 
         p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
         prompt = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, logits_to_keep=1)
         # Every row gets its prompt's keys/values (a gather: the backward sums the rows' gradients into them).
-        cache = DynamicCache([(layer.keys[rows], layer.values[rows]) for layer in prompt.past_key_values.layers])
+        cache = DynamicCache([(layer.keys[rows], layer.values[rows]) for layer in output_cache(prompt).layers])
         attn = torch.cat([p_mask[rows], c_mask], dim=1)
         pos = p_mask.sum(-1)[rows, None] + torch.arange(width, device=dev)
-        out = model(input_ids=c_ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+        out = model(input_ids=c_ids, attention_mask=attn, position_ids=pos, **cache_kwargs(model, cache),
+                    use_cache=True)
         # The prompt's last position predicts completion token 0; completion position t predicts token t + 1.
         return torch.cat([prompt.logits[rows, -1:], out.logits[:, : width - 1]], dim=1)
 
