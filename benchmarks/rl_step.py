@@ -269,9 +269,9 @@ def machine() -> dict:
 
 
 def bench_model(a, name: str, mode: str, gemm: float, out_dir: Path, n_params: int) -> dict:
+    from posttrain.data.samplers import task_stream
     from posttrain.envs import make_env
     from posttrain.models import resolve_model_path
-    from posttrain.data.samplers import task_stream
 
     model_dir = resolve_model_path(name, seed=0)  # a preset name or a local checkpoint directory
     label = model_dir.name if name not in ("tiny-test", "tiny-3m", "tiny-25m") else name
@@ -355,9 +355,9 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(a.threads)
     _record_profiling()
+    from posttrain.data.samplers import task_stream
     from posttrain.envs import make_env
     from posttrain.models import load_model, resolve_model_path
-    from posttrain.data.samplers import task_stream
 
     info = machine()
     print(f"{info['date']}  posttrain {info['code']}  {info['cpu']}  threads={info['threads']}  torch {info['torch']}  "

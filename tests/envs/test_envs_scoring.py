@@ -6,12 +6,11 @@ import itertools
 import time
 
 import pytest
-
-from posttrain.errors import UserError
 from envs_helpers import Faulty, make_tasks
 
 from posttrain.envs import make_env
 from posttrain.envs.scoring import ScoreErrors, score_many
+from posttrain.errors import UserError
 from posttrain.records import Score
 
 BAD = ["raise", "nan", "inf", "str", "none"]
