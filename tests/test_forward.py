@@ -63,3 +63,44 @@ def test_shared_prefixes_in_bf16_stay_within_the_bf16_tolerance(tiny_dir):
     lp32, _ = completion_logprobs(model, plain)
     lp16, _ = completion_logprobs(model, pack(prompts, comps, 0), bf16=True)
     assert ((lp32 - lp16).abs() * plain.mask).max() < 0.1  # BF16_LOGPROB_TOL of tests/test_engine.py
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_chunked_head_gives_the_logits_paths_logprobs_and_gradients(tiny_dir, monkeypatch, share):
+    """The large-vocabulary path (last hidden states through head_logprobs, real tokens only) against the
+    model's own logits, forced on for the tiny model's vocabulary."""
+    from posttrain.train import forward
+
+    model = load_model(tiny_dir)
+    prompts, comps = group_batch(2)
+    batch = pack(prompts, comps, 0, share_prefixes=share)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        lp, ent = completion_logprobs(model, batch, temperature=0.7, with_entropy=True)
+        adv = torch.linspace(-1, 1, len(prompts))[:, None]
+        loss = -((lp * adv + 0.1 * ent) * batch.mask).sum() / batch.mask.sum()
+        loss.backward()
+        return lp * batch.mask, ent * batch.mask, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    assert forward.chunked_head(model) is None  # 102 tokens: the plain path
+    lp_a, ent_a, grads_a = loss_and_grads()
+    monkeypatch.setattr(forward, "CHUNKED_HEAD_MIN_VOCAB", 1)
+    assert forward.chunked_head(model) is model.get_output_embeddings().weight
+    lp_b, ent_b, grads_b = loss_and_grads()
+    torch.testing.assert_close(lp_b, lp_a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent_b, ent_a, atol=1e-5, rtol=0)
+    for name, ga in grads_a.items():
+        torch.testing.assert_close(grads_b[name], ga, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_chunked_head_is_not_used_where_the_head_is_not_a_plain_linear_map(tiny_dir, monkeypatch):
+    from posttrain.train import forward
+
+    monkeypatch.setattr(forward, "CHUNKED_HEAD_MIN_VOCAB", 1)
+    model = load_model(tiny_dir)
+    model.config.final_logit_softcapping = 30.0  # gemma-2 style: tanh applied after the head
+    assert forward.chunked_head(model) is None
+    model.config.final_logit_softcapping = None
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.lm_head.out_features))
+    assert forward.chunked_head(model) is None

@@ -36,7 +36,7 @@ def test_file_corpus_errors_name_the_file(tmp_path):
     with pytest.raises(UserError, match="at least 2 documents"):
         file_documents(tmp_path / "one.txt")
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00a\nb\n")
-    with pytest.raises(UserError, match="bin.txt: not UTF-8"):
+    with pytest.raises(UserError, match="bin.txt:1: not UTF-8"):
         file_documents(tmp_path / "bin.txt")
 
 

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from posttrain.errors import UserError
+from posttrain.errors import RunStopped, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]},
@@ -256,6 +256,9 @@ def report(
 def main() -> None:
     try:
         app()
+    except RunStopped as e:  # SIGTERM: the run checkpointed and stopped; 143 = 128 + SIGTERM, as a killed job
+        err.print(escape(str(e)), highlight=False)
+        sys.exit(143)
     except UserError as e:
         if _DEBUG["on"]:
             raise

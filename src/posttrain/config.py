@@ -20,7 +20,8 @@ from posttrain.errors import ConfigError, UserError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: lr = inf, failure_reward = nan, score_timeout_s = inf ... are errors naming the key
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -122,13 +123,13 @@ class RunConfig(Section):
     """The whole recipe. Besides these keys and sections, each stage named in `recipe` has its own section
     (`[sft]`, `[rl]`, ...), validated by the config class the stage registered (posttrain/stages.py)."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
 
     recipe: list[str] = Field(description="Stages to run in order, e.g. 'sft', 'rl' or ['sft', 'rl'] "
                               "(`posttrain docs` lists the stages). Each stage starts from the previous one's model.")
     name: str = Field(description="Run name; the run directory is output_dir/name.")
     output_dir: str = Field("runs", description="Parent directory of run directories.")
-    seed: int = Field(0, description="Seeds model init, data order and sampling.")
+    seed: int = Field(0, ge=0, description="Seeds model init, data order and sampling.")
     threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: all cores).")
     stall_timeout_s: float = Field(900.0, gt=0, description="Report a phase (generate, score, train, ...) that "
                                    "makes no progress for this long, naming what it waits on (see heartbeat.json).")
@@ -142,6 +143,14 @@ class RunConfig(Section):
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @field_validator("name")
+    @classmethod
+    def _one_directory_name(cls, v: str) -> str:
+        # output_dir/name is created, resumed and (with --fresh) deleted: name must not reach anywhere else
+        if not v or v in (".", "..") or any(c in v for c in "/\\\0") or v != v.strip():
+            raise ValueError(f"must be a single directory name (no '/', not '.' or '..', not empty), got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _stage_sections(self) -> RunConfig:
@@ -242,8 +251,12 @@ def read_toml(path: Path, *, missing: str) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise UserError(missing) from None
-    except tomllib.TOMLDecodeError as e:
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not a TOML file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid TOML ({e})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

@@ -8,6 +8,11 @@ class UserError(Exception):
     """
 
 
+class RunStopped(UserError):
+    """The run was asked to stop (SIGTERM: `timeout`, a SLURM preemption) and stopped at a step boundary after
+    writing a checkpoint; re-running the same command resumes from it."""
+
+
 class MissingExtraError(UserError):
     """An optional dependency is not installed; the message says which `pip install` fixes it."""
 

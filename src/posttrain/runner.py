@@ -11,15 +11,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from typing import Any
 
 import torch
 from rich.console import Console
 
-from posttrain import rundir
+from posttrain import integrity, rundir
 from posttrain.config import RunConfig, to_toml
-from posttrain.data.prompts import context_length
+from posttrain.data.prompts import context_length, stop_token_ids
 from posttrain.envs import make_env
 from posttrain.envs.scoring import Scorer, shutdown_pool
 from posttrain.evals.evaluate import Evaluator
@@ -65,7 +67,9 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
     env = make_env(cfg.env.name, cfg.env.args)
     step = state.global_step if state else 0
     bf16 = resolve_bf16(cfg.model.bf16, device)
-    engine = build_engine(cfg.rollout.engine, model, tokenizer, weights=cfg.rollout.weights, bf16=bf16, version=step)
+    engine = build_engine(cfg.rollout.engine, model, tokenizer, weights=cfg.rollout.weights, bf16=bf16, version=step,
+                          stop_ids=stop_token_ids(tokenizer, model.generation_config,
+                                                  chat_template=cfg.model.chat_template))
     scorer = Scorer(env, timeout_s=cfg.env.score_timeout_s, failure_reward=cfg.env.failure_reward,
                     max_error_frac=cfg.env.max_error_frac)
     e, max_len = cfg.eval, context_length(model)
@@ -82,6 +86,10 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
         ctx.note(note)
     if getattr(env, "warning", None):  # an environment's own caveat (e.g. a weaker code sandbox chosen by name)
         ctx.note(f"warning: {env.warning}")
+    how, changed = integrity.modified_files()
+    if changed:
+        ctx.note(f"posttrain's own source differs from what {how} records: {', '.join(changed[:8])}"
+                 + (f" and {len(changed) - 8} more" if len(changed) > 8 else ""))
     if cfg.model.bf16 == "auto":
         ctx.note(f"model.bf16 = auto: {'bf16 autocast' if bf16 else 'fp32'} on {device} "
                  f"({'bf16 matrix units found' if bf16 else 'no bf16 matrix units: bf16 would be emulated, far slower'})")
@@ -91,10 +99,12 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
     elif cfg.eval.at_start:
         ctx.evaluate("base", stage="base")
 
+    previous = _stop_on_sigterm(ctx)
     try:
         for i, name in enumerate(cfg.recipe):
             if state and (i < state.stage_index or (i == state.stage_index and state.stage_done)):
                 continue
+            ctx.stop_if_requested()
             resume = None
             if state and state.stage_index == i:
                 set_rng_state(state.rng)
@@ -115,7 +125,25 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
         (run_dir / rundir.DONE).write_text("")
         return summary
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         ctx.heartbeat.close()
         ctx.log.close()
         engine.close()
         shutdown_pool()
+
+
+def _stop_on_sigterm(ctx: RunContext):
+    """SIGTERM (timeout, a SLURM preemption) asks the run to stop at the end of the current step, after writing a
+    checkpoint; a second SIGTERM ends it at once. -> the previous handler (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame) -> None:
+        if ctx.stop_requested is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        # Only a flag: writing the log here could re-enter a write the main thread is in the middle of.
+        ctx.stop_requested = "SIGTERM"
+
+    return signal.signal(signal.SIGTERM, handler)

@@ -1,9 +1,21 @@
-"""Turning an environment's prompt (chat messages or raw text) into token ids."""
+"""Turning an environment's prompt (chat messages or raw text) into token ids, and a target completion into the
+tokens SFT trains on, in the format of the model's own tokenizer.
+
+Chat format (model.chat_template = true): the tokenizer's template renders the prompt with the assistant turn
+opened; an SFT target ends with the template's end-of-turn token (`<|im_end|>` for ChatML, `<|eot_id|>` for
+Llama-3), the token generation stops on. Raw text (false): the prompt is the text itself, with the BOS token
+first when the tokenizer puts one there (Llama-3 base does; base models degrade without it), and the target ends
+with EOS.
+"""
 
 from __future__ import annotations
 
+import functools
+
 from posttrain.errors import UserError
 from posttrain.records import Message
+
+_PROBE = "\u2063posttrain-probe\u2063"  # text no template rewrites, to find what follows an assistant turn
 
 
 def render_prompt(tokenizer, prompt: list[Message] | str, *, chat_template: bool = True,
@@ -11,18 +23,64 @@ def render_prompt(tokenizer, prompt: list[Message] | str, *, chat_template: bool
     if chat_template:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False).input_ids  # the template writes its own BOS, if any
     else:
         text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-    ids = tokenizer(text, add_special_tokens=False).input_ids
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        bos = bos_id(tokenizer)
+        if bos is not None and ids[:1] != [bos]:
+            ids = [bos, *ids]
     if max_len is not None and len(ids) >= max_len:
         raise UserError(f"a prompt of {len(ids)} tokens does not fit the model's context of {max_len} "
                         f"tokens (prompt starts {text[:60]!r})")
     return ids
 
 
-def completion_ids(tokenizer, text: str) -> list[int]:
-    """A target completion: its tokens followed by EOS, so the model learns to stop."""
-    return tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+def completion_ids(tokenizer, text: str, *, chat_template: bool = True) -> list[int]:
+    """A target completion: its tokens followed by the token that ends a turn (chat) or EOS (raw text), so the
+    model learns to stop where generation stops."""
+    end = end_of_turn_id(tokenizer) if chat_template else None
+    return tokenizer(text, add_special_tokens=False).input_ids + [end if end is not None else tokenizer.eos_token_id]
+
+
+@functools.lru_cache(maxsize=16)
+def bos_id(tokenizer) -> int | None:
+    """The BOS id if the tokenizer puts one before ordinary text (add_special_tokens=True), else None."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True).input_ids
+    return bos if ids[:1] == [bos] else None
+
+
+@functools.lru_cache(maxsize=16)
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant message (its end of turn), or None
+    when the template has none (then EOS ends the turn)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"},
+                                              {"role": "assistant", "content": _PROBE}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render an assistant turn has no terminator to find
+        return None
+    if _PROBE not in text:
+        return None
+    after = text.split(_PROBE, 1)[1]
+    ids = tokenizer(after, add_special_tokens=False).input_ids
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return ids[0] if ids and ids[0] in special else None
+
+
+def stop_token_ids(tokenizer, generation_config=None, *, chat_template: bool = True) -> set[int]:
+    """Every token that ends a completion: the tokenizer's EOS, the generation config's eos ids (instruct models
+    list several), and, in chat format, the template's end-of-turn token."""
+    ids = {tokenizer.eos_token_id}
+    eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    ids |= set(eos if isinstance(eos, list) else [eos])
+    if chat_template:
+        ids.add(end_of_turn_id(tokenizer))
+    return {i for i in ids if i is not None}
 
 
 def context_length(model) -> int | None:

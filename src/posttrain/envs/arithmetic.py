@@ -5,7 +5,15 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-from posttrain.envs.base import check_split, exact_score, int_range, split_of, user_prompt
+from posttrain.envs.base import (
+    ANSWER_FORMAT,
+    check_split,
+    exact_score,
+    extract_answer,
+    int_range,
+    split_of,
+    user_prompt,
+)
 from posttrain.envs.registry import register_env
 from posttrain.records import Message, Score, Task
 
@@ -44,8 +52,12 @@ class Arithmetic:
 
     name = "arithmetic"
     isolation = "inline"
+    answer_format = ANSWER_FORMAT + "; an echoed question ('12+34=46') counts as its answer"
 
-    def __init__(self, digits: int | list[int] = 3, ops: str = "+", worked: bool = False):
+    def __init__(self, digits: int | list[int] = 3, ops: str = "+", worked: bool = False, hint: str | None = None):
+        """hint: a format instruction appended to every prompt, e.g. "Answer with the number only." (for an
+        instruct model; the built-in tiny models learn the bare format from SFT)."""
+        self.hint = hint
         self.digits = int_range(digits, "digits")
         if not ops or set(ops) - set("+-*"):
             raise ValueError(f"ops must be a non-empty string of '+', '-', '*', got {ops!r}")
@@ -68,7 +80,10 @@ class Arithmetic:
             yield Task(id=question, question=question, answer=answer, solution=solution, difficulty=d)
 
     def prompt(self, task: Task) -> list[Message]:
-        return user_prompt(task)
+        return user_prompt(task, self.hint)
 
     def score(self, task: Task, completion: str) -> Score:
+        answer = extract_answer(completion)
+        if answer.startswith(task.question):  # '123+456=579': the question echoed before its answer
+            completion = answer[len(task.question):]
         return exact_score(task, completion)

@@ -4,6 +4,7 @@ the split rule, int-range arguments and final-line answer extraction."""
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator
 from typing import Literal, Protocol, runtime_checkable
 
@@ -76,12 +77,46 @@ def final_line(completion: str) -> str:
     return next((line for line in reversed(lines) if line), "")
 
 
-def user_prompt(task: Task) -> list[Message]:
-    return [{"role": "user", "content": task.question}]
+_BOXED = re.compile(r"\\boxed\s*\{")
+_ANSWER_IS = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*", re.IGNORECASE)
+ANSWER_FORMAT = ("the content of the last \\boxed{...}; else what follows the last 'answer is' / 'Answer:'; else "
+                 "the last non-empty line; then without surrounding ** / __ / $ / backticks and a trailing period")
+
+
+def extract_answer(completion: str) -> str:
+    """The answer a completion gives, in the formats models write it (ANSWER_FORMAT): '579', '579.',
+    'The answer is 579', '**579**', '\\boxed{579}' and worked lines ending in '579' all give '579'."""
+    boxed = list(_BOXED.finditer(completion))
+    if boxed:
+        start, depth = boxed[-1].end(), 1
+        for i in range(start, len(completion)):
+            depth += {"{": 1, "}": -1}.get(completion[i], 0)
+            if depth == 0:
+                return _clean(completion[start:i])
+    said = list(_ANSWER_IS.finditer(completion))
+    if said:
+        rest = completion[said[-1].end():].strip().splitlines()
+        if rest:
+            return _clean(rest[0])
+    return _clean(final_line(completion))
+
+
+def _clean(text: str) -> str:
+    text = text.strip()
+    for mark in ("**", "__", "$", "`"):
+        if len(text) > 2 * len(mark) and text.startswith(mark) and text.endswith(mark):
+            text = text[len(mark):-len(mark)].strip()
+    return text[:-1].rstrip() if text.endswith(".") and not text.endswith("..") else text
+
+
+def user_prompt(task: Task, hint: str | None = None) -> list[Message]:
+    """The task's question as the user turn, with a format instruction appended when given (for instruct models,
+    which answer in sentences unless told; the tiny built-in models learn the bare format by SFT instead)."""
+    return [{"role": "user", "content": task.question if not hint else f"{task.question}\n{hint}"}]
 
 
 def exact_score(task: Task, completion: str) -> Score:
-    """1.0 when the completion's final line equals the task's answer string exactly."""
-    got = final_line(completion)
+    """1.0 when the completion's answer (extract_answer) equals the task's answer string exactly."""
+    got = extract_answer(completion)
     ok = got == task.answer
     return Score(reward=1.0 if ok else 0.0, correct=ok, info={} if ok else {"got": got[:50]})

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from posttrain.data.jsonl import json_objects
-from posttrain.envs.base import check_split, split_of, user_prompt
+from posttrain.envs.base import ANSWER_FORMAT, check_split, extract_answer, split_of, user_prompt
 from posttrain.envs.registry import register_env
 from posttrain.errors import UserError
 from posttrain.records import Message, Score, Task
@@ -33,12 +33,8 @@ VERIFIERS = ("exact", "normalized", "numeric", "math")
 def read_tasks(path: str | Path, *, solution_of: Callable[[str], str] = str) -> list[tuple[str, Task]]:
     """(split, Task) for every row of a JSONL file; a malformed row is a UserError naming file and line."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"{path}: cannot read the task file ({e.strerror or e})") from e
     rows = []
-    for lineno, row in json_objects(path, text.splitlines()):
+    for lineno, row in json_objects(path):
         where = f"{path}:{lineno}"
         prompt = row.get("prompt", row.get("question"))
         if not isinstance(prompt, str) or not prompt:
@@ -101,7 +97,12 @@ class Jsonl:
     name = "jsonl"
     isolation = "inline"  # the math verifier enforces its own hard timeout in a worker process
 
-    def __init__(self, path: str, verifier: str = "exact", tolerance: float = 1e-6, timeout_s: float = 5.0):
+    def __init__(self, path: str, verifier: str = "exact", tolerance: float = 1e-6, timeout_s: float = 5.0,
+                 hint: str | None = None):
+        """hint: a format instruction appended to every prompt (e.g. "Put the final answer in \\boxed{}.")."""
+        self.hint = hint
+        self.answer_format = ("math-verify on the whole completion" if verifier == "math" else
+                              f"{verifier}: single-line answers: {ANSWER_FORMAT}; multi-line answers: the last lines")
         if verifier not in VERIFIERS:
             raise ValueError(f"verifier must be one of {VERIFIERS}, got {verifier!r}")
         self.path, self.verifier, self.tolerance = str(path), verifier, tolerance
@@ -121,20 +122,20 @@ class Jsonl:
         return shuffled(self._by_split[split], split, seed, self._salt)
 
     def prompt(self, task: Task) -> list[Message]:
-        return user_prompt(task)
+        return user_prompt(task, self.hint)
 
     def score(self, task: Task, completion: str) -> Score:
         answer: str = task.answer
         if self._math is not None:
             return self._math.verify(answer, completion)
         if self.verifier == "numeric":
-            want, got = parse_number(answer), parse_number(_last_lines(completion, 1))
+            want, got = parse_number(answer), parse_number(extract_answer(completion))
             if want is None:
                 return Score(0.0, False, {"error": "bad_answer", "detail": f"answer {answer!r} is not a number"})
             ok = got is not None and math.isclose(got, want, rel_tol=self.tolerance, abs_tol=self.tolerance)
             return Score(1.0 if ok else 0.0, ok, {} if ok else {"got": got})
         n = max(1, len(answer.strip().splitlines()))
-        got = _last_lines(completion, n)
+        got = extract_answer(completion) if n == 1 else _last_lines(completion, n)
         want = "\n".join(line.strip() for line in answer.strip().splitlines())
         ok = _normalize(got) == _normalize(want) if self.verifier == "normalized" else got == want
         return Score(1.0 if ok else 0.0, ok, {} if ok else {"got": got[:50]})

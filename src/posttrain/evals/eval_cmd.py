@@ -26,6 +26,7 @@ from rich.table import Table
 
 from posttrain import rundir
 from posttrain.config import parse_override
+from posttrain.data.prompts import stop_token_ids
 from posttrain.envs import make_env
 from posttrain.envs.base import SPLITS
 from posttrain.envs.scoring import Scorer
@@ -112,7 +113,8 @@ def run_eval(target: str, *, env: str | None, env_args: list[str], split: str, p
     tokenizer = load_tokenizer(path, require_chat_template=p["chat_template"])
     environment = make_env(p["env"], p["env_args"])
     torch.manual_seed(p["seed"])
-    engine = LocalEngine(model, tokenizer, bf16=resolve_bf16(p["bf16"], device))
+    engine = LocalEngine(model, tokenizer, bf16=resolve_bf16(p["bf16"], device),
+                         stop_ids=stop_token_ids(tokenizer, model.generation_config, chat_template=p["chat_template"]))
     total = p["problems"] * (p["samples"] + 1)
     source = f"the protocol of {run_dir}" if run_dir else "the defaults"
     console.print(f"evaluating {path} on {p['env']}/{split}: {p['problems']} problems x {p['samples']} samples "

@@ -43,6 +43,7 @@ def evaluate(engine, tokenizer, env, *, problems: int, samples: int, ks: Sequenc
     greedy_scores = score(tasks, [c.text for c in greedy])
     result: dict[str, Any] = {
         "env": env.name, "split": split, "problems": len(tasks),
+        "answer_format": getattr(env, "answer_format", None),  # how answers were read (envs/base.py)
         "greedy_acc": sum(s.correct for s in greedy_scores) / max(1, len(tasks)),
     }
     if greedy_only:

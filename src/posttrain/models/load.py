@@ -62,8 +62,11 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, attention: str | 
     kwargs = {"attn_implementation": attention} if attention else {}
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot load a model from {path}: {str(e).splitlines()[0]}") from e
+    except Exception as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        hint = ("; it is a checkpoint of a run: delete it to resume from the one before"
+                if path.parent.name == "checkpoints" else "")
+        raise UserError(f"cannot load a model from {path}: {type(e).__name__}: {first}{hint}") from e
 
 
 def attention_for(device: torch.device, choice: str = "auto") -> str:

@@ -55,17 +55,18 @@ class PretrainConfig(StageConfig):
 def file_documents(path: Path) -> list[str]:
     if not path.is_file():
         raise UserError(f"pretrain.data_path={str(path)!r}: file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if path.suffix == ".jsonl":
         docs = []
-        for lineno, row in json_objects(path, text.splitlines()):
+        for lineno, row in json_objects(path):
             if not isinstance(row.get("text"), str):
                 raise UserError(f"{path}:{lineno}: expected a string 'text'; keys: {sorted(row)}")
             docs.append(row["text"])
     else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            line = path.read_bytes()[: e.start].count(b"\n") + 1
+            raise UserError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
         docs = [line for line in text.splitlines() if line.strip()]
     if len(docs) < 2:
         raise UserError(f"{path}: needs at least 2 documents (one per line), found {len(docs)}")
@@ -146,6 +147,7 @@ def run(ctx: RunContext, c: PretrainConfig, resume: StageResume | None) -> None:
         if ctx.due(step + 1) and step + 1 < steps:
             ctx.checkpoint(stage_index=ctx.stage_index, stage_step=step + 1, stage_done=False,
                            learner=learner.state_dict(), stage_state={"cursor": cursor})
+            ctx.stop_if_requested()
     ctx.write_metrics("pretrain", {"pretrain/eval_loss": held_out_loss()})
     ctx.engine.update_weights(learner.weights(), ctx.global_step)
     ctx.evaluate("pretrain", stage="pretrain")

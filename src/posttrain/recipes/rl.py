@@ -311,6 +311,7 @@ def end_step(ctx: RunContext, c: RLConfig, stage_step: int, metrics: dict, t_ste
         ctx.write_metrics("rl", {"ctrl/ref_reset": 1})
     if ctx.due(stage_step) and stage_step < c.steps:
         save(ctx, stage_step, False, learner, sampler, state, reference)
+        ctx.stop_if_requested()
 
 
 def save(ctx: RunContext, stage_step: int, done: bool, learner: Learner, sampler: TaskSampler, state: RLState,

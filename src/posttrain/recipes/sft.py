@@ -102,6 +102,7 @@ def run(ctx: RunContext, c: SFTConfig, resume: StageResume | None) -> None:
         if ctx.due(step + 1) and step + 1 < c.steps:
             ctx.checkpoint(stage_index=ctx.stage_index, stage_step=step + 1, stage_done=False,
                            learner=learner.state_dict(), stage_state={"cursor": cursor})
+            ctx.stop_if_requested()
     ctx.engine.update_weights(learner.weights(), ctx.global_step)
     ctx.evaluate("sft", stage="sft")
     ctx.checkpoint(stage_index=ctx.stage_index, stage_step=step + 1, stage_done=True, learner=learner.state_dict(),

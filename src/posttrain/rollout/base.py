@@ -43,8 +43,8 @@ class RolloutEngine(Protocol):
 
 
 class EngineBuilder(Protocol):
-    def __call__(self, model: Any, tokenizer: Any, *, weights: WeightsMode, bf16: bool, version: int
-                 ) -> RolloutEngine: ...
+    def __call__(self, model: Any, tokenizer: Any, *, weights: WeightsMode, bf16: bool, version: int,
+                 stop_ids: set[int]) -> RolloutEngine: ...
 
 
 ENGINES: Registry[EngineBuilder] = Registry("rollout engine")
@@ -66,18 +66,25 @@ def lazy_builder(path: str, *, requires: str, extra: str) -> EngineBuilder:
 
 
 @ENGINES.register("local")
-def build_local(model: Any, tokenizer: Any, *, weights: WeightsMode, bf16: bool, version: int) -> RolloutEngine:
+def build_local(model: Any, tokenizer: Any, *, weights: WeightsMode, bf16: bool, version: int,
+                stop_ids: set[int]) -> RolloutEngine:
     """In-process sampler on the transformers model (rollout/local.py). weights = "auto" shares the learner's
     module; "copy" gives the engine its own weights, synced by update_weights as an out-of-process engine is."""
     from posttrain.rollout.local import LocalEngine
 
-    return LocalEngine(model, tokenizer, bf16=bf16, copy_weights=weights == "copy", version=version)
+    return LocalEngine(model, tokenizer, bf16=bf16, copy_weights=weights == "copy", version=version,
+                       stop_ids=stop_ids)
 
 
 def build_engine(name: str, model: Any, tokenizer: Any, *, weights: WeightsMode = "auto", bf16: bool = False,
-                 version: int = 0) -> RolloutEngine:
+                 version: int = 0, stop_ids: set[int] | None = None) -> RolloutEngine:
+    """stop_ids: the tokens that end a completion (default: data/prompts.py stop_token_ids in chat format)."""
     try:
         builder = ENGINES.get(name)
     except UserError as e:
         raise UserError(f"rollout.engine: {e}") from None
-    return builder(model, tokenizer, weights=weights, bf16=bf16, version=version)
+    if stop_ids is None:
+        from posttrain.data.prompts import stop_token_ids
+
+        stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    return builder(model, tokenizer, weights=weights, bf16=bf16, version=version, stop_ids=stop_ids)

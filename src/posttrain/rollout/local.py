@@ -35,17 +35,22 @@ if TYPE_CHECKING:
 
 class LocalEngine:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, bf16: bool = False,
-                 lean: bool | None = None, copy_weights: bool = False, version: int = 0):
+                 lean: bool | None = None, copy_weights: bool = False, version: int = 0,
+                 stop_ids: set[int] | None = None):
         """lean: use the preallocated-cache decode step of llama_decode.py (default: when the model supports it).
-        copy_weights: hold a private copy of the weights, refreshed only by update_weights."""
+        copy_weights: hold a private copy of the weights, refreshed only by update_weights.
+        stop_ids: the tokens that end a completion (data/prompts.py stop_token_ids); default EOS and the
+        generation config's eos ids."""
         self.copy_weights = copy_weights
         self.model = copy.deepcopy(model).eval().requires_grad_(False) if copy_weights else model
         self.lean = llama_decode.supports(self.model) if lean is None else lean
         self.tokenizer = tokenizer
         self.bf16 = bf16
-        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-        eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-        eos_ids.add(tokenizer.eos_token_id)
+        if stop_ids is None:
+            from posttrain.data.prompts import stop_token_ids
+
+            stop_ids = stop_token_ids(tokenizer, model.generation_config, chat_template=False)
+        eos_ids = set(stop_ids)
         self.device = model.device
         self.eos_ids = torch.tensor(sorted(i for i in eos_ids if i is not None), dtype=torch.long,
                                     device=self.device)

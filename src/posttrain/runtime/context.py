@@ -25,6 +25,7 @@ from rich.progress import (
 )
 
 from posttrain.envs.scoring import Scorer
+from posttrain.errors import RunStopped
 from posttrain.evals.evaluate import Evaluator, headline_metrics, write_eval
 from posttrain.rollout.base import RolloutEngine
 from posttrain.tracking.heartbeat import Heartbeat
@@ -63,6 +64,7 @@ class RunContext:
     elapsed_offset: float = 0.0  # seconds spent before a resume
     totals: dict[str, float] = field(default_factory=dict)  # cumulative counters (tokens, flops, ...)
     evals: dict[str, dict] = field(default_factory=dict)
+    stop_requested: str | None = None  # set by the runner's SIGTERM handler; stages stop at the next step end
 
     def __post_init__(self) -> None:
         self._status = ""
@@ -167,7 +169,16 @@ class RunContext:
         return path
 
     def due(self, stage_step: int) -> bool:
-        return self.checkpoint_every > 0 and stage_step % self.checkpoint_every == 0
+        """A checkpoint is scheduled at this step, or the run was asked to stop (then it checkpoints now)."""
+        return self.stop_requested is not None or (self.checkpoint_every > 0 and stage_step % self.checkpoint_every == 0)
+
+    def stop_if_requested(self) -> None:
+        """Call at the end of a step, after its checkpoint: a requested stop ends the run here, nothing lost."""
+        if self.stop_requested is not None:
+            message = (f"stopped by {self.stop_requested} after step {self.global_step}; a checkpoint was written: "
+                       "re-run the same command to resume")
+            self.note(message)
+            raise RunStopped(message)
 
     # -- evaluation ---------------------------------------------------------------------------------------------
     def evaluate(self, tag: str, *, stage: str, greedy_only: bool = False, log: bool = True) -> dict[str, Any]:

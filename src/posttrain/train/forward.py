@@ -4,11 +4,16 @@ Prompts are left-padded and completions right-padded, so every completion starts
 position ids match generation exactly: the learner's logprobs are comparable to the sampler's token for token.
 
 Shared prefixes. An RL batch holds each prompt G times (one per sample of its group). `pack` keeps each distinct
-prompt once, and `completion_logits` runs the prompt forward once per distinct prompt, then the completions of all
+prompt once, and `completion_outputs` runs the prompt forward once per distinct prompt, then the completions of all
 its samples on top of that prompt's keys/values (the KV cache, gathered per row, with gradients flowing back
 through it). The logits, the loss and the gradients are those of the plain pass over G full copies (up to float
 summation order; tests/test_forward.py), at 1/G of the prompt tokens' work. The same trick the sampler uses
 for generation (rollout/local.py), applied to the learner.
+
+Large vocabularies. With a 150k vocabulary the (B, T, V) logits, not the model, fill the memory (B=256, T=512:
+80 GB in fp32). Past CHUNKED_HEAD_MIN_VOCAB the logprobs come from the last hidden states through
+algos/logprobs.py head_logprobs, a chunk of rows at a time, for the real completion tokens only; same values and
+gradients (tests/test_forward.py).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from posttrain.algos.logprobs import token_entropy, token_logprobs
+from posttrain.algos.logprobs import head_logprobs, token_entropy, token_logprobs
 from posttrain.models.layout import autocast, cache_kwargs, distinct_prompts, left_pad, output_cache
 from posttrain.tracking.ledger import FlopModel
 
@@ -61,7 +66,7 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
 
 def packed_flops(flops: FlopModel, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
                  train: bool = False) -> float:
-    """Model FLOPs of the pass `completion_logits` runs over these rows (forward, or forward + backward with
+    """Model FLOPs of the pass `completion_outputs` runs over these rows (forward, or forward + backward with
     `train`): each distinct prompt once, its completions on top of it (tracking/ledger.py, *_shared_prefix)."""
     distinct, prompt_of = distinct_prompts(prompts)
     lengths: list[list[int]] = [[] for _ in distinct]
@@ -71,11 +76,36 @@ def packed_flops(flops: FlopModel, prompts: Sequence[Sequence[int]], completions
     return sum(count(len(p), ts) for p, ts in zip(distinct, lengths))
 
 
-def completion_logits(model: PreTrainedModel, batch: PackedBatch, *, bf16: bool = False) -> Tensor:
-    """Logits predicting each completion token: (B, T, V)."""
+CHUNKED_HEAD_MIN_VOCAB = 32_768  # from here on the (B, T, V) logits dominate the learner's memory
+
+
+def chunked_head(model: PreTrainedModel) -> Tensor | None:
+    """The LM head's weight when the logprobs can be taken from the last hidden states chunk by chunk
+    (algos/logprobs.py head_logprobs): a large vocabulary and a plain bias-free linear head with nothing applied
+    after it (no soft-capping or logit scale). None: use the model's own logits."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or head.out_features < CHUNKED_HEAD_MIN_VOCAB:
+        return None
+    if any(getattr(model.config, key, None) for key in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        return None
+    return head.weight
+
+
+def completion_outputs(model: PreTrainedModel, batch: PackedBatch, *, bf16: bool = False,
+                       hidden: bool = False) -> Tensor:
+    """What predicts each completion token: the logits (B, T, V), or with `hidden` the decoder's last hidden
+    states (B, T, H) that the LM head turns into them."""
     from transformers import (
         DynamicCache,  # lazy: importing transformers costs seconds, and config loading needs none
     )
+
+    net = model.get_decoder() if hidden else model
+
+    def run(**kwargs):
+        if hidden:
+            kwargs.pop("logits_to_keep", None)
+            return net(**kwargs).last_hidden_state
+        return net(**kwargs).logits
 
     dev = model.device
     rows = batch.prompt_rows.to(dev)
@@ -87,27 +117,44 @@ def completion_logits(model: PreTrainedModel, batch: PackedBatch, *, bf16: bool 
             ids = torch.cat([p_ids[rows], c_ids], dim=1)
             attn = torch.cat([p_mask[rows], c_mask], dim=1)
             pos = (attn.cumsum(-1) - 1).clamp(min=0)
-            out = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=width + 1)
-            # logits_to_keep=T+1 returns the last T+1 positions; position P-1+t predicts completion token t.
-            return out.logits[:, :width]
+            out = run(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=width + 1)
+            # The last T+1 positions; position P-1+t predicts completion token t.
+            return out[:, -(width + 1):-1]
         p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
-        prompt = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, logits_to_keep=1)
+        prompt = net(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True,
+                     **({} if hidden else {"logits_to_keep": 1}))
+        prompt_last = (prompt.last_hidden_state if hidden else prompt.logits)[:, -1:]
         # Every row gets its prompt's keys/values (a gather: the backward sums the rows' gradients into them).
         cache = DynamicCache([(layer.keys[rows], layer.values[rows]) for layer in output_cache(prompt).layers])
         attn = torch.cat([p_mask[rows], c_mask], dim=1)
         pos = p_mask.sum(-1)[rows, None] + torch.arange(width, device=dev)
-        out = model(input_ids=c_ids, attention_mask=attn, position_ids=pos, **cache_kwargs(model, cache),
-                    use_cache=True)
+        out = run(input_ids=c_ids, attention_mask=attn, position_ids=pos, **cache_kwargs(model, cache),
+                  use_cache=True)
         # The prompt's last position predicts completion token 0; completion position t predicts token t + 1.
-        return torch.cat([prompt.logits[rows, -1:], out.logits[:, : width - 1]], dim=1)
+        return torch.cat([prompt_last[rows], out[:, : width - 1]], dim=1)
+
+
+def completion_logits(model: PreTrainedModel, batch: PackedBatch, *, bf16: bool = False) -> Tensor:
+    """Logits predicting each completion token: (B, T, V)."""
+    return completion_outputs(model, batch, bf16=bf16)
 
 
 def completion_logprobs(model: PreTrainedModel, batch: PackedBatch, *, temperature: float = 1.0,
                         bf16: bool = False, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-    """-> logprobs (B, T) fp32 and optionally entropy (B, T); values at masked positions are meaningless."""
-    logits = completion_logits(model, batch, bf16=bf16)
-    lp = token_logprobs(logits, batch.targets.to(logits.device), temperature)
-    ent = token_entropy(logits, temperature) if with_entropy else None
+    """-> logprobs (B, T) fp32 and optionally entropy (B, T); values at masked positions are meaningless (zero on
+    the chunked-head path, which computes real tokens only)."""
+    head = chunked_head(model)
+    if head is None:
+        logits = completion_logits(model, batch, bf16=bf16)
+        lp = token_logprobs(logits, batch.targets.to(logits.device), temperature)
+        ent = token_entropy(logits, temperature) if with_entropy else None
+        return lp, ent
+    states = completion_outputs(model, batch, bf16=bf16, hidden=True)
+    real = batch.mask.to(states.device) > 0
+    lp_real, ent_real = head_logprobs(states[real], head, batch.targets.to(states.device)[real], temperature,
+                                      with_entropy=with_entropy)
+    lp = states.new_zeros(real.shape, dtype=torch.float32).masked_scatter(real, lp_real)
+    ent = None if ent_real is None else states.new_zeros(real.shape, dtype=torch.float32).masked_scatter(real, ent_real)
     return lp, ent
 
 
