@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,envs]"
+	$(BIN)/pip install -q -e ".[dev,envs,data,models,wandb,lora]"
 	touch $(STAMP)
 
 install: $(STAMP)

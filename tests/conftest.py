@@ -13,6 +13,8 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     os.environ["POSTTRAIN_CACHE"] = str(tmp_path_factory.mktemp("posttrain-cache"))
+    # The real vocabularies (models/vocabs.py) are fetched once per machine, not once per session: hash-pinned.
+    os.environ.setdefault("POSTTRAIN_VOCAB_CACHE", os.path.expanduser("~/.cache/posttrain/vocabs"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
 

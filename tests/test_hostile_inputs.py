@@ -131,12 +131,12 @@ def test_recipe_files_that_are_not_toml(tmp_path):
     (b'{"prompt": "' + b"x" * (2 << 20) + b'", "completion": "b"}\n', "d.jsonl:1: a line of"),
 ])
 def test_sft_data_that_cannot_be_read(tmp_path, content, message):
-    from posttrain.data.sft import read_jsonl_pairs
+    from posttrain.data.sft import read_pairs
 
     path = tmp_path / "d.jsonl"
     path.write_bytes(content)
     with pytest.raises(UserError, match=message):
-        read_jsonl_pairs(path)
+        read_pairs(path)
 
 
 def test_jsonl_tasks_that_are_not_utf8(tmp_path):
@@ -149,14 +149,14 @@ def test_jsonl_tasks_that_are_not_utf8(tmp_path):
 
 
 def test_an_sft_example_longer_than_the_context(tiny, tmp_path):
-    from posttrain.data.sft import jsonl_examples
+    from posttrain.data.sft import file_examples
 
     _, tok = tiny
     path = tmp_path / "long.jsonl"
     path.write_text(json.dumps({"prompt": "1+1=", "completion": "2" * 600}) + "\n")
     with pytest.raises(UserError, match=r"long.jsonl:1: prompt \+ completion are \d+ tokens, more than the model's "
                                         r"context of 512"):
-        next(jsonl_examples(path, tok, seed=0, chat_template=True, max_len=512))
+        next(file_examples(path, tok, seed=0, chat_template=True, max_len=512))
 
 
 @pytest.mark.slow

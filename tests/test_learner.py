@@ -1,13 +1,16 @@
 """The Learner: one optimizer update per train_step, what happened returned (not logged), resumable state."""
 
+import itertools
 import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from posttrain.errors import UserError
 from posttrain.recipes.sft import SFTLoss
-from posttrain.train.learner import ForwardOut, Learner, Sequences
+from posttrain.train.learner import ForwardOut, Learner, Sequences, micro_batches
 
 SEQS = Sequences([[5, 6, 7], [5, 6, 7], [9, 10]], [[11, 12], [13], [14, 15, 16]])
 
@@ -61,14 +64,36 @@ def test_micro_batch_size_does_not_change_the_update(tiny_dir):
     from posttrain.models import load_model
 
     finals = []
-    for size in (1, 3):
+    for size, tokens in ((1, None), (3, None), (3, 8)):  # 8 tokens: rows 0-1 (2 x (3 + 2)) exceed it -> 3 passes
         model = load_model(tiny_dir)
-        learner = Learner(model, lr=1e-2, total_updates=2, micro_batch_size=size, pad_id=0)
+        learner = Learner(model, lr=1e-2, total_updates=2, micro_batch_size=size, pad_id=0, micro_batch_tokens=tokens)
         for _ in range(2):
             learner.train_step(SEQS, SFTLoss(6))
         finals.append(model.state_dict())
-    for name, tensor in finals[0].items():
-        torch.testing.assert_close(tensor, finals[1][name], atol=1e-4, rtol=1e-4)  # Adam: see test_rl.py
+    for other in finals[1:]:
+        for name, tensor in finals[0].items():
+            torch.testing.assert_close(tensor, other[name], atol=1e-4, rtol=1e-4)  # Adam: see test_rl.py
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9)), max_size=30), st.integers(1, 8),
+       st.one_of(st.none(), st.integers(1, 60)))
+def test_micro_batches_cover_the_rows_in_order_within_both_budgets(lengths, max_rows, max_tokens):
+    seqs = Sequences([[1] * p for p, _ in lengths], [[2] * c for _, c in lengths])
+    rows = torch.randperm(len(lengths))
+    chunks = micro_batches(rows, seqs, max_rows, max_tokens)
+
+    def padded(chunk):
+        ids = chunk.tolist()
+        return len(ids) * (max(len(seqs.prompts[i]) for i in ids) + max(len(seqs.completions[i]) for i in ids))
+
+    assert torch.cat(chunks).tolist() == rows.tolist() if chunks else len(rows) == 0
+    assert all(1 <= len(ch) <= max_rows for ch in chunks)
+    if max_tokens is not None:
+        assert all(len(ch) == 1 or padded(ch) <= max_tokens for ch in chunks)
+    for ch, nxt in itertools.pairwise(chunks):  # greedy: the next row would have broken a budget
+        grown = torch.cat([ch, nxt[:1]])
+        assert len(grown) > max_rows or (max_tokens is not None and padded(grown) > max_tokens)
 
 
 def test_state_dict_round_trip_continues_identically(tiny_dir):

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from posttrain.data.sft import Example, env_examples, length_order, read_jsonl_pairs
+from posttrain.data.sft import Example, env_examples, length_order, read_pairs
 from posttrain.envs import make_env
 from posttrain.errors import UserError
 from posttrain.recipes.sft import SFTLoss
@@ -82,9 +82,9 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"\n')
     with pytest.raises(UserError, match=r"d.jsonl:2"):
-        read_jsonl_pairs(p)
+        read_pairs(p)
     p.write_text("\n")
     with pytest.raises(UserError, match="empty"):
-        read_jsonl_pairs(p)
+        read_pairs(p)
     with pytest.raises(UserError, match="not found"):
-        read_jsonl_pairs(tmp_path / "missing.jsonl")
+        read_pairs(tmp_path / "missing.jsonl")

@@ -10,6 +10,8 @@ speed and memory (micro_batch_size) are per device and never change results beyo
 from __future__ import annotations
 
 import copy
+import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +24,18 @@ from posttrain.errors import ConfigError, UserError
 class Section(BaseModel):
     # allow_inf_nan=False: lr = inf, failure_reward = nan, score_timeout_s = inf ... are errors naming the key
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class LoraConfig(Section):
+    """LoRA adapters (PEFT; pip install peft): the base weights stay frozen and only the adapters train, for every
+    stage of the run. Checkpoints hold the adapter; final/ the merged model and final/adapter/ the adapter."""
+
+    r: int = Field(8, gt=0, description="Adapter rank.")
+    alpha: float = Field(16.0, gt=0, description="Scale: the adapter adds (alpha / r) * B A to each weight.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input (training only).")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Which Linear layers get adapters: 'all-linear' (every one but the LM head) or "
+        "module names, e.g. ['q_proj', 'v_proj'].")
 
 
 class ModelConfig(Section):
@@ -44,6 +58,8 @@ class ModelConfig(Section):
                           "one compilation per run (about 1.5-3.5 min on a 2-core CPU), then made tiny-25m's RL "
                           "training pass ~1.6x faster (docs/performance.md): worth it for long runs, not for the "
                           "quickstart. Generation and checkpoints use the uncompiled module.")
+    lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of all weights ([model.lora]; "
+                                    "absent: full fine-tuning).")
 
 
 class EnvConfig(Section):
@@ -77,6 +93,25 @@ class OptimConfig(Section):
 
 
 class StageConfig(OptimConfig):
+    micro_batch_tokens: int | Literal["auto"] | None = Field(
+        "auto", description="Most padded tokens (rows x longest prompt + completion) per forward/backward, beside "
+        "micro_batch_size's row cap, so memory follows tokens, not rows. auto: 2048 on CPU (an RL update of a "
+        "100M-parameter model with a 152k vocabulary peaks near 4 GB), 16384 on GPU; null: rows only. Only memory "
+        "and speed depend on it, not the loss.")
+
+    def token_budget(self, device_type: str) -> int | None:
+        """micro_batch_tokens with 'auto' resolved for the device the learner runs on."""
+        if self.micro_batch_tokens == "auto":
+            return 2048 if device_type == "cpu" else 16_384
+        return self.micro_batch_tokens
+
+    @field_validator("micro_batch_tokens")
+    @classmethod
+    def _positive_budget(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("must be > 0, 'auto' or null")
+        return v
+
     env_args: dict[str, Any] = Field(default_factory=dict, description="Overrides of env.args for this stage's "
                                      "training tasks only (e.g. an easier SFT mix or a harder RL split); "
                                      "evaluation always uses [env].")
@@ -119,6 +154,20 @@ class RolloutConfig(Section):
         "update, as an out-of-process engine does. 'auto': shared where the engine can, else copy.")
 
 
+class TrackingConfig(Section):
+    """Where metrics go besides metrics.jsonl (always written, the record every posttrain command reads)."""
+
+    tensorboard: bool = Field(True, description="Write tensorboard/ event files in the run directory.")
+    wandb: bool = Field(False, description="Also log to Weights & Biases (pip install wandb). A resumed run "
+                        "continues the same W&B run; steps W&B already has are not re-logged.")
+    wandb_project: str = Field("posttrain", description="W&B project.")
+    wandb_entity: str | None = Field(None, description="W&B entity (team or user); default: your W&B default.")
+    wandb_name: str | None = Field(None, description="W&B run name; default: the run's name.")
+    wandb_mode: Literal["online", "offline"] = Field("online", description="'offline' writes the W&B run under "
+                                                     "the run directory's wandb/ only (`wandb sync` uploads it later).")
+    wandb_tags: list[str] = Field(default_factory=list, description="W&B tags.")
+
+
 class RunConfig(Section):
     """The whole recipe. Besides these keys and sections, each stage named in `recipe` has its own section
     (`[sft]`, `[rl]`, ...), validated by the config class the stage registered (posttrain/stages.py)."""
@@ -138,6 +187,7 @@ class RunConfig(Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("recipe", mode="before")
     @classmethod
@@ -259,9 +309,46 @@ def read_toml(path: Path, *, missing: str) -> dict[str, Any]:
         raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
 
 
+_FILE_IMPORT = re.compile(r"^(?P<file>[^:]+\.py):(?P<attr>[A-Za-z_][A-Za-z0-9_.]*)$")
+
+
+def is_path_key(key: str) -> bool:
+    """The recipe keys that hold file system paths: `path`, and every key ending in _path, _dir or _file."""
+    return key == "path" or key.endswith(("_path", "_dir", "_file"))
+
+
+def resolve_paths(tree: Any, base: Path, *, section: tuple[str, ...] = ()) -> Any:
+    """A recipe's relative paths made absolute against `base`, the directory of the file that wrote them: values of
+    path keys (is_path_key), and the file of an import path 'dir/file.py:Name' in any string. model.path is a
+    path only when it names something that exists there (else it is a preset name, or an error later)."""
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            where = (*section, str(key))
+            if isinstance(value, str) and is_path_key(str(key)):
+                candidate = base / Path(value).expanduser()
+                model_path = where == ("model", "path")
+                out[key] = value if (model_path and not candidate.exists()) else _absolute(value, base)
+            else:
+                out[key] = resolve_paths(value, base, section=where)
+        return out
+    if isinstance(tree, list):
+        return [resolve_paths(v, base, section=section) for v in tree]
+    if isinstance(tree, str) and (m := _FILE_IMPORT.match(tree)):
+        return f"{_absolute(m['file'], base)}:{m['attr']}"
+    return tree
+
+
+def _absolute(value: str, base: Path) -> str:
+    path = Path(value).expanduser()
+    return str(path) if path.is_absolute() else os.path.normpath(base.resolve() / path)
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """The recipe file validated, its relative paths resolved against its own directory (resolve_paths); the
+    --set overrides are applied after, as typed on the command line (relative to the working directory)."""
     path = Path(path)
-    raw = read_toml(path, missing=f"{path}: recipe file not found")
+    raw = resolve_paths(read_toml(path, missing=f"{path}: recipe file not found"), path.parent)
     raw.setdefault("name", path.stem)
     for text in overrides or []:
         key, value = parse_override(text)

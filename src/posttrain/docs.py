@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import typing
 from typing import Any
 
 from pydantic import BaseModel
@@ -24,14 +25,31 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _nested(annotation: Any) -> type[BaseModel] | None:
+    """The section class of a field typed `Section` or `Section | None` (a sub-section like [model.lora])."""
+    for ann in (annotation, *typing.get_args(annotation)):
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            return ann
+    return None
+
+
 def _section(lines: list[str], title: str, model: type[BaseModel]) -> None:
     lines += ["", f"## [{title}]", ""]
     doc = model.__doc__ or ""
     if doc.strip() and "BaseModel" not in doc and "Usage docs" not in doc:
         lines += [inspect.cleandoc(doc), ""]
     lines += ["| key | default | meaning |", "|---|---|---|"]
+    subsections = []
     for key, field in model.model_fields.items():
+        sub = _nested(field.annotation)
+        if sub is not None:
+            subsections.append((f"{title}.{key}", sub))
+            default = "(absent)" if field.default is None else "(section)"
+            lines.append(f"| `{key}` | {default} | {_cell(field.description or '')} See [{title}.{key}]. |")
+            continue
         lines.append(f"| `{key}` | {_default(field)} | {_cell(field.description or '')} |")
+    for sub_title, sub in subsections:
+        _section(lines, sub_title, sub)
 
 
 def _registry(lines: list[str], title: str, key: str, registry: Registry[Any], hyperparameters: bool) -> None:

@@ -35,6 +35,33 @@ from posttrain.errors import ConfigError, UserError
 F = TypeVar("F", bound=Callable[..., object])
 
 
+USER_MODULE_PREFIX = "posttrain_user_"
+
+
+def load_user_file(key: str, path: Path) -> Any:
+    """The module of a user's .py file under the name `key` in sys.modules (loaded once). None if it cannot be."""
+    module = sys.modules.get(key)
+    if module is not None:
+        return module
+    loader_spec = importlib.util.spec_from_file_location(key, path)
+    if loader_spec is None or loader_spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[key] = module  # before exec, so pickling and dataclasses inside it work
+    try:
+        loader_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[key]
+        raise
+    return module
+
+
+def user_files() -> dict[str, str]:
+    """The user .py files loaded so far, {module key: path}: what another process must load before it can
+    unpickle an object defined in one of them (envs/scoring.py's workers)."""
+    return {k: m.__file__ for k, m in list(sys.modules.items()) if k.startswith(USER_MODULE_PREFIX) and m.__file__}
+
+
 def import_object(spec: str, *, what: str) -> Any:
     """``"pkg.module:attr"`` or ``"path/to/file.py:attr"`` -> the object. `what` names the recipe key in errors."""
     module_name, sep, attr = spec.rpartition(":")
@@ -45,19 +72,9 @@ def import_object(spec: str, *, what: str) -> Any:
             path = Path(module_name).expanduser().resolve()
             if not path.is_file():
                 raise UserError(f"{what}={spec!r}: {path} is not a file")
-            key = "posttrain_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-            module = sys.modules.get(key)
+            module = load_user_file(USER_MODULE_PREFIX + hashlib.sha1(str(path).encode()).hexdigest()[:12], path)
             if module is None:
-                loader_spec = importlib.util.spec_from_file_location(key, path)
-                if loader_spec is None or loader_spec.loader is None:
-                    raise UserError(f"{what}={spec!r}: cannot load {path} as a Python module")
-                module = importlib.util.module_from_spec(loader_spec)
-                sys.modules[key] = module  # before exec, so pickling and dataclasses inside it work
-                try:
-                    loader_spec.loader.exec_module(module)
-                except BaseException:
-                    del sys.modules[key]
-                    raise
+                raise UserError(f"{what}={spec!r}: cannot load {path} as a Python module")
         else:
             module = importlib.import_module(module_name)
     except UserError:

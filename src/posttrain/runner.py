@@ -33,10 +33,13 @@ from posttrain.models import (
     resolve_device,
     resolve_model_path,
 )
+from posttrain.models.lora import attach_lora, is_lora, merged_copy
+from posttrain.models.lora import describe as lora_counts
 from posttrain.rollout.base import build_engine
 from posttrain.runtime.context import RunContext
 from posttrain.stages import StageResume, load_stages
 from posttrain.tracking.metrics import MetricsLog, truncate_metrics
+from posttrain.tracking.samples import SampleLog
 from posttrain.train.checkpoint import latest_checkpoint, load_state, save_model_dir, set_rng_state
 
 
@@ -62,7 +65,12 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
     truncate_metrics(run_dir, state.metrics_offset if state else 0)
     model_dir = ckpt or resolve_model_path(cfg.model.path, cfg.seed)
     device = resolve_device(cfg.model.device)
-    model = load_model(model_dir, attention=attention_for(device, cfg.model.attention)).to(device)
+    # A LoRA checkpoint holds the adapter only: the base is the recipe's model.path, loaded again.
+    base_dir = resolve_model_path(cfg.model.path, cfg.seed) if cfg.model.lora else model_dir
+    model = load_model(base_dir, attention=attention_for(device, cfg.model.attention))
+    if cfg.model.lora:
+        model = attach_lora(model, cfg.model.lora, adapter_dir=ckpt)
+    model = model.to(device)
     tokenizer = load_tokenizer(model_dir, require_chat_template=cfg.model.chat_template)
     env = make_env(cfg.env.name, cfg.env.args)
     step = state.global_step if state else 0
@@ -78,7 +86,10 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
                           chat_template=cfg.model.chat_template, max_len=max_len)
     ctx = RunContext(run_dir=run_dir, policy=model, tokenizer=tokenizer, env=env, env_name=cfg.env.name,
                      env_args=dict(cfg.env.args), engine=engine, scorer=scorer, evaluator=evaluator,
-                     log=MetricsLog(run_dir, resume_step=state.global_step if state else None), console=console, stall_timeout_s=cfg.stall_timeout_s, seed=cfg.seed,
+                     log=MetricsLog(run_dir, resume_step=state.global_step if state else None,
+                                    tensorboard=cfg.tracking.tensorboard, sinks=_sinks(cfg, run_dir)),
+                     samples=SampleLog(run_dir, resume_step=state.global_step if state else None),
+                     console=console, stall_timeout_s=cfg.stall_timeout_s, seed=cfg.seed,
                      bf16=bf16, compile=cfg.model.compile,
                      chat_template=cfg.model.chat_template, max_len=max_len, checkpoint_every=cfg.checkpoint.every,
                      keep_last_n=cfg.checkpoint.keep_last_n, global_step=step)
@@ -90,6 +101,10 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
     if changed:
         ctx.note(f"posttrain's own source differs from what {how} records: {', '.join(changed[:8])}"
                  + (f" and {len(changed) - 8} more" if len(changed) > 8 else ""))
+    if cfg.model.lora:
+        counts = lora_counts(model)
+        ctx.note(f"model.lora: {counts['trainable']:,} trainable of {counts['total']:,} parameters "
+                 f"(r={cfg.model.lora.r}, alpha={cfg.model.lora.alpha:g}, {cfg.model.lora.target_modules})")
     if cfg.model.bf16 == "auto":
         ctx.note(f"model.bf16 = auto: {'bf16 autocast' if bf16 else 'fp32'} on {device} "
                  f"({'bf16 matrix units found' if bf16 else 'no bf16 matrix units: bf16 would be emulated, far slower'})")
@@ -116,7 +131,11 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
         final = run_dir / "final"
         tmp = run_dir / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model_dir(tmp, model, tokenizer)
+        if is_lora(model):  # final/ is a plain model every tool loads; the adapter beside it in final/adapter/
+            save_model_dir(tmp, merged_copy(model), tokenizer)
+            save_model_dir(tmp / "adapter", model, tokenizer)
+        else:
+            save_model_dir(tmp, model, tokenizer)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         summary = {"run_dir": str(run_dir), "steps": ctx.global_step, "elapsed_s": round(ctx.elapsed(), 1),
@@ -129,8 +148,21 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
             signal.signal(signal.SIGTERM, previous)
         ctx.heartbeat.close()
         ctx.log.close()
+        if ctx.samples is not None:
+            ctx.samples.close()
         engine.close()
         shutdown_pool()
+
+
+def _sinks(cfg: RunConfig, run_dir) -> list:
+    """The optional metric sinks the recipe asks for ([tracking])."""
+    t = cfg.tracking
+    if not t.wandb:
+        return []
+    from posttrain.tracking.wandb_sink import WandbSink
+
+    return [WandbSink(run_dir, project=t.wandb_project, entity=t.wandb_entity, name=t.wandb_name or cfg.name,
+                      mode=t.wandb_mode, tags=t.wandb_tags, config=cfg.model_dump(mode="json"))]
 
 
 def _stop_on_sigterm(ctx: RunContext):

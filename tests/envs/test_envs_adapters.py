@@ -123,10 +123,12 @@ def test_jsonl_errors_name_file_and_line(tmp_path, content, message):
 
 
 def test_jsonl_missing_file_and_bad_verifier(tmp_path):
-    with pytest.raises(UserError, match="nope.jsonl: cannot read"):
+    with pytest.raises(UserError, match="nope.jsonl'?: file not found"):
         make_env("jsonl", {"path": str(tmp_path / "nope.jsonl")})
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "1+1=", "answer": "2"}\n')
     with pytest.raises(UserError, match="verifier must be one of"):
-        make_env("jsonl", {"path": str(tmp_path / "nope.jsonl"), "verifier": "fuzzy"})
+        make_env("jsonl", {"path": str(good), "verifier": "fuzzy"})
 
 
 def test_jsonl_split_field_and_order_is_deterministic(tmp_path):

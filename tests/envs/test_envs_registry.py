@@ -23,7 +23,7 @@ def test_unknown_name_lists_known_environments():
 def test_import_path_loading_and_its_errors():
     env = make_env("envs_helpers:Echo", {"n": 2})  # tests/envs is on sys.path under pytest
     assert isinstance(env, Environment) and [t.answer for t in env.tasks("train", 0)] == ["0", "1"]
-    with pytest.raises(UserError, match="envs_helpers:Nope.*cannot import"):
+    with pytest.raises(UserError, match="envs_helpers:Nope.*has no attribute 'Nope'"):
         make_env("envs_helpers:Nope")
     with pytest.raises(UserError, match="no_such_module_xyz:Env.*cannot import"):
         make_env("no_such_module_xyz:Env")

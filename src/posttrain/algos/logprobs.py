@@ -75,12 +75,18 @@ class _HeadLogprobs(torch.autograd.Function):
         return g_hidden.to(hidden.dtype), g_weight.to(weight.dtype), None, None, None, None
 
 
+HEAD_CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 32 MB in fp32 for each of the few (rows, V) temporaries
+
+
 def head_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0, *,
-                  chunk: int = 256, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                  chunk: int | None = None, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """Token logprobs (and entropy) straight from the last hidden states and the LM head's weight, without ever
     holding the full (N, V) logits: hidden (N, H), weight (V, H), targets (N,) -> (N,) fp32 each.
 
     Equal to token_logprobs / token_entropy of the logits h W^T (tests/algos/test_head_logprobs.py), values and
-    gradients; what differs is memory, linear in `chunk` x V rather than in N x V."""
+    gradients; what differs is memory, linear in `chunk` x V rather than in N x V. chunk: rows at a time
+    (default: HEAD_CHUNK_ELEMENTS / V, so a chunk's logits stay the same size whatever the vocabulary)."""
+    if chunk is None:
+        chunk = max(1, HEAD_CHUNK_ELEMENTS // weight.shape[0])
     lp, ent = _HeadLogprobs.apply(hidden, weight, targets, temperature, chunk, with_entropy)
     return lp, (ent if with_entropy else None)

@@ -1,4 +1,4 @@
-"""SFT examples: from an environment's gold solutions or a JSONL file, and their length-bucketed order.
+"""SFT examples: from an environment's gold solutions or a data file, and their length-bucketed order.
 
 The stream is deterministic for a seed and resumable by a cursor (the number of examples already consumed).
 """
@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.data.jsonl import json_objects
 from posttrain.data.prompts import completion_ids, render_prompt
+from posttrain.data.tables import read_rows
 from posttrain.errors import UserError
 
 
@@ -38,27 +38,27 @@ def env_examples(env, tokenizer, *, seed: int, chat_template: bool, max_len: int
                       max_len, f"environment {env.name!r}, task {task.id!r}")
 
 
-def read_jsonl_pairs(path: Path) -> list[tuple[int, str, str]]:
-    """(line number, prompt, completion) of every line."""
-    if not path.is_file():
-        raise UserError(f"sft.data_path={str(path)!r}: file not found")
+def read_pairs(path: Path, columns: dict[str, str] | None = None) -> list[tuple[str, str, str]]:
+    """(location, prompt, completion) of every row of a data file (data/tables.py: JSONL, Parquet, CSV, JSON or
+    a saved dataset directory; `columns` maps prompt/completion to the file's column names)."""
     pairs = []
-    for lineno, row in json_objects(path):
+    for where, _, row in read_rows(path, columns, what="sft.data_path"):
         if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
-            raise UserError(f"{path}:{lineno}: expected string 'prompt' and 'completion'; keys: {sorted(row)}")
-        pairs.append((lineno, row["prompt"], row["completion"]))
+            raise UserError(f"{where}: expected string 'prompt' and 'completion' (map other column names with "
+                            f"sft.data_columns); columns: {sorted(row)}")
+        pairs.append((where, row["prompt"], row["completion"]))
     if not pairs:
         raise UserError(f"{path}: no examples (the file is empty)")
     return pairs
 
 
-def jsonl_examples(path: Path, tokenizer, *, seed: int, chat_template: bool, max_len: int | None
-                   ) -> Iterator[Example]:
+def file_examples(path: Path, tokenizer, *, seed: int, chat_template: bool, max_len: int | None,
+                  columns: dict[str, str] | None = None) -> Iterator[Example]:
     """Epochs over the file, each in a fresh seeded order."""
-    pairs = read_jsonl_pairs(path)
+    pairs = read_pairs(path, columns)
     examples = [fitting(Example(render_prompt(tokenizer, p, chat_template=chat_template, max_len=max_len),
-                                completion_ids(tokenizer, c, chat_template=chat_template)), max_len, f"{path}:{lineno}")
-                for lineno, p, c in pairs]
+                                completion_ids(tokenizer, c, chat_template=chat_template)), max_len, where)
+                for where, p, c in pairs]
     for epoch in itertools.count():
         order = list(range(len(examples)))
         random.Random(f"{seed}:{epoch}").shuffle(order)

@@ -1,4 +1,6 @@
-"""User data: a JSONL file of {"prompt": ..., "answer": ...} rows scored by a chosen verifier.
+"""User data: a file of {"prompt": ..., "answer": ...} rows scored by a chosen verifier. JSONL, or through
+Hugging Face datasets Parquet, CSV, JSON or a save_to_disk directory (data/tables.py); arg `columns` maps these
+names to the file's own, e.g. columns = {prompt = "problem", answer = "solution"}.
 
 Optional fields per row: "solution" (SFT target; default: the answer), "difficulty" (int), "id", "split"
 ("train"; "eval"/"test"/"validation"/"val"/"dev" all mean eval). Without "split", rows are split by
@@ -19,7 +21,7 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from posttrain.data.jsonl import json_objects
+from posttrain.data.tables import read_rows
 from posttrain.envs.base import ANSWER_FORMAT, check_split, extract_answer, split_of, user_prompt
 from posttrain.envs.registry import register_env
 from posttrain.errors import UserError
@@ -30,12 +32,13 @@ _SPLIT_NAMES = {"train": "train", "eval": "eval", "test": "eval", "validation": 
 VERIFIERS = ("exact", "normalized", "numeric", "math")
 
 
-def read_tasks(path: str | Path, *, solution_of: Callable[[str], str] = str) -> list[tuple[str, Task]]:
-    """(split, Task) for every row of a JSONL file; a malformed row is a UserError naming file and line."""
+def read_tasks(path: str | Path, *, solution_of: Callable[[str], str] = str,
+               columns: dict[str, str] | None = None) -> list[tuple[str, Task]]:
+    """(split, Task) for every row of a task file (data/tables.py: JSONL, Parquet, CSV, JSON or a saved dataset;
+    `columns` maps prompt/answer/... to the file's names); a malformed row is a UserError naming file and row."""
     path = Path(path)
     rows = []
-    for lineno, row in json_objects(path):
-        where = f"{path}:{lineno}"
+    for where, lineno, row in read_rows(path, columns, what="env.args.path"):
         prompt = row.get("prompt", row.get("question"))
         if not isinstance(prompt, str) or not prompt:
             raise UserError(f"{where}: needs a non-empty string 'prompt' (or 'question'); keys: {sorted(row)}")
@@ -92,14 +95,15 @@ def parse_number(text: str) -> float | None:
 
 @register_env("jsonl")
 class Jsonl:
-    """Your own tasks from a JSONL file of {"prompt", "answer"}; verifier exact|normalized|numeric|math."""
+    """Your own tasks from a file of {"prompt", "answer"} rows; verifier exact|normalized|numeric|math."""
 
     name = "jsonl"
     isolation = "inline"  # the math verifier enforces its own hard timeout in a worker process
 
     def __init__(self, path: str, verifier: str = "exact", tolerance: float = 1e-6, timeout_s: float = 5.0,
-                 hint: str | None = None):
-        """hint: a format instruction appended to every prompt (e.g. "Put the final answer in \\boxed{}.")."""
+                 hint: str | None = None, columns: dict[str, str] | None = None):
+        """hint: a format instruction appended to every prompt (e.g. "Put the final answer in \\boxed{}.").
+        columns: the file's names for prompt, answer, solution, difficulty, id, split."""
         self.hint = hint
         self.answer_format = ("math-verify on the whole completion" if verifier == "math" else
                               f"{verifier}: single-line answers: {ANSWER_FORMAT}; multi-line answers: the last lines")
@@ -111,7 +115,7 @@ class Jsonl:
             from posttrain.envs.mathverify import MathVerifier
 
             self._math = MathVerifier(timeout_s=timeout_s)
-        rows = read_tasks(path, solution_of=_math_solution if verifier == "math" else str)
+        rows = read_tasks(path, solution_of=_math_solution if verifier == "math" else str, columns=columns)
         self._by_split: dict[str, list[Task]] = {"train": [], "eval": []}
         for split, task in rows:
             self._by_split[split].append(task)
@@ -153,8 +157,10 @@ class Math:
     name = "math"
     isolation = "inline"
 
-    def __init__(self, path: str, timeout_s: float = 5.0):
-        self._data = Jsonl(path, verifier="math", timeout_s=timeout_s)
+    def __init__(self, path: str, timeout_s: float = 5.0, hint: str | None = None,
+                 columns: dict[str, str] | None = None):
+        self._data = Jsonl(path, verifier="math", timeout_s=timeout_s, hint=hint, columns=columns)
+        self.answer_format = self._data.answer_format
 
     def tasks(self, split: str, seed: int) -> Iterator[Task]:
         return self._data.tasks(split, seed)

@@ -1,8 +1,8 @@
-"""Find environments by registry name, by entry point (group `posttrain.envs`) or by import path `pkg.mod:Class`."""
+"""Find environments by registry name, by entry point (group `posttrain.envs`) or by import path `pkg.mod:Class`
+or `path/to/file.py:Class`."""
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -10,6 +10,7 @@ from typing import Any
 
 from posttrain.envs.base import Environment
 from posttrain.errors import UserError
+from posttrain.registry import import_object
 
 ENVIRONMENTS: dict[str, Callable[..., Environment]] = {}
 ENTRY_POINT_GROUP = "posttrain.envs"
@@ -36,12 +37,8 @@ def _resolve(name: str) -> Callable[..., Environment]:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == name:
             return ep.load()
-    if ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise UserError(f"env.name={name!r}: cannot import it ({e})") from e
+    if ":" in name:  # 'pkg.module:Class' or 'path/to/file.py:Class'
+        return import_object(name, what="env.name")
     raise UserError(f"env.name={name!r} is not a known environment; known: {', '.join(available_envs())} "
                     "(or give an import path 'pkg.module:Class', or register an entry point in group "
                     f"'{ENTRY_POINT_GROUP}')")

@@ -36,11 +36,13 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from posttrain.envs._worker import READY, Worker, WorkerDied
 from posttrain.errors import UserError
 from posttrain.records import Score, Task
+from posttrain.registry import load_user_file, user_files
 
 ISOLATIONS = ("inline", "thread", "process")
 
@@ -156,9 +158,11 @@ _REQUEST_IDS = itertools.count()
 
 
 def _worker_handle(msg: tuple) -> Any:
-    """Runs inside a pool worker: ("env", key, pickled env) loads an env; ("score", key, request id, task, text)
+    """Runs inside a pool worker: ("env", key, pickled env, user files) loads an env; ("score", key, request id, task, text)
     scores, and the reply carries the request id, so a late reply can never be taken for another sample's."""
     if msg[0] == "env":
+        for module_key, path in msg[3].items():  # an env class from a user's file.py: load the file first
+            load_user_file(module_key, Path(path))
         _WORKER_ENVS.clear()
         _WORKER_ENVS[msg[1]] = pickle.loads(msg[2])
         return None
@@ -190,7 +194,7 @@ def _score_processes(env, tasks, completions, timeout_s, workers, failure_reward
             w.start()
             busy[w] = ("start", now + w.startup_timeout_s)
         elif w.state != key:
-            w.send(("env", key, blob))
+            w.send(("env", key, blob, user_files()))
             busy[w] = ("env", now + w.startup_timeout_s)
         else:
             i = todo.popleft()

@@ -48,8 +48,10 @@ def _cache_keyword(model_class: type) -> str:
 
 
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
-    """The keyword that hands a KV cache to this model's forward, whichever transformers is installed."""
-    return {_cache_keyword(type(model)): cache}
+    """The keyword that hands a KV cache to this model's forward, whichever transformers is installed (a PEFT
+    wrapper passes its keywords through to the model it wraps: that model's name counts)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {_cache_keyword(type(inner)): cache}
 
 
 def output_cache(output: Any) -> Any:

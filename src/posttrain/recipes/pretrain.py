@@ -105,6 +105,7 @@ def run(ctx: RunContext, c: PretrainConfig, resume: StageResume | None) -> None:
     if ctx.max_len is not None and c.seq_len > ctx.max_len:
         raise UserError(f"pretrain.seq_len = {c.seq_len} exceeds the model's context of {ctx.max_len} tokens")
     learner = Learner(ctx.policy, **c.optimizer_args(), total_updates=steps, micro_batch_size=c.micro_batch_size,
+                      micro_batch_tokens=c.token_budget(ctx.policy.device.type),
                       pad_id=tok.pad_token_id, bf16=ctx.bf16, compile=ctx.compile)
     start, cursor = 0, 0
     if resume:

@@ -79,8 +79,8 @@ def run(ctx: RunContext, c: RLConfig, resume: StageResume | None) -> None:
         ctx.note(f"rl.preset = {c.preset}, with the recipe overriding: {'; '.join(c.preset_overrides)}")
     env = ctx.training_env(c.env_args)
     learner = Learner(ctx.policy, **c.optimizer_args(), total_updates=c.steps * c.epochs * c.mini_batches,
-                      micro_batch_size=c.micro_batch_size, pad_id=ctx.tokenizer.pad_token_id, bf16=ctx.bf16,
-                      compile=ctx.compile)
+                      micro_batch_size=c.micro_batch_size, micro_batch_tokens=c.token_budget(ctx.policy.device.type),
+                      pad_id=ctx.tokenizer.pad_token_id, bf16=ctx.bf16, compile=ctx.compile)
     # The reference exists only when a KL term does; it starts as the policy at the start of the stage.
     reference = learner.frozen_copy() if c.kl_coef > 0 else None
     sampler = SAMPLERS.get(c.sampler)(env, ctx.seed, **c.sampler_args)
@@ -105,6 +105,7 @@ def run(ctx: RunContext, c: RLConfig, resume: StageResume | None) -> None:
         t_step = time.time()
         # 1-3. pick prompts, sample groups, score, filter groups ------------------------------------------------
         rollouts = next(batches)
+        ctx.record_samples(rollouts.seen, c.log_samples)
         metrics = rollout_metrics(ctx, rollouts, learner.flop_model, t_generate=time.time() - t_step)
         if len(rollouts.kept):
             # 4-5. rewards, reference / old logprobs, IS weights, advantages --------------------------------------

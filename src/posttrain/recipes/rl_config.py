@@ -114,6 +114,8 @@ class RLConfig(StageConfig):
                               "zero_variance (drop groups whose rewards are all equal, ScaleRL), dynamic_sampling "
                               "(drop them and generate more prompts until the batch is full, DAPO).")
     max_refill_rounds: int = Field(3, ge=0, description="dynamic_sampling: extra generation rounds per step.")
+    log_samples: int = Field(4, ge=0, description="completions per step written to samples.jsonl (prompt and "
+                             "completion text with special tokens, token ids, reward, finish reason); 0: none.")
     overlong_cache: int = Field(0, ge=0, description="DAPO soft overlong penalty buffer L_cache in tokens "
                                 "(0 = off); the penalty ramps over the last L_cache tokens of max_new_tokens.")
     mask_truncated: bool = Field(False, description="Exclude completions cut by max_new_tokens from the loss.")

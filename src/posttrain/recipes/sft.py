@@ -19,7 +19,7 @@ from pydantic import Field
 from torch import Tensor
 
 from posttrain.config import StageConfig
-from posttrain.data.sft import env_examples, jsonl_examples, length_order
+from posttrain.data.sft import env_examples, file_examples, length_order
 from posttrain.errors import UserError
 from posttrain.runtime.context import RunContext
 from posttrain.stages import StageResume, register_stage
@@ -34,8 +34,12 @@ class SFTConfig(StageConfig):
     batch_size: int = Field(128, gt=0, description="Sequences per optimizer step (global).")
     micro_batch_size: int = Field(128, gt=0, description="Sequences per forward/backward (per device); only "
                                   "memory and speed depend on it, not the loss.")
-    data_path: str | None = Field(None, description="JSONL of {\"prompt\": ..., \"completion\": ...}. When unset, "
-                                  "the environment's gold solutions on its train split are the data.")
+    data_path: str | None = Field(None, description="Rows of prompt and completion: a .jsonl file, or through "
+                                  "Hugging Face datasets a .parquet/.csv/.json file or a save_to_disk directory "
+                                  "(relative to the recipe file). When unset, the environment's gold solutions "
+                                  "on its train split are the data.")
+    data_columns: dict[str, str] = Field(default_factory=dict, description="The file's column names for prompt "
+                                         "and completion, e.g. {prompt = \"question\", completion = \"response\"}.")
     eval_every: int = Field(0, ge=0, description="Greedy held-out accuracy every N steps (0 = only at the end).")
     stop_at_accuracy: float | None = Field(None, gt=0, le=1, description="Stop early once the periodic greedy "
                                            "held-out accuracy reaches this (a more reliable warm-up than a fixed "
@@ -57,20 +61,21 @@ class SFTLoss:
 def run(ctx: RunContext, c: SFTConfig, resume: StageResume | None) -> None:
     tok = ctx.tokenizer
     learner = Learner(ctx.policy, **c.optimizer_args(), total_updates=c.steps, micro_batch_size=c.micro_batch_size,
+                      micro_batch_tokens=c.token_budget(ctx.policy.device.type),
                       pad_id=tok.pad_token_id, bf16=ctx.bf16, compile=ctx.compile)
     start, cursor = 0, 0
     if resume:
         learner.load_state_dict(resume.learner)
         start, cursor = resume.stage_step, resume.state["cursor"]
-    source = (jsonl_examples(Path(c.data_path), tok, seed=ctx.seed, chat_template=ctx.chat_template,
-                             max_len=ctx.max_len) if c.data_path else
+    source = (file_examples(Path(c.data_path), tok, seed=ctx.seed, chat_template=ctx.chat_template,
+                            max_len=ctx.max_len, columns=c.data_columns) if c.data_path else
               env_examples(ctx.training_env(c.env_args), tok, seed=ctx.seed, chat_template=ctx.chat_template,
                            max_len=ctx.max_len))
     stream = itertools.islice(source, cursor, None)  # the data cursor: examples already consumed
     step = start
     for step in ctx.progress(range(start, c.steps), total=c.steps, completed=start, description="sft"):
         t0 = time.time()
-        ctx.phase("data", f"{c.batch_size} examples from {'the JSONL file' if c.data_path else ctx.env.name}")
+        ctx.phase("data", f"{c.batch_size} examples from {c.data_path if c.data_path else ctx.env.name}")
         batch = list(itertools.islice(stream, c.batch_size))
         if not batch:
             raise UserError(f"sft: no training examples left at step {step + 1} (the environment "

@@ -58,9 +58,17 @@ class LocalEngine:
         self.version = version
 
     def update_weights(self, weights: Mapping[str, Tensor], version: int) -> None:
-        """Load the learner's weights (a copy; nothing to load when sharing its module) and record their version."""
+        """Copy in the tensors given (all weights, or the adapters of a LoRA policy: the base never changes;
+        nothing to copy when sharing the learner's module) and record their version."""
         if self.copy_weights:
-            self.model.load_state_dict(weights)
+            own = self.model.state_dict()
+            unknown = [k for k in weights if k not in own]
+            if unknown:
+                raise ValueError(f"update_weights: {len(unknown)} tensors this engine's model does not have, "
+                                 f"e.g. {unknown[0]!r}")
+            with torch.no_grad():
+                for name, tensor in weights.items():
+                    own[name].copy_(tensor)
         self.version = version
 
     def close(self) -> None:

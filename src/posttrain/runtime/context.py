@@ -30,6 +30,7 @@ from posttrain.evals.evaluate import Evaluator, headline_metrics, write_eval
 from posttrain.rollout.base import RolloutEngine
 from posttrain.tracking.heartbeat import Heartbeat
 from posttrain.tracking.metrics import MetricsLog
+from posttrain.tracking.samples import SampleLog
 from posttrain.train.checkpoint import TrainerState, rng_state, rotate, save_checkpoint
 
 T = TypeVar("T")
@@ -65,6 +66,7 @@ class RunContext:
     totals: dict[str, float] = field(default_factory=dict)  # cumulative counters (tokens, flops, ...)
     evals: dict[str, dict] = field(default_factory=dict)
     stop_requested: str | None = None  # set by the runner's SIGTERM handler; stages stop at the next step end
+    samples: SampleLog | None = None  # samples.jsonl
 
     def __post_init__(self) -> None:
         self._status = ""
@@ -167,6 +169,19 @@ class RunContext:
         path = save_checkpoint(self.run_dir / "checkpoints", self.global_step, self.policy, self.tokenizer, state)
         rotate(self.run_dir / "checkpoints", self.keep_last_n)
         return path
+
+    def record_samples(self, batch: Any, n: int) -> None:
+        """n of this step's scored samples, spread over the batch (so over its groups), into samples.jsonl."""
+        if self.samples is None or n <= 0 or not len(batch):
+            return
+        picks = range(0, len(batch), max(1, len(batch) // n))[:n]
+        decode = self.tokenizer.decode
+        self.samples.log([{"step": self.global_step + 1, "stage": self.stage, "task": batch.tasks[i].id,
+                           "prompt": decode(batch.prompts[i]), "completion": decode(batch.completions[i].token_ids),
+                           "token_ids": list(batch.completions[i].token_ids),
+                           "reward": batch.scores[i].reward, "correct": batch.scores[i].correct,
+                           "finish_reason": batch.completions[i].finish_reason,
+                           "policy_version": batch.completions[i].policy_version} for i in picks])
 
     def due(self, stage_step: int) -> bool:
         """A checkpoint is scheduled at this step, or the run was asked to stop (then it checkpoints now)."""

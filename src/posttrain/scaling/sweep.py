@@ -37,7 +37,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from posttrain.config import RunConfig, read_toml, set_path, validate
+from posttrain.config import RunConfig, read_toml, resolve_paths, set_path, validate
 from posttrain.errors import UserError
 from posttrain.rundir import DONE, diff_keys
 from posttrain.runner import run
@@ -147,6 +147,18 @@ def _fmt(value: Any) -> str:
 
 
 
+def _resolve_value(dotted: str, value: Any, base: Path) -> Any:
+    """An axis or [set] value with its paths resolved as a recipe's would be at that key."""
+    *parents, leaf = dotted.split(".")
+    tree: Any = {leaf: value}
+    for parent in reversed(parents):
+        tree = {parent: tree}
+    tree = resolve_paths(tree, base)
+    for key in dotted.split("."):
+        tree = tree[key]
+    return tree
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]+", "_", text).strip("_") or "_"
 
@@ -167,10 +179,12 @@ def load_sweep(path: str | Path) -> Sweep:
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise UserError(f"{path}: name {name!r} must be letters, digits, '.', '_' or '-' (it names directories)")
     base_path = path.parent / raw["base"]
-    base = read_toml(base_path, missing=f"{path}: base recipe {base_path} not found")
+    base = resolve_paths(read_toml(base_path, missing=f"{path}: base recipe {base_path} not found"), base_path.parent)
 
-    axes = _flatten(raw.get("axes", {}), f"{path} [axes]")
-    fixed = _flatten(raw.get("set", {}), f"{path} [set]")
+    # Paths in the sweep file are relative to it, as a recipe's are to the recipe (config.resolve_paths).
+    axes = {k: [_resolve_value(k, x, path.parent) for x in v] if isinstance(v, list) else v
+            for k, v in _flatten(raw.get("axes", {}), f"{path} [axes]").items()}
+    fixed = {k: _resolve_value(k, v, path.parent) for k, v in _flatten(raw.get("set", {}), f"{path} [set]").items()}
     if not axes:
         raise UserError(f"{path}: [axes] is empty; declare at least one, e.g. seed = [0, 1, 2]")
     for key, values in axes.items():
@@ -185,7 +199,8 @@ def load_sweep(path: str | Path) -> Sweep:
     if both:
         raise UserError(f"{path}: {both[0]!r} is both an axis and in [set]")
 
-    output_dir = Path(raw.get("output_dir", f"runs/{name}"))
+    output_dir = Path(resolve_paths({"output_dir": raw["output_dir"]}, path.parent)["output_dir"]
+                      if "output_dir" in raw else f"runs/{name}")
     labels = axis_labels(list(axes))
     points, names = [], {}
     for combo in itertools.product(*axes.values()):

@@ -51,6 +51,12 @@ their prompt, the learner runs the prompt once and the completions on top of its
     forward_shared_prefix(P, [T_1..T_G]) = forward(P, (P + 1) / 2, logit_tokens=1)
                                            + sum_g forward(T_g, P + (T_g + 1) / 2, logit_tokens=T_g - 1)
 and 3x that for training (`train_shared_prefix`). With G = 1 both equal the unshared formulas.
+LoRA (models/lora.py): the adapters add their own multiply-adds, `adapter` = sum of r x (in + out) over the
+adapted Linears, to every forward token; with the base frozen, the backward computes activation gradients but no
+base weight gradients, so training is 3x the forward minus one base-weight forward:
+    train_lora = 3 * forward - 2 * (N_body * tokens + N_head * logit_tokens)
+The first layers before any adapter need no activation gradient either (with every Linear adapted: layer 0's
+q/k/v input gradients); that saving is not modelled (an overcount of under one layer's q/k/v).
 Not modelled: mixture-of-experts routing, recomputation (activation checkpointing, flash-attention backward
 recomputing the scores: torch's SDPA backward formula counts it, so it reads ~2.5x instead of 2x on the attention
 term), padding (the ledger counts real tokens; a padded batch does more hardware work).
@@ -58,6 +64,7 @@ term), padding (the ledger counts real tokens; a padded batch does more hardware
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +86,8 @@ class FlopModel:
     vocab: int
     tied: bool = False
     mlp_matrices: int = 3  # gated MLP (Llama, Qwen2, Mistral); 2 for a plain up/down MLP
+    adapter: int = 0  # LoRA multiply-adds per token (sum of r x (in + out) over the adapted Linears)
+    frozen_base: bool = False  # base weights frozen (LoRA): no base weight gradients in training
 
     @classmethod
     def from_config(cls, config: Any) -> FlopModel:
@@ -97,7 +106,12 @@ class FlopModel:
 
     @classmethod
     def from_model(cls, model: Any) -> FlopModel:
-        return cls.from_config(model.config)
+        """From a model: its config, plus its LoRA adapters (a PEFT model) when it has them."""
+        base = cls.from_config(model.config)
+        if not hasattr(model, "peft_config"):
+            return base
+        adapter = sum(p.numel() for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n)
+        return dataclasses.replace(base, adapter=adapter, frozen_base=True)
 
     # -- parameter counts ---------------------------------------------------------------------------------------
     @property
@@ -133,11 +147,17 @@ class FlopModel:
         `logit_tokens` positions (default: every token)."""
         logit_tokens = tokens if logit_tokens is None else logit_tokens
         attention = 2.0 * self.layers * context * self.attn_dim * tokens  # QK^T and the V sum, multiply-adds
-        return FORWARD * (self.n_body * tokens + self.n_head * logit_tokens + attention)
+        return FORWARD * ((self.n_body + self.adapter) * tokens + self.n_head * logit_tokens + attention)
+
+    def base_weight_forward(self, tokens: float, logit_tokens: float) -> float:
+        """The base-weight matmuls of a forward pass: what a frozen base does not repeat for weight gradients."""
+        return FORWARD * (self.n_body * tokens + self.n_head * logit_tokens) if self.frozen_base else 0.0
 
     def train(self, tokens: float, context: float, *, logit_tokens: float | None = None) -> float:
         """Forward + backward (model FLOPs: no recomputation)."""
-        return TRAIN_MULTIPLIER * self.forward(tokens, context, logit_tokens=logit_tokens)
+        logit_tokens = tokens if logit_tokens is None else logit_tokens
+        return (TRAIN_MULTIPLIER * self.forward(tokens, context, logit_tokens=logit_tokens)
+                - self.base_weight_forward(tokens, logit_tokens))
 
     def prefill(self, prompt_tokens: int) -> float:
         """Prefill of one prompt into the KV cache (causal, logits at the last position only)."""
@@ -174,7 +194,10 @@ class FlopModel:
 
     def train_shared_prefix(self, prompt_tokens: int, completion_tokens: Iterable[int]) -> float:
         """Forward + backward of forward_shared_prefix (the RL training pass)."""
-        return TRAIN_MULTIPLIER * self.forward_shared_prefix(prompt_tokens, completion_tokens)
+        completion_tokens = [t for t in completion_tokens if t]
+        frozen = ((self.base_weight_forward(prompt_tokens, 1) if prompt_tokens else 0.0)
+                  + sum(self.base_weight_forward(t, t - 1) for t in completion_tokens))
+        return TRAIN_MULTIPLIER * self.forward_shared_prefix(prompt_tokens, completion_tokens) - frozen
 
 
 def causal_context(length: int) -> float:

@@ -20,11 +20,14 @@ def _clean(v: Any) -> Any:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, *, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True, resume_step: int | None = None,
+                 sinks: list[Any] | None = None):
         """resume_step: the global step of the checkpoint a resumed run continues from. metrics.jsonl was cut back
-        to it; TensorBoard events logged after it (before the crash) are purged the same way."""
+        to it; TensorBoard events logged after it (before the crash) are purged the same way. sinks: more
+        receivers of every row (log(row), close()), e.g. tracking/wandb_sink.py."""
         self.path = run_dir / "metrics.jsonl"
         self._f = self.path.open("a")
+        self._sinks = list(sinks or [])
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -36,6 +39,8 @@ class MetricsLog:
         row = {k: _clean(v) for k, v in row.items()}
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
+        for sink in self._sinks:
+            sink.log(row)
         if self._tb is not None:
             step = int(row["step"])
             for k, v in row.items():
@@ -51,6 +56,8 @@ class MetricsLog:
         self._f.close()
         if self._tb is not None:
             self._tb.close()
+        for sink in self._sinks:
+            sink.close()
 
 
 def truncate_metrics(run_dir: Path, offset: int) -> None:

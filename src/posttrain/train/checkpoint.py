@@ -1,6 +1,7 @@
 """Atomic, resumable checkpoints in Hugging Face format.
 
-checkpoints/step_N/ = model (config.json + model.safetensors) + tokenizer + trainer_state.pt + COMPLETE.
+checkpoints/step_N/ = model (config.json + model.safetensors; with LoRA the adapter: adapter_config.json +
+adapter_model.safetensors) + tokenizer + trainer_state.pt + COMPLETE.
 Written to a hidden temp dir, fsynced, then renamed: a crash mid-write leaves a temp dir that is never loaded
 (and is cleaned up on the next start), and the previous checkpoint is untouched. trainer_state.pt holds one
 TrainerState record: where the run is, the learner's optimizer state and the stage's own resumable state.
@@ -97,7 +98,9 @@ def save_checkpoint(root: Path, step: int, model, tokenizer, state: TrainerState
 
 
 def is_complete(path: Path) -> bool:
-    return (path / COMPLETE).is_file() and (path / STATE_FILE).is_file() and (path / "config.json").is_file()
+    """COMPLETE, the trainer state and a model: full weights (config.json) or a LoRA adapter (adapter_config.json)."""
+    has_model = (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+    return (path / COMPLETE).is_file() and (path / STATE_FILE).is_file() and has_model
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:

@@ -78,12 +78,33 @@ class StepResult:
     flops: float = 0.0  # model FLOPs of the forward and backward passes
 
 
+def micro_batches(rows: Tensor, seqs: Sequences, max_rows: int, max_tokens: int | None) -> list[Tensor]:
+    """`rows` cut, in order, into runs of at most `max_rows` rows and at most `max_tokens` padded tokens (rows x
+    (longest prompt + longest completion) of the run, what the forward pass holds activations for). A single row
+    longer than the budget is a micro-batch of its own. Only memory and speed depend on the cut, not the loss."""
+    out: list[Tensor] = []
+    ids = rows.tolist()
+    start, widest_p, widest_c = 0, 0, 0
+    for i, r in enumerate(ids):
+        p, c = max(widest_p, len(seqs.prompts[r])), max(widest_c, len(seqs.completions[r]))
+        n = i - start + 1
+        if i > start and (n > max_rows or (max_tokens is not None and n * (p + c) > max_tokens)):
+            out.append(rows[start:i])
+            start, p, c = i, len(seqs.prompts[r]), len(seqs.completions[r])
+        widest_p, widest_c = p, c
+    if ids:
+        out.append(rows[start:])
+    return out
+
+
 class FrozenModel:
     """A model that only computes logprobs: a reference policy or a teacher. Counts its own FLOPs."""
 
-    def __init__(self, model: nn.Module, *, micro_batch_size: int, pad_id: int, bf16: bool = False) -> None:
+    def __init__(self, model: nn.Module, *, micro_batch_size: int, pad_id: int, bf16: bool = False,
+                 micro_batch_tokens: int | None = None) -> None:
         self.model = model
         self.micro_batch_size = micro_batch_size
+        self.micro_batch_tokens = micro_batch_tokens
         self.pad_id = pad_id
         self.bf16 = bf16
         self.flop_model = FlopModel.from_model(model)
@@ -96,9 +117,9 @@ class FrozenModel:
         out: list[Tensor] = []
         flops = 0.0
         try:
-            for s in range(0, len(seqs), self.micro_batch_size):
-                prompts = seqs.prompts[s: s + self.micro_batch_size]
-                completions = seqs.completions[s: s + self.micro_batch_size]
+            for chunk in micro_batches(torch.arange(len(seqs)), seqs, self.micro_batch_size, self.micro_batch_tokens):
+                prompts = [seqs.prompts[i] for i in chunk.tolist()]
+                completions = [seqs.completions[i] for i in chunk.tolist()]
                 lp, _ = completion_logprobs(self.model, pack(prompts, completions, self.pad_id),
                                             temperature=temperature, bf16=self.bf16)
                 flops += packed_flops(self.flop_model, prompts, completions)
@@ -118,9 +139,12 @@ class Learner:
     def __init__(self, model: nn.Module, *, lr: float, total_updates: int, micro_batch_size: int, pad_id: int,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 0,
                  schedule: str = "constant", min_lr_ratio: float = 0.1, grad_clip: float = 1.0,
-                 max_bad_steps: int = 3, bf16: bool = False, compile: bool = False) -> None:
+                 max_bad_steps: int = 3, bf16: bool = False, compile: bool = False,
+                 micro_batch_tokens: int | None = None) -> None:
+        """micro_batch_size / micro_batch_tokens: the most rows, and padded tokens, per forward/backward pass."""
         self.model = model
         self.micro_batch_size = micro_batch_size
+        self.micro_batch_tokens = micro_batch_tokens
         self.pad_id = pad_id
         self.bf16 = bf16
         self.grad_clip = grad_clip
@@ -134,7 +158,7 @@ class Learner:
         self.forward_model = torch.compile(model, dynamic=True) if compile else model
         self.flop_model = FlopModel.from_model(model)
         self._frozen_self = FrozenModel(self.forward_model, micro_batch_size=micro_batch_size, pad_id=pad_id,
-                                        bf16=bf16)
+                                        bf16=bf16, micro_batch_tokens=micro_batch_tokens)
         self._frozen_self.flop_model = self.flop_model
 
     # -- passes without gradient ---------------------------------------------------------------------------------
@@ -145,7 +169,8 @@ class Learner:
     def frozen_copy(self) -> FrozenModel:
         """A frozen snapshot of the current policy (the reference of a KL term)."""
         ref = copy.deepcopy(self.model).eval().requires_grad_(False)
-        return FrozenModel(ref, micro_batch_size=self.micro_batch_size, pad_id=self.pad_id, bf16=self.bf16)
+        return FrozenModel(ref, micro_batch_size=self.micro_batch_size, pad_id=self.pad_id, bf16=self.bf16,
+                           micro_batch_tokens=self.micro_batch_tokens)
 
     # -- one optimizer update ------------------------------------------------------------------------------------
     def train_step(self, seqs: Sequences, loss_fn: LossFn, *, rows: Tensor | None = None,
@@ -155,7 +180,7 @@ class Learner:
         lr = self.scheduler.get_last_lr()[0]
         total_loss, flops, tokens = 0.0, 0.0, 0
         metrics: dict[str, float] = {}
-        for chunk in rows.split(self.micro_batch_size) if len(rows) else ():
+        for chunk in micro_batches(rows, seqs, self.micro_batch_size, self.micro_batch_tokens):
             prompts = [seqs.prompts[i] for i in chunk.tolist()]
             completions = [seqs.completions[i] for i in chunk.tolist()]
             packed = pack(prompts, completions, self.pad_id)
@@ -191,7 +216,10 @@ class Learner:
 
     # -- weights and state ---------------------------------------------------------------------------------------
     def weights(self) -> Mapping[str, Tensor]:
-        """The current policy weights, for an engine's update_weights (live tensors: copy before mutating)."""
+        """What changed: the policy weights for an engine's update_weights (live tensors: copy before mutating).
+        With a frozen base (LoRA) only the trainable adapter tensors: the engine already holds the base."""
+        if any(not p.requires_grad for p in self.model.parameters()):
+            return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
         return self.model.state_dict()
 
     def state_dict(self) -> dict[str, Any]:
