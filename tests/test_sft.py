@@ -1,6 +1,7 @@
 """SFT: completion-only loss, micro-batch invariance, every parameter learns."""
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -88,3 +89,28 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
         read_pairs(p)
     with pytest.raises(UserError, match="not found"):
         read_pairs(tmp_path / "missing.jsonl")
+
+
+def test_an_sft_stage_that_misses_its_accuracy_target_says_so(tmp_path):
+    """stop_at_accuracy is there so the next stage starts from a model that sometimes succeeds; a stage that runs
+    out of steps first must say so in run.log (the quickstart's seed 1 on an fp32 CPU), and one that gets there
+    must not."""
+    from posttrain.config import validate
+    from posttrain.runner import run
+
+    def cfg(name: str, target: float):
+        return validate({
+            "recipe": "sft", "name": name, "output_dir": str(tmp_path), "seed": 0, "threads": 1,
+            "model": {"path": "tiny-test"}, "env": {"name": "arithmetic", "args": {"digits": 1}},
+            "sft": {"steps": 3, "batch_size": 8, "eval_every": 1, "stop_at_accuracy": target},
+            "eval": {"problems": 4, "samples": 1, "ks": [1], "max_new_tokens": 3, "at_start": False},
+        }, "test")
+
+    run(cfg("missed", 1.0))
+    log = (tmp_path / "missed" / "run.log").read_text()
+    assert "warning: sft used all 3 steps without reaching stop_at_accuracy = 1.0" in log
+    summary = json.loads((tmp_path / "missed" / "summary.json").read_text())
+    assert summary["evals"]["sft"]["eval/greedy_acc"] < 1.0
+    run(cfg("reached", 1e-9))  # any accuracy reaches it... unless it is exactly 0
+    reached = (tmp_path / "reached" / "run.log").read_text()
+    assert ("accuracy reached" in reached) != ("without reaching" in reached)

@@ -72,7 +72,7 @@ def run(ctx: RunContext, c: SFTConfig, resume: StageResume | None) -> None:
               env_examples(ctx.training_env(c.env_args), tok, seed=ctx.seed, chat_template=ctx.chat_template,
                            max_len=ctx.max_len))
     stream = itertools.islice(source, cursor, None)  # the data cursor: examples already consumed
-    step = start
+    step, stop = start, False
     for step in ctx.progress(range(start, c.steps), total=c.steps, completed=start, description="sft"):
         t0 = time.time()
         ctx.phase("data", f"{c.batch_size} examples from {c.data_path if c.data_path else ctx.env.name}")
@@ -109,6 +109,11 @@ def run(ctx: RunContext, c: SFTConfig, resume: StageResume | None) -> None:
                            learner=learner.state_dict(), stage_state={"cursor": cursor})
             ctx.stop_if_requested()
     ctx.engine.update_weights(learner.weights(), ctx.global_step)
-    ctx.evaluate("sft", stage="sft")
+    final = ctx.evaluate("sft", stage="sft")
+    if c.stop_at_accuracy is not None and not stop and final["greedy_acc"] < c.stop_at_accuracy:
+        # The target exists so that the next stage starts from a model that sometimes succeeds: say it did not.
+        ctx.note(f"warning: sft used all {c.steps} steps without reaching stop_at_accuracy = {c.stop_at_accuracy} "
+                 f"(held-out greedy accuracy {final['greedy_acc']:.3f}); the next stage starts from a model that "
+                 "rarely solves a task (another seed, more steps or another lr may get past the plateau)")
     ctx.checkpoint(stage_index=ctx.stage_index, stage_step=step + 1, stage_done=True, learner=learner.state_dict(),
                    stage_state={"cursor": cursor})
