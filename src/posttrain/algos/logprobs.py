@@ -60,22 +60,31 @@ class _HeadLogprobs(torch.autograd.Function):
         w = weight.float()
         g_hidden = torch.zeros_like(hidden, dtype=torch.float32)
         g_weight = torch.zeros_like(w)
+        # In place where it matters: a chunk's (c, V) temporaries and the (V, H) weight gradient are the big
+        # tensors; a fresh copy of the weight gradient per chunk cost more than the matmuls (measured).
+        g_lp = g_lp.float() / ctx.temperature
+        g_ent = g_ent.float() / ctx.temperature if ctx.with_entropy else None
         for s in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[s: s + ctx.chunk].float()
-            logp = torch.log_softmax((h @ w.t()) / ctx.temperature, dim=-1)  # recomputed: (c, V)
-            p = logp.exp()
-            g_z = -p * g_lp[s: s + ctx.chunk, None]
-            g_z.scatter_add_(-1, targets[s: s + ctx.chunk, None], g_lp[s: s + ctx.chunk, None].float())
-            if ctx.with_entropy:
+            rows = slice(s, s + ctx.chunk)
+            h = hidden[rows].float()
+            z = h @ w.t()
+            if ctx.temperature != 1.0:
+                z.div_(ctx.temperature)
+            logp = torch.log_softmax(z, dim=-1)  # recomputed: (c, V)
+            del z
+            if g_ent is None:  # g_z = -g p, then + g at the target
+                g_z = logp.exp_().mul_(-g_lp[rows, None])
+            else:  # g_z = -p (g + g_H (log p + H)), then + g at the target
+                p = logp.exp()
                 ent = -(p * logp).sum(-1, keepdim=True)
-                g_z -= g_ent[s: s + ctx.chunk, None] * p * (logp + ent)
-            g_z /= ctx.temperature
-            g_hidden[s: s + ctx.chunk] = g_z @ w
-            g_weight += g_z.t() @ h
+                g_z = logp.add_(ent).mul_(g_ent[rows, None]).add_(g_lp[rows, None]).mul_(p).neg_()
+            g_z.scatter_add_(-1, targets[rows, None], g_lp[rows, None])
+            g_hidden[rows] = g_z @ w
+            g_weight.addmm_(g_z.t(), h)
         return g_hidden.to(hidden.dtype), g_weight.to(weight.dtype), None, None, None, None
 
 
-HEAD_CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 32 MB in fp32 for each of the few (rows, V) temporaries
+HEAD_CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB fp32 per (rows, V) temporary (docs/performance.md)
 
 
 def head_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0, *,
