@@ -3,15 +3,11 @@ models agree, engines receive adapters only, the ledger counts what runs, and a 
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from test_crash_resume import metrics, posttrain_run  # tests/ is on sys.path under pytest
 
 from posttrain.config import LoraConfig
 from posttrain.data.prompts import render_prompt
@@ -22,7 +18,6 @@ from posttrain.train.learner import Learner, Sequences
 
 pytest.importorskip("peft", reason="the lora extra is part of `make test`")
 
-ROOT = Path(__file__).resolve().parents[1]
 SEQS = Sequences([[5, 6, 7], [5, 6, 7], [9, 10]], [[11, 12], [13], [14, 15, 16]])
 
 
@@ -171,19 +166,6 @@ every = 2
 """
 
 
-def _run(recipe: Path, out: Path, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "POSTTRAIN_FAULT"}
-    if fault:
-        env["POSTTRAIN_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(recipe), "--set", f"output_dir={out}"],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600, check=False)
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in rows]
-
-
 @pytest.mark.slow
 def test_a_lora_run_resumes_crash_exactly_and_saves_adapter_and_merged_model(tmp_path):
     from safetensors.torch import load_file
@@ -191,7 +173,7 @@ def test_a_lora_run_resumes_crash_exactly_and_saves_adapter_and_merged_model(tmp
 
     recipe = tmp_path / "lora.toml"
     recipe.write_text(RECIPE)
-    done = _run(recipe, tmp_path / "reference")
+    done = posttrain_run(recipe, tmp_path / "reference")
     assert done.returncode == 0, done.stderr
     ref = tmp_path / "reference" / "lora"
     assert "trainable of" in (ref / "run.log").read_text()
@@ -201,13 +183,13 @@ def test_a_lora_run_resumes_crash_exactly_and_saves_adapter_and_merged_model(tmp
     merged = AutoModelForCausalLM.from_pretrained(ref / "final")  # a plain model, as every posttrain command expects
     assert not hasattr(merged, "peft_config")
 
-    crashed = _run(recipe, tmp_path / "crashed", fault="train:5")  # RL step 2, after the step-4 checkpoint
+    crashed = posttrain_run(recipe, tmp_path / "crashed", fault="train:5")  # RL step 2, after the step-4 checkpoint
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
-    resumed = _run(recipe, tmp_path / "crashed")
+    resumed = posttrain_run(recipe, tmp_path / "crashed")
     assert resumed.returncode == 0, resumed.stderr
     run_dir = tmp_path / "crashed" / "lora"
     assert "resuming" in resumed.stderr
-    assert _metrics(run_dir) == _metrics(ref)
+    assert metrics(run_dir) == metrics(ref)
     for name in ("final/model.safetensors", "final/adapter/adapter_model.safetensors"):
         expected, got = load_file(ref / name), load_file(run_dir / name)
         assert expected.keys() == got.keys()

@@ -13,14 +13,13 @@ like any local checkpoint. Building is deterministic for a seed.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerBase, Qwen2Config
 
+from posttrain.models.atomic import build_dir_once
 from posttrain.models.tokenizer import build_bpe_tokenizer, build_char_tokenizer
 
 PRESET_VERSION = 2  # bump when a preset's architecture or tokenizer changes, so caches rebuild
@@ -105,18 +104,4 @@ def build_preset(name: str, seed: int, out_dir: Path) -> None:
 
 def ensure_preset(name: str, seed: int) -> Path:
     """Return the directory of a built preset, building it (atomically) if needed."""
-    target = preset_dir(name, seed)
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build_preset(name, seed, tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process built it first
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_dir_once(preset_dir(name, seed), lambda tmp: build_preset(name, seed, tmp), done_file="config.json")

@@ -19,15 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.errors import MissingExtraError, UserError
+from posttrain.models.atomic import build_dir_once
 
 SDIST = ("llama-cpp-python", "0.3.36")
 VOCAB_VERSION = 1  # bump when the conversion below changes, so cached tokenizer directories rebuild
@@ -109,18 +108,7 @@ def tokenizer_dir(name: str) -> Path:
         tokenizer.chat_template = converted.chat_template
     if len(tokenizer) != vocab.size:
         raise UserError(f"the {name} vocabulary converted to {len(tokenizer)} entries, expected {vocab.size}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process built it first
-            if not (target / "tokenizer_config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_dir_once(target, tokenizer.save_pretrained, done_file="tokenizer_config.json")
 
 
 def _vocab(name: str) -> Vocab:
