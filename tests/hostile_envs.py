@@ -70,3 +70,12 @@ class ParityReward(Arithmetic):
     def score(self, task: Task, completion: str) -> Score:
         ok = len(completion) % 2 == 0
         return Score(1.0 if ok else 0.0, ok)
+
+
+class AlwaysCorrect(Arithmetic):
+    """Every completion is correct (reward 1): for tests of what happens when nothing fails."""
+
+    isolation = "inline"
+
+    def score(self, task: Task, completion: str) -> Score:
+        return Score(1.0, True)

@@ -32,7 +32,7 @@ def test_a_stage_section_exists_only_for_the_stages_in_the_recipe(tmp_path):
     ('recipe = "sft"\n[sft]\nlr = "fast"\n', "sft.lr"),
     ('recipe = "sft"\n[sft]\nlr = -1e-3\n', "sft.lr"),
     ('recipe = "rl"\n[rl]\ngroup_size = 0\n', "rl.group_size"),
-    ('recipe = "dpo"\n', "recipe[0]"),
+    ('recipe = "ppo"\n', "recipe[0]"),
     ('recipe = []\n', "recipe"),
     ('recipe = "sft"\n[eval]\nsamples = 4\nks = [1, 8]\n', "eval"),
     ('recipe = "sft"\n[rl]\nsteps = 3\n', "rl"),  # a section for a stage the recipe does not run
@@ -83,11 +83,11 @@ def test_every_preset_validates():
 
     names = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
     assert names == sorted(["grpo", "dr_grpo", "dapo", "prorl", "gspo", "cispo", "rloo", "reinforce_pp",
-                            "scalerl"])
+                            "scalerl", "opd", "kdrl"])
     from posttrain.algos import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 
     for name in names:
-        rl = validate({"recipe": "rl", "name": "x", "rl": {"preset": name}}).rl
+        rl = validate({"recipe": "rl", "name": "x", "rl": {"preset": name}, "teacher": {"path": "tiny-test"}}).rl
         assert rl.advantage in ADVANTAGES and rl.policy_loss in POLICY_LOSSES
         assert rl.aggregation in AGGREGATIONS and rl.kl_estimator in KL_ESTIMATORS
 

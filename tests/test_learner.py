@@ -96,6 +96,20 @@ def test_micro_batches_cover_the_rows_in_order_within_both_budgets(lengths, max_
         assert len(grown) > max_rows or (max_tokens is not None and padded(grown) > max_tokens)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=12), st.integers(1, 8), st.integers(4, 60))
+def test_micro_batches_never_split_rows_kept_together(pair_lengths, max_rows, max_tokens):
+    # rows 2i and 2i+1 are a preference pair: no micro-batch may hold only one of them
+    lengths = [n for n in pair_lengths for _ in range(2)]
+    seqs = Sequences([[1] * 3 for _ in lengths], [[2] * n for n in lengths])
+    together = torch.arange(len(lengths)) // 2
+    chunks = micro_batches(torch.arange(len(lengths)), seqs, max_rows, max_tokens, together)
+    assert torch.cat(chunks).tolist() == list(range(len(lengths)))
+    for ch in chunks:
+        assert len(ch) % 2 == 0 and (together[ch[0::2]] == together[ch[1::2]]).all()
+        assert len(ch) == 2 or len(ch) <= max_rows  # a pair alone may exceed a budget, a run of pairs may not
+
+
 def test_state_dict_round_trip_continues_identically(tiny_dir):
     from posttrain.models import load_model
 

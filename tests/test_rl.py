@@ -18,9 +18,10 @@ REQUIRED_METRICS = [
 ]
 
 
-def rl_config(tmp_path, name="rl", **rl):
+def rl_config(tmp_path, name="rl", teacher=None, **rl):
     return validate({
         "recipe": "rl", "name": name, "output_dir": str(tmp_path), "seed": 0, "threads": 1,
+        **({"teacher": {"path": teacher}} if teacher else {}),
         "model": {"path": "tiny-test"}, "env": {"name": "arithmetic", "args": {"digits": 1}},
         "rl": {"steps": 2, "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 4, "lr": 1e-2,
                "micro_batch_size": 5, **rl},
@@ -58,7 +59,9 @@ def test_rl_steps_change_every_parameter_and_log_every_metric(tmp_path, tiny_dir
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
 def test_every_preset_runs_a_few_steps(tmp_path, preset):
-    cfg = rl_config(tmp_path, name=preset, preset=preset, steps=2)
+    # opd and kdrl distil from a teacher: the tiny preset itself will do for running (tests/test_distillation.py)
+    cfg = rl_config(tmp_path, name=preset, preset=preset, steps=2,
+                    teacher="tiny-test" if preset in ("opd", "kdrl") else None)
     summary = run(cfg)
     assert summary["steps"] >= 2
     train_rows = [r for r in rows(cfg.run_dir) if r.get("stage") == "rl" and "rollout/samples" in r]

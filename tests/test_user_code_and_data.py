@@ -161,3 +161,20 @@ def test_examples_run_as_the_readme_says(example, tmp_path):
     if example == "own_checkpoint":  # the checkpoint's own ChatML template and terminator
         assert all(s["prompt"].startswith("<|im_start|>system") for s in samples)
         assert all(s["completion"].endswith("<|im_end|>") == (s["finish_reason"] == "stop") for s in samples)
+
+
+@pytest.mark.slow
+def test_example_preference_pairs_runs_sft_then_dpo_on_the_users_file(tmp_path):
+    import shutil
+
+    shutil.copytree(ROOT / "examples" / "preference_pairs", tmp_path / "examples" / "preference_pairs")
+    done = _run_example("run", "examples/preference_pairs/recipe.toml", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "preference-pairs"
+    assert list(json.loads((run_dir / "summary.json").read_text())["evals"]) == ["base", "sft", "dpo"]
+    dpo = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    dpo = [r for r in dpo if "dpo/loss" in r]
+    assert len(dpo) == 30 and all(r["dpo/pairs"] == 32 for r in dpo)
+    first, last = dpo[0], dpo[-1]
+    assert first["dpo/loss"] == pytest.approx(0.6931, abs=1e-3)  # the reference is the policy DPO starts from
+    assert last["dpo/reward_margin"] > 0 and last["dpo/accuracy"] > 0.5

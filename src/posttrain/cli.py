@@ -160,6 +160,39 @@ def fit(
             as_json=as_json)
 
 
+@app.command("distill-data")
+def distill_data_(
+    teacher: Annotated[str, typer.Argument(help="The teacher: a run directory (its final model and environment), a "
+                                           "checkpoint, a local HF model directory or a preset name.")],
+    output: Annotated[Path, typer.Option("--out", help="JSONL file to write (rows of prompt and completion, what "
+                                         "sft.data_path reads).")],
+    env: Annotated[str | None, typer.Option(help="Environment (`posttrain envs`); default: the teacher run's.")
+                   ] = None,
+    env_arg: Annotated[list[str] | None, typer.Option("--env-arg", metavar="KEY=VALUE", help="Environment "
+                                                      "argument (repeatable), e.g. --env-arg digits=3.")] = None,
+    prompts: Annotated[int, typer.Option(help="Tasks of the train split to sample.")] = 1000,
+    samples: Annotated[int, typer.Option(help="Teacher samples per task.")] = 4,
+    keep: Annotated[int, typer.Option(help="Most distinct correct answers kept per task.")] = 1,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation budget.")] = 32,
+    seed: Annotated[int | None, typer.Option(help="Task order and sampling seed (default: the run's).")] = None,
+    chat_template: Annotated[bool | None, typer.Option("--chat-template/--no-chat-template",
+                                                       help="Chat template (default: the run's).")] = None,
+) -> None:
+    """Sample a teacher on an environment's train split, keep its verified answers: SFT data for off-policy
+    distillation (plus FILE.meta.json with the generation's FLOPs)."""
+    _quiet_libraries()
+    from posttrain.envs.scoring import shutdown_pool
+    from posttrain.recipes.distill_data import distill_data
+
+    try:
+        distill_data(teacher, output, env=env, env_args=env_arg or [], prompts=prompts, samples=samples, keep=keep,
+                     temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, chat_template=chat_template,
+                     console=err)
+    finally:
+        shutdown_pool()
+
+
 @app.command("eval")
 def eval_(
     target: Annotated[str, typer.Argument(help="A run directory (its final model, with the run's own eval "

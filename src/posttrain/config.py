@@ -62,6 +62,16 @@ class ModelConfig(Section):
                                     "absent: full fine-tuning).")
 
 
+class TeacherConfig(Section):
+    """A frozen teacher for distillation (rl.advantage = 'reverse_kl', rl.teacher_kl_coef, `posttrain distill-data`):
+    it scores the student's samples token by token and never trains. Its tokenizer must be the policy's."""
+
+    path: str = Field(description="A local Hugging Face checkpoint directory (e.g. another run's final/) or a "
+                      "built-in preset; relative to the recipe file.")
+    micro_batch_size: int = Field(64, gt=0, description="Sequences per teacher forward pass (per device); only "
+                                  "memory and speed depend on it.")
+
+
 class EnvConfig(Section):
     """The environment: where tasks come from and how completions are scored (training and evaluation)."""
 
@@ -183,6 +193,8 @@ class RunConfig(Section):
     stall_timeout_s: float = Field(900.0, gt=0, description="Report a phase (generate, score, train, ...) that "
                                    "makes no progress for this long, naming what it waits on (see heartbeat.json).")
     model: ModelConfig = Field(default_factory=ModelConfig)
+    teacher: TeacherConfig | None = Field(None, description="A frozen teacher model ([teacher]; absent: none). "
+                                          "Loaded only when a stage's keys use it.")
     env: EnvConfig = Field(default_factory=EnvConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -231,7 +243,16 @@ class RunConfig(Section):
                 except ValidationError as e:
                     raise ConfigError(*_first_error(e, prefix=name)) from None
             extra[name] = section
+            for key in getattr(section, "teacher_keys", list)():
+                if self.teacher is None:
+                    raise ConfigError(f"{name}.{key}", "needs a teacher: add a [teacher] section with path = a "
+                                      "checkpoint directory or preset (same tokenizer as the policy)")
         return self
+
+    def uses_teacher(self) -> bool:
+        """Whether any stage of the recipe reads the teacher (else it is not loaded)."""
+        return self.teacher is not None and any(getattr(self.section(n), "teacher_keys", list)()
+                                                for n in self.recipe)
 
     def section(self, stage: str) -> Any:
         """The validated config section of a stage in the recipe (e.g. the RLConfig of [rl])."""
@@ -319,15 +340,15 @@ def is_path_key(key: str) -> bool:
 
 def resolve_paths(tree: Any, base: Path, *, section: tuple[str, ...] = ()) -> Any:
     """A recipe's relative paths made absolute against `base`, the directory of the file that wrote them: values of
-    path keys (is_path_key), and the file of an import path 'dir/file.py:Name' in any string. model.path is a
-    path only when it names something that exists there (else it is a preset name, or an error later)."""
+    path keys (is_path_key), and the file of an import path 'dir/file.py:Name' in any string. model.path and
+    teacher.path are paths only when they name something that exists there (else it is a preset name, or an error later)."""
     if isinstance(tree, dict):
         out = {}
         for key, value in tree.items():
             where = (*section, str(key))
             if isinstance(value, str) and is_path_key(str(key)):
                 candidate = base / Path(value).expanduser()
-                model_path = where == ("model", "path")
+                model_path = where in (("model", "path"), ("teacher", "path"))  # or a preset's name
                 out[key] = value if (model_path and not candidate.exists()) else _absolute(value, base)
             else:
                 out[key] = resolve_paths(value, base, section=where)

@@ -74,6 +74,7 @@ def recipe_reference() -> str:
         IS_CORRECTIONS,
         KL_ESTIMATORS,
         POLICY_LOSSES,
+        PREFERENCE_LOSSES,
     )
     from posttrain.data.samplers import SAMPLERS
     from posttrain.rollout.base import ENGINES
@@ -87,9 +88,11 @@ def recipe_reference() -> str:
     sections: list[tuple[str, type[BaseModel]]] = []
     lines += ["## top level", "", "| key | default | meaning |", "|---|---|---|"]
     for name, field in RunConfig.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            sections.append((name, ann))
+        sub = _nested(field.annotation)
+        if sub is not None:  # a section, or an optional one like [teacher]
+            sections.append((name, sub))
+            if field.default is None:
+                lines.append(f"| `{name}` | (absent) | {_cell(field.description or '')} See [{name}]. |")
             continue
         lines.append(f"| `{name}` | {_default(field)} | {_cell(field.description or '')} |")
     for name, model in sections:
@@ -110,7 +113,8 @@ def recipe_reference() -> str:
             ("KL estimators", "rl.kl_estimator", KL_ESTIMATORS, False),
             ("IS corrections (cap: rl.is_cap)", "rl.is_correction", IS_CORRECTIONS, False),
             ("Group filters", "rl.group_filter", GROUP_FILTERS, False),
-            ("Task samplers", "rl.sampler + rl.sampler_args", SAMPLERS, True),
+            ("Task samplers", "rl.sampler + rl.sampler_args (and dpo.sampler)", SAMPLERS, True),
+            ("Preference losses", "dpo.loss + dpo.loss_args", PREFERENCE_LOSSES, True),
             ("Rollout engines", "rollout.engine", ENGINES, False)):
         _registry(lines, title, key, registry, hp)
     return "\n".join(lines) + "\n"

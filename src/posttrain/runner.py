@@ -14,6 +14,7 @@ import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from posttrain.envs.scoring import Scorer, shutdown_pool
 from posttrain.evals.evaluate import Evaluator
 from posttrain.models import (
     attention_for,
+    check_same_tokenizer,
     load_model,
     load_tokenizer,
     resolve_bf16,
@@ -41,6 +43,7 @@ from posttrain.stages import StageResume, load_stages
 from posttrain.tracking.metrics import MetricsLog, truncate_metrics
 from posttrain.tracking.samples import SampleLog
 from posttrain.train.checkpoint import latest_checkpoint, load_state, save_model_dir, set_rng_state
+from posttrain.train.learner import FrozenModel
 
 
 def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) -> dict[str, Any]:
@@ -53,7 +56,9 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
     if fresh or not rundir.has_resumable_step(cfg.run_dir):
         # What can fail at start is checked before the run directory is touched.
         tokenizer_dir = resolve_model_path(cfg.model.path, cfg.seed)
-        load_tokenizer(tokenizer_dir, require_chat_template=cfg.model.chat_template)
+        student_tokenizer = load_tokenizer(tokenizer_dir, require_chat_template=cfg.model.chat_template)
+        if cfg.uses_teacher():
+            teacher_tokenizer(cfg, student_tokenizer)
         make_env(cfg.env.name, cfg.env.args)
     run_dir, note = rundir.prepare(cfg.run_dir, config, to_toml(cfg), fresh=fresh)
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
@@ -78,14 +83,16 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
     engine = build_engine(cfg.rollout.engine, model, tokenizer, weights=cfg.rollout.weights, bf16=bf16, version=step,
                           stop_ids=stop_token_ids(tokenizer, model.generation_config,
                                                   chat_template=cfg.model.chat_template))
+    teacher = load_teacher(cfg, tokenizer, device, bf16) if cfg.uses_teacher() else None
     scorer = Scorer(env, timeout_s=cfg.env.score_timeout_s, failure_reward=cfg.env.failure_reward,
                     max_error_frac=cfg.env.max_error_frac)
     e, max_len = cfg.eval, context_length(model)
     evaluator = Evaluator(engine, tokenizer, env, scorer.never_stopping(), problems=e.problems, samples=e.samples, ks=e.ks,
                           temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens, seed=cfg.seed,
                           chat_template=cfg.model.chat_template, max_len=max_len)
-    ctx = RunContext(run_dir=run_dir, policy=model, tokenizer=tokenizer, env=env, env_name=cfg.env.name,
-                     env_args=dict(cfg.env.args), engine=engine, scorer=scorer, evaluator=evaluator,
+    ctx = RunContext(run_dir=run_dir, policy=model, tokenizer=tokenizer, teacher=teacher, env=env,
+                     env_name=cfg.env.name, env_args=dict(cfg.env.args), engine=engine, scorer=scorer,
+                     evaluator=evaluator,
                      log=MetricsLog(run_dir, resume_step=state.global_step if state else None,
                                     tensorboard=cfg.tracking.tensorboard, sinks=_sinks(cfg, run_dir)),
                      samples=SampleLog(run_dir, resume_step=state.global_step if state else None),
@@ -152,6 +159,25 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
             ctx.samples.close()
         engine.close()
         shutdown_pool()
+
+
+def teacher_tokenizer(cfg: RunConfig, policy_tokenizer: Any) -> Path:
+    """The teacher's checkpoint directory, after checking that its tokenizer is the policy's."""
+    assert cfg.teacher is not None
+    path = resolve_model_path(cfg.teacher.path, cfg.seed, key="teacher.path")
+    check_same_tokenizer(policy_tokenizer, load_tokenizer(path, require_chat_template=False),
+                         f"teacher.path={cfg.teacher.path!r}")
+    return path
+
+
+def load_teacher(cfg: RunConfig, policy_tokenizer: Any, device: torch.device, bf16: bool) -> FrozenModel:
+    """[teacher] as a frozen model on the policy's device; its forward passes count as compute/teacher_flops."""
+    assert cfg.teacher is not None
+    path = teacher_tokenizer(cfg, policy_tokenizer)
+    model = load_model(path, attention=attention_for(device, cfg.model.attention)).to(device)
+    model.eval().requires_grad_(False)
+    return FrozenModel(model, micro_batch_size=cfg.teacher.micro_batch_size, pad_id=policy_tokenizer.pad_token_id,
+                       bf16=bf16, micro_batch_tokens=2048 if device.type == "cpu" else 16_384)
 
 
 def _sinks(cfg: RunConfig, run_dir) -> list:

@@ -38,14 +38,22 @@ def env_examples(env, tokenizer, *, seed: int, chat_template: bool, max_len: int
                       max_len, f"environment {env.name!r}, task {task.id!r}")
 
 
-def read_pairs(path: Path, columns: dict[str, str] | None = None) -> list[tuple[str, str, str]]:
+def is_prompt(value: object) -> bool:
+    """A prompt in a data file: a string (the user message) or a list of chat messages {role, content}."""
+    return isinstance(value, str) or (isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value))
+
+
+def read_pairs(path: Path, columns: dict[str, str] | None = None) -> list[tuple[str, str | list, str]]:
     """(location, prompt, completion) of every row of a data file (data/tables.py: JSONL, Parquet, CSV, JSON or
-    a saved dataset directory; `columns` maps prompt/completion to the file's column names)."""
+    a saved dataset directory; `columns` maps prompt/completion to the file's column names). A prompt is a string
+    or a list of chat messages ({role, content}, rendered with the chat template)."""
     pairs = []
     for where, _, row in read_rows(path, columns, what="sft.data_path"):
-        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
-            raise UserError(f"{where}: expected string 'prompt' and 'completion' (map other column names with "
-                            f"sft.data_columns); columns: {sorted(row)}")
+        if not is_prompt(row.get("prompt")) or not isinstance(row.get("completion"), str):
+            raise UserError(f"{where}: expected a 'prompt' (a string or a list of {{role, content}} messages) and a "
+                            f"string 'completion' (map other column names with sft.data_columns); columns: "
+                            f"{sorted(row)}")
         pairs.append((where, row["prompt"], row["completion"]))
     if not pairs:
         raise UserError(f"{path}: no examples (the file is empty)")

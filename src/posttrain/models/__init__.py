@@ -8,9 +8,9 @@ from typing import Any
 
 _LAZY = {name: "posttrain.models.load" for name in (
     "attention_for", "bf16_is_fast", "load_model", "load_tokenizer", "resolve_bf16", "resolve_device",
-    "resolve_model_path")} | {"PRESETS": "posttrain.models.presets"}
+    "resolve_model_path", "check_same_tokenizer")} | {"PRESETS": "posttrain.models.presets"}
 
-__all__ = ["PRESETS", "attention_for", "bf16_is_fast", "load_model", "load_tokenizer", "resolve_bf16",
+__all__ = ["PRESETS", "attention_for", "bf16_is_fast", "check_same_tokenizer", "load_model", "load_tokenizer", "resolve_bf16",
            "resolve_device", "resolve_model_path"]
 
 

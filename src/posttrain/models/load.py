@@ -11,15 +11,16 @@ from posttrain.errors import UserError
 from posttrain.models.presets import PRESETS, ensure_preset
 
 
-def resolve_model_path(path: str, seed: int = 0) -> Path:
-    """A preset name becomes its (built) cache dir; anything else must be a local HF checkpoint directory."""
+def resolve_model_path(path: str, seed: int = 0, *, key: str = "model.path") -> Path:
+    """A preset name becomes its (built) cache dir; anything else must be a local HF checkpoint directory. `key`
+    names the recipe key in errors."""
     if path in PRESETS:
         return ensure_preset(path, seed)
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise UserError(f"model.path={path!r}: not a directory and not a preset ({', '.join(PRESETS)})")
+        raise UserError(f"{key}={path!r}: not a directory and not a preset ({', '.join(PRESETS)})")
     if not (p / "config.json").is_file():
-        raise UserError(f"model.path={path!r}: no config.json in that directory (not a Hugging Face checkpoint)")
+        raise UserError(f"{key}={path!r}: no config.json in that directory (not a Hugging Face checkpoint)")
     return p
 
 
@@ -90,3 +91,24 @@ def load_tokenizer(path: Path, *, require_chat_template: bool = True) -> PreTrai
         raise UserError(f"the tokenizer in {path} has no chat template; add one, or set "
                         "model.chat_template = false to feed prompts as raw text")
     return tok
+
+
+def check_same_tokenizer(policy: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, where: str) -> None:
+    """A teacher scores the policy's token ids, so both must map ids to the same strings: a UserError naming the
+    first difference (vocabulary size, a token id, the EOS or PAD id, the chat template) otherwise."""
+    pv, tv = policy.get_vocab(), teacher.get_vocab()
+    if len(pv) != len(tv):
+        raise UserError(f"{where}: the teacher's tokenizer has {len(tv)} tokens, the policy's {len(pv)}; distillation "
+                        "needs the same tokenizer (train the teacher from the same model.path family)")
+    by_id = {i: t for t, i in tv.items()}
+    for token, i in sorted(pv.items(), key=lambda kv: kv[1]):
+        if by_id.get(i) != token:
+            raise UserError(f"{where}: token id {i} is {token!r} for the policy but {by_id.get(i)!r} for the "
+                            "teacher; distillation needs the same tokenizer")
+    for name in ("eos_token_id", "pad_token_id"):
+        if getattr(policy, name) != getattr(teacher, name):
+            raise UserError(f"{where}: {name} is {getattr(policy, name)} for the policy but "
+                            f"{getattr(teacher, name)} for the teacher")
+    if (policy.chat_template or "") != (teacher.chat_template or ""):
+        raise UserError(f"{where}: the teacher's chat template differs from the policy's; prompts would be "
+                        "rendered differently for the two")

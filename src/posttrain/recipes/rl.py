@@ -5,10 +5,12 @@
 
 Which method runs is decided only by `[rl]` keys naming registry entries (advantage, policy_loss, aggregation,
 kl_estimator, is_correction, group_filter, sampler) and their hyperparameter tables; presets in
-posttrain/presets/*.toml are sets of those keys. Nothing below branches on a method's name.
+posttrain/presets/*.toml are sets of those keys. Nothing below branches on a method's name. Distillation is the
+same loop with a [teacher]: on-policy distillation is the `reverse_kl` advantage (preset opd), KDRL a teacher KL
+term beside GRPO's (teacher_kl_coef; preset kdrl).
 
 One step, top to bottom in `run`: next(batches) (sample prompts, generate, score, filter) -> rl_batch (rewards,
-reference / old logprobs, IS weights, advantages) -> update (epochs x mini-batches of Learner.train_step) ->
+reference / teacher / old logprobs, IS weights, advantages) -> update (epochs x mini-batches of Learner.train_step) ->
 controllers -> engine.update_weights -> end_step (log, evaluate, reset the reference, checkpoint).
 """
 
@@ -33,8 +35,8 @@ from posttrain.algos import (
     Normalisers,
     PolicyLossInputs,
     adapt_in_band,
+    distill_row_mask,
     effective_sample_size,
-    group_has_variance,
     mismatch_kl,
     normalisers_for,
     overlong_penalty,
@@ -43,7 +45,14 @@ from posttrain.algos import (
 from posttrain.data.samplers import SAMPLERS, TaskSampler
 from posttrain.recipes.rl_config import RLConfig
 from posttrain.records import SamplingParams
-from posttrain.rollout.collect import PromptRenderer, RolloutBatch, StepRollouts, collect
+from posttrain.rollout.collect import (
+    PromptRenderer,
+    RolloutBatch,
+    StepRollouts,
+    collect,
+    describe_samples,
+    generation_flops,
+)
 from posttrain.runtime.context import RunContext
 from posttrain.stages import StageResume, register_stage
 from posttrain.tracking.ledger import FlopModel
@@ -71,6 +80,8 @@ class RLBatch:
     ref_logprobs: Tensor | None  # (B, T) π_ref, when a KL term exists
     is_weights: Tensor  # (B, T) detached sampler-vs-trainer weights
     advantages: Tensor  # (B, T)
+    teacher_logprobs: Tensor | None = None  # (B, T) the teacher's logprobs of the samples, when a stage distils
+    teacher_rows: Tensor | None = None  # (B,) 1 on the samples that carry the teacher KL term (teacher_kl_mask)
 
 
 @register_stage("rl", RLConfig)
@@ -117,9 +128,12 @@ def run(ctx: RunContext, c: RLConfig, resume: StageResume | None) -> None:
             t0 = time.time()
             ctx.phase("train", f"{c.epochs} epoch(s) x {c.mini_batches} mini-batch(es) over {len(batch.seqs)} "
                       "completions")
+            teacher_coef = c.teacher_coef(step)  # KDRL's annealed β (0 without a teacher term)
             results = update(learner, batch, c, state.loss_args, seed=ctx.seed * 1_000_003 + ctx.global_step,
-                             where=f"rl step {step + 1}")
+                             where=f"rl step {step + 1}", teacher_coef=teacher_coef)
             metrics.update(train_metrics(ctx, results, batch, c, state, t_train=time.time() - t0))
+            if c.teacher_kl_coef:
+                metrics["distill/coef"] = teacher_coef
         ctx.global_step += 1
         # 7. controllers between steps ---------------------------------------------------------------------------
         if c.entropy_target is not None and len(rollouts.kept):
@@ -166,7 +180,17 @@ def rl_batch(ctx: RunContext, kept: RolloutBatch, c: RLConfig, learner: Learner,
         lengths = torch.tensor([len(x) for x in seqs.completions])
         rewards = rewards + overlong_penalty(lengths, max_len=c.max_new_tokens, cache=c.overlong_cache)
     metrics: dict[str, float] = {}
-    ref_lp = token_rewards = None
+    ref_lp = token_rewards = teacher_lp = teacher_rows = None
+    if ctx.teacher is not None and c.teacher_keys():  # the teacher scores the same tokens (distillation)
+        t0 = time.time()
+        teacher, flops = ctx.teacher.logprobs(seqs, temperature=c.temperature)
+        teacher_lp = pad(teacher)
+        ctx.add_flops(teacher=flops)
+        teacher_rows = distill_row_mask(torch.tensor([s.correct for s in kept.scores]), c.teacher_kl_mask)
+        valid = mask.bool()
+        metrics.update({"time/teacher_s": time.time() - t0,  # k1 on the samples: the reverse KL OPD minimises
+                        "distill/reverse_kl": float((sampler_lp - teacher_lp)[valid].mean()) if valid.any() else 0.0,
+                        "distill/masked_frac": 1 - float(teacher_rows.mean())})
     if reference is not None:
         ref, flops = reference.logprobs(seqs, temperature=c.temperature)
         ref_lp = pad(ref)
@@ -182,13 +206,15 @@ def rl_batch(ctx: RunContext, kept: RolloutBatch, c: RLConfig, learner: Learner,
         old_lp = sampler_lp
     is_weights = IS_CORRECTIONS.get(c.is_correction)(old_lp, sampler_lp, mask, cap=c.is_cap)
     advantages = ADVANTAGES.get(c.advantage)(
-        AdvantageInputs(rewards, kept.group_ids, mask, token_rewards=token_rewards, logprobs=sampler_lp),
+        AdvantageInputs(rewards, kept.group_ids, mask, token_rewards=token_rewards, logprobs=sampler_lp,
+                        teacher_logprobs=teacher_lp),
         **c.advantage_args)
     valid = mask.bool()
     metrics.update({"is/weight_max": float((is_weights * mask).max()),
                     "is/ess": float(effective_sample_size(is_weights, mask)),
                     "rollout/adv_abs_mean": float(advantages[valid].abs().mean()) if valid.any() else 0.0})
-    batch = RLBatch(seqs, kept.group_ids, mask, sampler_lp, old_lp, ref_lp, is_weights, advantages)
+    batch = RLBatch(seqs, kept.group_ids, mask, sampler_lp, old_lp, ref_lp, is_weights, advantages, teacher_lp,
+                    teacher_rows)
     return batch, metrics
 
 
@@ -206,6 +232,8 @@ class RLLoss:
     kl_estimator: str
     kl_coef_in_loss: float
     entropy_coef: float
+    teacher_kl_estimator: str = "k2"
+    teacher_kl_coef: float = 0.0  # β of the KDRL term at this step (0: none)
 
     def __call__(self, out: ForwardOut) -> tuple[Tensor, dict[str, float]]:
         b, rows, width = self.batch, out.rows, out.logprobs.shape[1]
@@ -223,6 +251,11 @@ class RLLoss:
             kl = KL_ESTIMATORS.get(self.kl_estimator)(out.logprobs, take(b.ref_logprobs))
             per_token = per_token + self.kl_coef_in_loss * kl
             metrics["kl"] = float((kl.detach() * m).sum())
+        if self.teacher_kl_coef and b.teacher_logprobs is not None:  # KDRL: + β KL(π_θ || π_T) on chosen rows
+            teacher_kl = KL_ESTIMATORS.get(self.teacher_kl_estimator)(out.logprobs, take(b.teacher_logprobs))
+            teacher_kl = teacher_kl * b.teacher_rows[rows].to(dev)[:, None]
+            per_token = per_token + self.teacher_kl_coef * teacher_kl
+            metrics["teacher_kl"] = float((teacher_kl.detach() * m).sum())
         if out.entropy is not None:
             if self.entropy_coef:
                 per_token = per_token - self.entropy_coef * out.entropy
@@ -233,13 +266,14 @@ class RLLoss:
 
 
 def update(learner: Learner, batch: RLBatch, c: RLConfig, loss_args: dict[str, Any], *, seed: int,
-           where: str) -> list[tuple[StepResult, Tensor]]:
+           where: str, teacher_coef: float = 0.0) -> list[tuple[StepResult, Tensor]]:
     """epochs x mini-batches of whole groups, one optimizer update each; global normalisers per mini-batch.
     -> (result, rows forwarded) per update."""
     # A sample whose advantage is exactly 0 contributes exactly 0 to every policy loss and its gradient, so
-    # unless a KL-in-loss or entropy term gives it one, its forward/backward is skipped. The normalisers still
+    # unless a KL-in-loss, teacher or entropy term gives it one, its forward/backward is skipped. The normalisers still
     # count its tokens, so the loss and the update are unchanged (up to float summation order).
-    per_sample_terms = c.entropy_coef != 0 or (batch.ref_logprobs is not None and c.kl_placement == "loss")
+    per_sample_terms = (c.entropy_coef != 0 or (batch.ref_logprobs is not None and c.kl_placement == "loss")
+                        or (teacher_coef != 0 and batch.teacher_logprobs is not None))
     zero = (batch.advantages * batch.mask == 0).all(-1)
     skippable = zero if c.skip_zero_advantage and not per_sample_terms else torch.zeros_like(zero)
     results = []
@@ -248,7 +282,8 @@ def update(learner: Learner, batch: RLBatch, c: RLConfig, loss_args: dict[str, A
             norm, group_tokens = normalisers_for(batch.mask[rows], batch.group_ids[rows], c.max_new_tokens)
             tokens = torch.zeros(len(batch.seqs), dtype=group_tokens.dtype).index_copy_(0, rows, group_tokens)
             loss = RLLoss(batch, norm, tokens, c.policy_loss, loss_args, c.aggregation, c.kl_estimator,
-                          c.kl_coef if c.kl_placement == "loss" else 0.0, c.entropy_coef)
+                          c.kl_coef if c.kl_placement == "loss" else 0.0, c.entropy_coef, c.teacher_kl_estimator,
+                          teacher_coef)
             trained = rows[~skippable[rows]]
             results.append((learner.train_step(batch.seqs, loss, rows=trained, temperature=c.temperature,
                                                with_entropy=True, where=where), trained))
@@ -262,7 +297,8 @@ def train_metrics(ctx: RunContext, results: list[tuple[StepResult, Tensor]], bat
             ctx.note(r.skipped + "; update skipped")
     ctx.add_flops(train=sum(r.flops for r, _ in results))
     ctx.add(**{"train/tokens": sum(r.tokens for r, _ in results)})
-    sums = {k: sum(r.metrics.get(k, 0.0) for r, _ in results) for k in ("clip_frac", "ratio", "entropy", "kl")}
+    sums = {k: sum(r.metrics.get(k, 0.0) for r, _ in results)
+            for k in ("clip_frac", "ratio", "entropy", "kl", "teacher_kl")}
     denom = max(1, sum(r.tokens for r, _ in results))  # pg/* and kl/* are means over the tokens that trained
     trained = [int(i) for _, rows in results for i in rows]
     seqs = batch.seqs
@@ -273,6 +309,7 @@ def train_metrics(ctx: RunContext, results: list[tuple[StepResult, Tensor]], bat
         "train/skipped_frac": 1 - len(trained) / max(1, len(seqs) * c.epochs),
         "pg/clip_frac": sums["clip_frac"] / denom, "pg/ratio_mean": sums["ratio"] / denom,
         "pg/entropy": sums["entropy"] / denom, "kl/value": sums["kl"] / denom,
+        **({"distill/teacher_kl": sums["teacher_kl"] / denom} if c.teacher_kl_coef else {}),
         **{f"pg/{k}": v for k, v in state.loss_args.items() if isinstance(v, float)},
         "time/train_s": t_train,
         "perf/train_tokens_per_s": sum(len(seqs.prompts[i]) + len(seqs.completions[i]) for i in trained)
@@ -326,36 +363,6 @@ def save(ctx: RunContext, stage_step: int, done: bool, learner: Learner, sampler
 
 # ---------------------------------------------------------------------------------------------------------------
 # Small helpers.
-
-
-def generation_flops(flops: FlopModel, batch: RolloutBatch) -> float:
-    """Each distinct prompt is prefilled once per group, then every sample decodes on its own (rollout/local.py)."""
-    total = 0.0
-    for g in batch.group_ids.unique().tolist():
-        rows = (batch.group_ids == g).nonzero().squeeze(-1).tolist()
-        prompt = len(batch.prompts[rows[0]])
-        total += flops.prefill(prompt) + sum(flops.decode_steps(prompt, len(batch.completions[i].token_ids))
-                                             for i in rows)
-    return total
-
-
-def describe_samples(batch: RolloutBatch) -> dict[str, float]:
-    """Statistics of everything sampled this step (before group filtering)."""
-    if not len(batch):
-        return {"rollout/reward_mean": 0.0, "rollout/pass_rate": 0.0, "rollout/len_mean": 0.0,
-                "rollout/truncated_frac": 0.0, "rollout/effective_groups_frac": 0.0, "rollout/samples": 0}
-    rewards = batch.rewards()
-    n = len(batch)
-    return {
-        "rollout/reward_mean": float(rewards.mean()),
-        "rollout/reward_std": float(rewards.std()) if n > 1 else 0.0,
-        "rollout/pass_rate": sum(s.correct for s in batch.scores) / n,
-        "rollout/len_mean": sum(len(x.token_ids) for x in batch.completions) / n,
-        "rollout/truncated_frac": sum(x.finish_reason == "length" for x in batch.completions) / n,
-        "rollout/effective_groups_frac": float(group_has_variance(rewards, batch.group_ids).float().mean()),
-        "rollout/samples": n,
-        "rollout/score_errors": sum(1 for s in batch.scores if "error" in s.info),
-    }
 
 
 def pad(rows: list[list[float]] | list[Tensor]) -> Tensor:

@@ -19,6 +19,7 @@ from posttrain.algos import (
     IS_CORRECTIONS,
     KL_ESTIMATORS,
     POLICY_LOSSES,
+    annealed_coef,
 )
 from posttrain.config import StageConfig
 from posttrain.data.samplers import SAMPLERS
@@ -73,7 +74,7 @@ class RLConfig(StageConfig):
 
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
     preset: str | None = Field(None, description="A named method (grpo, dr_grpo, dapo, prorl, gspo, cispo, rloo, "
-                               "reinforce_pp, scalerl): a TOML file in posttrain/presets whose keys become the "
+                               "reinforce_pp, scalerl; with a [teacher]: opd, kdrl): a TOML file in posttrain/presets whose keys become the "
                                "defaults of this section; keys set here override it.")
     preset_overrides: list[str] = Field(default_factory=list, description="Written by posttrain, not read: the "
                                         "keys this recipe sets to something other than its preset's value (the run "
@@ -106,6 +107,18 @@ class RLConfig(StageConfig):
     kl_placement: Literal["loss", "reward"] = Field(
         "loss", description="KL as a loss term, or as per-token rewards -kl_coef * KL_t (a sequence-level "
         "advantage sees their sum; reinforce_pp sees the reward-to-go).")
+    teacher_kl_coef: float = Field(0.0, ge=0, description="KDRL (arXiv 2506.02208): weight β of a KL(policy || "
+                                   "teacher) loss term on the student's samples, beside the verifier's advantage; "
+                                   "needs [teacher]. 0: off.")
+    teacher_kl_final_coef: float | None = Field(None, ge=0, description="Anneal β from teacher_kl_coef to this "
+                                                "over the stage's steps (KDRL: 5e-3 -> 1e-3); null: constant.")
+    teacher_kl_schedule: Literal["linear", "cosine"] = Field("linear", description="Shape of the β anneal.")
+    teacher_kl_estimator: str = Field("k2", description="KL estimator of the teacher term (registry "
+                                      "algos.KL_ESTIMATORS). k2's gradient is the reverse-KL gradient; k3's is the "
+                                      "forward KL's (algos/distill.py).")
+    teacher_kl_mask: Literal["all", "failed"] = Field("all", description="Which samples carry the teacher term: "
+                                                      "all, or only those the verifier failed (KDRL's "
+                                                      "reward-guided masking).")
     is_correction: str = Field("none", description="Sampler-vs-trainer importance correction "
                                "(registry algos.IS_CORRECTIONS: none, tis, mask, seq_tis, seq_mask).")
     is_cap: float = Field(2.0, gt=0, description="Cap C for the IS correction.")
@@ -163,6 +176,7 @@ class RLConfig(StageConfig):
     def _registry_entries(self) -> RLConfig:
         # Checked at load time, not when the RL stage starts (possibly after a long SFT stage).
         for key, registry in (("aggregation", AGGREGATIONS), ("kl_estimator", KL_ESTIMATORS),
+                              ("teacher_kl_estimator", KL_ESTIMATORS),
                               ("is_correction", IS_CORRECTIONS), ("group_filter", GROUP_FILTERS)):
             name = getattr(self, key)
             if ":" not in name and name not in registry:
@@ -178,8 +192,22 @@ class RLConfig(StageConfig):
             raise ConfigError("rl.group_size", f"1 with advantage {self.advantage!r}, which is group-relative "
                               "(its baseline is the other samples of the same prompt): every advantage would be 0 "
                               "and nothing would train; use group_size >= 2, or advantage = 'reinforce_pp'")
+        mixed = self.advantage_args.get("reward_advantage")
+        if mixed is not None and ":" not in mixed and mixed not in ADVANTAGES:
+            raise ConfigError("rl.advantage_args.reward_advantage", f"{mixed!r} is not one of "
+                              f"{', '.join(ADVANTAGES.names())}")
         if self.entropy_target is not None and self.entropy_adapt_arg not in self.policy_loss_args:
             raise ConfigError("rl.entropy_adapt_arg", f"the entropy controller adapts {self.entropy_adapt_arg!r}, "
                               f"but policy loss {self.policy_loss!r} has no such hyperparameter; it has: "
                               f"{', '.join(self.policy_loss_args) or 'none'}")
         return self
+
+    def teacher_keys(self) -> list[str]:
+        """The keys of this section that use the teacher (the recipe must then have a [teacher])."""
+        keys = ["advantage"] if ADVANTAGES.trait(self.advantage, "needs_teacher") else []
+        return keys + (["teacher_kl_coef"] if self.teacher_kl_coef > 0 else [])
+
+    def teacher_coef(self, step: int) -> float:
+        """β of the teacher KL term at stage step `step` (0-based)."""
+        return annealed_coef(self.teacher_kl_coef, self.teacher_kl_final_coef, step, self.steps,
+                             self.teacher_kl_schedule)

@@ -41,6 +41,9 @@ class SFTConfig(StageConfig):
     data_columns: dict[str, str] = Field(default_factory=dict, description="The file's column names for prompt "
                                          "and completion, e.g. {prompt = \"question\", completion = \"response\"}.")
     eval_every: int = Field(0, ge=0, description="Greedy held-out accuracy every N steps (0 = only at the end).")
+    eval_sampled: bool = Field(False, description="Make the periodic evaluations full ones (greedy, pass@k, "
+                               "mean@n logged to metrics.jsonl, eval/sft-stepN.json), as RL's are: a compute "
+                               "curve of the SFT stage, at the cost of sampling [eval] each time.")
     stop_at_accuracy: float | None = Field(None, gt=0, le=1, description="Stop early once the periodic greedy "
                                            "held-out accuracy reaches this (a more reliable warm-up than a fixed "
                                            "step count on tasks that are learned in a sudden jump).")
@@ -96,7 +99,10 @@ def run(ctx: RunContext, c: SFTConfig, resume: StageResume | None) -> None:
         stop = False
         if c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < c.steps:
             ctx.engine.update_weights(learner.weights(), ctx.global_step)
-            acc = ctx.evaluate("sft-periodic", stage="sft", greedy_only=True, log=False)["greedy_acc"]
+            if c.eval_sampled:  # its row goes to metrics.jsonl before this step's (same step number)
+                acc = ctx.evaluate(f"sft-step{step + 1}", stage="sft")["greedy_acc"]
+            else:
+                acc = ctx.evaluate("sft-periodic", stage="sft", greedy_only=True, log=False)["greedy_acc"]
             metrics["eval/greedy_acc"] = acc
             ctx.note(f"sft step {step + 1}: loss {result.loss:.3f}, held-out greedy accuracy {acc:.3f}")
             stop = c.stop_at_accuracy is not None and acc >= c.stop_at_accuracy

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from posttrain.algos import GROUP_FILTERS
+from posttrain.algos import GROUP_FILTERS, group_has_variance
 from posttrain.data.prompts import render_prompt
 from posttrain.data.samplers import GroupOutcome, TaskSampler
 from posttrain.envs.scoring import Scorer
 from posttrain.records import Completion, SamplingParams, Score, Task
 from posttrain.rollout.base import RolloutEngine
+from posttrain.tracking.ledger import FlopModel
 
 
 @dataclass(frozen=True)
@@ -134,3 +135,33 @@ def collect(engine: RolloutEngine, sampler: TaskSampler, scorer: Scorer, render:
                 break
         yield StepRollouts(kept, seen, rounds, notes)
         step += 1
+
+
+def generation_flops(flops: FlopModel, batch: RolloutBatch) -> float:
+    """Each distinct prompt is prefilled once per group, then every sample decodes on its own (rollout/local.py)."""
+    total = 0.0
+    for g in batch.group_ids.unique().tolist():
+        rows = (batch.group_ids == g).nonzero().squeeze(-1).tolist()
+        prompt = len(batch.prompts[rows[0]])
+        total += flops.prefill(prompt) + sum(flops.decode_steps(prompt, len(batch.completions[i].token_ids))
+                                             for i in rows)
+    return total
+
+
+def describe_samples(batch: RolloutBatch) -> dict[str, float]:
+    """Statistics of everything sampled this step (before group filtering)."""
+    if not len(batch):
+        return {"rollout/reward_mean": 0.0, "rollout/pass_rate": 0.0, "rollout/len_mean": 0.0,
+                "rollout/truncated_frac": 0.0, "rollout/effective_groups_frac": 0.0, "rollout/samples": 0}
+    rewards = batch.rewards()
+    n = len(batch)
+    return {
+        "rollout/reward_mean": float(rewards.mean()),
+        "rollout/reward_std": float(rewards.std()) if n > 1 else 0.0,
+        "rollout/pass_rate": sum(s.correct for s in batch.scores) / n,
+        "rollout/len_mean": sum(len(x.token_ids) for x in batch.completions) / n,
+        "rollout/truncated_frac": sum(x.finish_reason == "length" for x in batch.completions) / n,
+        "rollout/effective_groups_frac": float(group_has_variance(rewards, batch.group_ids).float().mean()),
+        "rollout/samples": n,
+        "rollout/score_errors": sum(1 for s in batch.scores if "error" in s.info),
+    }

@@ -50,6 +50,7 @@ class RunContext:
     evaluator: Evaluator
     log: MetricsLog
     console: Console
+    teacher: Any = None  # a train.learner.FrozenModel when a stage distils from [teacher]
     stall_timeout_s: float = 900.0
     seed: int = 0
     bf16: bool = False

@@ -78,20 +78,32 @@ class StepResult:
     flops: float = 0.0  # model FLOPs of the forward and backward passes
 
 
-def micro_batches(rows: Tensor, seqs: Sequences, max_rows: int, max_tokens: int | None) -> list[Tensor]:
+def micro_batches(rows: Tensor, seqs: Sequences, max_rows: int, max_tokens: int | None,
+                  keep_together: Tensor | None = None) -> list[Tensor]:
     """`rows` cut, in order, into runs of at most `max_rows` rows and at most `max_tokens` padded tokens (rows x
     (longest prompt + longest completion) of the run, what the forward pass holds activations for). A single row
-    longer than the budget is a micro-batch of its own. Only memory and speed depend on the cut, not the loss."""
-    out: list[Tensor] = []
+    longer than the budget is a micro-batch of its own. Only memory and speed depend on the cut, not the loss.
+    `keep_together` (one id per row of `seqs`): consecutive rows with one id are a unit that is never cut, so a loss
+    that couples rows (a preference pair) sees all of them in one micro-batch; a unit over the limits is alone."""
     ids = rows.tolist()
-    start, widest_p, widest_c = 0, 0, 0
+    units: list[list[int]] = []  # runs of consecutive positions in `ids` that stay together
     for i, r in enumerate(ids):
-        p, c = max(widest_p, len(seqs.prompts[r])), max(widest_c, len(seqs.completions[r]))
-        n = i - start + 1
-        if i > start and (n > max_rows or (max_tokens is not None and n * (p + c) > max_tokens)):
-            out.append(rows[start:i])
-            start, p, c = i, len(seqs.prompts[r]), len(seqs.completions[r])
-        widest_p, widest_c = p, c
+        if units and keep_together is not None and bool(keep_together[r] == keep_together[ids[i - 1]]):
+            units[-1].append(i)
+        else:
+            units.append([i])
+    out: list[Tensor] = []
+    start, n, widest_p, widest_c = 0, 0, 0, 0
+    for unit in units:
+        p = max(widest_p, *(len(seqs.prompts[ids[i]]) for i in unit))
+        c = max(widest_c, *(len(seqs.completions[ids[i]]) for i in unit))
+        grown = n + len(unit)
+        if n and (grown > max_rows or (max_tokens is not None and grown * (p + c) > max_tokens)):
+            out.append(rows[start:unit[0]])
+            start, grown = unit[0], len(unit)
+            p = max(len(seqs.prompts[ids[i]]) for i in unit)
+            c = max(len(seqs.completions[ids[i]]) for i in unit)
+        n, widest_p, widest_c = grown, p, c
     if ids:
         out.append(rows[start:])
     return out
@@ -174,13 +186,15 @@ class Learner:
 
     # -- one optimizer update ------------------------------------------------------------------------------------
     def train_step(self, seqs: Sequences, loss_fn: LossFn, *, rows: Tensor | None = None,
-                   temperature: float = 1.0, with_entropy: bool = False, where: str = "update") -> StepResult:
-        """One optimizer update over `rows` (default: all) of `seqs`. `where` labels errors ("rl step 12")."""
+                   temperature: float = 1.0, with_entropy: bool = False, where: str = "update",
+                   keep_together: Tensor | None = None) -> StepResult:
+        """One optimizer update over `rows` (default: all) of `seqs`. `where` labels errors ("rl step 12").
+        `keep_together`: row ids that must share a micro-batch (micro_batches)."""
         rows = torch.arange(len(seqs)) if rows is None else rows
         lr = self.scheduler.get_last_lr()[0]
         total_loss, flops, tokens = 0.0, 0.0, 0
         metrics: dict[str, float] = {}
-        for chunk in micro_batches(rows, seqs, self.micro_batch_size, self.micro_batch_tokens):
+        for chunk in micro_batches(rows, seqs, self.micro_batch_size, self.micro_batch_tokens, keep_together):
             prompts = [seqs.prompts[i] for i in chunk.tolist()]
             completions = [seqs.completions[i] for i in chunk.tolist()]
             packed = pack(prompts, completions, self.pad_id)

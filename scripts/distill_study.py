@@ -1,0 +1,136 @@
+"""The distillation study (docs/studies/distillation.md): run it, then tabulate and plot what it measured.
+
+    python scripts/distill_study.py            # run whatever is missing (teacher, student, data, 5 methods x 3 seeds)
+    python scripts/distill_study.py --report   # only tabulate the finished runs
+
+Runs go one after another (never two at once on a 2-core machine), each `posttrain run recipes/distill/M.toml --set
+seed=S --set name=distill-M-seedS`; a finished run is reused. The x-axis of every curve is all the work the method
+did after the shared student checkpoint, from the compute ledger: `compute/flops` of its run (generation, teacher
+and reference passes, training), plus, for SFT on teacher samples, the FLOPs the teacher spent generating the data
+(distill-data's .meta.json). Neither the teacher's own training nor the student's warm-up is counted: every
+method shares them.
+
+At the budget every run reached (the smallest final compute over all runs), each run's pass@1 and pass@8 are
+linearly interpolated between its evaluations (never extrapolated); the table gives the mean over seeds with a
+95% t-interval (3 seeds: mean ± 4.30 s/√3), and the last evaluation of each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "runs"
+METHODS = {"sft-teacher": "SFT on teacher samples", "opd": "on-policy distillation", "kdrl": "KDRL",
+           "grpo": "GRPO", "dpo": "online DPO"}
+SEEDS = (0, 1, 2)
+DATA = RUNS / "distill-teacher-data.jsonl"
+
+
+def posttrain(*args: str) -> None:
+    cmd = [sys.executable, "-m", "posttrain.cli", *args]
+    print("+ posttrain", " ".join(args), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def done(name: str) -> bool:
+    return (RUNS / name / "DONE").exists()
+
+
+def run_all() -> None:
+    for name in ("teacher", "student"):
+        if not done(f"distill-{name}"):
+            posttrain("run", f"recipes/distill/{name}.toml")
+    if not DATA.exists():
+        posttrain("distill-data", str(RUNS / "distill-teacher"), "--out", str(DATA), "--prompts", "2000",
+                  "--samples", "2", "--keep", "1", "--max-new-tokens", "8")
+    for seed in SEEDS:
+        for method in METHODS:
+            name = f"distill-{method}-seed{seed}"
+            if not done(name):
+                posttrain("run", f"recipes/distill/{method}.toml", "--set", f"seed={seed}", "--set", f"name={name}")
+
+
+def curve(run_dir: Path, offset: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(compute, pass@1, pass@8) at each evaluation of the run, in order of compute."""
+    xs, p1, p8 = [], [], []
+    last_flops = 0.0
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        last_flops = row.get("compute/flops", last_flops)
+        if "eval/pass@1" in row:
+            xs.append(offset + last_flops)
+            p1.append(row["eval/pass@1"])
+            p8.append(row["eval/pass@8"])
+    order = np.argsort(xs, kind="stable")
+    return np.array(xs)[order], np.array(p1)[order], np.array(p8)[order]
+
+
+def ci(values: list[float]) -> str:
+    v = np.array(values)
+    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else math.nan
+    return f"{v.mean():.3f} ± {half:.3f}"
+
+
+def report() -> str:
+    meta = json.loads(DATA.with_name(DATA.stem + ".meta.json").read_text())
+    curves = {m: [curve(RUNS / f"distill-{m}-seed{s}", meta["compute/generate_flops"] if m == "sft-teacher" else 0.0)
+                  for s in SEEDS] for m in METHODS}
+    budget = min(c[0][-1] for runs in curves.values() for c in runs)
+    lines = [(f"Budget: {budget:.3g} FLOPs (the smallest final compute of any run). The SFT data cost "
+             f"{meta['compute/generate_flops']:.3g} FLOPs of teacher generation ({meta['rows']} rows; the teacher "
+             f"solved {meta['tasks_solved']} of {meta['prompts']} train tasks)."), "",
+             ("| method | pass@1 at the budget | pass@8 at the budget | final pass@1 | final pass@8 | final compute "
+             "| evaluations |"), "|---|---|---|---|---|---|---|"]
+    for m, runs in curves.items():
+        at1 = [float(np.interp(budget, x, y1)) for x, y1, _ in runs]
+        at8 = [float(np.interp(budget, x, y8)) for x, _, y8 in runs]
+        lines.append(f"| {METHODS[m]} | {ci(at1)} | {ci(at8)} | {ci([y1[-1] for _, y1, _ in runs])} | "
+                     f"{ci([y8[-1] for _, _, y8 in runs])} | {np.mean([x[-1] for x, _, _ in runs]):.3g} | "
+                     f"{len(runs[0][0])} |")
+    start = curves["grpo"][0][1][0]
+    lines += ["", f"The student's own starting pass@1 (GRPO seed 0, step 0): {start:.3f}."]
+    plot(curves, budget)
+    return "\n".join(lines)
+
+
+def plot(curves: dict, budget: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (m, runs), color in zip(curves.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False):
+        for i, (x, y1, _) in enumerate(runs):
+            ax.plot(x, y1, "-o", ms=3, color=color, alpha=0.8, label=METHODS[m] if i == 0 else None)
+    ax.axvline(budget, ls=":", color="grey", label="equal-compute budget")
+    ax.set_xlabel("compute/flops after the shared student checkpoint (teacher passes and data included)")
+    ax.set_ylabel("held-out pass@1 (200 problems x 8 samples)")
+    ax.set_title("tiny-3m student, tiny-25m teacher, 3-digit addition (3 seeds each)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = ROOT / "docs" / "studies" / "distillation.png"
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--report", action="store_true", help="only tabulate the finished runs")
+    args = parser.parse_args()
+    if not args.report:
+        run_all()
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Preference optimisation: DPO, IPO, SimPO and conservative DPO as one stage over the PREFERENCE_LOSSES registry.
+
+    posttrain run recipes/dpo-online.toml                      # pairs built from the policy's own samples
+    posttrain run recipes/dpo-online.toml --set dpo.preset=simpo
+
+Pairs come from a file (`data_path`: rows of prompt / chosen / rejected) or, without one, online: each step samples
+`group_size` completions of `prompts_per_step` prompts from the current policy, scores them with the environment,
+and pairs each group's best sample against its worst (a group whose rewards are all equal gives no pair).
+
+One step: pairs -> the frozen reference's sequence logprobs (losses that need one; the reference is the policy at
+the start of the stage) -> one Learner.train_step whose micro-batches keep each pair together -> log, evaluate,
+checkpoint. The loss is the mean over the step's pairs, whatever the micro-batch split.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor
+
+from posttrain.algos import PREFERENCE_LOSSES, PreferenceInputs, best_and_worst
+from posttrain.config import StageConfig
+from posttrain.data.preference import Pair, file_pairs
+from posttrain.data.samplers import SAMPLERS
+from posttrain.errors import ConfigError
+from posttrain.records import SamplingParams
+from posttrain.rollout.collect import PromptRenderer, collect, describe_samples, generation_flops
+from posttrain.runtime.context import RunContext
+from posttrain.stages import StageResume, register_stage
+from posttrain.train.learner import ForwardOut, FrozenModel, Learner, Sequences
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "presets" / "dpo"
+
+
+class DPOConfig(StageConfig):
+    """The preference-optimisation stage (plus the optimizer keys shared with [sft] and [rl])."""
+
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
+    preset: str | None = Field(None, description="A named loss (dpo, ipo, simpo, cdpo): a TOML file in "
+                               "posttrain/presets/dpo whose keys become this section's defaults.")
+    loss: str = Field("dpo", description="Preference loss (registry algos.PREFERENCE_LOSSES: dpo, cdpo, ipo, "
+                      "simpo), or an import path 'pkg.module:function'.")
+    loss_args: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters of the loss (dpo: beta; "
+                                      "simpo: beta, gamma; ...); `posttrain docs` lists each entry's.")
+    steps: int = Field(100, gt=0, description="Optimizer steps (one batch of pairs each).")
+    micro_batch_size: int = Field(64, gt=0, description="Sequences per forward/backward (per device; a pair is "
+                                  "two, never split).")
+    data_path: str | None = Field(None, description="Preference pairs: rows of prompt, chosen and rejected "
+                                  "strings in a .jsonl/.parquet/.csv/.json file or a save_to_disk directory "
+                                  "(relative to the recipe file). Unset: pairs are built online from the "
+                                  "policy's samples, scored by the environment.")
+    data_columns: dict[str, str] = Field(default_factory=dict, description="The file's column names for prompt, "
+                                         "chosen and rejected, e.g. {chosen = \"better\"}.")
+    pairs_per_step: int = Field(32, gt=0, description="From a file: pairs per optimizer step (global).")
+    prompts_per_step: int = Field(32, gt=0, description="Online: prompts sampled per step; each gives at most "
+                                  "one pair.")
+    group_size: int = Field(8, ge=2, description="Online: completions per prompt, from which the best and the "
+                            "worst make the pair.")
+    temperature: float = Field(1.0, gt=0, description="Online: sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Online: nucleus sampling.")
+    max_new_tokens: int = Field(32, gt=0, description="Online: generation budget per completion.")
+    sampler: str = Field("uniform", description="Online: where prompts come from (registry "
+                         "data.samplers.SAMPLERS).")
+    sampler_args: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters of the sampler.")
+    eval_every: int = Field(0, ge=0, description="Held-out evaluation every N steps (0 = only at the end).")
+    log_samples: int = Field(4, ge=0, description="Online: completions per step written to samples.jsonl.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("preset"):
+            return data
+        path = PRESET_DIR / f"{data['preset']}.toml"
+        if not path.is_file():
+            known = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+            raise ConfigError("dpo.preset", f"{data['preset']!r} is not a known preset; known: {', '.join(known)}")
+        with path.open("rb") as f:
+            preset = tomllib.load(f)
+        merged = {**preset, **data}
+        if data.get("loss", preset["loss"]) == preset["loss"]:  # the same loss: its table merges key by key
+            merged["loss_args"] = {**preset.get("loss_args", {}), **data.get("loss_args", {})}
+        elif "loss_args" not in data:
+            merged.pop("loss_args", None)
+        return merged
+
+    @model_validator(mode="after")
+    def _loss_entry(self) -> DPOConfig:
+        if ":" not in self.loss and self.loss not in PREFERENCE_LOSSES:
+            raise ConfigError("dpo.loss", f"{self.loss!r} is not one of {', '.join(PREFERENCE_LOSSES.names())}")
+        self.__dict__["loss_args"] = PREFERENCE_LOSSES.validate_args(self.loss, self.loss_args, key="dpo.loss_args")
+        if ":" not in self.sampler and self.sampler not in SAMPLERS:
+            raise ConfigError("dpo.sampler", f"{self.sampler!r} is not one of {', '.join(SAMPLERS.names())}")
+        self.__dict__["sampler_args"] = SAMPLERS.validate_args(self.sampler, self.sampler_args,
+                                                               key="dpo.sampler_args")
+        return self
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """The micro-batch loss: rows 2i and 2i+1 are pair i's chosen and rejected answers (kept in one micro-batch);
+    the per-pair losses are summed and divided by the step's number of pairs."""
+
+    loss: str
+    loss_args: dict[str, Any]
+    ref_logps: Tensor | None  # (2P,) the reference's sequence logprobs, or None
+    tokens: Tensor  # (2P,) completion tokens per row
+    pairs: int
+
+    def __call__(self, out: ForwardOut) -> tuple[Tensor, dict[str, float]]:
+        seq = torch.where(out.mask.bool(), out.logprobs, torch.zeros_like(out.logprobs)).sum(-1)  # (b,)
+        rows = out.rows
+        if len(rows) % 2 or bool((rows[0::2] % 2 != 0).any()) or bool((rows[1::2] != rows[0::2] + 1).any()):
+            raise RuntimeError(f"a preference micro-batch split a pair: rows {rows.tolist()}")
+        dev = seq.device
+        ref = self.ref_logps[rows].to(dev) if self.ref_logps is not None else None
+        tokens = self.tokens[rows].to(dev).to(seq.dtype)
+        x = PreferenceInputs(seq[0::2], seq[1::2], tokens[0::2], tokens[1::2],
+                             ref[0::2] if ref is not None else None, ref[1::2] if ref is not None else None)
+        per_pair, parts = PREFERENCE_LOSSES.get(self.loss)(x, **self.loss_args)
+        chosen, rejected = parts["chosen_reward"], parts["rejected_reward"]
+        metrics = {"chosen_reward": float(chosen.sum()), "rejected_reward": float(rejected.sum()),
+                   "accuracy": float((chosen > rejected).float().sum()),
+                   "chosen_logp": float(seq[0::2].detach().sum()), "rejected_logp": float(seq[1::2].detach().sum())}
+        return per_pair.sum() / self.pairs, metrics
+
+
+@register_stage("dpo", DPOConfig)
+def run(ctx: RunContext, c: DPOConfig, resume: StageResume | None) -> None:
+    tok = ctx.tokenizer
+    learner = Learner(ctx.policy, **c.optimizer_args(), total_updates=c.steps, micro_batch_size=c.micro_batch_size,
+                      micro_batch_tokens=c.token_budget(ctx.policy.device.type), pad_id=tok.pad_token_id,
+                      bf16=ctx.bf16, compile=ctx.compile)
+    # The reference is the policy as the stage found it (a reference-free loss such as SimPO has none).
+    reference = learner.frozen_copy() if PREFERENCE_LOSSES.trait(c.loss, "needs_reference", True) else None
+    env = ctx.training_env(c.env_args)
+    sampler = SAMPLERS.get(c.sampler)(env, ctx.seed, **c.sampler_args)
+    start, cursor = 0, 0
+    if resume:
+        learner.load_state_dict(resume.learner)
+        start, cursor = resume.stage_step, resume.state["cursor"]
+        sampler.load_state_dict(resume.state["sampler"])
+        if reference is not None:
+            reference.load_weights(resume.state["reference"])
+    if c.data_path:
+        stream = itertools.islice(file_pairs(Path(c.data_path), tok, seed=ctx.seed, chat_template=ctx.chat_template,
+                                             max_len=ctx.max_len, columns=c.data_columns), cursor, None)
+    else:
+        batches = collect(ctx.engine, sampler, ctx.scorer.with_env(env),
+                          PromptRenderer(env, tok, ctx.chat_template, ctx.max_len), prompts_per_step=c.prompts_per_step,
+                          group_size=c.group_size, group_filter="zero_variance", max_refill_rounds=0, seed=ctx.seed,
+                          first_step=ctx.global_step, heartbeat=ctx.heartbeat,
+                          sampling=SamplingParams(temperature=c.temperature, top_p=c.top_p,
+                                                  max_new_tokens=c.max_new_tokens))
+
+    for step in ctx.progress(range(start, c.steps), total=c.steps, completed=start, description="dpo"):
+        t_step = time.time()
+        metrics: dict[str, float] = {}
+        # 1. pairs: the next ones from the file, or the best and worst of each sampled group ---------------------
+        if c.data_path:
+            ctx.phase("data", f"{c.pairs_per_step} pairs from {c.data_path}")
+            pairs = list(itertools.islice(stream, c.pairs_per_step))
+            cursor += len(pairs)
+        else:
+            pairs = online_pairs(ctx, next(batches), c, learner, metrics)
+        # 2-3. reference logprobs, then one update over every pair -------------------------------------------------
+        if pairs:
+            metrics.update(train_on_pairs(ctx, learner, reference, pairs, c, where=f"dpo step {step + 1}"))
+        else:
+            ctx.note(f"dpo step {step + 1}: no group had two different rewards, so no pair; no update")
+        ctx.global_step += 1
+        ctx.engine.update_weights(learner.weights(), ctx.global_step)
+        # 4. log, evaluate, checkpoint ------------------------------------------------------------------------------
+        metrics.update({"dpo/pairs": len(pairs), "time/step_s": time.time() - t_step, "train/examples_seen": cursor})
+        ctx.status(f"loss {metrics.get('dpo/loss', float('nan')):.3f}")
+        ctx.write_metrics("dpo", metrics)
+        if c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < c.steps:
+            ctx.evaluate(f"dpo-step{step + 1}", stage="dpo")
+        if ctx.due(step + 1) and step + 1 < c.steps:
+            save(ctx, step + 1, False, learner, cursor, sampler, reference)
+            ctx.stop_if_requested()
+    ctx.evaluate("dpo", stage="dpo")
+    save(ctx, c.steps, True, learner, cursor, sampler, reference)
+
+
+def online_pairs(ctx: RunContext, rollouts, c: DPOConfig, learner: Learner, metrics: dict) -> list[Pair]:
+    """The kept groups' (best, worst) samples as pairs; the generation counts in the compute ledger."""
+    for note in rollouts.notes:
+        ctx.note(note)
+    seen, kept = rollouts.seen, rollouts.kept
+    ctx.record_samples(seen, c.log_samples)
+    gen = generation_flops(learner.flop_model, seen)
+    ctx.add_flops(generate=gen)
+    ctx.add(**{"compute/wasted_flops": gen - generation_flops(learner.flop_model, kept),
+               "rollout/tokens": sum(len(x.token_ids) for x in seen.completions)})
+    metrics.update(describe_samples(seen))
+    return [Pair(kept.prompts[w], list(kept.completions[w].token_ids), list(kept.completions[l].token_ids))
+            for w, l in best_and_worst(kept.rewards(), kept.group_ids)]
+
+
+def train_on_pairs(ctx: RunContext, learner: Learner, reference: FrozenModel | None, pairs: list[Pair],
+                   c: DPOConfig, *, where: str) -> dict[str, float]:
+    seqs = Sequences([p.prompt for p in pairs for _ in range(2)],
+                     [answer for p in pairs for answer in (p.chosen, p.rejected)])
+    ref, metrics = None, {}
+    if reference is not None:
+        t0 = time.time()
+        ctx.phase("logprobs", f"reference pass over {len(seqs)} answers")
+        lps, flops = reference.logprobs(seqs)
+        ref = torch.stack([lp.sum() for lp in lps])
+        ctx.add_flops(ref=flops)
+        metrics["time/ref_s"] = time.time() - t0
+    ctx.phase("train", f"one update over {len(pairs)} pairs")
+    t0 = time.time()
+    loss = PreferenceLoss(c.loss, c.loss_args, ref, torch.tensor([len(x) for x in seqs.completions]), len(pairs))
+    result = learner.train_step(seqs, loss, keep_together=torch.arange(len(seqs)) // 2, where=where)
+    if result.skipped:
+        ctx.note(result.skipped + "; update skipped")
+    ctx.add_flops(train=result.flops)
+    ctx.add(**{"train/tokens": result.tokens})
+    n, m = len(pairs), result.metrics
+    return {**metrics, "dpo/loss": result.loss, "dpo/chosen_reward": m["chosen_reward"] / n,
+            "dpo/rejected_reward": m["rejected_reward"] / n,
+            "dpo/reward_margin": (m["chosen_reward"] - m["rejected_reward"]) / n,
+            "dpo/accuracy": m["accuracy"] / n, "dpo/chosen_logp": m["chosen_logp"] / n,
+            "dpo/rejected_logp": m["rejected_logp"] / n, "train/grad_norm": result.grad_norm, "train/lr": result.lr,
+            "time/train_s": time.time() - t0}
+
+
+def save(ctx: RunContext, stage_step: int, done: bool, learner: Learner, cursor: int, sampler,
+         reference: FrozenModel | None) -> None:
+    ctx.checkpoint(stage_index=ctx.stage_index, stage_step=stage_step, stage_done=done, learner=learner.state_dict(),
+                   stage_state={"cursor": cursor, "sampler": sampler.state_dict(),
+                                "reference": reference.state_dict() if reference is not None else None})
