@@ -1,13 +1,14 @@
 """The distillation study (docs/studies/distillation.md): run it, then tabulate and plot what it measured.
 
-    python scripts/distill_study.py            # run whatever is missing (teacher, student, data, 5 methods x 3 seeds)
+    python scripts/distill_study.py            # run whatever is missing (teacher, student, data, 6 methods x 3 seeds)
     python scripts/distill_study.py --report   # only tabulate the finished runs
 
 Runs go one after another (never two at once on a 2-core machine), each `posttrain run recipes/distill/M.toml --set
 seed=S --set name=distill-M-seedS`; a finished run is reused. The x-axis of every curve is all the work the method
 did after the shared student checkpoint, from the compute ledger: `compute/flops` of its run (generation, teacher
 and reference passes, training), plus, for SFT on teacher samples, the FLOPs the teacher spent generating the data
-(distill-data's .meta.json). Neither the teacher's own training nor the student's warm-up is counted: every
+(distill-data's .meta.json), and for offline OPD the FLOPs of sampling its fixed student samples (its teacher
+cache is in its compute/flops, counted in every seed's run). Neither the teacher's own training nor the student's warm-up is counted: every
 method shares them.
 
 At the budget every run reached (the smallest final compute over all runs), each run's pass@1 and pass@8 are
@@ -29,10 +30,11 @@ from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs"
-METHODS = {"sft-teacher": "SFT on teacher samples", "opd": "on-policy distillation", "kdrl": "KDRL",
-           "grpo": "GRPO", "dpo": "online DPO"}
+METHODS = {"sft-teacher": "SFT on teacher samples", "opd": "on-policy distillation",
+           "opd-offline": "offline OPD (fixed student samples)", "kdrl": "KDRL", "grpo": "GRPO", "dpo": "online DPO"}
 SEEDS = (0, 1, 2)
 DATA = RUNS / "distill-teacher-data.jsonl"
+STUDENT_SAMPLES = RUNS / "distill-student-samples.jsonl"
 
 
 def posttrain(*args: str) -> None:
@@ -52,6 +54,9 @@ def run_all() -> None:
     if not DATA.exists():
         posttrain("distill-data", str(RUNS / "distill-teacher"), "--out", str(DATA), "--prompts", "2000",
                   "--samples", "2", "--keep", "1", "--max-new-tokens", "8")
+    if not STUDENT_SAMPLES.exists():
+        posttrain("distill-data", str(RUNS / "distill-student"), "--keep-failed", "--out", str(STUDENT_SAMPLES),
+                  "--prompts", "500", "--samples", "4", "--keep", "4", "--max-new-tokens", "8")
     for seed in SEEDS:
         for method in METHODS:
             name = f"distill-{method}-seed{seed}"
@@ -80,10 +85,15 @@ def ci(values: list[float]) -> str:
     return f"{v.mean():.3f} ± {half:.3f}"
 
 
+def meta_of(data: Path) -> dict:
+    return json.loads(data.with_name(data.stem + ".meta.json").read_text())
+
+
 def report() -> str:
-    meta = json.loads(DATA.with_name(DATA.stem + ".meta.json").read_text())
-    curves = {m: [curve(RUNS / f"distill-{m}-seed{s}", meta["compute/generate_flops"] if m == "sft-teacher" else 0.0)
-                  for s in SEEDS] for m in METHODS}
+    meta = meta_of(DATA)
+    offsets = {"sft-teacher": meta["compute/generate_flops"],  # sampling the data is part of the method's work
+               "opd-offline": meta_of(STUDENT_SAMPLES)["compute/generate_flops"]}
+    curves = {m: [curve(RUNS / f"distill-{m}-seed{s}", offsets.get(m, 0.0)) for s in SEEDS] for m in METHODS}
     budget = min(c[0][-1] for runs in curves.values() for c in runs)
     lines = [(f"Budget: {budget:.3g} FLOPs (the smallest final compute of any run). The SFT data cost "
              f"{meta['compute/generate_flops']:.3g} FLOPs of teacher generation ({meta['rows']} rows; the teacher "

@@ -170,3 +170,49 @@ def test_opd_trains_lora_adapters_of_the_student(tmp_path, teacher_dir):
     assert len(train) == 2 and train[0]["distill/reverse_kl"] > 0.1  # the teacher is another model
     assert (cfg.run_dir / "final" / "adapter" / "adapter_config.json").is_file()
     assert (cfg.run_dir / "final" / "config.json").is_file()
+
+
+def offline_config(tmp_path, name, teacher, data, **stage):
+    return validate({
+        "recipe": "opd_offline", "name": name, "output_dir": str(tmp_path), "seed": 0, "threads": 1,
+        "model": {"path": "tiny-test"}, "env": {"name": "arithmetic", "args": {"digits": 1}},
+        "teacher": {"path": str(teacher)},
+        "opd_offline": {"data_path": str(data), "steps": 12, "batch_size": 16, "lr": 1e-2, **stage},
+        "eval": {"problems": 2, "samples": 1, "ks": [1], "max_new_tokens": 2, "at_start": False},
+    }, "test")
+
+
+def test_offline_opd_caches_the_teacher_once_and_refuses_a_stale_cache(tmp_path, tiny_dir, teacher_dir):
+    from rich.console import Console
+
+    from posttrain.recipes.distill_data import distill_data
+
+    data = tmp_path / "student-samples.jsonl"
+    meta = distill_data(str(tiny_dir), data, env="arithmetic", env_args=["digits=1"], prompts=16, samples=2, keep=2,
+                        temperature=1.0, max_new_tokens=6, seed=0, chat_template=None, console=Console(quiet=True),
+                        keep_failed=True)
+    assert meta["rows"] >= 16 and meta["keep_failed"]  # the random student solves ~nothing: all kept anyway
+    cache = tmp_path / "cache.pt"
+    cfg = offline_config(tmp_path, "offline", teacher_dir, data, cache_path=str(cache))
+    run(cfg)
+    train = [r for r in rows(cfg.run_dir) if "distill/k2" in r]
+    assert len(train) == 12 and train[-1]["distill/k2"] < 0.5 * train[0]["distill/k2"]
+    last = rows(cfg.run_dir)[-1]
+    assert last["compute/teacher_flops"] > 0 and "compute/generate_flops" not in last  # one teacher pass, no sampling
+    assert "computed" in (cfg.run_dir / "run.log").read_text() and cache.is_file()
+    # a second run reuses the cache (and counts its FLOPs: the work was done for these samples)
+    again = offline_config(tmp_path, "offline-again", teacher_dir, data, cache_path=str(cache), steps=1)
+    run(again)
+    assert "read" in (again.run_dir / "run.log").read_text()
+    assert rows(again.run_dir)[-1]["compute/teacher_flops"] == pytest.approx(last["compute/teacher_flops"])
+    # another teacher, or samples that changed, or a tampered cache: refused, naming what differs
+    with pytest.raises(UserError, match=r"cache\.pt: this teacher cache was computed from something else "
+                                        r"\(teacher_weights"):
+        run(offline_config(tmp_path, "other-teacher", tiny_dir, data, cache_path=str(cache), steps=1))
+    stored = torch.load(cache, weights_only=True)
+    stored["logprobs"][0] = stored["logprobs"][0] + 0.1
+    torch.save(stored, cache)
+    with pytest.raises(UserError, match=r"row 0 of the cache differs from the teacher by 0\.1"):
+        run(offline_config(tmp_path, "tampered", teacher_dir, data, cache_path=str(cache), steps=1))
+    with pytest.raises(UserError, match=r"opd_offline\.data_path: needs a teacher"):
+        validate({"recipe": "opd_offline", "name": "x", "opd_offline": {"data_path": str(data)}}, "test")

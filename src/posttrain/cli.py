@@ -173,6 +173,8 @@ def distill_data_(
     prompts: Annotated[int, typer.Option(help="Tasks of the train split to sample.")] = 1000,
     samples: Annotated[int, typer.Option(help="Teacher samples per task.")] = 4,
     keep: Annotated[int, typer.Option(help="Most distinct correct answers kept per task.")] = 1,
+    keep_failed: Annotated[bool, typer.Option("--keep-failed", help="Keep answers the verifier rejected too (a "
+                                              "model's own samples, for the opd_offline stage).")] = False,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(help="Generation budget.")] = 32,
     seed: Annotated[int | None, typer.Option(help="Task order and sampling seed (default: the run's).")] = None,
@@ -188,7 +190,7 @@ def distill_data_(
     try:
         distill_data(teacher, output, env=env, env_args=env_arg or [], prompts=prompts, samples=samples, keep=keep,
                      temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, chat_template=chat_template,
-                     console=err)
+                     console=err, keep_failed=keep_failed)
     finally:
         shutdown_pool()
 

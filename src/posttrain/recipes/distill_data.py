@@ -9,7 +9,8 @@ up to `keep` distinct correct ones per task become rows {prompt, completion, tas
 stage reads (sft.data_path; the prompt as the environment gives it: a string or its chat messages). A teacher inside a run uses that run's environment, its arguments and its chat-template
 setting unless given here. Beside the file, FILE.meta.json records what made it, how many tasks the teacher
 solved, and the generation's FLOPs: the compute an SFT-on-teacher-samples run must add to its own to be compared
-with on-policy methods at equal total compute.
+with on-policy methods at equal total compute. `--keep-failed` keeps unverified answers too: a model's own sample
+set, e.g. the student's, for offline distillation (the opd_offline stage).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ CHUNK = 32  # prompts per generation call
 
 def distill_data(teacher: str, out: Path, *, env: str | None, env_args: list[str], prompts: int, samples: int,
                  keep: int, temperature: float, max_new_tokens: int, seed: int | None, chat_template: bool | None,
-                 console: Console) -> dict[str, Any]:
+                 console: Console, keep_failed: bool = False) -> dict[str, Any]:
     for value, flag in ((prompts, "--prompts"), (samples, "--samples"), (keep, "--keep"),
                         (max_new_tokens, "--max-new-tokens")):
         if value < 1:
@@ -94,22 +95,22 @@ def distill_data(teacher: str, out: Path, *, env: str | None, env_args: list[str
                 kept: list[str] = []
                 for i in (batch.group_ids == g).nonzero().squeeze(-1).tolist():
                     text = batch.completions[i].text
-                    if batch.scores[i].correct and text not in kept and len(kept) < keep:
+                    if (keep_failed or batch.scores[i].correct) and text not in kept and len(kept) < keep:
                         kept.append(text)
                         f.write(json.dumps({"prompt": environment.prompt(task), "completion": text, "task": task.id,
                                             "reward": batch.scores[i].reward}) + "\n")
                         rows += 1
-                solved += bool(kept)
+                solved += any(batch.scores[i].correct for i in (batch.group_ids == g).nonzero().squeeze(-1).tolist())
             done += len(tasks)
             bar.update(progress, completed=done, s=f"{rows} rows, {solved}/{done} tasks solved")
     if rows == 0:
         tmp.unlink()
-        raise UserError(f"the teacher solved none of the {done} tasks ({samples} samples each): no data written; "
+        raise UserError(f"the model solved none of the {done} tasks ({samples} samples each): no data written; "
                         "is it trained on this environment?")
     tmp.replace(out)
     meta = {"teacher": str(path), "run_dir": str(run_dir) if run_dir else None, "env": env_name, "env_args": args,
             "split": "train", "prompts": done, "samples": samples, "keep": keep, "temperature": temperature,
-            "max_new_tokens": max_new_tokens, "seed": seed, "chat_template": template, "rows": rows,
+            "max_new_tokens": max_new_tokens, "keep_failed": keep_failed, "seed": seed, "chat_template": template, "rows": rows,
             "tasks_solved": solved, "solve_rate": solved / done, "compute/generate_flops": flops,
             "elapsed_s": round(time.time() - t0, 1)}
     out.with_name(out.stem + ".meta.json").write_text(json.dumps(meta, indent=1))
