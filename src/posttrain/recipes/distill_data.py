@@ -114,6 +114,6 @@ def distill_data(teacher: str, out: Path, *, env: str | None, env_args: list[str
             "tasks_solved": solved, "solve_rate": solved / done, "compute/generate_flops": flops,
             "elapsed_s": round(time.time() - t0, 1)}
     out.with_name(out.stem + ".meta.json").write_text(json.dumps(meta, indent=1))
-    console.print(f"wrote {rows} rows to {out} (the teacher solved {solved} of {done} tasks; "
+    console.print(f"wrote {rows} rows to {out} (the model solved {solved} of {done} tasks; "
                   f"{flops:.3g} generation FLOPs, in {out.stem}.meta.json)", markup=False, highlight=False)
     return meta
