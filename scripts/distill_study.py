@@ -118,12 +118,12 @@ def plot(curves: dict, budget: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
     for (m, runs), color in zip(curves.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False):
         for i, (x, y1, _) in enumerate(runs):
             ax.plot(x, y1, "-o", ms=3, color=color, alpha=0.8, label=METHODS[m] if i == 0 else None)
     ax.axvline(budget, ls=":", color="grey", label="equal-compute budget")
-    ax.set_xlabel("compute/flops after the shared student checkpoint (teacher passes and data included)")
+    ax.set_xlabel("FLOPs after the shared student checkpoint (teacher passes and data sampling included)")
     ax.set_ylabel("held-out pass@1 (200 problems x 8 samples)")
     ax.set_title("tiny-3m student, tiny-25m teacher, 3-digit addition (3 seeds each)")
     ax.legend(fontsize=8)

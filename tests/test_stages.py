@@ -18,8 +18,8 @@ def test_the_built_in_stages_are_found_by_listing_the_recipes_package():
 
 
 def test_recipe_names_are_checked_against_the_registry():
-    with pytest.raises(UserError, match=r"recipe\[1\]: 'dpo' is not a known stage; known: .*rl.*sft"):
-        validate({"recipe": ["sft", "dpo"], "name": "x"})
+    with pytest.raises(UserError, match=r"recipe\[1\]: 'ppo' is not a known stage; known: .*rl.*sft"):
+        validate({"recipe": ["sft", "ppo"], "name": "x"})
 
 
 def test_a_plugin_stage_is_one_registration_and_gets_its_own_section(tmp_path):

@@ -89,8 +89,9 @@ def test_sft_pairs_from_parquet_csv_and_a_saved_dataset_with_a_column_mapping(tm
     assert pairs[2][0] == f"{tmp_path / 'saved'} row 3"
     with pytest.raises(UserError, match=r"d.parquet row 1: no column 'question' \(named in the column mapping\)"):
         read_pairs(tmp_path / "d.parquet", {"prompt": "question", "completion": "a"})
-    with pytest.raises(UserError, match=r"d.parquet row 1: expected string 'prompt' and 'completion' \(map other "
-                                        r"column names with sft.data_columns\)"):
+    with pytest.raises(UserError, match=r"d.parquet row 1: expected a 'prompt' \(a string or a list of \{role, "
+                                        r"content\} messages\) and a string 'completion' \(map other column names "
+                                        r"with sft.data_columns\)"):
         read_pairs(tmp_path / "d.parquet")
     (tmp_path / "d.xlsx").write_text("")
     with pytest.raises(UserError, match=r"expected .jsonl, .parquet"):

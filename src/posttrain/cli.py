@@ -185,7 +185,7 @@ def distill_data_(
     distillation (plus FILE.meta.json with the generation's FLOPs)."""
     _quiet_libraries()
     from posttrain.envs.scoring import shutdown_pool
-    from posttrain.recipes.distill_data import distill_data
+    from posttrain.evals.distill_data import distill_data
 
     try:
         distill_data(teacher, output, env=env, env_args=env_arg or [], prompts=prompts, samples=samples, keep=keep,
