@@ -98,11 +98,13 @@ def test_kdrl_anneals_beta_and_masks_correct_samples(tmp_path, teacher_dir, monk
     run(cfg)
     train = [r for r in rows(cfg.run_dir) if "distill/coef" in r]
     assert all(r["distill/masked_frac"] == 1.0 and r["distill/teacher_kl"] == 0.0 for r in train)
+    assert all(r["train/skipped_frac"] == 1.0 for r in train)  # zero advantage, no teacher term: nothing to run
     cfg = config(tmp_path, "kdrl-unmasked", teacher_dir, env="hostile_envs:AlwaysCorrect", preset="kdrl",
                  teacher_kl_mask="all")
     run(cfg)
     train = [r for r in rows(cfg.run_dir) if "distill/coef" in r]
     assert all(r["distill/masked_frac"] == 0.0 and r["distill/teacher_kl"] > 0 for r in train)
+    assert all(r["train/skipped_frac"] == 0.0 for r in train)
 
 
 def test_a_teacher_is_required_and_must_share_the_tokenizer(tmp_path, tiny_dir):

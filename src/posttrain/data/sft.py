@@ -44,15 +44,17 @@ def is_prompt(value: object) -> bool:
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value))
 
 
-def read_pairs(path: Path, columns: dict[str, str] | None = None) -> list[tuple[str, str | list, str]]:
+def read_pairs(path: Path, columns: dict[str, str] | None = None, *,
+               section: str = "sft") -> list[tuple[str, str | list, str]]:
     """(location, prompt, completion) of every row of a data file (data/tables.py: JSONL, Parquet, CSV, JSON or
     a saved dataset directory; `columns` maps prompt/completion to the file's column names). A prompt is a string
-    or a list of chat messages ({role, content}, rendered with the chat template)."""
+    or a list of chat messages ({role, content}, rendered with the chat template). `section` names the recipe
+    section whose data_path / data_columns errors refer to."""
     pairs = []
-    for where, _, row in read_rows(path, columns, what="sft.data_path"):
+    for where, _, row in read_rows(path, columns, what=f"{section}.data_path"):
         if not is_prompt(row.get("prompt")) or not isinstance(row.get("completion"), str):
             raise UserError(f"{where}: expected a 'prompt' (a string or a list of {{role, content}} messages) and a "
-                            f"string 'completion' (map other column names with sft.data_columns); columns: "
+                            f"string 'completion' (map other column names with {section}.data_columns); columns: "
                             f"{sorted(row)}")
         pairs.append((where, row["prompt"], row["completion"]))
     if not pairs:

@@ -83,7 +83,7 @@ def run(ctx: RunContext, c: OfflineOPDConfig, resume: StageResume | None) -> Non
                       bf16=ctx.bf16, compile=ctx.compile)
     rows = [fitting(Example(render_prompt(tok, p, chat_template=ctx.chat_template, max_len=ctx.max_len),
                             completion_ids(tok, text, chat_template=ctx.chat_template)), ctx.max_len, where)
-            for where, p, text in read_pairs(Path(c.data_path), c.data_columns)]
+            for where, p, text in read_pairs(Path(c.data_path), c.data_columns, section="opd_offline")]
     seqs = Sequences([r.prompt for r in rows], [r.completion for r in rows])
     cache = Path(c.cache_path) if c.cache_path else ctx.run_dir / "teacher_cache.pt"
     t0 = time.time()

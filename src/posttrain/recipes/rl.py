@@ -270,11 +270,13 @@ def update(learner: Learner, batch: RLBatch, c: RLConfig, loss_args: dict[str, A
     """epochs x mini-batches of whole groups, one optimizer update each; global normalisers per mini-batch.
     -> (result, rows forwarded) per update."""
     # A sample whose advantage is exactly 0 contributes exactly 0 to every policy loss and its gradient, so
-    # unless a KL-in-loss, teacher or entropy term gives it one, its forward/backward is skipped. The normalisers still
-    # count its tokens, so the loss and the update are unchanged (up to float summation order).
-    per_sample_terms = (c.entropy_coef != 0 or (batch.ref_logprobs is not None and c.kl_placement == "loss")
-                        or (teacher_coef != 0 and batch.teacher_logprobs is not None))
+    # unless a KL-in-loss or entropy term gives it one, or the teacher term covers it, its forward/backward is
+    # skipped. The normalisers still count its tokens, so the loss and the update are unchanged (up to float
+    # summation order).
+    per_sample_terms = c.entropy_coef != 0 or (batch.ref_logprobs is not None and c.kl_placement == "loss")
     zero = (batch.advantages * batch.mask == 0).all(-1)
+    if teacher_coef != 0 and batch.teacher_rows is not None:  # KDRL's mask may leave a sample without the term
+        zero = zero & (batch.teacher_rows == 0)
     skippable = zero if c.skip_zero_advantage and not per_sample_terms else torch.zeros_like(zero)
     results = []
     for epoch in range(c.epochs):

@@ -148,7 +148,8 @@ class RLConfig(StageConfig):
     eval_every: int = Field(0, ge=0, description="Held-out evaluation every N RL steps (0 = only at the end).")
     skip_zero_advantage: bool = Field(True, description="Skip the forward/backward of samples whose advantage is "
                                       "exactly 0 (their gradient is exactly 0; normalisers still count them). "
-                                      "Ignored when an entropy bonus or a KL loss term gives them a gradient.")
+                                      "Ignored when an entropy bonus or a KL loss term gives them a gradient; with "
+                                      "a teacher KL term, only samples it does not cover (teacher_kl_mask) skip.")
     recompute_old_logprobs: bool = Field(False, description="Recompute old logprobs with a learner forward pass "
                                          "instead of using the sampler's (needed when the sampler's numerics "
                                          "differ from the learner's: another engine, bf16 rollouts, copied "
