@@ -134,9 +134,7 @@ class PreferenceLoss:
 @register_stage("dpo", DPOConfig)
 def run(ctx: RunContext, c: DPOConfig, resume: StageResume | None) -> None:
     tok = ctx.tokenizer
-    learner = Learner(ctx.policy, **c.optimizer_args(), total_updates=c.steps, micro_batch_size=c.micro_batch_size,
-                      micro_batch_tokens=c.token_budget(ctx.policy.device.type), pad_id=tok.pad_token_id,
-                      bf16=ctx.bf16, compile=ctx.compile)
+    learner = ctx.learner(c, total_updates=c.steps)
     # The reference is the policy as the stage found it (a reference-free loss such as SimPO has none).
     reference = learner.frozen_copy() if PREFERENCE_LOSSES.trait(c.loss, "needs_reference", True) else None
     env = ctx.training_env(c.env_args)

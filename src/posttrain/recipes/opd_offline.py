@@ -29,7 +29,7 @@ from posttrain.data.prompts import completion_ids, render_prompt
 from posttrain.data.sft import Example, fitting, read_pairs
 from posttrain.runtime.context import RunContext
 from posttrain.stages import StageResume, register_stage
-from posttrain.train.learner import ForwardOut, Learner, Sequences
+from posttrain.train.learner import ForwardOut, Sequences
 from posttrain.train.teacher_cache import teacher_logprobs
 
 
@@ -78,9 +78,7 @@ class OfflineOPDLoss:
 @register_stage("opd_offline", OfflineOPDConfig)
 def run(ctx: RunContext, c: OfflineOPDConfig, resume: StageResume | None) -> None:
     tok = ctx.tokenizer
-    learner = Learner(ctx.policy, **c.optimizer_args(), total_updates=c.steps, micro_batch_size=c.micro_batch_size,
-                      micro_batch_tokens=c.token_budget(ctx.policy.device.type), pad_id=tok.pad_token_id,
-                      bf16=ctx.bf16, compile=ctx.compile)
+    learner = ctx.learner(c, total_updates=c.steps)
     rows = [fitting(Example(render_prompt(tok, p, chat_template=ctx.chat_template, max_len=ctx.max_len),
                             completion_ids(tok, text, chat_template=ctx.chat_template)), ctx.max_len, where)
             for where, p, text in read_pairs(Path(c.data_path), c.data_columns, section="opd_offline")]

@@ -28,7 +28,7 @@ from posttrain.errors import UserError
 from posttrain.recipes.sft import SFTLoss
 from posttrain.runtime.context import RunContext
 from posttrain.stages import StageResume, register_stage
-from posttrain.train.learner import Learner, Sequences
+from posttrain.train.learner import Sequences
 
 HELD_OUT_DOCS = 200  # documents of a file kept out of training for the held-out loss
 
@@ -104,9 +104,7 @@ def run(ctx: RunContext, c: PretrainConfig, resume: StageResume | None) -> None:
     tok, steps = ctx.tokenizer, c.steps()
     if ctx.max_len is not None and c.seq_len > ctx.max_len:
         raise UserError(f"pretrain.seq_len = {c.seq_len} exceeds the model's context of {ctx.max_len} tokens")
-    learner = Learner(ctx.policy, **c.optimizer_args(), total_updates=steps, micro_batch_size=c.micro_batch_size,
-                      micro_batch_tokens=c.token_budget(ctx.policy.device.type),
-                      pad_id=tok.pad_token_id, bf16=ctx.bf16, compile=ctx.compile)
+    learner = ctx.learner(c, total_updates=steps)
     start, cursor = 0, 0
     if resume:
         learner.load_state_dict(resume.learner)

@@ -89,9 +89,7 @@ def run(ctx: RunContext, c: RLConfig, resume: StageResume | None) -> None:
     if c.preset and c.preset_overrides and not resume:
         ctx.note(f"rl.preset = {c.preset}, with the recipe overriding: {'; '.join(c.preset_overrides)}")
     env = ctx.training_env(c.env_args)
-    learner = Learner(ctx.policy, **c.optimizer_args(), total_updates=c.steps * c.epochs * c.mini_batches,
-                      micro_batch_size=c.micro_batch_size, micro_batch_tokens=c.token_budget(ctx.policy.device.type),
-                      pad_id=ctx.tokenizer.pad_token_id, bf16=ctx.bf16, compile=ctx.compile)
+    learner = ctx.learner(c, total_updates=c.steps * c.epochs * c.mini_batches)
     # The reference exists only when a KL term does; it starts as the policy at the start of the stage.
     reference = learner.frozen_copy() if c.kl_coef > 0 else None
     sampler = SAMPLERS.get(c.sampler)(env, ctx.seed, **c.sampler_args)

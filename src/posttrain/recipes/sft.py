@@ -23,7 +23,7 @@ from posttrain.data.sft import env_examples, file_examples, length_order
 from posttrain.errors import UserError
 from posttrain.runtime.context import RunContext
 from posttrain.stages import StageResume, register_stage
-from posttrain.train.learner import ForwardOut, Learner, Sequences
+from posttrain.train.learner import ForwardOut, Sequences
 
 
 class SFTConfig(StageConfig):
@@ -63,9 +63,7 @@ class SFTLoss:
 @register_stage("sft", SFTConfig)
 def run(ctx: RunContext, c: SFTConfig, resume: StageResume | None) -> None:
     tok = ctx.tokenizer
-    learner = Learner(ctx.policy, **c.optimizer_args(), total_updates=c.steps, micro_batch_size=c.micro_batch_size,
-                      micro_batch_tokens=c.token_budget(ctx.policy.device.type),
-                      pad_id=tok.pad_token_id, bf16=ctx.bf16, compile=ctx.compile)
+    learner = ctx.learner(c, total_updates=c.steps)
     start, cursor = 0, 0
     if resume:
         learner.load_state_dict(resume.learner)

@@ -2,7 +2,8 @@
 log, notes, heartbeat, progress, checkpoints, evaluation, the compute ledger's totals).
 
 The runner (runner.py) builds every part from the config and hands the stages plain values: nothing here reads
-the recipe. The context holds no optimizer: each stage builds its own Learner (train/learner.py).
+the recipe. The context holds no optimizer: each stage builds its own Learner (train/learner.py), through
+`ctx.learner`, which fills in what every stage shares.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from posttrain.tracking.heartbeat import Heartbeat
 from posttrain.tracking.metrics import MetricsLog
 from posttrain.tracking.samples import SampleLog
 from posttrain.train.checkpoint import TrainerState, rng_state, rotate, save_checkpoint
+from posttrain.train.learner import Learner
 
 T = TypeVar("T")
 PROGRESS_EVERY_S = 30.0  # how often a non-terminal log gets a progress line
@@ -80,6 +82,13 @@ class RunContext:
         from posttrain.envs import make_env
 
         return make_env(self.env_name, {**self.env_args, **overrides})
+
+    def learner(self, c: Any, *, total_updates: int) -> Learner:
+        """A Learner over the run's policy for a stage section `c` (a config.StageConfig with micro_batch_size):
+        its optimizer keys and token budget, the run's padding, precision and compile choice."""
+        return Learner(self.policy, **c.optimizer_args(), total_updates=total_updates,
+                       micro_batch_size=c.micro_batch_size, micro_batch_tokens=c.token_budget(self.policy.device.type),
+                       pad_id=self.tokenizer.pad_token_id, bf16=self.bf16, compile=self.compile)
 
     def phase(self, name: str, detail: str = "") -> None:
         """Announce the phase being entered (heartbeat.json, stall watchdog, fault-injection point)."""
