@@ -43,6 +43,8 @@ class SamplingParams:
     max_new_tokens: int = 32
     stop: tuple[str, ...] = ()
     seed: int = 0
+    first_row: int = 0  # the batch row of prompts[0]: a batch split over engines keeps each row's random stream
+                        # (rollout/sampling.py), so every split draws the same samples
 
 
 FinishReason = Literal["stop", "length"]

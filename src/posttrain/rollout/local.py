@@ -27,7 +27,7 @@ from torch import Tensor
 from posttrain.models.layout import autocast, cache_kwargs, distinct_prompts, left_pad
 from posttrain.records import Completion, SamplingParams
 from posttrain.rollout import llama_decode
-from posttrain.rollout.sampling import sample_next
+from posttrain.rollout.sampling import row_generators, sample_next
 
 if TYPE_CHECKING:
     from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -132,7 +132,7 @@ class LocalEngine:
         else:
             cache.batch_select_indices(prompt_rows)
         dev = self.device
-        generator = torch.Generator(device=dev).manual_seed(params.seed)
+        generators = row_generators(params.seed, range(params.first_row, params.first_row + n), dev)
         tokens = torch.full((n, params.max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
         logprobs = torch.zeros((n, params.max_new_tokens), device=dev)
         lengths = torch.zeros(n, dtype=torch.long, device=dev)
@@ -141,7 +141,7 @@ class LocalEngine:
         active = torch.ones(n, dtype=torch.bool, device=dev)  # cache rows still generating
         for t in range(params.max_new_tokens):
             tok, lp = sample_next(logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                                  generator=generator)
+                                  generator=[generators[r] for r in rows.tolist()])
             live = active.nonzero().squeeze(-1)
             tokens[rows[live], t] = tok[live]
             logprobs[rows[live], t] = lp[live]
