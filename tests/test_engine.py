@@ -201,7 +201,7 @@ def test_engine_registry_errors_name_the_key_and_the_missing_extra(tiny):
     from posttrain.rollout.base import lazy_builder
 
     model, tok = tiny
-    with pytest.raises(UserError, match="rollout.engine: unknown rollout engine 'vlm'; known: local"):
+    with pytest.raises(UserError, match="rollout.engine: unknown rollout engine 'vlm'; known: local, vllm"):
         build_engine("vlm", model, tok)
     # a heavy backend is registered lazily: choosing it without its package names the pip install
     ENGINES._entries["fake-heavy"] = lazy_builder("some_heavy_pkg_xyz.engine:build", requires="some_heavy_pkg_xyz",

@@ -18,7 +18,7 @@ from posttrain.algos.controllers import adapt_in_band, should_reset_reference
 from posttrain.algos.distill import annealed_coef, distill_row_mask
 from posttrain.algos.group_filters import GROUP_FILTERS
 from posttrain.algos.inputs import AdvantageInputs, PolicyLossInputs
-from posttrain.algos.is_correction import IS_CORRECTIONS, effective_sample_size, mismatch_kl
+from posttrain.algos.is_correction import IS_CORRECTIONS, effective_sample_size, mismatch_kl, mismatch_metrics
 from posttrain.algos.kl import KL_ESTIMATORS
 from posttrain.algos.policy_losses import POLICY_LOSSES
 from posttrain.algos.preference import PREFERENCE_LOSSES, PreferenceInputs, best_and_worst
@@ -44,6 +44,7 @@ __all__ = [
     "group_has_variance",
     "group_stats",
     "mismatch_kl",
+    "mismatch_metrics",
     "normalisers_for",
     "overlong_penalty",
     "should_reset_reference",

@@ -109,3 +109,14 @@ def mismatch_kl(trainer_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor
     per_token = k3(sampler_logprobs.detach(), trainer_logprobs.detach())
     per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
     return per_token.sum() / valid.sum().clamp(min=1)
+
+
+def mismatch_metrics(trainer_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor) -> dict[str, float]:
+    """The engine-vs-learner diagnostics logged every step the learner recomputes old logprobs: mean and max of
+    |sampler - learner| logprob over valid tokens, and k3 KL(sampler || learner) (mismatch_kl)."""
+    valid = mask.bool()
+    if not valid.any():
+        return {"is/mismatch_kl": 0.0, "is/logprob_diff_mean": 0.0, "is/logprob_diff_max": 0.0}
+    diff = (sampler_logprobs.detach() - trainer_logprobs.detach()).abs()[valid]
+    return {"is/mismatch_kl": float(mismatch_kl(trainer_logprobs, sampler_logprobs, mask)),
+            "is/logprob_diff_mean": float(diff.mean()), "is/logprob_diff_max": float(diff.max())}

@@ -150,10 +150,15 @@ class RLConfig(StageConfig):
                                       "exactly 0 (their gradient is exactly 0; normalisers still count them). "
                                       "Ignored when an entropy bonus or a KL loss term gives them a gradient; with "
                                       "a teacher KL term, only samples it does not cover (teacher_kl_mask) skip.")
-    recompute_old_logprobs: bool = Field(False, description="Recompute old logprobs with a learner forward pass "
-                                         "instead of using the sampler's (needed when the sampler's numerics "
-                                         "differ from the learner's: another engine, bf16 rollouts, copied "
-                                         "weights). Logs is/mismatch_kl.")
+    recompute_old_logprobs: bool | None = Field(None, description="Recompute old logprobs with a learner forward "
+                                                "pass instead of using the sampler's (needed when the sampler's "
+                                                "numerics differ from the learner's: another engine, bf16 rollouts). "
+                                                "Logs the engine-vs-learner mismatch every step: is/mismatch_kl (k3), "
+                                                "is/logprob_diff_mean and _max. Default: on when rollout.engine is "
+                                                "not 'local' (vLLM), else off. With rollout.max_staleness > 0, true "
+                                                "together with is_correction = 'tis' is decoupled PPO (clip against "
+                                                "the current policy, IS weight to the stale sampler); off, the PPO "
+                                                "ratio to the sampler's logprobs does the correcting.")
 
     @model_validator(mode="before")
     @classmethod

