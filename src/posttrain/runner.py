@@ -14,6 +14,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from posttrain.models import (
 )
 from posttrain.models.lora import attach_lora, is_lora, merged_copy
 from posttrain.models.lora import describe as lora_counts
-from posttrain.rollout.base import build_engine
+from posttrain.rollout.base import RolloutEngine, build_engine
 from posttrain.runtime.context import RunContext
 from posttrain.stages import StageResume, load_stages
 from posttrain.tracking.metrics import MetricsLog, truncate_metrics
@@ -80,9 +81,9 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
     env = make_env(cfg.env.name, cfg.env.args)
     step = state.global_step if state else 0
     bf16 = resolve_bf16(cfg.model.bf16, device)
+    stop_ids = stop_token_ids(tokenizer, model.generation_config, chat_template=cfg.model.chat_template)
     engine = build_engine(cfg.rollout.engine, model, tokenizer, weights=cfg.rollout.weights, bf16=bf16, version=step,
-                          stop_ids=stop_token_ids(tokenizer, model.generation_config,
-                                                  chat_template=cfg.model.chat_template))
+                          stop_ids=stop_ids, engine_args=cfg.rollout.engine_args)
     teacher = load_teacher(cfg, tokenizer, device, bf16) if cfg.uses_teacher() else None
     scorer = Scorer(env, timeout_s=cfg.env.score_timeout_s, failure_reward=cfg.env.failure_reward,
                     max_error_frac=cfg.env.max_error_frac)
@@ -99,7 +100,9 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
                      console=console, stall_timeout_s=cfg.stall_timeout_s, seed=cfg.seed,
                      bf16=bf16, compile=cfg.model.compile,
                      chat_template=cfg.model.chat_template, max_len=max_len, checkpoint_every=cfg.checkpoint.every,
-                     keep_last_n=cfg.checkpoint.keep_last_n, global_step=step)
+                     keep_last_n=cfg.checkpoint.keep_last_n, global_step=step,
+                     max_staleness=cfg.rollout.max_staleness, foreign_sampler=cfg.rollout.engine != "local",
+                     rollout_engines=rollout_engine_factory(cfg, model, tokenizer, bf16=bf16, stop_ids=stop_ids))
     if note:
         ctx.note(note)
     if getattr(env, "warning", None):  # an environment's own caveat (e.g. a weaker code sandbox chosen by name)
@@ -159,6 +162,23 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
             ctx.samples.close()
         engine.close()
         shutdown_pool()
+
+
+def rollout_engine_factory(cfg: RunConfig, model: Any, tokenizer: Any, *, bf16: bool,
+                           stop_ids: set[int]) -> Callable[[int], RolloutEngine] | None:
+    """How a stage gets rollout engines of its own: Ray workers ([distributed] backend = 'ray'), or for
+    asynchronous RL in this process a copy of the run's engine kind; None: rollouts use the run's engine."""
+    if cfg.distributed.backend == "ray":
+        def ray_workers(version: int) -> RolloutEngine:
+            from posttrain.dist import RayEngine  # dist/ is the only package that imports Ray
+
+            return RayEngine(cfg.distributed, engine=cfg.rollout.engine, engine_args=cfg.rollout.engine_args,
+                             model=model, tokenizer=tokenizer, bf16=bf16, stop_ids=stop_ids, version=version)
+        return ray_workers
+    if cfg.rollout.max_staleness > 0:
+        return lambda version: build_engine(cfg.rollout.engine, model, tokenizer, weights="copy", bf16=bf16,
+                                            version=version, stop_ids=stop_ids, engine_args=cfg.rollout.engine_args)
+    return None
 
 
 def teacher_tokenizer(cfg: RunConfig, policy_tokenizer: Any) -> Path:

@@ -37,12 +37,12 @@ from posttrain.algos import (
     adapt_in_band,
     distill_row_mask,
     effective_sample_size,
-    mismatch_kl,
+    mismatch_metrics,
     normalisers_for,
     overlong_penalty,
     should_reset_reference,
 )
-from posttrain.data.samplers import SAMPLERS, TaskSampler
+from posttrain.data.samplers import SAMPLERS, PromptHistory, TaskSampler
 from posttrain.recipes.rl_config import RLConfig
 from posttrain.records import SamplingParams
 from posttrain.rollout.collect import (
@@ -53,6 +53,7 @@ from posttrain.rollout.collect import (
     describe_samples,
     generation_flops,
 )
+from posttrain.rollout.producer import Rollouts, staleness
 from posttrain.runtime.context import RunContext
 from posttrain.stages import StageResume, register_stage
 from posttrain.tracking.ledger import FlopModel
@@ -100,16 +101,26 @@ def run(ctx: RunContext, c: RLConfig, resume: StageResume | None) -> None:
         sampler.load_state_dict(resume.state["sampler"])
         if reference is not None:
             reference.load_weights(resume.state["reference"])
-    batches = collect(ctx.engine, sampler, ctx.scorer.with_env(env),
-                      PromptRenderer(env, ctx.tokenizer, ctx.chat_template, ctx.max_len),
-                      prompts_per_step=c.prompts_per_step, group_size=c.group_size, group_filter=c.group_filter,
-                      max_refill_rounds=c.max_refill_rounds, seed=ctx.seed, first_step=ctx.global_step,
-                      sampling=SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                                              max_new_tokens=c.max_new_tokens), heartbeat=ctx.heartbeat)
-    if not resume and c.eval_every:  # the curve's first point: the policy RL starts from, at zero RL compute
-        ctx.add(**{"compute/rl_flops": 0.0})
-        ctx.evaluate("rl-step0", stage="rl")
+    # In step with training, or (rollout.max_staleness = k > 0) up to k steps ahead of it (rollout/producer.py).
+    batches = ctx.rollouts(lambda engine: collect(
+        engine, sampler, ctx.scorer.with_env(env), PromptRenderer(env, ctx.tokenizer, ctx.chat_template, ctx.max_len),
+        prompts_per_step=c.prompts_per_step, group_size=c.group_size, group_filter=c.group_filter,
+        max_refill_rounds=c.max_refill_rounds, seed=ctx.seed, first_step=ctx.global_step,
+        sampling=SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
+                                max_new_tokens=c.max_new_tokens), heartbeat=ctx.heartbeat))
+    try:
+        if not resume and c.eval_every:  # the curve's first point: the policy RL starts from, at zero RL compute
+            ctx.add(**{"compute/rl_flops": 0.0})
+            ctx.evaluate("rl-step0", stage="rl")
+        train(ctx, c, batches, learner, sampler, state, reference, start)
+    finally:
+        batches.close()
+    ctx.evaluate("rl", stage="rl")
+    save(ctx, c.steps, True, learner, sampler.state_dict(), state, reference, sampler)
 
+
+def train(ctx: RunContext, c: RLConfig, batches: Rollouts, learner: Learner, sampler: TaskSampler, state: RLState,
+          reference: FrozenModel | None, start: int) -> None:
     for step in ctx.progress(range(start, c.steps), total=c.steps, completed=start, description="rl"):
         t_step = time.time()
         # 1-3. pick prompts, sample groups, score, filter groups ------------------------------------------------
@@ -136,12 +147,10 @@ def run(ctx: RunContext, c: RLConfig, resume: StageResume | None) -> None:
         # 7. controllers between steps ---------------------------------------------------------------------------
         if c.entropy_target is not None and len(rollouts.kept):
             adapt_to_entropy(ctx, state, c, metrics["pg/entropy"])
-        # 8. the engine samples the next step from the new weights; log, evaluate, reset, checkpoint ------------
+        # 8. the engines sample from the new weights; log, evaluate, reset, checkpoint ----------------------------
         ctx.engine.update_weights(learner.weights(), ctx.global_step)
-        end_step(ctx, c, step + 1, metrics, t_step, learner, sampler, state, reference)
-
-    ctx.evaluate("rl", stage="rl")
-    save(ctx, c.steps, True, learner, sampler, state, reference)
+        batches.post_weights(learner.weights(), ctx.global_step)
+        end_step(ctx, c, step + 1, metrics, t_step, learner, rollouts.sampler_state, state, reference)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,6 +167,13 @@ def rollout_metrics(ctx: RunContext, rollouts: StepRollouts, flops: FlopModel, *
     ctx.add(**{"compute/wasted_flops": gen_flops - generation_flops(flops, kept),
                "rollout/tokens": sum(len(x.token_ids) for x in seen.completions)})
     metrics = describe_samples(seen)
+    if seen.completions:  # policy versions between sampler and learner: 0 in step, at most max_staleness ahead
+        lag = staleness(seen.completions, ctx.global_step)
+        if max(lag) > ctx.max_staleness or min(lag) < 0:
+            raise RuntimeError(f"rl step {ctx.global_step + 1}: samples of policy versions "
+                               f"{sorted({c.policy_version for c in seen.completions})} trained at version "
+                               f"{ctx.global_step}, outside rollout.max_staleness = {ctx.max_staleness}")
+        metrics.update({"rollout/staleness_mean": sum(lag) / len(lag), "rollout/staleness_max": max(lag)})
     metrics.update({"rollout/refill_rounds": rollouts.rounds - 1, "rollout/kept_samples": len(kept),
                     "time/generate_s": t_generate,
                     "perf/gen_tokens_per_s": sum(len(x.token_ids) for x in seen.completions) / max(t_generate, 1e-9)})
@@ -195,11 +211,11 @@ def rl_batch(ctx: RunContext, kept: RolloutBatch, c: RLConfig, learner: Learner,
         ctx.add_flops(ref=flops)
         if c.kl_placement == "reward":  # -beta * KL_t of the sampling policy to the reference, per token
             token_rewards = -c.kl_coef * KL_ESTIMATORS.get(c.kl_estimator)(sampler_lp, ref_lp) * mask
-    if c.recompute_old_logprobs:
+    if c.recompute_old_logprobs if c.recompute_old_logprobs is not None else ctx.foreign_sampler:
         old, flops = learner.logprobs(seqs, temperature=c.temperature)
         old_lp = pad(old)
         ctx.add_flops(old=flops)
-        metrics["is/mismatch_kl"] = float(mismatch_kl(old_lp, sampler_lp, mask))
+        metrics.update(mismatch_metrics(old_lp, sampler_lp, mask))
     else:  # the engine's logprobs: the learner's own only for fp32 shared weights (tests/test_engine.py)
         old_lp = sampler_lp
     is_weights = IS_CORRECTIONS.get(c.is_correction)(old_lp, sampler_lp, mask, cap=c.is_cap)
@@ -329,7 +345,7 @@ def adapt_to_entropy(ctx: RunContext, state: RLState, c: RLConfig, entropy: floa
 
 
 def end_step(ctx: RunContext, c: RLConfig, stage_step: int, metrics: dict, t_step: float, learner: Learner,
-             sampler: TaskSampler, state: RLState, reference: FrozenModel | None) -> None:
+             sampler_state: dict, state: RLState, reference: FrozenModel | None) -> None:
     """Log the step, then what is scheduled at it: evaluation, reference reset, checkpoint. Runs after every
     step, including one whose groups were all degenerate (no update), so the schedule never skips a point."""
     metrics["time/step_s"] = time.time() - t_step
@@ -348,17 +364,23 @@ def end_step(ctx: RunContext, c: RLConfig, stage_step: int, metrics: dict, t_ste
                  + (" (optimizer state cleared)" if c.ref_reset_optimizer else ""))
         ctx.write_metrics("rl", {"ctrl/ref_reset": 1})
     if ctx.due(stage_step) and stage_step < c.steps:
-        save(ctx, stage_step, False, learner, sampler, state, reference)
+        save(ctx, stage_step, False, learner, sampler_state, state, reference)
         ctx.stop_if_requested()
 
 
-def save(ctx: RunContext, stage_step: int, done: bool, learner: Learner, sampler: TaskSampler, state: RLState,
-         reference: FrozenModel | None) -> None:
-    stage_state = {"rl": asdict(state), "sampler": sampler.state_dict(),
+def save(ctx: RunContext, stage_step: int, done: bool, learner: Learner, sampler_state: dict, state: RLState,
+         reference: FrozenModel | None, sampler: TaskSampler | None = None) -> None:
+    """sampler_state: the task sampler as of the last trained step (an asynchronous producer is ahead of it)."""
+    stage_state = {"rl": asdict(state), "sampler": sampler_state,
                    "reference": reference.state_dict() if reference is not None else None}
     ctx.checkpoint(stage_index=ctx.stage_index, stage_step=stage_step, stage_done=done,
                    learner=learner.state_dict(), stage_state=stage_state)
-    write_prompt_history(ctx.run_dir, sampler.history.rows())
+    if "history" in sampler_state:  # the built-in samplers' layout
+        history = PromptHistory()
+        history.load_state_dict(sampler_state["history"])
+        write_prompt_history(ctx.run_dir, history.rows())
+    elif sampler is not None:
+        write_prompt_history(ctx.run_dir, sampler.history.rows())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ the seam an asynchronous producer replaces: the RL step only ever calls `next(ba
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -78,6 +79,7 @@ class StepRollouts:
     seen: RolloutBatch  # everything generated this step (metrics and the compute ledger count it all)
     rounds: int  # generation rounds (1 + refills)
     notes: list[str] = field(default_factory=list)  # lines for the run log (e.g. completions that failed to score)
+    sampler_state: dict | None = None  # the task sampler right after this step (what a checkpoint after it keeps)
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,8 @@ def collect(engine: RolloutEngine, sampler: TaskSampler, scorer: Scorer, render:
             rounds += 1
             if not refill or kept.num_groups >= prompts_per_step or rounds > max_refill_rounds:
                 break
-        yield StepRollouts(kept, seen, rounds, notes)
+        # A copy: an asynchronous producer (rollout/producer.py) moves the sampler on before this step trains.
+        yield StepRollouts(kept, seen, rounds, notes, copy.deepcopy(sampler.state_dict()))
         step += 1
 
 

@@ -9,7 +9,7 @@ the recipe. The context holds no optimizer: each stage builds its own Learner (t
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +29,7 @@ from posttrain.envs.scoring import Scorer
 from posttrain.errors import RunStopped
 from posttrain.evals.evaluate import Evaluator, headline_metrics, write_eval
 from posttrain.rollout.base import RolloutEngine
+from posttrain.rollout.producer import Rollouts
 from posttrain.tracking.heartbeat import Heartbeat
 from posttrain.tracking.metrics import MetricsLog
 from posttrain.tracking.samples import SampleLog
@@ -70,6 +71,11 @@ class RunContext:
     evals: dict[str, dict] = field(default_factory=dict)
     stop_requested: str | None = None  # set by the runner's SIGTERM handler; stages stop at the next step end
     samples: SampleLog | None = None  # samples.jsonl
+    max_staleness: int = 0  # rollout.max_staleness
+    foreign_sampler: bool = False  # rollouts come from another kind of engine than the learner's model (vLLM)
+    # Builds a stage's own rollout engine at a policy version (a copy, vLLM, Ray workers); None: the stage's
+    # rollouts come from `engine`, in step with training.
+    rollout_engines: Callable[[int], RolloutEngine] | None = None
 
     def __post_init__(self) -> None:
         self._status = ""
@@ -89,6 +95,16 @@ class RunContext:
         return Learner(self.policy, **c.optimizer_args(), total_updates=total_updates,
                        micro_batch_size=c.micro_batch_size, micro_batch_tokens=c.token_budget(self.policy.device.type),
                        pad_id=self.tokenizer.pad_token_id, bf16=self.bf16, compile=self.compile)
+
+    def rollouts(self, make_batches: Callable[[RolloutEngine], Iterator[Any]]) -> Rollouts:
+        """A stage's rollout stream (rollout/producer.py): `make_batches(engine)` is its collect() generator."""
+        if self.rollout_engines is None:
+            return Rollouts(make_batches, self.engine, max_staleness=0, version=self.global_step, own_engine=False)
+        engine = self.rollout_engines(self.global_step)
+        if hasattr(engine, "on_note"):  # Ray workers report restarts in the run log
+            engine.on_note = self.note
+        return Rollouts(make_batches, engine, max_staleness=self.max_staleness, version=self.global_step,
+                        own_engine=True)
 
     def phase(self, name: str, detail: str = "") -> None:
         """Announce the phase being entered (heartbeat.json, stall watchdog, fault-injection point)."""

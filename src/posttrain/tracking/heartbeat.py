@@ -43,9 +43,9 @@ class Heartbeat:
     def phase(self, name: str, detail: str = "", *, step: int | None = None) -> None:
         if step is not None:
             self.step = step
-        with self._lock:
+        with self._lock:  # an asynchronous rollout producer and the learner announce phases from two threads
             self._phase, self._detail, self._since, self._reported = name, detail, time.time(), False
-        self._write()
+            self._write()
         fault_point(name, self.step)
 
     def _write(self) -> None:
