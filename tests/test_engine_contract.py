@@ -168,3 +168,33 @@ def test_ray_rollout_workers_can_each_own_a_vllm_engine(tiny_dir, tmp_path):
         assert learner_gap(new_learner, synced, 1.0) < TOLERANCE["vllm"]
     finally:
         engine.close()
+
+
+@pytest.mark.vllm
+def test_a_lora_policy_samples_through_vllm_lora_and_syncs_adapters_only(tiny_dir, tmp_path):
+    from posttrain.config import LoraConfig
+    from posttrain.models.lora import attach_lora
+    from posttrain.rollout import build_engine
+
+    model, tok = build_model(tiny_dir, tmp_path, tied=True, seed=0)
+    policy = attach_lora(model, LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
+    engine = build_engine("vllm", policy, tok, weights="copy", version=0)
+    try:
+        prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q in ["1+2=", "123+456="]] * 4
+        params = SamplingParams(temperature=1.0, max_new_tokens=10, seed=4)
+        learner = Learner(policy, lr=1e-3, total_updates=1, micro_batch_size=16, pad_id=tok.pad_token_id)
+        adapters = learner.weights()
+        assert adapters and all("lora_" in k for k in adapters)  # what the engine receives: adapters only
+        assert learner_gap(learner, engine.generate(prompts, params), 1.0) < TOLERANCE["vllm"]
+        torch.manual_seed(5)
+        with torch.no_grad():  # B = 0 at init: give the adapters weight, so they change the model's outputs
+            for v in adapters.values():
+                v.add_(torch.randn_like(v) * 0.5)
+        stale = engine.generate(prompts, params)
+        assert learner_gap(learner, stale, 1.0) > 0.05  # vLLM still serves the old adapter
+        engine.update_weights(learner.weights(), version=1)
+        synced = engine.generate(prompts, params)
+        assert {c.policy_version for c in synced} == {1}
+        assert learner_gap(learner, synced, 1.0) < TOLERANCE["vllm"]
+    finally:
+        engine.close()

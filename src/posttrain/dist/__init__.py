@@ -12,13 +12,13 @@ from posttrain.errors import MissingExtraError
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("RayEngine", "start_ray", "group_chunks"):
+    if name in ("RayEngine", "start_ray", "group_chunks", "RayScoring"):
         if importlib.util.find_spec("ray") is None:
             raise MissingExtraError("ray", "ray")
-        from posttrain.dist import ray_engine
+        from posttrain.dist import ray_engine, scoring
 
-        return getattr(ray_engine, name)
+        return getattr(scoring if name == "RayScoring" else ray_engine, name)
     raise AttributeError(name)
 
 
-__all__ = ["RayEngine", "group_chunks", "start_ray"]
+__all__ = ["RayEngine", "RayScoring", "group_chunks", "start_ray"]

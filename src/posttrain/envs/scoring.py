@@ -35,7 +35,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -324,9 +324,10 @@ class Scorer:
     timeout_s: float = 10.0
     failure_reward: float = 0.0
     max_error_frac: float | None = 0.5
+    score_fn: Callable[..., list[Score]] = score_many  # where verifiers run: here, or a Ray pool (dist/scoring.py)
 
     def __call__(self, tasks: Sequence[Task], texts: Sequence[str]) -> list[Score]:
-        scores = score_many(self.env, tasks, texts, timeout_s=self.timeout_s, failure_reward=self.failure_reward)
+        scores = self.score_fn(self.env, tasks, texts, timeout_s=self.timeout_s, failure_reward=self.failure_reward)
         errors = ScoreErrors.of(scores)
         if self.max_error_frac is not None and errors.failed > self.max_error_frac * errors.total:
             raise UserError(f"{errors.failed} of {errors.total} completions could not be scored (more than "
@@ -334,10 +335,10 @@ class Scorer:
         return scores
 
     def with_env(self, env: Any) -> Scorer:
-        return Scorer(env, self.timeout_s, self.failure_reward, self.max_error_frac)
+        return replace(self, env=env)
 
     def never_stopping(self) -> Scorer:
-        return Scorer(self.env, self.timeout_s, self.failure_reward, None)
+        return replace(self, max_error_frac=None)
 
     @staticmethod
     def failures(tasks: Sequence[Task], scores: Sequence[Score]) -> str | None:

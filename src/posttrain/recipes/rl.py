@@ -16,6 +16,7 @@ controllers -> engine.update_weights -> end_step (log, evaluate, reset the refer
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -101,6 +102,7 @@ def run(ctx: RunContext, c: RLConfig, resume: StageResume | None) -> None:
         sampler.load_state_dict(resume.state["sampler"])
         if reference is not None:
             reference.load_weights(resume.state["reference"])
+    sampler_state = copy.deepcopy(sampler.state_dict())  # before a producer thread starts moving it
     # In step with training, or (rollout.max_staleness = k > 0) up to k steps ahead of it (rollout/producer.py).
     batches = ctx.rollouts(lambda engine: collect(
         engine, sampler, ctx.scorer.with_env(env), PromptRenderer(env, ctx.tokenizer, ctx.chat_template, ctx.max_len),
@@ -112,15 +114,17 @@ def run(ctx: RunContext, c: RLConfig, resume: StageResume | None) -> None:
         if not resume and c.eval_every:  # the curve's first point: the policy RL starts from, at zero RL compute
             ctx.add(**{"compute/rl_flops": 0.0})
             ctx.evaluate("rl-step0", stage="rl")
-        train(ctx, c, batches, learner, sampler, state, reference, start)
+        # the sampler as of the last step trained (an asynchronous producer has moved it further)
+        sampler_state = train(ctx, c, batches, learner, sampler_state, state, reference, start)
     finally:
         batches.close()
     ctx.evaluate("rl", stage="rl")
-    save(ctx, c.steps, True, learner, sampler.state_dict(), state, reference, sampler)
+    save(ctx, c.steps, True, learner, sampler_state, state, reference, sampler)
 
 
-def train(ctx: RunContext, c: RLConfig, batches: Rollouts, learner: Learner, sampler: TaskSampler, state: RLState,
-          reference: FrozenModel | None, start: int) -> None:
+def train(ctx: RunContext, c: RLConfig, batches: Rollouts, learner: Learner, sampler_state: dict, state: RLState,
+          reference: FrozenModel | None, start: int) -> dict:
+    """Steps start..c.steps. -> the task sampler's state after the last of them."""
     for step in ctx.progress(range(start, c.steps), total=c.steps, completed=start, description="rl"):
         t_step = time.time()
         # 1-3. pick prompts, sample groups, score, filter groups ------------------------------------------------
@@ -150,7 +154,9 @@ def train(ctx: RunContext, c: RLConfig, batches: Rollouts, learner: Learner, sam
         # 8. the engines sample from the new weights; log, evaluate, reset, checkpoint ----------------------------
         ctx.engine.update_weights(learner.weights(), ctx.global_step)
         batches.post_weights(learner.weights(), ctx.global_step)
-        end_step(ctx, c, step + 1, metrics, t_step, learner, rollouts.sampler_state, state, reference)
+        sampler_state = rollouts.sampler_state
+        end_step(ctx, c, step + 1, metrics, t_step, learner, sampler_state, state, reference)
+    return sampler_state
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,14 +17,19 @@ What it reports, and the traps it handles:
 - prefix caching is on (a group's prompt is prefilled once); the cache holds keys and values of the old weights,
   so it is cleared on every weight update.
 - seeds: every request gets its own seed from (call seed, batch row), so a split batch draws what the whole would.
+- LoRA ([model.lora]): vLLM loads the frozen base once and serves the adapter with vLLM's own LoRA support
+  (enable_lora); every update writes the adapter tensors only and serves them under a new adapter id.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,15 +48,25 @@ def row_seed(seed: int, row: int) -> int:
     return (seed * 0x9E3779B1 + row) % (2**31 - 1)
 
 
-def default_memory_fraction(device: str) -> float:
-    """On CPU vLLM's fraction is of host RAM (its default 0.92 refuses to start next to a learner); on a GPU the
-    learner shares the device, so half is left to it."""
-    return 0.05 if device == "cpu" else 0.5
+CPU_KV_CACHE_BYTES = 2**30
+
+
+def memory_args(device: str, gpu_memory_utilization: float | None, kv_cache_memory_bytes: int | None) -> dict:
+    """How much memory vLLM may take. On a GPU the learner shares the device: half of it by default. On CPU the
+    fraction is of host RAM for the whole process (learner included), so a small one leaves almost nothing for the
+    KV cache once the learner has grown (measured: 0.05 gave tiny-25m 1,280 tokens); the KV cache gets a fixed
+    1 GiB instead unless either knob is set."""
+    if kv_cache_memory_bytes is not None:
+        return {"kv_cache_memory_bytes": kv_cache_memory_bytes}
+    if gpu_memory_utilization is not None:
+        return {"gpu_memory_utilization": gpu_memory_utilization}
+    return {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES} if device == "cpu" else {"gpu_memory_utilization": 0.5}
 
 
 class VLLMEngine:
     def __init__(self, model: Any, tokenizer: Any, *, bf16: bool, version: int, stop_ids: set[int],
-                 gpu_memory_utilization: float | None = None, enable_prefix_caching: bool = True,
+                 gpu_memory_utilization: float | None = None, kv_cache_memory_bytes: int | None = None,
+                 enable_prefix_caching: bool = True,
                  max_model_len: int | None = None, enforce_eager: bool = True, seed: int = 0):
         try:
             from vllm import LLM
@@ -65,24 +80,40 @@ class VLLMEngine:
         self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
         device = model.device.type
         self._dir = tempfile.mkdtemp(prefix="posttrain-vllm-")  # the policy as vLLM loads it
-        model.save_pretrained(self._dir)
+        self._lora = lora_setup(model)  # a LoRA policy: vLLM gets the frozen base and serves the adapter
+        (self._lora.base if self._lora else model).save_pretrained(self._dir)
         tokenizer.save_pretrained(self._dir)
+        lora_args = {"enable_lora": True, "max_lora_rank": self._lora.rank, "max_loras": 1} if self._lora else {}
         # In-process engine core: the learner and vLLM share this process (and its weights transfer by reference).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        fraction = gpu_memory_utilization if gpu_memory_utilization is not None else default_memory_fraction(device)
+        # vLLM sets torch to 1 thread for serving unless OMP_NUM_THREADS says otherwise; in-process that would be
+        # the learner's thread count too (and on CPU, vLLM's own matmuls).
+        os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+        memory = memory_args(device, gpu_memory_utilization, kv_cache_memory_bytes)
         length = max_model_len or getattr(model.config, "max_position_embeddings", None)
         try:
             self.llm = LLM(model=self._dir, dtype="bfloat16" if bf16 else "float32", enforce_eager=enforce_eager,
-                           gpu_memory_utilization=fraction, enable_prefix_caching=enable_prefix_caching,
-                           logprobs_mode="processed_logprobs", max_model_len=length, seed=seed)
+                           **memory, enable_prefix_caching=enable_prefix_caching,
+                           logprobs_mode="processed_logprobs", max_model_len=length, seed=seed, **lora_args)
         except Exception as e:  # vLLM's own errors are long; say which knob to turn
             shutil.rmtree(self._dir, ignore_errors=True)
-            raise UserError(f"rollout.engine = 'vllm' failed to start: {explain_start_failure(e, fraction)}") from e
+            raise UserError(f"rollout.engine = 'vllm' failed to start: {explain_start_failure(e, memory)}") from e
+        # Three lines per weight sync otherwise, in every step's output: the reload's timing, the prefix cache reset,
+        # and "RotaryEmbedding: Failed to load weights" (it has none: its buffers are computed, and the contract
+        # test shows the logprobs right after a sync).
+        for name, level in (("vllm.model_executor.model_loader.reload.layerwise", logging.ERROR),
+                            ("vllm.model_executor.model_loader.reload.inplace", logging.WARNING),
+                            ("vllm.v1.core.block_pool", logging.WARNING)):
+            logging.getLogger(name).setLevel(level)
+        self._adapter: Any = None  # the LoRARequest every request carries (a LoRA policy only)
+        if self._lora:
+            self._load_adapter({k: v for k, v in model.named_parameters() if "lora_" in k}, version)
 
     def update_weights(self, weights: Mapping[str, Tensor], version: int) -> None:
-        if any("lora_" in k for k in weights):
-            raise UserError("rollout.engine = 'vllm' with [model.lora]: syncing LoRA adapters into vLLM is not "
-                            "supported yet; use rollout.engine = 'local' for LoRA runs")
+        if self._lora:  # adapter tensors only: the base in vLLM never changes
+            self._load_adapter(weights, version)
+            self.version = version
+            return
         items = [(k, v.detach()) for k, v in weights.items()]
         if self.tied and "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
             items.append(("lm_head.weight", weights["model.embed_tokens.weight"].detach()))
@@ -103,7 +134,7 @@ class VLLMEngine:
                                     logprobs=0, skip_special_tokens=True)
                     for i in range(len(prompts))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], requests,
-                                    use_tqdm=False)
+                                    use_tqdm=False, lora_request=self._adapter)
         out = []
         for prompt, result in zip(prompts, outputs, strict=True):
             c = result.outputs[0]
@@ -119,6 +150,23 @@ class VLLMEngine:
                                   policy_version=self.version))
         return out
 
+    def _load_adapter(self, weights: Mapping[str, Tensor], version: int) -> None:
+        """Write the adapter as PEFT saves it and serve it under a new id (vLLM caches adapters by id)."""
+        from vllm.lora.request import LoRARequest
+
+        path = Path(self._dir) / f"adapter-v{version}"
+        write_adapter(path, self._lora.config, weights)
+        previous = self._adapter
+        self._adapter = LoRARequest(f"policy-v{version}", self._next_id(), str(path))
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+        self.llm.reset_prefix_cache()
+
+    def _next_id(self) -> int:
+        self._ids = getattr(self, "_ids", 0) + 1
+        return self._ids
+
     def close(self) -> None:
         llm = getattr(self, "llm", None)
         if llm is not None:
@@ -126,12 +174,14 @@ class VLLMEngine:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
-def explain_start_failure(error: Exception, fraction: float) -> str:
-    text = str(error)
+def explain_start_failure(error: Exception, memory: dict) -> str:
+    text = " ".join(str(error).split())
     low = text.lower()
     if "memory" in low or "kv cache" in low or "gpu_memory_utilization" in low:
-        return (f"not enough memory for the model and its KV cache at gpu_memory_utilization = {fraction} "
-                f"(on CPU a fraction of host RAM); set rollout.engine_args.gpu_memory_utilization ({text[:200]})")
+        setting = ", ".join(f"{k} = {v}" for k, v in memory.items())
+        return (f"not enough memory for the model and its KV cache at {setting} (on CPU gpu_memory_utilization "
+                f"is a fraction of host RAM); set rollout.engine_args.kv_cache_memory_bytes or "
+                f"gpu_memory_utilization ({text[:200]})")
     if "architecture" in low or "not supported" in low or "unsupported" in low:
         return f"vLLM does not support this model's architecture or shape ({text[:200]})"
     return text[:400]
@@ -142,8 +192,43 @@ def build_vllm(model: Any, tokenizer: Any, *, weights: str, bf16: bool, version:
     if weights == "shared":
         raise UserError("rollout.weights = 'shared' needs an engine that runs the learner's own module; vLLM "
                         "holds its own copy: use 'auto' or 'copy'")
-    allowed = {"gpu_memory_utilization", "enable_prefix_caching", "max_model_len", "enforce_eager", "seed"}
+    allowed = {"gpu_memory_utilization", "kv_cache_memory_bytes", "enable_prefix_caching", "max_model_len",
+               "enforce_eager", "seed"}
     if unknown := sorted(set(engine_args) - allowed):
         raise UserError(f"rollout.engine_args: {unknown[0]!r} is not a vllm engine argument "
                         f"(known: {', '.join(sorted(allowed))})")
     return VLLMEngine(model, tokenizer, bf16=bf16, version=version, stop_ids=stop_ids, **engine_args)
+
+
+@dataclass(frozen=True)
+class LoraSetup:
+    base: Any  # a plain transformers model holding the frozen base weights
+    config: Any  # the PEFT LoraConfig
+    rank: int  # vLLM's max_lora_rank: the adapter's r rounded up to a size vLLM supports
+
+
+def lora_setup(model: Any) -> LoraSetup | None:
+    """For a PEFT LoRA policy: its base weights as a plain model (names without PEFT's wrapping), its config."""
+    if not hasattr(model, "peft_config"):
+        return None
+    from transformers import AutoModelForCausalLM
+
+    config = model.peft_config["default"]
+    base_config = model.get_base_model().config
+    base = AutoModelForCausalLM.from_config(base_config, torch_dtype=model.dtype)
+    state = {k.removeprefix("base_model.model.").replace(".base_layer.", "."): v
+             for k, v in model.state_dict().items() if "lora_" not in k}
+    base.load_state_dict(state)
+    rank = next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= config.r)
+    return LoraSetup(base, config, rank)
+
+
+def write_adapter(path: Path, config: Any, weights: Mapping[str, Tensor]) -> None:
+    """adapter_config.json + adapter_model.safetensors, the layout PEFT's save_pretrained writes (the adapter
+    name is dropped from tensor names)."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(path))
+    tensors = {k.replace(".default.", "."): v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()}
+    save_file(tensors, str(path / "adapter_model.safetensors"))

@@ -1,0 +1,139 @@
+"""The staleness study (docs/studies/staleness.md): run it, then tabulate and plot what it measured.
+
+    python scripts/staleness_study.py                      # run what is missing: k in 0,1,2,4 x 3 seeds, local engine
+    python scripts/staleness_study.py --vllm-python .venv-vllm/bin/python   # also k = 0 on the vLLM engine
+    python scripts/staleness_study.py --report             # only tabulate the finished runs
+
+Every run is `posttrain run recipes/async/staleness.toml --set rollout.max_staleness=K --set seed=S` from the same
+SFT'd tiny-3m (runs/distill-student/final; built by recipes/distill/student.toml when missing), one after
+another (never two at once on a 2-core machine); a finished run is reused. Seeds vary sampling only. The table
+gives final pass@1 and pass@8 (mean over seeds with a 95% t-interval), pass@1 at the equal-compute budget (the
+smallest final compute/flops of any run, linear interpolation between evaluations) and at equal wall time, and
+the mean seconds per step. The plot draws pass@1 against compute/flops and against wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "runs"
+SEEDS = (0, 1, 2)
+KS = (0, 1, 2, 4)
+
+
+def configs(with_vllm: bool) -> dict[str, tuple[str, int]]:
+    """name -> (engine, k)."""
+    out = {f"k{k}": ("local", k) for k in KS}
+    if with_vllm:
+        out["vllm-k0"] = ("vllm", 0)
+    return out
+
+
+def posttrain(python: str, *args: str) -> None:
+    print("+ posttrain", " ".join(args), flush=True)
+    subprocess.run([python, "-m", "posttrain.cli", *args], cwd=ROOT, check=True)
+
+
+def done(name: str) -> bool:
+    return (RUNS / name / "DONE").exists()
+
+
+def run_all(vllm_python: str | None) -> None:
+    if not done("distill-student"):
+        posttrain(sys.executable, "run", "recipes/distill/student.toml")
+    for seed in SEEDS:
+        for label, (engine, k) in configs(vllm_python is not None).items():
+            name = f"stale-{label}-seed{seed}"
+            if not done(name):
+                python = vllm_python if engine == "vllm" else sys.executable
+                posttrain(python, "run", "recipes/async/staleness.toml", "--set", f"seed={seed}", "--set",
+                          f"name={name}", "--set", f"rollout.max_staleness={k}", "--set", f"rollout.engine={engine}")
+
+
+def curve(run_dir: Path) -> dict[str, np.ndarray]:
+    """compute/flops, elapsed seconds, pass@1 and pass@8 at each evaluation; and seconds per RL step."""
+    cols: dict[str, list[float]] = {"flops": [], "wall": [], "p1": [], "p8": []}
+    flops, steps = 0.0, []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        flops = row.get("compute/flops", flops)
+        if "time/step_s" in row:
+            steps.append(row["time/step_s"])
+        if "eval/pass@1" in row:
+            cols["flops"].append(flops)
+            cols["wall"].append(row["time/elapsed_s"])
+            cols["p1"].append(row["eval/pass@1"])
+            cols["p8"].append(row["eval/pass@8"])
+    out = {k: np.array(v) for k, v in cols.items()}
+    out["step_s"] = np.array([float(np.mean(steps))])
+    return out
+
+
+def ci(values: list[float]) -> str:
+    v = np.array(values)
+    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else math.nan
+    return f"{v.mean():.3f} ± {half:.3f}"
+
+
+def report(with_vllm: bool) -> str:
+    names = [c for c in configs(with_vllm) if all((RUNS / f"stale-{c}-seed{s}" / "DONE").exists() for s in SEEDS)]
+    curves = {c: [curve(RUNS / f"stale-{c}-seed{s}") for s in SEEDS] for c in names}
+    budget = min(r["flops"][-1] for runs in curves.values() for r in runs)
+    wall = min(r["wall"][-1] for runs in curves.values() for r in runs)
+    lines = [f"Budget: {budget:.3g} FLOPs and {wall:.0f} s of wall time (the smallest final value of any run).", "",
+             ("| configuration | final pass@1 | final pass@8 | pass@1 at the FLOP budget | pass@1 at equal wall time "
+              "| s / step |"), "|---|---|---|---|---|---|"]
+    for c, runs in curves.items():
+        lines.append(
+            f"| {c} | {ci([r['p1'][-1] for r in runs])} | {ci([r['p8'][-1] for r in runs])} | "
+            f"{ci([float(np.interp(budget, r['flops'], r['p1'])) for r in runs])} | "
+            f"{ci([float(np.interp(wall, r['wall'], r['p1'])) for r in runs])} | "
+            f"{np.mean([r['step_s'][0] for r in runs]):.2f} |")
+    plot(curves)
+    return "\n".join(lines)
+
+
+def plot(curves: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (c, runs), color in zip(curves.items(), colors, strict=False):
+        for i, r in enumerate(runs):
+            axes[0].plot(r["flops"], r["p1"], "-o", ms=3, color=color, alpha=0.8, label=c if i == 0 else None)
+            axes[1].plot(r["wall"], r["p1"], "-o", ms=3, color=color, alpha=0.8)
+    axes[0].set_xlabel("compute/flops (generation, logprob passes, training)")
+    axes[1].set_xlabel("wall time (s, evaluations included)")
+    axes[0].set_ylabel("held-out pass@1 (200 problems x 8 samples)")
+    axes[0].legend(fontsize=8, title="max_staleness")
+    fig.suptitle("tiny-3m, 3-digit addition, RL from the same SFT checkpoint (3 seeds each)")
+    fig.tight_layout()
+    out = ROOT / "docs" / "studies" / "staleness.png"
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--report", action="store_true", help="only tabulate the finished runs")
+    parser.add_argument("--vllm-python", help="a python with vllm installed: also run k = 0 on the vLLM engine")
+    args = parser.parse_args()
+    if not args.report:
+        run_all(args.vllm_python)
+    print(report(args.vllm_python is not None))
+
+
+if __name__ == "__main__":
+    main()
