@@ -127,3 +127,22 @@ def test_sigkill_under_asynchronous_rl_resumes_with_the_in_flight_prompts_regene
     stale = {r["step"]: r["rollout/staleness_max"] for r in got if "pg/loss" in r}
     assert stale == {5: 0, 6: 1, 7: 0, 8: 1}
     assert visits(run_dir) == visits(tmp_path / "reference" / "crash")
+
+
+@pytest.mark.slow
+def test_sigkill_with_an_adaptive_curriculum_resumes_exactly(tmp_path):
+    """PCL over a pool of 6 prompts: its value model's weights, rng and the replayed bank must all come back."""
+    recipe = tmp_path / "pcl.toml"
+    recipe.write_text(RECIPE.replace("kl_coef = 0.05", 'kl_coef = 0.05\nsampler = "pcl"\n'
+                                     "sampler_args = {pool_size = 6, candidates = 2}"))
+    assert posttrain_run(recipe, tmp_path / "reference").returncode == 0
+    expected = metrics(tmp_path / "reference" / "crash")
+    assert any(k.startswith("curriculum/pred_abs_err") for r in expected for k in r)
+    crashed = posttrain_run(recipe, tmp_path / "crashed", "train:6")
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    resumed = posttrain_run(recipe, tmp_path / "crashed")
+    assert resumed.returncode == 0, resumed.stderr
+    assert metrics(tmp_path / "crashed" / "crash") == expected
+    history = (tmp_path / "crashed" / "crash" / "prompts.jsonl").read_text()
+    assert history == (tmp_path / "reference" / "crash" / "prompts.jsonl").read_text()
+    assert len(history.splitlines()) <= 6  # the pool: prompts recur instead of new ones being drawn

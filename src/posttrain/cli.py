@@ -6,6 +6,7 @@ traceback.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -193,6 +194,75 @@ def distill_data_(
                      console=err, keep_failed=keep_failed)
     finally:
         shutdown_pool()
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Data tools: diversity in gradient space (G-Vendi), diverse "
+                       "subsets.")
+app.add_typer(data_app, name="data")
+
+_PROXY = Annotated[str, typer.Option("--model", help="Proxy model for the gradients: a preset (random init from "
+                                     "--seed) or a local HF checkpoint directory, e.g. a run's final/.")]
+_LAYERS = Annotated[int, typer.Option(help="Decoder layers, counted from the last, whose gradients are the "
+                                      "features (plus the final norm).")]
+_DIM = Annotated[int, typer.Option(help="Dimension of the seeded random projection (count sketch).")]
+_SEED = Annotated[int, typer.Option(help="Seed of the projection (and of a preset proxy's init).")]
+_TEMPLATE = Annotated[bool, typer.Option("--chat-template/--no-chat-template", help="Render prompts with the "
+                                         "proxy's chat template, as an SFT stage would.")]
+
+
+@data_app.command("diversity")
+def data_diversity(
+    file: Annotated[Path, typer.Argument(help="SFT data: JSONL (or Parquet/CSV/a saved dataset) with prompt and "
+                                         "completion columns, as sft.data_path reads.")],
+    model: _PROXY = "tiny-3m", layers: _LAYERS = 1, dim: _DIM = 1024, seed: _SEED = 0,
+    chat_template: _TEMPLATE = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """G-Vendi of an SFT set (the Vendi score of its examples' normalised gradient features under a proxy
+    model), beside n-gram baselines (distinct-1/2/3, the Vendi score of character-bigram counts)."""
+    _quiet_libraries()
+    from posttrain.data.diversity_cmd import diversity
+
+    result = diversity(file, model=model, layers=layers, dim=dim, seed=seed, chat_template=chat_template,
+                       console=err)
+    if as_json:
+        out.print(json.dumps(result, indent=1), markup=False, highlight=False)
+        return
+    out.print(f"G-Vendi: {result['g_vendi']:.4f}", markup=False, highlight=False)
+    out.print(f"examples {result['examples']}, proxy {model} (last {layers} layer(s), sketch dim {dim}, seed "
+              f"{seed}); baselines: distinct-1 {result['distinct_1']:.4f}, distinct-2 {result['distinct_2']:.4f}, "
+              f"distinct-3 {result['distinct_3']:.4f}, bigram Vendi {result['ngram_vendi_2']:.4f}",
+              markup=False, highlight=False)
+
+
+@data_app.command("select")
+def data_select(
+    file: Annotated[Path, typer.Argument(help="SFT data (as for `data diversity`).")],
+    output: Annotated[Path, typer.Option("--out", "-o", help="JSONL file for the selected rows.")],
+    n: Annotated[int, typer.Option("-n", help="Rows to select.")],
+    filter_: Annotated[str, typer.Option("--filter", help="Quality filter before selection: majority (the "
+                                         "completion's answer is its prompt's most common one), verifier (--env "
+                                         "scores it against the row's 'answer'), none.")] = "majority",
+    env: Annotated[str | None, typer.Option(help="Environment whose verifier --filter verifier uses.")] = None,
+    env_arg: Annotated[list[str] | None, typer.Option("--env-arg", metavar="KEY=VALUE",
+                                                      help="Environment argument (repeatable).")] = None,
+    clusters: Annotated[int | None, typer.Option(help="k-means clusters (default: sqrt(n)).")] = None,
+    model: _PROXY = "tiny-3m", layers: _LAYERS = 1, dim: _DIM = 1024, seed: _SEED = 0,
+    chat_template: _TEMPLATE = True,
+) -> None:
+    """A diverse subset: rows that pass the quality filter, clustered by gradient features, taken in round robin
+    over the clusters, smallest first (Prismatic Synthesis' selection). Prints its G-Vendi against a random subset
+    of the same size."""
+    _quiet_libraries()
+    from posttrain.data.diversity_cmd import select
+
+    r = select(file, output, n=n, how=filter_, env=env, env_args=env_arg or [], model=model, layers=layers,
+               dim=dim, seed=seed, chat_template=chat_template, clusters=clusters, console=err)
+    out.print(f"wrote {r['selected']} of {r['passed_filter']} rows that pass --filter {filter_} (of {r['rows']}) "
+              f"to {output}", markup=False, highlight=False)
+    out.print(f"G-Vendi: {r['g_vendi_selected']:.4f} (a random subset of the same size: "
+              f"{r['g_vendi_random_subset']:.4f}; all rows that pass: {r['g_vendi_all_passing']:.4f})",
+              markup=False, highlight=False)
 
 
 @app.command("eval")

@@ -72,6 +72,16 @@ class TeacherConfig(Section):
                                   "memory and speed depend on it.")
 
 
+class EnvSource(Section):
+    """One source of a mixture ([[env.sources]], envs/mixture.py): an environment, its arguments and its weight."""
+
+    name: str = Field(description="Environment, as env.name.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Its keyword arguments, as env.args.")
+    weight: float = Field(1.0, gt=0, description="Relative share of the tasks drawn from this source.")
+    label: str | None = Field(None, description="Name in task ids and per-source metrics (rollout/pass_rate/"
+                              "<label>, eval by_source); default: the environment's name. Labels must differ.")
+
+
 class EnvConfig(Section):
     """The environment: where tasks come from and how completions are scored (training and evaluation)."""
 
@@ -84,6 +94,21 @@ class EnvConfig(Section):
     failure_reward: float = Field(0.0, description="Reward given to a completion whose verifier failed.")
     max_error_frac: float = Field(0.5, ge=0, le=1, description="Stop the run when more than this fraction of a "
                                   "step's completions could not be scored (training on garbage otherwise).")
+    sources: list[EnvSource] = Field(default_factory=list, description="A mixture: [[env.sources]] tables, each an "
+                                     "environment with a weight; training and evaluation draw from all of them "
+                                     "(env.name then is 'mixture', set for you; env.args must stay empty).")
+
+    @model_validator(mode="after")
+    def _mixture(self) -> EnvConfig:
+        if not self.sources:
+            return self
+        if self.name != "mixture" and "name" in self.model_fields_set:
+            raise ValueError(f"give either env.name ({self.name!r}) or [[env.sources]], not both")
+        if self.args and self.name != "mixture":
+            raise ValueError("env.args must be empty with [[env.sources]] (each source has its own args)")
+        sources = [s.model_dump() for s in self.sources]
+        self.__dict__.update(name="mixture", args={"sources": sources})
+        return self
 
 
 class OptimConfig(Section):
@@ -127,6 +152,16 @@ class StageConfig(OptimConfig):
                                      "evaluation always uses [env].")
 
 
+class EvalSuite(Section):
+    """One more held-out evaluation beside [env]'s ([[eval.suites]]): transfer to another task or difficulty."""
+
+    label: str = Field(description="Its name in metrics (eval/<label>/greedy_acc, eval/<label>/pass@1, ...), the "
+                       "eval JSON's `suites` and the report.")
+    name: str = Field(description="Environment, as env.name.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Its keyword arguments, as env.args.")
+    problems: int | None = Field(None, gt=0, description="Held-out problems; default: eval.problems.")
+
+
 class EvalConfig(Section):
     """Held-out evaluation at the start (optional) and end of every stage, and periodically if asked."""
 
@@ -137,12 +172,18 @@ class EvalConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling for the sampled metrics.")
     max_new_tokens: int = Field(32, gt=0, description="Generation budget per completion.")
     at_start: bool = Field(True, description="Also evaluate the starting model (the 'before' of before/after).")
+    suites: list[EvalSuite] = Field(default_factory=list, description="Transfer evaluation: [[eval.suites]] "
+                                    "tables, each another environment (in- or out-of-domain) evaluated at every "
+                                    "eval point with the same samples, ks and sampling.")
 
     @model_validator(mode="after")
     def _ks_fit_samples(self) -> EvalConfig:
         bad = [k for k in self.ks if k < 1 or k > self.samples]
         if bad:
             raise ValueError(f"ks: every k must be in [1, samples={self.samples}], got {bad}")
+        labels = [s.label for s in self.suites]
+        if len(set(labels)) != len(labels) or not all(re.fullmatch(r"[\w.-]+", x) for x in labels):
+            raise ValueError(f"suites: labels must differ and be made of letters, digits, '_', '.', '-': {labels}")
         return self
 
 

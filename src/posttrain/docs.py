@@ -43,9 +43,11 @@ def _section(lines: list[str], title: str, model: type[BaseModel]) -> None:
     for key, field in model.model_fields.items():
         sub = _nested(field.annotation)
         if sub is not None:
-            subsections.append((f"{title}.{key}", sub))
-            default = "(absent)" if field.default is None else "(section)"
-            lines.append(f"| `{key}` | {default} | {_cell(field.description or '')} See [{title}.{key}]. |")
+            many = typing.get_origin(field.annotation) is list  # an array of tables, [[title.key]]
+            sub_title = f"[{title}.{key}]" if many else f"{title}.{key}"
+            subsections.append((sub_title, sub))
+            default = "[]" if many else "(absent)" if field.default is None else "(section)"
+            lines.append(f"| `{key}` | {default} | {_cell(field.description or '')} See [{sub_title}]. |")
             continue
         lines.append(f"| `{key}` | {_default(field)} | {_cell(field.description or '')} |")
     for sub_title, sub in subsections:

@@ -57,9 +57,13 @@ def has_resumable_step(path: Path) -> bool:
 
 
 def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between configs a (saved) and b. A key a lacks (one a newer posttrain
+    added) counts only when b sets it to something: absent and empty ([], {}, None) mean the same feature unused."""
     keys = []
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k), b.get(k)
+        if k not in a and vb in (None, [], {}):
+            continue
         if isinstance(va, dict) and isinstance(vb, dict):
             keys += diff_keys(va, vb, f"{prefix}{k}.")
         elif va != vb:

@@ -91,7 +91,8 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
     e, max_len = cfg.eval, context_length(model)
     evaluator = Evaluator(engine, tokenizer, env, scorer.never_stopping(), problems=e.problems, samples=e.samples, ks=e.ks,
                           temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens, seed=cfg.seed,
-                          chat_template=cfg.model.chat_template, max_len=max_len)
+                          chat_template=cfg.model.chat_template, max_len=max_len,
+                          suites=[(x.label, make_env(x.name, x.args), x.problems or e.problems) for x in e.suites])
     if cfg.distributed.backend == "ray":  # training verifiers run as Ray tasks; evaluation scores here
         from posttrain.dist import RayScoring
 

@@ -12,9 +12,12 @@ solved, times sampled), written to the run's prompts.jsonl; a curriculum reads i
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
+
+from pydantic import Field
 
 from posttrain.errors import UserError
 from posttrain.records import Task
@@ -74,8 +77,22 @@ class PromptHistory:
         self.prompts = state["prompts"]
 
 
-def task_stream(env: Any, seed: int) -> Iterator[Task]:
-    """Training tasks forever: a finite dataset is replayed epoch after epoch in a fresh order."""
+def task_stream(env: Any, seed: int, pool_size: int = 0) -> Iterator[Task]:
+    """Training tasks forever: a finite dataset is replayed epoch after epoch in a fresh order. pool_size = N:
+    the environment's first N distinct tasks (seed `seed`), every epoch in a fresh seeded order."""
+    if pool_size:
+        pool: dict[str, Task] = {}
+        for task in env.tasks("train", seed):
+            pool.setdefault(task.id, task)
+            if len(pool) >= pool_size:
+                break
+        if not pool:
+            raise UserError(f"environment {env.name!r} yields no training tasks")
+        tasks = list(pool.values())
+        for epoch in itertools.count():
+            order = list(range(len(tasks)))
+            random.Random(f"pool:{seed}:{epoch}").shuffle(order)
+            yield from (tasks[i] for i in order)
     for epoch in itertools.count():
         empty = True
         for task in env.tasks("train", seed + epoch):
@@ -87,13 +104,14 @@ def task_stream(env: Any, seed: int) -> Iterator[Task]:
 
 @SAMPLERS.register("uniform")
 class UniformSampler:
-    """The environment's training tasks in its own seeded order, every task once per epoch."""
+    """The environment's training tasks in its own seeded order, every task once per epoch (pool_size = N: epochs
+    over a fixed pool of its first N distinct tasks, as the curricula's pool_size)."""
 
-    def __init__(self, env: Any, seed: int) -> None:
-        self.env, self.seed = env, seed
+    def __init__(self, env: Any, seed: int, *, pool_size: Annotated[int, Field(ge=0)] = 0) -> None:
+        self.env, self.seed, self.pool_size = env, seed, pool_size
         self.history = PromptHistory()
         self._consumed = 0
-        self._stream = task_stream(env, seed)
+        self._stream = task_stream(env, seed, pool_size)
 
     def next(self, n: int) -> list[Task]:
         tasks = list(itertools.islice(self._stream, n))
@@ -107,6 +125,9 @@ class UniformSampler:
         return {"consumed": self._consumed, "history": self.history.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._stream = itertools.islice(task_stream(self.env, self.seed), state["consumed"], None)
+        self._stream = itertools.islice(task_stream(self.env, self.seed, self.pool_size), state["consumed"], None)
         self._consumed = state["consumed"]
         self.history.load_state_dict(state["history"])
+
+
+import posttrain.data.curricula  # noqa: F401  (registers the curricula; they build on the classes above)

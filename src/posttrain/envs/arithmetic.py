@@ -82,6 +82,23 @@ class Arithmetic:
     def prompt(self, task: Task) -> list[Message]:
         return user_prompt(task, self.hint)
 
+    def easier(self, task: Task) -> Task | None:
+        """The rescue variant of a task the policy never solves (data/curricula.py): each operand one digit
+        shorter (its leading digit dropped, else its last), a training-split task; None for 1-digit operands."""
+        op = next((o for o in "+-*" if o in task.question[1:]), None)
+        if op is None or task.difficulty <= 1:
+            return None
+        a, b = task.question[:-1].split(op, 1)
+        for cut in (lambda x: x[1:].lstrip("0") or "0", lambda x: x[:-1]):
+            x, y = int(cut(a)), int(cut(b))
+            question = f"{x}{op}{y}="
+            if split_of(question) == "train":
+                answer = str({"+": x + y, "-": x - y, "*": x * y}[op])
+                solution = worked_solution(x, op, y) if self.worked else answer
+                return Task(id=question, question=question, answer=answer, solution=solution,
+                            difficulty=task.difficulty - 1)
+        return None
+
     def score(self, task: Task, completion: str) -> Score:
         answer = extract_answer(completion)
         if answer.startswith(task.question):  # '123+456=579': the question echoed before its answer

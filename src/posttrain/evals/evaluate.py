@@ -64,6 +64,8 @@ def evaluate(engine, tokenizer, env, *, problems: int, samples: int, ks: Sequenc
                      "majority_correct": majority_correct([t.strip() for t in texts[block]], correct),
                      "example": texts[block][0][:200]})
     result.update(summarize_eval(rows, ks, seed=seed))
+    if any("source" in t.meta for t in tasks):  # a mixture ([[env.sources]]): accuracy of each source's problems
+        result["by_source"] = by_source(tasks, rows)
     result.update({"samples": samples, "ks": list(ks), "temperature": temperature, "top_p": top_p,
                    "max_new_tokens": max_new_tokens, "score_errors": errors, "per_problem": rows})
     return result
@@ -86,12 +88,35 @@ class Evaluator:
     seed: int
     chat_template: bool = True
     max_len: int | None = None
+    suites: Sequence[tuple[str, Any, int]] = ()  # ([[eval.suites]]) (label, environment, problems)
 
     def __call__(self, *, greedy_only: bool = False) -> dict[str, Any]:
-        return evaluate(self.engine, self.tokenizer, self.env, problems=self.problems, samples=self.samples,
+        result = self.run(self.env, self.problems, self.score, greedy_only)
+        if self.suites:
+            rebind = getattr(self.score, "with_env", None)  # a Scorer keeps its limits for the suite's verifier
+            result["suites"] = {label: self.run(env, problems, rebind(env) if rebind else None, greedy_only)
+                                for label, env, problems in self.suites}
+        return result
+
+    def run(self, env: Any, problems: int, score: Any, greedy_only: bool) -> dict[str, Any]:
+        return evaluate(self.engine, self.tokenizer, env, problems=problems, samples=self.samples,
                         ks=self.ks, temperature=self.temperature, top_p=self.top_p,
                         max_new_tokens=self.max_new_tokens, seed=self.seed, chat_template=self.chat_template,
-                        max_len=self.max_len, greedy_only=greedy_only, score=self.score)
+                        max_len=self.max_len, greedy_only=greedy_only, score=score)
+
+
+def by_source(tasks: Sequence[Any], rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per source of a mixture: its problems, greedy accuracy and mean@n (the share of correct samples)."""
+    out: dict[str, dict[str, float]] = {}
+    for task, row in zip(tasks, rows, strict=True):
+        acc = out.setdefault(str(task.meta.get("source", "")), {"problems": 0, "greedy_acc": 0.0, "mean@n": 0.0})
+        acc["problems"] += 1
+        acc["greedy_acc"] += row["greedy_correct"]
+        acc["mean@n"] += row["c"] / row["n"]
+    for acc in out.values():
+        acc["greedy_acc"] /= acc["problems"]
+        acc["mean@n"] /= acc["problems"]
+    return out
 
 
 def headline_metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -100,6 +125,10 @@ def headline_metrics(result: dict[str, Any]) -> dict[str, float]:
     for key, value in result.items():
         if isinstance(value, dict) and "mean" in value:
             out[f"eval/{key}"] = value["mean"]
+    for label, suite in result.get("suites", {}).items():
+        out.update({f"eval/{label}/{k[5:]}": v for k, v in headline_metrics(suite).items()})
+    for source, acc in result.get("by_source", {}).items():
+        out.update({f"eval/by_source/{source}/{k}": v for k, v in acc.items()})
     return out
 
 

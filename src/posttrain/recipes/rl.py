@@ -53,6 +53,7 @@ from posttrain.rollout.collect import (
     collect,
     describe_samples,
     generation_flops,
+    per_source,
 )
 from posttrain.rollout.producer import Rollouts, staleness
 from posttrain.runtime.context import RunContext
@@ -172,7 +173,7 @@ def rollout_metrics(ctx: RunContext, rollouts: StepRollouts, flops: FlopModel, *
     ctx.add_flops(generate=gen_flops)
     ctx.add(**{"compute/wasted_flops": gen_flops - generation_flops(flops, kept),
                "rollout/tokens": sum(len(x.token_ids) for x in seen.completions)})
-    metrics = describe_samples(seen)
+    metrics = {**describe_samples(seen), **per_source(seen), **rollouts.sampler_metrics}
     if seen.completions:  # policy versions between sampler and learner: 0 in step, at most max_staleness ahead
         lag = staleness(seen.completions, ctx.global_step)
         if max(lag) > ctx.max_staleness or min(lag) < 0:

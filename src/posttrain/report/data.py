@@ -183,7 +183,12 @@ def eval_metric_names(runs: list[RunData]) -> list[str]:
             if number(result.get("greedy_acc")) is not None:
                 found.add("greedy_acc")
             found.update(k for k, v in result.items() if isinstance(v, dict) and number(v.get("mean")) is not None)
-    found.discard("mean@n")  # pass@1 by definition: the same numbers under another name
+            for label, suite in (result.get("suites") or {}).items():
+                if isinstance(suite, dict):
+                    found.update(f"{label}/{k}" for k, v in suite.items()
+                                 if k != "mean@n" and isinstance(v, dict) and number(v.get("mean")) is not None)
+    found.discard("mean@n")
+    found -= {m for m in found if m.endswith("/mean@n")}  # pass@1 by definition: the same numbers under another name
     return sorted(found, key=_eval_metric_order)
 
 
@@ -203,6 +208,10 @@ def eval_points(run: RunData, metric: str) -> list[tuple[float, float, float | N
     for result in run.evals:
         step = number(result.get("step"))
         entry = result.get(metric)
+        label, _, rest = metric.partition("/")
+        if entry is None and rest and isinstance(result.get("suites"), dict):  # a transfer suite's own result
+            suite = result["suites"].get(label)
+            entry = suite.get(rest) if isinstance(suite, dict) else None
         if step is None:
             continue
         if isinstance(entry, dict) and number(entry.get("mean")) is not None:

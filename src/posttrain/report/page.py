@@ -208,6 +208,14 @@ def _eval_rows(run: RunData) -> tuple[list[dict[str, Any]], str]:
             for k, v in result.items():
                 if isinstance(v, dict) and number(v.get("mean")) is not None:
                     row[k] = (number(v["mean"]), number(v.get("ci_low")), number(v.get("ci_high")))
+            for label, suite in (result.get("suites") or {}).items():  # transfer suites: their own columns
+                if not isinstance(suite, dict):
+                    continue
+                if number(suite.get("greedy_acc")) is not None:
+                    row[f"{label}/greedy_acc"] = (number(suite["greedy_acc"]), None, None)
+                for k, v in suite.items():
+                    if k != "mean@n" and isinstance(v, dict) and number(v.get("mean")) is not None:
+                        row[f"{label}/{k}"] = (number(v["mean"]), number(v.get("ci_low")), number(v.get("ci_high")))
             out.append(row)
         return out, "eval/*.json"
     evals = (run.summary or {}).get("evals")

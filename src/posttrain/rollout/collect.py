@@ -80,6 +80,7 @@ class StepRollouts:
     rounds: int  # generation rounds (1 + refills)
     notes: list[str] = field(default_factory=list)  # lines for the run log (e.g. completions that failed to score)
     sampler_state: dict | None = None  # the task sampler right after this step (what a checkpoint after it keeps)
+    sampler_metrics: dict[str, float] = field(default_factory=dict)  # a curriculum's curriculum/* for this step
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,8 @@ def collect(engine: RolloutEngine, sampler: TaskSampler, scorer: Scorer, render:
             if not refill or kept.num_groups >= prompts_per_step or rounds > max_refill_rounds:
                 break
         # A copy: an asynchronous producer (rollout/producer.py) moves the sampler on before this step trains.
-        yield StepRollouts(kept, seen, rounds, notes, copy.deepcopy(sampler.state_dict()))
+        yield StepRollouts(kept, seen, rounds, notes, copy.deepcopy(sampler.state_dict()),
+                           sampler.metrics() if hasattr(sampler, "metrics") else {})
         step += 1
 
 
@@ -168,3 +170,17 @@ def describe_samples(batch: RolloutBatch) -> dict[str, float]:
         "rollout/samples": n,
         "rollout/score_errors": sum(1 for s in batch.scores if "error" in s.info),
     }
+
+
+def per_source(batch: RolloutBatch) -> dict[str, float]:
+    """rollout/pass_rate/<source> and rollout/reward_mean/<source> for a mixture's sources ([[env.sources]])."""
+    by: dict[str, list[Score]] = {}
+    for task, score in zip(batch.tasks, batch.scores, strict=True):
+        if "source" in task.meta:
+            by.setdefault(str(task.meta["source"]), []).append(score)
+    out: dict[str, float] = {}
+    for source, scores in sorted(by.items()):
+        out[f"rollout/pass_rate/{source}"] = sum(s.correct for s in scores) / len(scores)
+        out[f"rollout/reward_mean/{source}"] = sum(s.reward for s in scores) / len(scores)
+        out[f"rollout/samples/{source}"] = float(len(scores))
+    return out

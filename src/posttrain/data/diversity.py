@@ -1,0 +1,165 @@
+"""Diversity of an SFT set measured in gradient space (G-Vendi) and by n-grams, and a diverse subset of it.
+
+    posttrain data diversity data.jsonl                     # prints "G-Vendi: <value>" and the n-gram baselines
+    posttrain data select data.jsonl -n 500 -o subset.jsonl --env arithmetic
+
+G-Vendi (Jung et al., "Prismatic Synthesis", 2025): each example's feature is the gradient of its SFT loss (the
+completion's tokens given the prompt) under a small proxy model, restricted to the last `layers` decoder layers
+and the final norm, sketched to `dim` numbers by a seeded random projection (a count sketch: each parameter is
+added, with a random sign, to one of `dim` buckets; a Johnson-Lindenstrauss map that needs no P x dim matrix),
+then normalised to unit length. The Vendi score of n unit vectors is exp(entropy of the eigenvalues of K / n),
+K their cosine-similarity matrix: 1 when all are identical, n when all are orthogonal, "the effective number of
+distinct examples". The proxy is a local checkpoint or a preset (random init by default: gradients of an
+untrained model still separate examples by their tokens; a trained proxy separates them by what they teach).
+
+Selection: the examples that pass the quality filter (the environment's verifier on the completion, or majority
+vote over the completions of one prompt) are clustered in the sketch space (k-means); the subset takes clusters
+in round robin, smallest cluster first, so under-represented gradient directions are kept whole before the big
+clusters are thinned. Over-generating in those clusters (Prismatic Synthesis' second half) needs a generator and
+is left to `posttrain distill-data` runs pointed at the prompts this reports as sparse.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def vendi_score(features: Tensor) -> float:
+    """exp(-Σ λ log λ) over the eigenvalues λ of K / n, K = X X^T of the rows of `features` normalised to unit
+    length. Computed from the d x d matrix X^T X / n when d < n (the same non-zero eigenvalues)."""
+    x = torch.nn.functional.normalize(features.double(), dim=1)
+    n = x.shape[0]
+    if n == 0:
+        return 0.0
+    gram = (x.T @ x if x.shape[1] < n else x @ x.T) / n
+    lam = torch.linalg.eigvalsh(gram).clamp(min=0)
+    lam = lam[lam > 1e-12]
+    return float(torch.exp(-(lam * lam.log()).sum()))
+
+
+def count_sketch(size: int, dim: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(bucket (size,), sign (size,)) of a seeded count sketch from `size` coordinates to `dim`."""
+    g = torch.Generator().manual_seed(seed)
+    bucket = torch.randint(0, dim, (size,), generator=g)
+    sign = torch.randint(0, 2, (size,), generator=g).float() * 2 - 1
+    return bucket, sign
+
+
+def sketch(vector: Tensor, bucket: Tensor, sign: Tensor, dim: int) -> Tensor:
+    """The count sketch of one vector: out[b] = Σ_{i: bucket_i = b} sign_i v_i."""
+    return torch.zeros(dim, dtype=vector.dtype).index_add_(0, bucket, vector * sign)
+
+
+def last_layer_parameters(model: Any, layers: int) -> list[torch.nn.Parameter]:
+    """The parameters of the last `layers` decoder layers and the final norm of a Hugging Face causal LM."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    params = [p for layer in list(body.layers)[-layers:] for p in layer.parameters()]
+    if getattr(body, "norm", None) is not None:
+        params += list(body.norm.parameters())
+    return params
+
+
+@dataclass(frozen=True)
+class GradientFeatures:
+    """Per-example sketched gradients of the SFT loss under a proxy model."""
+
+    model: Any
+    layers: int = 1
+    dim: int = 1024
+    seed: int = 0
+
+    def __call__(self, examples: Sequence[tuple[list[int], list[int]]],
+                 progress: Callable[[int], None] | None = None) -> Tensor:
+        params = last_layer_parameters(self.model, self.layers)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        size = sum(p.numel() for p in params)
+        bucket, sign = count_sketch(size, self.dim, self.seed)
+        rows = []
+        self.model.eval()
+        for i, (prompt, completion) in enumerate(examples):
+            ids = torch.tensor([prompt + completion])
+            labels = torch.tensor([[-100] * len(prompt) + completion])
+            loss = self.model(input_ids=ids, labels=labels).loss
+            grads = torch.autograd.grad(loss, params)
+            rows.append(sketch(torch.cat([g.reshape(-1) for g in grads]), bucket, sign, self.dim))
+            if progress is not None:
+                progress(i + 1)
+        return torch.stack(rows) if rows else torch.zeros(0, self.dim)
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct-n: unique character n-grams over all character n-grams of the texts (0 when there are none)."""
+    grams = [t[i: i + n] for t in texts for i in range(len(t) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def ngram_vendi(texts: Sequence[str], n: int = 2) -> float:
+    """The Vendi score of bag-of-character-n-gram vectors: the embedding-free counterpart of G-Vendi."""
+    vocab: dict[str, int] = {}
+    rows = [Counter(t[i: i + n] for i in range(len(t) - n + 1)) for t in texts]
+    for row in rows:
+        for g in row:
+            vocab.setdefault(g, len(vocab))
+    x = torch.zeros(len(texts), max(1, len(vocab)))
+    for r, row in enumerate(rows):
+        for g, c in row.items():
+            x[r, vocab[g]] = c
+    x[x.sum(1) == 0, 0] = 1.0  # an empty text: one shared direction, not a NaN
+    return vendi_score(x)
+
+
+def kmeans(x: Tensor, k: int, *, seed: int, iters: int = 50) -> Tensor:
+    """Cluster labels of the rows of x (unit-normalised) by Lloyd's k-means from a seeded k-means++ start."""
+    x = torch.nn.functional.normalize(x.double(), dim=1)
+    g = torch.Generator().manual_seed(seed)
+    centres = [x[torch.randint(0, len(x), (1,), generator=g)].squeeze(0)]
+    for _ in range(1, k):
+        d = torch.cdist(x, torch.stack(centres)).min(1).values ** 2
+        if d.sum() <= 0:
+            break
+        centres.append(x[torch.multinomial(d / d.sum(), 1, generator=g)].squeeze(0))
+    c = torch.stack(centres)
+    labels = torch.zeros(len(x), dtype=torch.long)
+    for _ in range(iters):
+        new = torch.cdist(x, c).argmin(1)
+        if _ and torch.equal(new, labels):
+            break
+        labels = new
+        c = torch.stack([x[labels == j].mean(0) if (labels == j).any() else c[j] for j in range(len(c))])
+    return labels
+
+
+def sparse_first_round_robin(labels: Tensor, n: int, *, seed: int) -> list[int]:
+    """n row indices: clusters taken in round robin, smallest first, each cluster's rows in a seeded order."""
+    rng = random.Random(seed)
+    clusters: dict[int, list[int]] = {}
+    for i, lab in enumerate(labels.tolist()):
+        clusters.setdefault(lab, []).append(i)
+    queues = sorted(clusters.values(), key=lambda rows: (len(rows), rows[0]))
+    for q in queues:
+        rng.shuffle(q)
+    out: list[int] = []
+    while len(out) < n and any(queues):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop())
+    return out
+
+
+def select_diverse(features: Tensor, n: int, *, clusters: int | None = None, seed: int = 0) -> list[int]:
+    """Prismatic-style selection of n rows of `features` (k-means in sketch space, sparse clusters first)."""
+    if n >= len(features):
+        return list(range(len(features)))
+    k = clusters or max(2, round(math.sqrt(n)))
+    return sorted(sparse_first_round_robin(kmeans(features, min(k, len(features)), seed=seed), n, seed=seed))

@@ -1,0 +1,128 @@
+"""G-Vendi and the data tools (data/diversity.py): the Vendi score's limits, the seeded sketch, gradient features of
+a real proxy model, selection, and `posttrain data diversity / select` as a user runs them."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.data.diversity import (
+    count_sketch,
+    distinct_n,
+    kmeans,
+    ngram_vendi,
+    sketch,
+    sparse_first_round_robin,
+    vendi_score,
+)
+from posttrain.data.diversity_cmd import quality_filter
+from posttrain.envs import make_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_vendi_of_identical_items_is_one_and_of_orthogonal_items_is_n():
+    assert vendi_score(torch.ones(7, 5) * 3) == pytest.approx(1.0)
+    assert vendi_score(torch.eye(6)) == pytest.approx(6.0)
+    assert vendi_score(torch.eye(40, 8)[:8]) == pytest.approx(8.0)  # d > n and the d x d path agree
+    wide = torch.randn(30, 4, generator=torch.Generator().manual_seed(0))
+    assert vendi_score(wide) == pytest.approx(vendi_score(wide.T.contiguous().T))
+    # two clusters of equal size, orthogonal to each other: two effective items
+    assert vendi_score(torch.tensor([[1.0, 0]] * 5 + [[0, 2.0]] * 5)) == pytest.approx(2.0)
+    # unequal clusters 3 : 1: exp(entropy of (0.75, 0.25))
+    h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert vendi_score(torch.tensor([[1.0, 0]] * 6 + [[0, 1.0]] * 2)) == pytest.approx(math.exp(h))
+
+
+def test_count_sketch_is_seed_deterministic_and_keeps_inner_products_on_average():
+    b1, s1 = count_sketch(5000, 256, seed=3)
+    b2, s2 = count_sketch(5000, 256, seed=3)
+    assert torch.equal(b1, b2) and torch.equal(s1, s2)
+    assert not torch.equal(count_sketch(5000, 256, seed=4)[0], b1)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5000, generator=g), torch.randn(5000, generator=g)
+    y = 0.6 * x + 0.8 * y  # cosine 0.6 with x
+    cos = []
+    for seed in range(20):
+        b, s = count_sketch(5000, 256, seed)
+        cos.append(float(torch.nn.functional.cosine_similarity(sketch(x, b, s, 256), sketch(y, b, s, 256), dim=0)))
+    assert sum(cos) / len(cos) == pytest.approx(0.6, abs=0.03)
+    # the sketch of a vector is sign-weighted bucket sums
+    assert sketch(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 0, 1]), torch.tensor([1.0, -1.0, 1.0]),
+                  2).tolist() == [-1.0, 3.0]
+
+
+def test_ngram_baselines():
+    assert distinct_n(["aaaa"], 1) == pytest.approx(1 / 4)
+    assert distinct_n(["ab", "ab"], 2) == pytest.approx(1 / 2)
+    assert distinct_n(["a"], 2) == 0.0
+    assert ngram_vendi(["abab", "abab"]) == pytest.approx(1.0)
+    assert ngram_vendi(["ab", "cd", "ef"]) == pytest.approx(3.0)
+
+
+def test_selection_takes_the_small_clusters_whole():
+    x = torch.tensor([[1.0, 0, 0]] * 20 + [[0, 1.0, 0]] * 3 + [[0, 0, 1.0]] * 2)
+    labels = kmeans(x, 3, seed=0)
+    assert len(set(labels[:20].tolist())) == 1 and len(set(labels.tolist())) == 3
+    picked = sparse_first_round_robin(labels, 7, seed=0)
+    assert set(range(20, 25)) <= set(picked) and len(picked) == 7  # both small clusters whole, 2 of the big one
+    assert vendi_score(x[picked]) > vendi_score(x[:7])
+
+
+def test_quality_filters():
+    rows = [{"prompt": "1+2=", "completion": "3"}, {"prompt": "1+2=", "completion": "3"},
+            {"prompt": "1+2=", "completion": "4"}, {"prompt": "2+2=", "completion": "5", "answer": "4"}]
+    assert quality_filter(rows, "majority", None) == [True, True, False, True]
+    assert quality_filter(rows, "none", None) == [True] * 4
+    env = make_env("arithmetic", {"digits": 1})
+    checked = [dict(r, answer="3") for r in rows[:3]] + rows[3:]
+    assert quality_filter(checked, "verifier", env) == [True, True, False, False]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def posttrain(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "posttrain.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, check=False)
+
+
+def g_vendi(proc: subprocess.CompletedProcess) -> float:
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("G-Vendi: "))
+    return float(line.split()[1])
+
+
+@pytest.mark.slow
+def test_data_diversity_and_select_from_the_command_line(tmp_path):
+    same = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "12+34=", "completion": "46"}] * 12)
+    mixed_rows = [{"prompt": f"{a}{op}{b}=", "completion": str(eval(f"{a}{op}{b}")), "answer": str(eval(f"{a}{op}{b}"))}
+                  for a, b, op in [(12, 34, "+"), (97, 5, "-"), (6, 7, "*"), (450, 21, "+"), (3, 3, "-"),
+                                   (88, 11, "*"), (1, 2, "+"), (640, 333, "-"), (25, 4, "*"), (9, 99, "+"),
+                                   (71, 70, "-"), (13, 13, "*")]]
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", mixed_rows)
+    args = ["--model", "tiny-test", "--dim", "256"]
+    assert g_vendi(posttrain("data", "diversity", str(same), *args)) == pytest.approx(1.0, abs=1e-3)
+    varied = g_vendi(posttrain("data", "diversity", str(mixed), *args))
+    assert 1.5 < varied <= 12
+    again = json.loads(posttrain("data", "diversity", str(mixed), *args, "--json").stdout)
+    assert again["g_vendi"] == pytest.approx(varied, abs=1e-4) and again["examples"] == 12
+    assert json.loads(posttrain("data", "diversity", str(mixed), *args, "--json").stdout) == again  # deterministic
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "x"}])
+    proc = posttrain("data", "diversity", str(bad), *args)
+    assert proc.returncode == 2 and "bad.jsonl:1" in proc.stderr and "prompt" in proc.stderr
+    # selection: a wrong answer is filtered out by the verifier, 6 of the 11 left are written
+    mixed_rows[0]["completion"] = "47"
+    write_jsonl(mixed, mixed_rows)
+    out = tmp_path / "subset.jsonl"
+    proc = posttrain("data", "select", str(mixed), "-n", "6", "-o", str(out), "--filter", "verifier",
+                     "--env", "arithmetic", *args)
+    assert g_vendi(proc) > 0 and "of 11 rows that pass" in proc.stdout
+    chosen = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(chosen) == 6 and all(r["completion"] != "47" for r in chosen)
