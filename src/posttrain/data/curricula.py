@@ -309,7 +309,7 @@ class PCLSampler(HistorySampler):
                  target: Annotated[float, Field(gt=0, lt=1)] = 0.5,
                  candidates: Annotated[int, Field(ge=1)] = 4,
                  known_frac: Annotated[float, Field(ge=0, le=1)] = 0.5,
-                 lr: Annotated[float, Field(gt=0)] = 0.5,
+                 lr: Annotated[float, Field(gt=0)] = 0.1,
                  l2: Annotated[float, Field(ge=0)] = 1e-4,
                  dim: Annotated[int, Field(ge=16)] = 512) -> None:
         super().__init__(env, seed, pool_size=pool_size, rescue_after=rescue_after)
