@@ -20,31 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
+from study_tools import ROOT, RUNS, ci, done, eval_curve, posttrain
 
-ROOT = Path(__file__).resolve().parents[1]
-RUNS = ROOT / "runs"
 METHODS = {"sft-teacher": "SFT on teacher samples", "opd": "on-policy distillation",
            "opd-offline": "offline OPD (fixed student samples)", "kdrl": "KDRL", "grpo": "GRPO", "dpo": "online DPO"}
 SEEDS = (0, 1, 2)
 DATA = RUNS / "distill-teacher-data.jsonl"
 STUDENT_SAMPLES = RUNS / "distill-student-samples.jsonl"
-
-
-def posttrain(*args: str) -> None:
-    cmd = [sys.executable, "-m", "posttrain.cli", *args]
-    print("+ posttrain", " ".join(args), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
-
-
-def done(name: str) -> bool:
-    return (RUNS / name / "DONE").exists()
 
 
 def run_all() -> None:
@@ -66,23 +51,9 @@ def run_all() -> None:
 
 def curve(run_dir: Path, offset: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(compute, pass@1, pass@8) at each evaluation of the run, in order of compute."""
-    xs, p1, p8 = [], [], []
-    last_flops = 0.0
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        last_flops = row.get("compute/flops", last_flops)
-        if "eval/pass@1" in row:
-            xs.append(offset + last_flops)
-            p1.append(row["eval/pass@1"])
-            p8.append(row["eval/pass@8"])
-    order = np.argsort(xs, kind="stable")
-    return np.array(xs)[order], np.array(p1)[order], np.array(p8)[order]
-
-
-def ci(values: list[float]) -> str:
-    v = np.array(values)
-    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else math.nan
-    return f"{v.mean():.3f} ± {half:.3f}"
+    c = eval_curve(run_dir, ("eval/pass@1", "eval/pass@8"))
+    order = np.argsort(c["flops"], kind="stable")
+    return offset + c["flops"][order], c["eval/pass@1"][order], c["eval/pass@8"][order]
 
 
 def meta_of(data: Path) -> dict:

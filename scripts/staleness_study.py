@@ -15,17 +15,11 @@ the mean seconds per step. The plot draws pass@1 against compute/flops and again
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
-from scipy import stats
+from study_tools import ROOT, RUNS, ci, done, eval_curve, posttrain, rows
 
-ROOT = Path(__file__).resolve().parents[1]
-RUNS = ROOT / "runs"
 SEEDS = (0, 1, 2)
 KS = (0, 1, 2, 4)
 
@@ -38,50 +32,25 @@ def configs(with_vllm: bool) -> dict[str, tuple[str, int]]:
     return out
 
 
-def posttrain(python: str, *args: str) -> None:
-    print("+ posttrain", " ".join(args), flush=True)
-    subprocess.run([python, "-m", "posttrain.cli", *args], cwd=ROOT, check=True)
-
-
-def done(name: str) -> bool:
-    return (RUNS / name / "DONE").exists()
-
-
 def run_all(vllm_python: str | None) -> None:
     if not done("distill-student"):
-        posttrain(sys.executable, "run", "recipes/distill/student.toml")
+        posttrain("run", "recipes/distill/student.toml")
     for seed in SEEDS:
         for label, (engine, k) in configs(vllm_python is not None).items():
             name = f"stale-{label}-seed{seed}"
             if not done(name):
                 python = vllm_python if engine == "vllm" else sys.executable
-                posttrain(python, "run", "recipes/async/staleness.toml", "--set", f"seed={seed}", "--set",
-                          f"name={name}", "--set", f"rollout.max_staleness={k}", "--set", f"rollout.engine={engine}")
+                posttrain("run", "recipes/async/staleness.toml", "--set", f"seed={seed}", "--set",
+                          f"name={name}", "--set", f"rollout.max_staleness={k}", "--set", f"rollout.engine={engine}",
+                          python=python)
 
 
-def curve(run_dir: Path) -> dict[str, np.ndarray]:
+def curve(run_dir) -> dict[str, np.ndarray]:
     """compute/flops, elapsed seconds, pass@1 and pass@8 at each evaluation; and seconds per RL step."""
-    cols: dict[str, list[float]] = {"flops": [], "wall": [], "p1": [], "p8": []}
-    flops, steps = 0.0, []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        flops = row.get("compute/flops", flops)
-        if "time/step_s" in row:
-            steps.append(row["time/step_s"])
-        if "eval/pass@1" in row:
-            cols["flops"].append(flops)
-            cols["wall"].append(row["time/elapsed_s"])
-            cols["p1"].append(row["eval/pass@1"])
-            cols["p8"].append(row["eval/pass@8"])
-    out = {k: np.array(v) for k, v in cols.items()}
-    out["step_s"] = np.array([float(np.mean(steps))])
+    c = eval_curve(run_dir, ("eval/pass@1", "eval/pass@8"))
+    out = {"flops": c["flops"], "wall": c["wall"], "p1": c["eval/pass@1"], "p8": c["eval/pass@8"]}
+    out["step_s"] = np.array([float(np.mean([r["time/step_s"] for r in rows(run_dir) if "time/step_s" in r]))])
     return out
-
-
-def ci(values: list[float]) -> str:
-    v = np.array(values)
-    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else math.nan
-    return f"{v.mean():.3f} ± {half:.3f}"
 
 
 def report(with_vllm: bool) -> str:
