@@ -15,10 +15,8 @@ minus uniform's, paired by seed, with a 95% t-interval.
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
-from study_tools import ROOT, RUNS, ci, done, eval_curve, posttrain, rows, t_interval
+from study_tools import RUNS, ci, done, eval_curve, posttrain, rows, save_figure, study_main, t_interval
 
 SAMPLERS = ("uniform", "pools", "pcl", "dump")  # each with its defaults (dump: arms = difficulty)
 SEEDS = (0, 1, 2)
@@ -93,20 +91,8 @@ def plot(curves: dict) -> None:
     axes[0].legend(fontsize=8, title="rl.sampler")
     fig.suptitle("tiny-3m, additions of 1-5 digits from a 2,000-prompt pool, RL from the same SFT checkpoint "
                  "(3 seeds each)")
-    fig.tight_layout()
-    out = ROOT / "docs" / "studies" / "curriculum.png"
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out}")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--report", action="store_true", help="only tabulate the finished runs")
-    args = parser.parse_args()
-    if not args.report:
-        run_all()
-    print(report())
+    save_figure(fig, "curriculum.png")
 
 
 if __name__ == "__main__":
-    main()
+    study_main(run_all, report)

@@ -18,12 +18,11 @@ linearly interpolated between its evaluations (never extrapolated); the table gi
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
-from study_tools import ROOT, RUNS, ci, done, eval_curve, posttrain
+from study_tools import RUNS, ci, done, eval_curve, posttrain, save_figure, study_main
 
 METHODS = {"sft-teacher": "SFT on teacher samples", "opd": "on-policy distillation",
            "opd-offline": "offline OPD (fixed student samples)", "kdrl": "KDRL", "grpo": "GRPO", "dpo": "online DPO"}
@@ -98,20 +97,8 @@ def plot(curves: dict, budget: float) -> None:
     ax.set_ylabel("held-out pass@1 (200 problems x 8 samples)")
     ax.set_title("tiny-3m student, tiny-25m teacher, 3-digit addition (3 seeds each)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = ROOT / "docs" / "studies" / "distillation.png"
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out}")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--report", action="store_true", help="only tabulate the finished runs")
-    args = parser.parse_args()
-    if not args.report:
-        run_all()
-    print(report())
+    save_figure(fig, "distillation.png")
 
 
 if __name__ == "__main__":
-    main()
+    study_main(run_all, report)

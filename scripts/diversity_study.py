@@ -15,7 +15,6 @@ sets' mean transfer accuracy, with a bootstrap CI that resamples each set's seed
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import subprocess
@@ -23,7 +22,7 @@ import sys
 
 import numpy as np
 from scipy import stats
-from study_tools import ROOT, RUNS, ci, done, eval_curve, posttrain
+from study_tools import ROOT, RUNS, ci, done, eval_curve, posttrain, study_main
 
 DATA = RUNS / "diversity-data"
 SIZE = 2000
@@ -131,14 +130,5 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--report", action="store_true", help="only tabulate the finished runs")
-    args = parser.parse_args()
-    if not args.report:
-        run_all()
-    print(report())
-
-
 if __name__ == "__main__":
-    main()
+    study_main(run_all, report)

@@ -14,11 +14,10 @@ the mean seconds per step. The plot draws pass@1 against compute/flops and again
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
-from study_tools import ROOT, RUNS, ci, done, eval_curve, posttrain, rows
+from study_tools import RUNS, ci, done, eval_curve, posttrain, rows, save_figure, study_main
 
 SEEDS = (0, 1, 2)
 KS = (0, 1, 2, 4)
@@ -88,21 +87,9 @@ def plot(curves: dict) -> None:
     axes[0].set_ylabel("held-out pass@1 (200 problems x 8 samples)")
     axes[0].legend(fontsize=8, title="max_staleness")
     fig.suptitle("tiny-3m, 3-digit addition, RL from the same SFT checkpoint (3 seeds each)")
-    fig.tight_layout()
-    out = ROOT / "docs" / "studies" / "staleness.png"
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out}")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--report", action="store_true", help="only tabulate the finished runs")
-    parser.add_argument("--vllm-python", help="a python with vllm installed: also run k = 0 on the vLLM engine")
-    args = parser.parse_args()
-    if not args.report:
-        run_all(args.vllm_python)
-    print(report(args.vllm_python is not None))
+    save_figure(fig, "staleness.png")
 
 
 if __name__ == "__main__":
-    main()
+    study_main(run_all, lambda vllm_python: report(vllm_python is not None),
+               **{"--vllm-python": "a python with vllm installed: also run k = 0 on the vLLM engine"})

@@ -53,3 +53,27 @@ def t_interval(values: list[float]) -> tuple[float, float]:
 def ci(values: list[float]) -> str:
     mean, half = t_interval(values)
     return f"{mean:.3f} ± {half:.3f}"
+
+
+def save_figure(fig, name: str) -> None:
+    """docs/studies/<name>, 120 dpi."""
+    fig.tight_layout()
+    out = ROOT / "docs" / "studies" / name
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+def study_main(run_all, report, **extra_args) -> None:
+    """The command line every study shares: run what is missing (unless --report), then print the report.
+    extra_args: more argparse options, {flag: help}; their values go to run_all and report as keywords."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--report", action="store_true", help="only tabulate the finished runs")
+    for flag, text in extra_args.items():
+        parser.add_argument(flag, help=text)
+    args = vars(parser.parse_args())
+    only_report = args.pop("report")
+    if not only_report:
+        run_all(**args)
+    print(report(**args))
