@@ -7,7 +7,13 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(2)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on a 2-core machine: one thread each, here and in every `posttrain run` they
+    # start (runner.intra_op_threads reads OMP_NUM_THREADS), so they share the cores instead of oversubscribing
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -14,13 +14,16 @@ from posttrain.data.diversity import (
     count_sketch,
     distinct_n,
     kmeans,
+    nearest_centre,
     ngram_vendi,
+    shortfall,
     sketch,
     sparse_first_round_robin,
     vendi_score,
 )
 from posttrain.data.diversity_cmd import quality_filter
 from posttrain.envs import make_env
+from posttrain.records import Task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,11 +69,15 @@ def test_ngram_baselines():
 
 def test_selection_takes_the_small_clusters_whole():
     x = torch.tensor([[1.0, 0, 0]] * 20 + [[0, 1.0, 0]] * 3 + [[0, 0, 1.0]] * 2)
-    labels = kmeans(x, 3, seed=0)
+    labels, centres = kmeans(x, 3, seed=0)
+    assert torch.equal(nearest_centre(x, centres), labels)
     assert len(set(labels[:20].tolist())) == 1 and len(set(labels.tolist())) == 3
     picked = sparse_first_round_robin(labels, 7, seed=0)
     assert set(range(20, 25)) <= set(picked) and len(picked) == 7  # both small clusters whole, 2 of the big one
     assert vendi_score(x[picked]) > vendi_score(x[:7])
+    # an even subset of 9 over 3 clusters needs 3 each: the clusters of 3 and 2 rows are short by 0 and 1
+    _, need = shortfall(x, 9, clusters=3, seed=0)
+    assert need == {int(labels[-1]): 1}
 
 
 def test_quality_filters():
@@ -123,6 +130,18 @@ def test_data_diversity_and_select_from_the_command_line(tmp_path):
     out = tmp_path / "subset.jsonl"
     proc = posttrain("data", "select", str(mixed), "-n", "6", "-o", str(out), "--filter", "verifier",
                      "--env", "arithmetic", *args)
-    assert g_vendi(proc) > 0 and "of 11 rows that pass" in proc.stdout
+    assert g_vendi(proc) > 0 and "(of 11 that pass --filter verifier, of 12)" in proc.stdout, proc.stdout
     chosen = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(chosen) == 6 and all(r["completion"] != "47" for r in chosen)
+    # over-generation: new tasks from the environment fill the clusters the file leaves short
+    proc = posttrain("data", "select", str(mixed), "-n", "16", "-o", str(out), "--filter", "verifier",
+                     "--env", "arithmetic", "--env-arg", "ops=+-*", "--generate", "64", *args)
+    assert proc.returncode == 0, proc.stderr
+    chosen = [json.loads(x) for x in out.read_text().splitlines()]
+    made = [r for r in chosen if r.get("generated")]
+    kept = int(proc.stdout.split(" kept of up to")[0].rsplit("(", 1)[1])
+    assert made and len(chosen) == min(16, 11 + kept) and f"{len(made)} of them generated" in proc.stdout
+    env = make_env("arithmetic", {"ops": "+-*"})
+    for r in made:  # gold solutions of real training tasks, none a copy of a file row
+        assert env.score(Task("x", r["prompt"], r["answer"], ""), r["completion"]).correct
+        assert r["prompt"] not in {m["prompt"] for m in mixed_rows}

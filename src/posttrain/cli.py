@@ -247,19 +247,24 @@ def data_select(
     env_arg: Annotated[list[str] | None, typer.Option("--env-arg", metavar="KEY=VALUE",
                                                       help="Environment argument (repeatable).")] = None,
     clusters: Annotated[int | None, typer.Option(help="k-means clusters (default: sqrt(n)).")] = None,
+    generate: Annotated[int, typer.Option(help="Over-generate: draw up to this many new tasks from --env and add "
+                                          "those that fall in clusters short of n / k rows.")] = 0,
     model: _PROXY = "tiny-3m", layers: _LAYERS = 1, dim: _DIM = 1024, seed: _SEED = 0,
     chat_template: _TEMPLATE = True,
 ) -> None:
     """A diverse subset: rows that pass the quality filter, clustered by gradient features, taken in round robin
-    over the clusters, smallest first (Prismatic Synthesis' selection). Prints its G-Vendi against a random subset
+    over the clusters, smallest first (Prismatic Synthesis' selection), optionally after filling the sparse
+    clusters with new tasks from the environment. Prints its G-Vendi against a random subset of the file's rows
     of the same size."""
     _quiet_libraries()
     from posttrain.data.diversity_cmd import select
 
     r = select(file, output, n=n, how=filter_, env=env, env_args=env_arg or [], model=model, layers=layers,
-               dim=dim, seed=seed, chat_template=chat_template, clusters=clusters, console=err)
-    out.print(f"wrote {r['selected']} of {r['passed_filter']} rows that pass --filter {filter_} (of {r['rows']}) "
-              f"to {output}", markup=False, highlight=False)
+               dim=dim, seed=seed, chat_template=chat_template, clusters=clusters, generate=generate, console=err)
+    made = f", {r['selected_generated']} of them generated ({r['generated']} kept of up to {generate} drawn)" \
+        if generate else ""
+    out.print(f"wrote {r['selected']} rows to {output} (of {r['passed_filter']} that pass --filter {filter_}, of "
+              f"{r['rows']}){made}", markup=False, highlight=False)
     out.print(f"G-Vendi: {r['g_vendi_selected']:.4f} (a random subset of the same size: "
               f"{r['g_vendi_random_subset']:.4f}; all rows that pass: {r['g_vendi_all_passing']:.4f})",
               markup=False, highlight=False)

@@ -264,7 +264,8 @@ class RunConfig(Section):
     name: str = Field(description="Run name; the run directory is output_dir/name.")
     output_dir: str = Field("runs", description="Parent directory of run directories.")
     seed: int = Field(0, ge=0, description="Seeds model init, data order and sampling.")
-    threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: all cores).")
+    threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: OMP_NUM_THREADS if set, "
+                                "else every core the process may use).")
     stall_timeout_s: float = Field(900.0, gt=0, description="Report a phase (generate, score, train, ...) that "
                                    "makes no progress for this long, naming what it waits on (see heartbeat.json).")
     model: ModelConfig = Field(default_factory=ModelConfig)

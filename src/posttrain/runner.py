@@ -48,6 +48,13 @@ from posttrain.train.checkpoint import latest_checkpoint, load_state, save_model
 from posttrain.train.learner import FrozenModel
 
 
+def intra_op_threads(threads: int | None) -> int:
+    """The recipe's `threads`, else OMP_NUM_THREADS (several jobs sharing a machine), else the cores this process
+    may run on."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return threads or (int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0)))
+
+
 def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) -> dict[str, Any]:
     console = console or Console(stderr=True)
     config = cfg.model_dump(mode="json")
@@ -63,7 +70,7 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
             teacher_tokenizer(cfg, student_tokenizer)
         make_env(cfg.env.name, cfg.env.args)
     run_dir, note = rundir.prepare(cfg.run_dir, config, to_toml(cfg), fresh=fresh)
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    torch.set_num_threads(intra_op_threads(cfg.threads))
     torch.manual_seed(cfg.seed)
     stages = load_stages()
 

@@ -198,8 +198,9 @@ RESCUE_AFTER = Annotated[int, Field(ge=0, description="Replace a prompt unsolved
 @SAMPLERS.register("pools")
 class PoolsSampler(HistorySampler):
     """Prompts in four pools by their recent pass rate (mean of the last `window` visits): new (never seen), easy
-    (>= easy_at), hard (<= hard_at), learnable (between). Each step draws from the pools by `ratios`; a pool
-    short of prompts gives its share to the others. Prompts move between pools as their pass rate changes."""
+    (>= easy_at), hard (<= hard_at), learnable (between). Each step draws from the pools by `ratios` (None:
+    new 0.3, learnable 0.6, easy 0.05, hard 0.05); a pool short of prompts gives its share to the others. Prompts
+    move between pools as their pass rate changes."""
 
     def __init__(self, env: Any, seed: int, *, pool_size: POOL_SIZE = 0, rescue_after: RESCUE_AFTER = 0,
                  window: Annotated[int, Field(gt=0)] = 2,

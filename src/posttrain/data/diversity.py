@@ -119,8 +119,9 @@ def ngram_vendi(texts: Sequence[str], n: int = 2) -> float:
     return vendi_score(x)
 
 
-def kmeans(x: Tensor, k: int, *, seed: int, iters: int = 50) -> Tensor:
-    """Cluster labels of the rows of x (unit-normalised) by Lloyd's k-means from a seeded k-means++ start."""
+def kmeans(x: Tensor, k: int, *, seed: int, iters: int = 50) -> tuple[Tensor, Tensor]:
+    """(cluster label of each row, the k centres) of the rows of x (unit-normalised), by Lloyd's k-means from a
+    seeded k-means++ start."""
     x = torch.nn.functional.normalize(x.double(), dim=1)
     g = torch.Generator().manual_seed(seed)
     centres = [x[torch.randint(0, len(x), (1,), generator=g)].squeeze(0)]
@@ -137,7 +138,12 @@ def kmeans(x: Tensor, k: int, *, seed: int, iters: int = 50) -> Tensor:
             break
         labels = new
         c = torch.stack([x[labels == j].mean(0) if (labels == j).any() else c[j] for j in range(len(c))])
-    return labels
+    return labels, c
+
+
+def nearest_centre(x: Tensor, centres: Tensor) -> Tensor:
+    """The cluster of each row of x: its nearest centre (x unit-normalised, as kmeans sees it)."""
+    return torch.cdist(torch.nn.functional.normalize(x.double(), dim=1), centres).argmin(1)
 
 
 def sparse_first_round_robin(labels: Tensor, n: int, *, seed: int) -> list[int]:
@@ -161,5 +167,19 @@ def select_diverse(features: Tensor, n: int, *, clusters: int | None = None, see
     """Prismatic-style selection of n rows of `features` (k-means in sketch space, sparse clusters first)."""
     if n >= len(features):
         return list(range(len(features)))
-    k = clusters or max(2, round(math.sqrt(n)))
-    return sorted(sparse_first_round_robin(kmeans(features, min(k, len(features)), seed=seed), n, seed=seed))
+    labels, _ = kmeans(features, min(cluster_count(n, clusters), len(features)), seed=seed)
+    return sorted(sparse_first_round_robin(labels, n, seed=seed))
+
+
+def cluster_count(n: int, clusters: int | None) -> int:
+    return clusters or max(2, round(math.sqrt(n)))
+
+
+def shortfall(features: Tensor, n: int, *, clusters: int | None, seed: int) -> tuple[Tensor, dict[int, int]]:
+    """Prismatic Synthesis' target for over-generation: the k-means centres of `features` and, for every cluster
+    with fewer than n / k members, how many more it needs for an even subset of n."""
+    k = min(cluster_count(n, clusters), len(features))
+    labels, centres = kmeans(features, k, seed=seed)
+    per = math.ceil(n / k)
+    counts = torch.bincount(labels, minlength=k).tolist()
+    return centres, {j: per - c for j, c in enumerate(counts) if c < per}

@@ -11,7 +11,15 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from posttrain.data.diversity import GradientFeatures, distinct_n, ngram_vendi, select_diverse, vendi_score
+from posttrain.data.diversity import (
+    GradientFeatures,
+    distinct_n,
+    nearest_centre,
+    ngram_vendi,
+    select_diverse,
+    shortfall,
+    vendi_score,
+)
 from posttrain.data.prompts import completion_ids, render_prompt
 from posttrain.data.sft import read_pairs
 from posttrain.data.tables import read_rows
@@ -29,26 +37,36 @@ def prompt_text(prompt: str | list) -> str:
     return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
 
 
+class Proxy:
+    """The proxy model, loaded once: sketched gradient features of (where, prompt, completion) rows."""
+
+    def __init__(self, model: str, *, layers: int, dim: int, seed: int, chat_template: bool,
+                 console: Console | None) -> None:
+        path = resolve_model_path(model, seed, key="--model")
+        self.model, self.chat_template, self.console = load_model(path), chat_template, console
+        self.tokenizer = load_tokenizer(path, require_chat_template=chat_template)
+        self.features = GradientFeatures(self.model, layers=layers, dim=dim, seed=seed)
+
+    def __call__(self, pairs: list[tuple[str, Any, str]]) -> Any:
+        max_len = getattr(self.model.config, "max_position_embeddings", None)
+        examples = []
+        for where, prompt, completion in pairs:
+            ids = render_prompt(self.tokenizer, prompt, chat_template=self.chat_template)
+            target = completion_ids(self.tokenizer, completion, chat_template=self.chat_template)
+            if max_len is not None and len(ids) + len(target) > max_len:
+                raise UserError(f"{where}: prompt + completion are {len(ids) + len(target)} tokens, more than the "
+                                f"proxy model's context of {max_len}")
+            examples.append((ids, target))
+        with Progress(TextColumn("gradients"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=self.console, disable=self.console is None, transient=True) as bar:
+            task = bar.add_task("", total=len(examples))
+            return self.features(examples, progress=lambda done: bar.update(task, completed=done))
+
+
 def features_of(pairs: list[tuple[str, Any, str]], *, model: str, layers: int, dim: int, seed: int,
                 chat_template: bool, console: Console | None) -> Any:
     """The sketched gradient feature of every (where, prompt, completion) row under the proxy model."""
-    path = resolve_model_path(model, seed, key="--model")
-    proxy = load_model(path)
-    tokenizer = load_tokenizer(path, require_chat_template=chat_template)
-    max_len = getattr(proxy.config, "max_position_embeddings", None)
-    examples = []
-    for where, prompt, completion in pairs:
-        ids = render_prompt(tokenizer, prompt, chat_template=chat_template)
-        target = completion_ids(tokenizer, completion, chat_template=chat_template)
-        if max_len is not None and len(ids) + len(target) > max_len:
-            raise UserError(f"{where}: prompt + completion are {len(ids) + len(target)} tokens, more than the proxy "
-                            f"model's context of {max_len}")
-        examples.append((ids, target))
-    with Progress(TextColumn("gradients"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, disable=console is None, transient=True) as bar:
-        task = bar.add_task("", total=len(examples))
-        return GradientFeatures(proxy, layers=layers, dim=dim, seed=seed)(
-            examples, progress=lambda done: bar.update(task, completed=done))
+    return Proxy(model, layers=layers, dim=dim, seed=seed, chat_template=chat_template, console=console)(pairs)
 
 
 def diversity(path: Path, *, model: str, layers: int, dim: int, seed: int, chat_template: bool,
@@ -85,28 +103,77 @@ def quality_filter(rows: list[dict[str, Any]], how: str, env: Any | None) -> lis
     return [by_prompt[json.dumps(r["prompt"])].most_common(1)[0][0] == a for r, a in zip(rows, answers, strict=True)]
 
 
+def over_generate(proxy: Proxy, environment: Any, feats: Any, rows: list[dict[str, Any]], *, n: int, budget: int,
+                  clusters: int | None, seed: int) -> tuple[Any, list[dict[str, Any]]]:
+    """Draw up to `budget` new tasks from the environment's training split (their gold solutions as completions)
+    and keep those whose features fall in a cluster short of n / k members, until none is short. -> the added
+    features and rows."""
+    import torch
+
+    centres, need = shortfall(feats, n, clusters=clusters, seed=seed)
+    known = {json.dumps(r["prompt"]) for r in rows}
+    added_feats, added_rows, drawn = [], [], 0
+    stream = iter(environment.tasks("train", seed + 1))
+    while need and drawn < budget:
+        batch = []
+        for task in stream:
+            prompt = environment.prompt(task)
+            prompt = prompt[-1]["content"] if isinstance(prompt, list) and len(prompt) == 1 else prompt
+            if json.dumps(prompt) not in known:
+                known.add(json.dumps(prompt))
+                batch.append({"prompt": prompt, "completion": task.solution, "answer": task.answer,
+                              "generated": True})
+            if len(batch) == min(64, budget - drawn):
+                break
+        if not batch:
+            break
+        drawn += len(batch)
+        f = proxy([(f"generated row {drawn}", r["prompt"], r["completion"]) for r in batch])
+        for row, feat, cluster in zip(batch, f, nearest_centre(f, centres).tolist(), strict=True):
+            if need.get(cluster, 0) > 0:
+                need[cluster] -= 1
+                need = {c: k for c, k in need.items() if k > 0}
+                added_feats.append(feat)
+                added_rows.append(row)
+    return (torch.stack(added_feats) if added_feats else feats[:0]), added_rows
+
+
 def select(path: Path, out: Path, *, n: int, how: str, env: str | None, env_args: list[str], model: str,
-           layers: int, dim: int, seed: int, chat_template: bool, clusters: int | None,
+           layers: int, dim: int, seed: int, chat_template: bool, clusters: int | None, generate: int = 0,
            console: Console | None = None) -> dict[str, Any]:
-    """Write the n-row subset of `path` that passes the filter and covers its gradient clusters evenly."""
+    """Write the n-row subset of `path` that passes the filter and covers its gradient clusters evenly; with
+    `generate` > 0, first fill the under-represented clusters with up to that many new tasks from --env."""
     if how not in FILTERS:
         raise UserError(f"--filter must be one of {', '.join(FILTERS)}, got {how!r}")
+    if generate and not env:
+        raise UserError("--generate needs --env (the environment that makes the new tasks)")
     pairs = read_pairs(path, None, section="data")
     rows = [row for _, _, row in read_rows(path, None, what="data")]
-    keep = quality_filter(rows, how, make_env(env, parse_env_args(env_args)) if env else None)
+    environment = make_env(env, parse_env_args(env_args)) if env else None
+    keep = quality_filter(rows, how, environment)
     kept = [i for i, k in enumerate(keep) if k]
     if not kept:
         raise UserError(f"no row of {path} passes --filter {how}")
-    feats = features_of([pairs[i] for i in kept], model=model, layers=layers, dim=dim, seed=seed,
-                        chat_template=chat_template, console=console)
+    proxy = Proxy(model, layers=layers, dim=dim, seed=seed, chat_template=chat_template, console=console)
+    feats = proxy([pairs[i] for i in kept])
+    rows = [rows[i] for i in kept]
+    before = vendi_score(feats)
+    if generate:
+        import torch
+
+        new_feats, new_rows = over_generate(proxy, environment, feats, rows, n=n, budget=generate,
+                                            clusters=clusters, seed=seed)
+        feats, rows = torch.cat([feats, new_feats]), rows + new_rows
     picked = select_diverse(feats, n, clusters=clusters, seed=seed)
-    baseline = sorted(random.Random(seed).sample(range(len(kept)), min(n, len(kept))))
+    baseline = sorted(random.Random(seed).sample(range(len(kept)), min(n, len(kept))))  # of the file's rows
     tmp = out.with_suffix(".tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tmp.open("w") as f:
         for i in picked:
-            f.write(json.dumps(rows[kept[i]], default=str) + "\n")
+            f.write(json.dumps(rows[i], default=str) + "\n")
     tmp.replace(out)
-    return {"file": str(path), "out": str(out), "rows": len(rows), "passed_filter": len(kept), "filter": how,
-            "selected": len(picked), "g_vendi_selected": vendi_score(feats[picked]),
-            "g_vendi_random_subset": vendi_score(feats[baseline]), "g_vendi_all_passing": vendi_score(feats)}
+    return {"file": str(path), "out": str(out), "rows": len(pairs), "passed_filter": len(kept), "filter": how,
+            "generated": len(rows) - len(kept), "selected": len(picked),
+            "selected_generated": sum(1 for i in picked if i >= len(kept)),
+            "g_vendi_selected": vendi_score(feats[picked]), "g_vendi_random_subset": vendi_score(feats[baseline]),
+            "g_vendi_all_passing": before}

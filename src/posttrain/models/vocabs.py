@@ -65,7 +65,8 @@ def gguf_files(name: str) -> Path:
         sdist = _sdist()
         _extract(sdist, out)
         if sdist.parent == _cache() / "downloads":
-            sdist.unlink()  # 75 MB, of which the two vocabularies are 14 MB
+            sdist.unlink(missing_ok=True)  # 75 MB, of which the two vocabularies are 14 MB (another process may
+            # have fetched, extracted and removed it at the same time: parallel test workers)
     digest = hashlib.sha256((out / vocab.gguf).read_bytes()).hexdigest()
     if digest != vocab.sha256:
         raise UserError(f"{out / vocab.gguf}: SHA-256 {digest[:12]}... is not the pinned {vocab.sha256[:12]}...; "
@@ -151,7 +152,9 @@ def _extract(sdist: Path, out: Path) -> None:
             if member.isfile() and name in wanted and "/vendor/llama.cpp/models/" in member.name:
                 source = tar.extractfile(member)
                 assert source is not None
-                (out / name).write_bytes(source.read())
+                tmp = out / f".{name}.{os.getpid()}.tmp"  # whole files only, even with two extracting at once
+                tmp.write_bytes(source.read())
+                tmp.replace(out / name)
     missing = sorted(f for f in wanted if not (out / f).is_file())
     if missing:
         raise UserError(f"{sdist}: does not contain {', '.join(missing)}")
