@@ -16,9 +16,9 @@ from posttrain.data.diversity import (
     kmeans,
     nearest_centre,
     ngram_vendi,
+    select_diverse,
     shortfall,
     sketch,
-    sparse_first_round_robin,
     vendi_score,
 )
 from posttrain.data.diversity_cmd import quality_filter
@@ -67,14 +67,26 @@ def test_ngram_baselines():
     assert ngram_vendi(["ab", "cd", "ef"]) == pytest.approx(3.0)
 
 
-def test_selection_takes_the_small_clusters_whole():
+def test_greedy_selection_raises_the_vendi_score():
+    x = torch.tensor([[1.0, 0, 0]] * 20 + [[0, 1.0, 0]] * 3 + [[0, 0, 1.0]] * 2)
+    picked = select_diverse(x, 6, seed=0, rounds=6)
+    assert len(picked) == 6 == len(set(picked))
+    assert vendi_score(x[picked]) == pytest.approx(3.0)  # two of each direction: the most a subset of 6 can have
+    # on anisotropic data (a few strong directions, many weak ones) it beats every random subset of its size
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(600, 64, generator=g) * torch.linspace(3, 0.1, 64)
+    picked = select_diverse(data, 100, seed=0, rank=32)
+    random_subsets = [vendi_score(data[torch.randperm(600, generator=g)[:100]]) for _ in range(20)]
+    assert vendi_score(data[picked]) > max(random_subsets)
+    assert select_diverse(data, 100, seed=0, rank=32) == picked  # deterministic
+
+
+
+def test_clusters_and_their_shortfall():
     x = torch.tensor([[1.0, 0, 0]] * 20 + [[0, 1.0, 0]] * 3 + [[0, 0, 1.0]] * 2)
     labels, centres = kmeans(x, 3, seed=0)
     assert torch.equal(nearest_centre(x, centres), labels)
     assert len(set(labels[:20].tolist())) == 1 and len(set(labels.tolist())) == 3
-    picked = sparse_first_round_robin(labels, 7, seed=0)
-    assert set(range(20, 25)) <= set(picked) and len(picked) == 7  # both small clusters whole, 2 of the big one
-    assert vendi_score(x[picked]) > vendi_score(x[:7])
     # an even subset of 9 over 3 clusters needs 3 each: the clusters of 3 and 2 rows are short by 0 and 1
     _, need = shortfall(x, 9, clusters=3, seed=0)
     assert need == {int(labels[-1]): 1}

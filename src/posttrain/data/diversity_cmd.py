@@ -164,7 +164,7 @@ def select(path: Path, out: Path, *, n: int, how: str, env: str | None, env_args
         new_feats, new_rows = over_generate(proxy, environment, feats, rows, n=n, budget=generate,
                                             clusters=clusters, seed=seed)
         feats, rows = torch.cat([feats, new_feats]), rows + new_rows
-    picked = select_diverse(feats, n, clusters=clusters, seed=seed)
+    picked = select_diverse(feats, n, seed=seed)
     baseline = sorted(random.Random(seed).sample(range(len(kept)), min(n, len(kept))))  # of the file's rows
     tmp = out.with_suffix(".tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
