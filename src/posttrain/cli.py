@@ -246,16 +246,17 @@ def data_select(
     env: Annotated[str | None, typer.Option(help="Environment whose verifier --filter verifier uses.")] = None,
     env_arg: Annotated[list[str] | None, typer.Option("--env-arg", metavar="KEY=VALUE",
                                                       help="Environment argument (repeatable).")] = None,
-    clusters: Annotated[int | None, typer.Option(help="k-means clusters (default: sqrt(n)).")] = None,
+    clusters: Annotated[int | None, typer.Option(help="k-means clusters whose shortfall --generate fills "
+                                                 "(default: sqrt(n)).")] = None,
     generate: Annotated[int, typer.Option(help="Over-generate: draw up to this many new tasks from --env and add "
                                           "those that fall in clusters short of n / k rows.")] = 0,
     model: _PROXY = "tiny-3m", layers: _LAYERS = 1, dim: _DIM = 1024, seed: _SEED = 0,
     chat_template: _TEMPLATE = True,
 ) -> None:
-    """A diverse subset: rows that pass the quality filter, clustered by gradient features, taken in round robin
-    over the clusters, smallest first (Prismatic Synthesis' selection), optionally after filling the sparse
-    clusters with new tasks from the environment. Prints its G-Vendi against a random subset of the file's rows
-    of the same size."""
+    """A diverse subset: of the rows that pass the quality filter, n picked greedily for a high G-Vendi (each
+    round the rows most in the gradient directions the subset lacks), optionally after filling the sparse
+    gradient clusters with new tasks from the environment (Prismatic Synthesis). Prints its G-Vendi against a
+    random subset of the file's rows of the same size."""
     _quiet_libraries()
     from posttrain.data.diversity_cmd import select
 
