@@ -37,7 +37,7 @@ quickstart: $(STAMP)
 	$(BIN)/posttrain run recipes/quickstart.toml
 
 test: $(STAMP) $(VSTAMP)
-	$(BIN)/python -m pytest -m "not vllm"
+	$(BIN)/python -m pytest -m "not vllm" -n 2 --dist loadfile
 	$(VBIN)/python -m pytest -m vllm
 
 clean:

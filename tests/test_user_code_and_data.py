@@ -176,6 +176,10 @@ def test_example_preference_pairs_runs_sft_then_dpo_on_the_users_file(tmp_path):
     dpo = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     dpo = [r for r in dpo if "dpo/loss" in r]
     assert len(dpo) == 30 and all(r["dpo/pairs"] == 32 for r in dpo)
-    first, last = dpo[0], dpo[-1]
-    assert first["dpo/loss"] == pytest.approx(0.6931, abs=1e-3)  # the reference is the policy DPO starts from
-    assert last["dpo/reward_margin"] > 0 and last["dpo/accuracy"] > 0.5
+    assert dpo[0]["dpo/loss"] == pytest.approx(0.6931, abs=1e-3)  # the reference is the policy DPO starts from
+    # the last 10 steps (one step's 32 pairs are too few to judge: its accuracy moves by 0.03 a pair); measured
+    # 0.59-0.61 accuracy, margin 0.07-0.09, loss 0.66-0.67 with 1 and 2 threads
+    last = dpo[-10:]
+    assert sum(r["dpo/reward_margin"] for r in last) / 10 > 0.02
+    assert sum(r["dpo/accuracy"] for r in last) / 10 > 0.55
+    assert sum(r["dpo/loss"] for r in last) / 10 < 0.685
