@@ -41,12 +41,13 @@ class Heartbeat:
         self._thread.start()
 
     def phase(self, name: str, detail: str = "", *, step: int | None = None) -> None:
-        if step is not None:
-            self.step = step
         with self._lock:  # an asynchronous rollout producer and the learner announce phases from two threads
+            if step is not None:
+                self.step = step
+            at = self.step  # this caller's step: the other thread may move self.step before the fault check
             self._phase, self._detail, self._since, self._reported = name, detail, time.time(), False
             self._write()
-        fault_point(name, self.step)
+        fault_point(name, at)
 
     def _write(self) -> None:
         tmp = self.path.with_suffix(".tmp")
