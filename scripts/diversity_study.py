@@ -7,8 +7,8 @@ Five synthetic SFT sets of 2,000 arithmetic examples each (rows {prompt, complet
 environment's training split): additions of 2 digits only, additions of 1-3 digits, additions and subtractions,
 a random mix of +, - and *, and a G-Vendi-selected 2,000 of an 8,000-example mix (`posttrain data select`,
 verifier filter). Each set is scored by `posttrain data diversity` under a trained proxy (the shared SFT'd tiny-3m,
-runs/distill-student/final) and by the n-gram baselines; then tiny-3m is trained from random init on each set
-(recipes/diversity/sft.toml, 3 seeds) and evaluated on three transfer suites (4-digit +, 3-digit -, 2-digit *).
+runs/distill-student/final) and by the n-gram baselines; then the shared SFT'd tiny-3m is trained on each set
+(recipes/diversity/sft.toml, 3 seeds, from the same SFT checkpoint) and evaluated on three transfer suites (4-digit +, 3-digit -, 2-digit *).
 Transfer accuracy = the mean pass@1 of the suites. The rank agreement is Spearman's rho between a score and the
 sets' mean transfer accuracy, with a bootstrap CI that resamples each set's seeds.
 """
