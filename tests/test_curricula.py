@@ -231,3 +231,11 @@ def test_an_rl_run_on_a_mixture_with_a_bandit_over_sources_and_transfer_suites(t
     run_data = load_run(cfg.run_dir)
     assert "ood3/pass@1" in eval_metric_names([run_data])  # a panel of the eval-over-steps figure, with its CIs
     assert all(p[2] is not None for p in eval_points(run_data, "ood3/pass@1"))
+
+
+@pytest.mark.parametrize("name", ["uniform", "pools"])
+def test_a_pool_larger_than_the_environment_holds_is_what_it_holds(name):
+    """1-digit additions have under 100 distinct training tasks: pool_size = 5000 must end, not loop forever."""
+    s = SAMPLERS.get(name)(make_env("arithmetic", {"digits": 1}), 0, pool_size=5000)
+    ids = [t.id for t in s.next(300)]
+    assert len(set(ids)) < 100 and len(ids) == (300 if name == "uniform" else len(set(ids)))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 from pydantic import Field
@@ -37,11 +37,9 @@ from posttrain.algos.curriculum import (
     stayed_solved,
     ucb_scores,
 )
-from posttrain.data.samplers import SAMPLERS, GroupOutcome, PromptHistory
+from posttrain.data.samplers import SAMPLERS, GroupOutcome, PromptHistory, distinct_tasks
 from posttrain.errors import UserError
 from posttrain.records import Task
-
-MAX_REPEATS = 1000  # a stream that yields only known tasks this many times in a row counts as used up
 
 
 class TaskBank:
@@ -51,23 +49,8 @@ class TaskBank:
         self.env, self.seed, self.pool_size = env, seed, pool_size
         self.tasks: dict[str, Task] = {}
         self.drawn = 0
-        self._stream = self._distinct(env.tasks("train", seed))
+        self._stream = distinct_tasks(env.tasks("train", seed), pool_size)
         self._exhausted = False
-
-    def _distinct(self, stream: Iterator[Task]) -> Iterator[Task]:
-        seen: set[str] = set()
-        repeats = 0
-        for task in stream:
-            if task.id in seen:
-                repeats += 1
-                if repeats >= MAX_REPEATS:
-                    return
-                continue
-            repeats = 0
-            seen.add(task.id)
-            yield task
-            if self.pool_size and len(seen) >= self.pool_size:
-                return
 
     def fresh(self) -> Task | None:
         """The next task never handed out, or None when the stream (or pool) is used up."""
@@ -94,7 +77,7 @@ class TaskBank:
         """Replay the stream to the same point; `rebuild(id)` makes a task that did not come from it (a rescue
         variant) from those before it. The order of `tasks` is restored too: samplers draw from it at random."""
         self.tasks, self.drawn, self._exhausted = {}, 0, False
-        self._stream = self._distinct(self.env.tasks("train", self.seed))
+        self._stream = distinct_tasks(self.env.tasks("train", self.seed), self.pool_size)
         for _ in range(state["drawn"]):
             if self.fresh() is None:
                 raise UserError("cannot resume the task sampler: the environment's training stream is shorter "
@@ -158,8 +141,8 @@ class HistorySampler:
         while len(out) < n and (t := self.bank.fresh()) is not None:
             out.append(t)
         if len(out) < n:
-            known = [i for i in self.bank.tasks if i not in exclude and i not in self.rescued
-                     and all(t.id != i for t in out)]
+            taken = exclude | {t.id for t in out}
+            known = [i for i in self.bank.tasks if i not in taken and i not in self.rescued]
             out += [self.bank.tasks[i] for i in self.rng.sample(known, min(n - len(out), len(known)))]
         return out
 

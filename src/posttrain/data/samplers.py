@@ -77,18 +77,34 @@ class PromptHistory:
         self.prompts = state["prompts"]
 
 
+MAX_REPEATS = 1000  # a stream that yields only known tasks this many times in a row counts as used up
+
+
+def distinct_tasks(stream: Iterator[Task], limit: int = 0) -> Iterator[Task]:
+    """The stream without repeated ids, ending after `limit` tasks (0: no limit) or once it has yielded only
+    known tasks MAX_REPEATS times in a row (a procedural environment with fewer distinct tasks than asked for)."""
+    seen: set[str] = set()
+    repeats = 0
+    for task in stream:
+        if task.id in seen:
+            repeats += 1
+            if repeats >= MAX_REPEATS:
+                return
+            continue
+        repeats = 0
+        seen.add(task.id)
+        yield task
+        if limit and len(seen) >= limit:
+            return
+
+
 def task_stream(env: Any, seed: int, pool_size: int = 0) -> Iterator[Task]:
     """Training tasks forever: a finite dataset is replayed epoch after epoch in a fresh order. pool_size = N:
     the environment's first N distinct tasks (seed `seed`), every epoch in a fresh seeded order."""
     if pool_size:
-        pool: dict[str, Task] = {}
-        for task in env.tasks("train", seed):
-            pool.setdefault(task.id, task)
-            if len(pool) >= pool_size:
-                break
-        if not pool:
+        tasks = list(distinct_tasks(env.tasks("train", seed), pool_size))
+        if not tasks:
             raise UserError(f"environment {env.name!r} yields no training tasks")
-        tasks = list(pool.values())
         for epoch in itertools.count():
             order = list(range(len(tasks)))
             random.Random(f"pool:{seed}:{epoch}").shuffle(order)
