@@ -94,9 +94,27 @@ class EnvConfig(Section):
     failure_reward: float = Field(0.0, description="Reward given to a completion whose verifier failed.")
     max_error_frac: float = Field(0.5, ge=0, le=1, description="Stop the run when more than this fraction of a "
                                   "step's completions could not be scored (training on garbage otherwise).")
+    reward: str = Field("verifier", description="The training reward: 'verifier' (the environment's), or a "
+                        "reward control (algos/reward_controls.py) that replaces it while `correct` and every "
+                        "evaluation stay the verifier's: random (Bernoulli(rate)), incorrect (1 when wrong), "
+                        "format (1 when the answer parses), constant, noisy (flip / Gaussian noise); or an import "
+                        "path 'pkg.module:fn'.")
+    reward_args: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters of the reward control "
+                                        "(e.g. {rate = 0.5} for random); defaults filled in.")
     sources: list[EnvSource] = Field(default_factory=list, description="A mixture: [[env.sources]] tables, each an "
                                      "environment with a weight; training and evaluation draw from all of them "
                                      "(env.name then is 'mixture', set for you; env.args must stay empty).")
+
+    @model_validator(mode="after")
+    def _reward_control(self) -> EnvConfig:
+        from posttrain.algos.reward_controls import REWARD_CONTROLS
+
+        if ":" not in self.reward and self.reward not in REWARD_CONTROLS:
+            raise ConfigError("env.reward", f"{self.reward!r} is not one of {', '.join(REWARD_CONTROLS.names())} "
+                              "(or an import path 'pkg.module:fn')")
+        self.__dict__["reward_args"] = REWARD_CONTROLS.validate_args(self.reward, self.reward_args,
+                                                                     key="env.reward_args")
+        return self
 
     @model_validator(mode="after")
     def _mixture(self) -> EnvConfig:
@@ -131,7 +149,7 @@ class StageConfig(OptimConfig):
     micro_batch_tokens: int | Literal["auto"] | None = Field(
         "auto", description="Most padded tokens (rows x longest prompt + completion) per forward/backward, beside "
         "micro_batch_size's row cap, so memory follows tokens, not rows. auto: 2048 on CPU (an RL update of a "
-        "100M-parameter model with a 152k vocabulary peaks near 4 GB), 16384 on GPU; null: rows only. Only memory "
+        "100M-parameter model with a 152k vocabulary peaks at 3.4 GB), 16384 on GPU; null: rows only. Only memory "
         "and speed depend on it, not the loss.")
 
     def token_budget(self, device_type: str) -> int | None:

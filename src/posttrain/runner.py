@@ -94,9 +94,9 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
                           stop_ids=stop_ids, engine_args=cfg.rollout.engine_args)
     teacher = load_teacher(cfg, tokenizer, device, bf16) if cfg.uses_teacher() else None
     scorer = Scorer(env, timeout_s=cfg.env.score_timeout_s, failure_reward=cfg.env.failure_reward,
-                    max_error_frac=cfg.env.max_error_frac)
+                    max_error_frac=cfg.env.max_error_frac, control=cfg.env.reward, control_args=cfg.env.reward_args)
     e, max_len = cfg.eval, context_length(model)
-    evaluator = Evaluator(engine, tokenizer, env, scorer.never_stopping(), problems=e.problems, samples=e.samples, ks=e.ks,
+    evaluator = Evaluator(engine, tokenizer, env, scorer.never_stopping().verifier_only(), problems=e.problems, samples=e.samples, ks=e.ks,
                           temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens, seed=cfg.seed,
                           chat_template=cfg.model.chat_template, max_len=max_len,
                           suites=[(x.label, make_env(x.name, x.args), x.problems or e.problems) for x in e.suites])

@@ -101,6 +101,22 @@ def extract_answer(completion: str) -> str:
     return _clean(final_line(completion))
 
 
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def answer_parses(env: object, task: Task, completion: str) -> bool:
+    """Does the completion give an answer in the task's form? (the `format` reward control): the environment's
+    own `answer_parses(task, completion)` when it has one; else a non-empty extracted answer (extract_answer),
+    which must be a number when the task's reference answer is one."""
+    own = getattr(env, "answer_parses", None)
+    if callable(own):
+        return bool(own(task, completion))
+    got = extract_answer(completion)
+    if not got:
+        return False
+    return bool(_NUMBER.fullmatch(got.replace(",", ""))) if _NUMBER.fullmatch(str(task.answer).strip()) else True
+
+
 def _clean(text: str) -> str:
     text = text.strip()
     for mark in ("**", "__", "$", "`"):

@@ -326,13 +326,37 @@ class Scorer:
     max_error_frac: float | None = 0.5
     score_fn: Callable[..., list[Score]] = score_many  # where verifiers run: here, or a Ray pool (dist/scoring.py)
 
-    def __call__(self, tasks: Sequence[Task], texts: Sequence[str]) -> list[Score]:
+    control: str = "verifier"  # env.reward: a REWARD_CONTROLS entry replacing the training reward
+    control_args: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, tasks: Sequence[Task], texts: Sequence[str], *, seed: int = 0) -> list[Score]:
+        """`seed` draws a random reward control's rewards (rollout/collect.py passes the step's sampling seed)."""
         scores = self.score_fn(self.env, tasks, texts, timeout_s=self.timeout_s, failure_reward=self.failure_reward)
         errors = ScoreErrors.of(scores)
         if self.max_error_frac is not None and errors.failed > self.max_error_frac * errors.total:
             raise UserError(f"{errors.failed} of {errors.total} completions could not be scored (more than "
                             f"env.max_error_frac = {self.max_error_frac}); first: {_first_failure(tasks, scores)}")
-        return scores
+        return self._controlled(tasks, texts, scores, seed) if self.control != "verifier" else scores
+
+    def _controlled(self, tasks: Sequence[Task], texts: Sequence[str], scores: list[Score], seed: int) -> list[Score]:
+        """The control's rewards in place of the verifier's; `correct` stays the verifier's, and its reward is
+        kept in info["verifier_reward"]."""
+        import torch  # here: verifier worker processes import this module and need no torch
+
+        from posttrain.algos.reward_controls import REWARD_CONTROLS, RewardControlInputs
+        from posttrain.envs.base import answer_parses
+
+        x = RewardControlInputs(torch.tensor([s.reward for s in scores], dtype=torch.float),
+                                torch.tensor([s.correct for s in scores], dtype=torch.bool),
+                                torch.tensor([answer_parses(self.env, t, c) for t, c in zip(tasks, texts, strict=True)],
+                                             dtype=torch.bool))
+        rewards = REWARD_CONTROLS.get(self.control)(x, torch.Generator().manual_seed(seed), **self.control_args)
+        return [Score(float(r), s.correct, {**s.info, "verifier_reward": s.reward})
+                for r, s in zip(rewards.tolist(), scores, strict=True)]
+
+    def verifier_only(self) -> Scorer:
+        """This scorer without a reward control (evaluation measures the verifier, whatever training is fed)."""
+        return replace(self, control="verifier", control_args={})
 
     def with_env(self, env: Any) -> Scorer:
         return replace(self, env=env)

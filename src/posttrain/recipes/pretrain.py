@@ -33,20 +33,25 @@ from posttrain.train.learner import Sequences
 HELD_OUT_DOCS = 200  # documents of a file kept out of training for the held-out loss
 
 
-class PretrainConfig(StageConfig):
+class CorpusConfig(StageConfig):
+    """The keys of a stage that reads a pretraining corpus (pretrain, rlp)."""
+
+    seq_len: int = Field(128, gt=1, description="Tokens per packed sequence (at most the model's context).")
+    data_path: str | None = Field(None, description="A .txt file (one document per line) or a .jsonl file of "
+                                  "{\"text\": ...}; unset: the environment's training tasks as plain statements.")
+    eval_every: int = Field(0, ge=0, description="Held-out loss every N steps (0 = only at the end).")
+    eval_sequences: int = Field(32, gt=0, description="Packed sequences in the held-out loss.")
+
+
+class PretrainConfig(CorpusConfig):
     """The pretraining stage (plus the optimizer keys shared with the other stages)."""
 
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
     schedule: Literal["constant", "cosine", "linear"] = Field("cosine", description="Decay after warm-up.")
     warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps from 0 to lr.")
     tokens: int = Field(1_000_000, gt=0, description="Token budget; steps = tokens // (batch_size * seq_len).")
-    seq_len: int = Field(128, gt=1, description="Tokens per packed sequence (at most the model's context).")
     batch_size: int = Field(32, gt=0, description="Packed sequences per optimizer step (global).")
     micro_batch_size: int = Field(32, gt=0, description="Sequences per forward/backward (per device).")
-    data_path: str | None = Field(None, description="A .txt file (one document per line) or a .jsonl file of "
-                                  "{\"text\": ...}; unset: the environment's training tasks as plain statements.")
-    eval_every: int = Field(0, ge=0, description="Held-out loss every N steps (0 = only at the end).")
-    eval_sequences: int = Field(32, gt=0, description="Packed sequences in the held-out loss.")
 
     def steps(self) -> int:
         return max(1, self.tokens // (self.batch_size * self.seq_len))
@@ -99,16 +104,8 @@ def as_sequences(packed: list[list[int]]) -> Sequences:
     return Sequences([s[:1] for s in packed], [s[1:] for s in packed])
 
 
-@register_stage("pretrain", PretrainConfig)
-def run(ctx: RunContext, c: PretrainConfig, resume: StageResume | None) -> None:
-    tok, steps = ctx.tokenizer, c.steps()
-    if ctx.max_len is not None and c.seq_len > ctx.max_len:
-        raise UserError(f"pretrain.seq_len = {c.seq_len} exceeds the model's context of {ctx.max_len} tokens")
-    learner = ctx.learner(c, total_updates=steps)
-    start, cursor = 0, 0
-    if resume:
-        learner.load_state_dict(resume.learner)
-        start, cursor = resume.stage_step, resume.state["cursor"]
+def corpus(ctx: RunContext, c: CorpusConfig, cursor: int) -> tuple[Iterator[list[int]], Sequences]:
+    """(the training stream of packed sequences from the `cursor`-th on, the held-out sequences)."""
     if c.data_path:
         docs = file_documents(Path(c.data_path))
         train_docs: Iterable[str] = itertools.chain.from_iterable(itertools.repeat(docs[:-HELD_OUT_DOCS] or docs))
@@ -116,12 +113,31 @@ def run(ctx: RunContext, c: PretrainConfig, resume: StageResume | None) -> None:
     else:
         env = ctx.training_env(c.env_args)
         train_docs, held_docs = env_documents(env, "train", ctx.seed), env_documents(ctx.env, "eval", 0)
-    stream = itertools.islice(pack_tokens(train_docs, tok, c.seq_len), cursor, None)  # cursor: sequences consumed
-    held_out = as_sequences(list(itertools.islice(pack_tokens(held_docs, tok, c.seq_len), c.eval_sequences)))
+    stream = itertools.islice(pack_tokens(train_docs, ctx.tokenizer, c.seq_len), cursor, None)
+    held_out = list(itertools.islice(pack_tokens(held_docs, ctx.tokenizer, c.seq_len), c.eval_sequences))
+    return stream, as_sequences(held_out)
 
-    def held_out_loss() -> float:  # a measurement, not training compute: its FLOPs are not in the ledger
-        lp, _ = learner.logprobs(held_out)
-        return -float(sum(x.sum() for x in lp)) / sum(len(x) for x in lp)
+
+def held_out_nll(learner, held_out: Sequences) -> float:
+    """Mean next-token NLL on held-out sequences: a measurement, not training compute (not in the ledger)."""
+    lp, _ = learner.logprobs(held_out)
+    return -float(sum(x.sum() for x in lp)) / sum(len(x) for x in lp)
+
+
+@register_stage("pretrain", PretrainConfig)
+def run(ctx: RunContext, c: PretrainConfig, resume: StageResume | None) -> None:
+    steps = c.steps()
+    if ctx.max_len is not None and c.seq_len > ctx.max_len:
+        raise UserError(f"pretrain.seq_len = {c.seq_len} exceeds the model's context of {ctx.max_len} tokens")
+    learner = ctx.learner(c, total_updates=steps)
+    start, cursor = 0, 0
+    if resume:
+        learner.load_state_dict(resume.learner)
+        start, cursor = resume.stage_step, resume.state["cursor"]
+    stream, held_out = corpus(ctx, c, cursor)
+
+    def held_out_loss() -> float:
+        return held_out_nll(learner, held_out)
 
     step = start
     for step in ctx.progress(range(start, steps), total=steps, completed=start, description="pretrain"):

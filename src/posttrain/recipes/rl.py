@@ -394,12 +394,13 @@ def save(ctx: RunContext, stage_step: int, done: bool, learner: Learner, sampler
 # Small helpers.
 
 
-def pad(rows: list[list[float]] | list[Tensor]) -> Tensor:
-    """Right-pad ragged rows with zeros into a (B, T) float tensor."""
-    width = max(1, max(len(r) for r in rows))
+def pad(rows: list[list[float]] | list[Tensor], width: int | None = None) -> Tensor:
+    """Right-pad ragged rows with zeros into a (B, T) float tensor (T = the longest row, or `width`)."""
+    width = width or max(1, max(len(r) for r in rows))
     out = torch.zeros((len(rows), width))
     for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.float)
+        if len(r):
+            out[i, : min(len(r), width)] = torch.as_tensor(r, dtype=torch.float)[:width]
     return out
 
 

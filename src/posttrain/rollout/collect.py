@@ -110,7 +110,7 @@ def generate_groups(engine: RolloutEngine, scorer: Scorer, render: Callable[[Tas
     if heartbeat is not None:
         heartbeat.phase("score", f"verifier of {getattr(scorer.env, 'name', scorer.env)} on {len(completions)} "
                         "completions", step=step)
-    scores = scorer(flat_tasks, [c.text for c in completions])
+    scores = scorer(flat_tasks, [c.text for c in completions], seed=params.seed)
     group_ids = torch.arange(len(tasks)).repeat_interleave(group_size)
     return RolloutBatch(flat_tasks, flat_prompts, completions, scores, group_ids)
 
@@ -160,7 +160,10 @@ def describe_samples(batch: RolloutBatch) -> dict[str, float]:
                 "rollout/truncated_frac": 0.0, "rollout/effective_groups_frac": 0.0, "rollout/samples": 0}
     rewards = batch.rewards()
     n = len(batch)
+    controlled = {} if "verifier_reward" not in batch.scores[0].info else {  # env.reward replaced the verifier's
+        "rollout/verifier_reward_mean": sum(s.info["verifier_reward"] for s in batch.scores) / n}
     return {
+        **controlled,
         "rollout/reward_mean": float(rewards.mean()),
         "rollout/reward_std": float(rewards.std()) if n > 1 else 0.0,
         "rollout/pass_rate": sum(s.correct for s in batch.scores) / n,
