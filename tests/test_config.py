@@ -1,9 +1,12 @@
 import tomllib
+from pathlib import Path
 
 import pytest
 
 from posttrain.config import load_recipe, to_toml, validate
 from posttrain.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write(tmp_path, text):
@@ -103,3 +106,15 @@ def test_malformed_toml_names_the_file(tmp_path):
     path = write(tmp_path, "recipe = \n")
     with pytest.raises(UserError, match="not valid TOML"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "recipes").rglob("*.toml")))
+def test_every_shipped_recipe_and_sweep_validates(path):
+    if "axes" in tomllib.loads((ROOT / path).read_text()):  # a sweep: every point is a validated recipe
+        from posttrain.scaling.sweep import load_sweep
+
+        configs = [p.cfg for p in load_sweep(ROOT / path).points]
+    else:
+        configs = [load_recipe(ROOT / path)]
+    for cfg in configs:
+        assert cfg.name and cfg.recipe and all(cfg.section(stage) is not None for stage in cfg.recipe)

@@ -1,7 +1,10 @@
 """The pretrain stage: packing, the token budget, learning from random init, resume."""
 
+import itertools
 import json
 import math
+import re
+import tomllib
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -92,3 +95,31 @@ def test_pretraining_resumes_exactly(tmp_path):
     assert strip((cfg.run_dir / "metrics.jsonl").read_text().splitlines()) == strip(reference)
     resumed = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "final").state_dict()
     assert all((final[k] == resumed[k]).all() for k in final)
+
+
+def test_the_environment_corpus_mixes_reasoning_traces_and_distractors_at_their_fractions():
+    from posttrain.recipes.pretrain import mixed_documents
+
+    plain = (f"{i}+1={i + 1}" for i in range(10**6))
+    traces = (f"{i}+1=\nworked\n{i + 1}" for i in range(10**6))
+    docs = list(itertools.islice(mixed_documents(plain, traces, reasoning_fraction=0.3, distractor_fraction=0.2,
+                                                 seed=0), 5000))
+    worked = sum("worked" in d for d in docs) / len(docs)
+    statements = [d for d in docs if "worked" not in d]
+    shuffled = sum(not re.fullmatch(r"(\d+)\+1=(\d+)", d) for d in statements) / len(docs)
+    assert abs(worked - 0.3) < 0.03 and abs(shuffled - 0.2) < 0.03  # 5000 draws: 4-5 standard errors
+    again = list(itertools.islice(mixed_documents((f"{i}+1={i + 1}" for i in range(10**6)),
+                                                  (f"{i}+1=\nworked\n{i + 1}" for i in range(10**6)),
+                                                  reasoning_fraction=0.3, distractor_fraction=0.2, seed=0), 5000))
+    assert again == docs  # seeded
+
+
+def test_pretraining_on_a_mixed_corpus_runs_and_records_the_mix(tmp_path):
+    cfg = pretrain_config(tmp_path, tokens=24 * 8 * 2, reasoning_fraction=0.5, eval_every=0)
+    cfg = validate({**cfg.model_dump(mode="json"), "env": {"name": "arithmetic", "args": {"digits": 2}}}, "test")
+    assert run(cfg)["steps"] == 2
+    resolved = tomllib.loads((cfg.run_dir / "config.toml").read_text())["pretrain"]
+    assert resolved["reasoning_fraction"] == 0.5 and resolved["reasoning_args"] == {"worked": True}
+    with pytest.raises(UserError, match="with data_path the file is the corpus"):
+        validate({**cfg.model_dump(mode="json"), "pretrain": {"data_path": "x.txt", "reasoning_fraction": 0.5}},
+                 "test")

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from posttrain.config import validate
+from posttrain.report import write_report
 from posttrain.runner import run
 
 
@@ -44,6 +45,9 @@ def test_rlp_trains_the_policy_on_thoughts_and_logs_its_metrics(tmp_path):
     final = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "final").state_dict()
     assert sum(not torch.equal(pretrained[k], final[k]) for k in final) == len(final)  # RLP moved every tensor
     assert json.loads((cfg.run_dir / "eval" / "rlp.json").read_text())["stage"] == "rlp"
+    page = write_report([cfg.run_dir]).read_text()  # the report shows both stages like the others
+    assert "The pretrain stage" in page and "The rlp stage" in page
+    assert (cfg.run_dir / "report_pretrain.png").is_file() and (cfg.run_dir / "report_rlp.png").is_file()
 
 
 def test_rlp_resumes_exactly(tmp_path):

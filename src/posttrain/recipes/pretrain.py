@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from posttrain.config import StageConfig
 from posttrain.data.jsonl import json_objects
@@ -41,6 +42,25 @@ class CorpusConfig(StageConfig):
                                   "{\"text\": ...}; unset: the environment's training tasks as plain statements.")
     eval_every: int = Field(0, ge=0, description="Held-out loss every N steps (0 = only at the end).")
     eval_sequences: int = Field(32, gt=0, description="Packed sequences in the held-out loss.")
+    reasoning_fraction: float = Field(0.0, ge=0, le=1, description="Of the environment corpus: the fraction of "
+                                      "documents written as reasoning traces, i.e. by the environment built with "
+                                      "env_args + reasoning_args (arithmetic: worked column-by-column solutions); "
+                                      "the rest are plain statements ('12+34=46'). Front-loading experiments.")
+    reasoning_args: dict[str, Any] = Field(default_factory=lambda: {"worked": True}, description="Environment "
+                                           "arguments that make its solutions reasoning traces.")
+    distractor_fraction: float = Field(0.0, ge=0, le=1, description="Of the environment corpus: the fraction of "
+                                       "documents that are distractor text (a statement's characters shuffled: "
+                                       "the same symbols, no arithmetic).")
+
+    @model_validator(mode="after")
+    def _corpus_mix(self) -> CorpusConfig:
+        if self.data_path and (self.reasoning_fraction or self.distractor_fraction):
+            raise ValueError("reasoning_fraction and distractor_fraction mix the environment corpus; with "
+                             "data_path the file is the corpus")
+        if self.reasoning_fraction + self.distractor_fraction > 1:
+            raise ValueError(f"reasoning_fraction + distractor_fraction = "
+                             f"{self.reasoning_fraction + self.distractor_fraction} > 1")
+        return self
 
 
 class PretrainConfig(CorpusConfig):
@@ -89,6 +109,23 @@ def env_documents(env, split: str, seed: int) -> Iterator[str]:
             raise UserError(f"environment {env.name!r} yields no {split} tasks to pretrain on")
 
 
+def mixed_documents(plain: Iterator[str], reasoning: Iterator[str], *, reasoning_fraction: float,
+                    distractor_fraction: float, seed: int) -> Iterator[str]:
+    """Each document, by a seeded draw: a distractor (a plain document's characters shuffled), a reasoning trace
+    (the next of `reasoning`), or the next plain statement."""
+    rng = random.Random(seed)
+    for doc in plain:
+        u = rng.random()
+        if u < distractor_fraction:
+            chars = list(doc)
+            rng.shuffle(chars)
+            yield "".join(chars)
+        elif u < distractor_fraction + reasoning_fraction:
+            yield next(reasoning)
+        else:
+            yield doc
+
+
 def pack_tokens(docs: Iterable[str], tokenizer, seq_len: int) -> Iterator[list[int]]:
     """Documents -> token ids, each followed by EOS, concatenated and cut into seq_len-token sequences."""
     buffer: list[int] = []
@@ -111,8 +148,12 @@ def corpus(ctx: RunContext, c: CorpusConfig, cursor: int) -> tuple[Iterator[list
         train_docs: Iterable[str] = itertools.chain.from_iterable(itertools.repeat(docs[:-HELD_OUT_DOCS] or docs))
         held_docs: Iterable[str] = itertools.cycle(docs[-HELD_OUT_DOCS:])
     else:
-        env = ctx.training_env(c.env_args)
-        train_docs, held_docs = env_documents(env, "train", ctx.seed), env_documents(ctx.env, "eval", 0)
+        train_docs, held_docs = env_documents(ctx.training_env(c.env_args), "train", ctx.seed), env_documents(
+            ctx.env, "eval", 0)
+        if c.reasoning_fraction or c.distractor_fraction:
+            traces = env_documents(ctx.training_env({**c.env_args, **c.reasoning_args}), "train", ctx.seed + 1)
+            train_docs = mixed_documents(train_docs, traces, reasoning_fraction=c.reasoning_fraction,
+                                         distractor_fraction=c.distractor_fraction, seed=ctx.seed)
     stream = itertools.islice(pack_tokens(train_docs, ctx.tokenizer, c.seq_len), cursor, None)
     held_out = list(itertools.islice(pack_tokens(held_docs, ctx.tokenizer, c.seq_len), c.eval_sequences))
     return stream, as_sequences(held_out)

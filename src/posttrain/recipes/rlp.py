@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from posttrain.algos import AGGREGATIONS, POLICY_LOSSES, PolicyLossInputs, normalisers_for
 from posttrain.algos.rlp import ema_update_, information_gain, loo_advantages, relative_distance, thought_mask
-from posttrain.errors import ConfigError, UserError
+from posttrain.errors import UserError
 from posttrain.recipes.pretrain import CorpusConfig, corpus, held_out_nll
 from posttrain.recipes.rl import pad
 from posttrain.records import SamplingParams
@@ -54,10 +54,12 @@ class RLPConfig(CorpusConfig):
     clip_eps: float = Field(0.2, gt=0, description="PPO clip range of the surrogate on the thought tokens.")
     micro_batch_size: int = Field(64, gt=0, description="Rows per forward/backward (per device).")
 
-    def model_post_init(self, context: Any) -> None:
+    @model_validator(mode="after")
+    def _fits(self) -> RLPConfig:
         if self.min_context + self.target_tokens > self.seq_len:
-            raise ConfigError("rlp.min_context", f"{self.min_context} context + {self.target_tokens} target tokens "
-                              f"do not fit in seq_len = {self.seq_len}")
+            raise ValueError(f"min_context ({self.min_context}) + target_tokens ({self.target_tokens}) do not fit "
+                             f"in seq_len = {self.seq_len}")
+        return self
 
 
 @register_stage("rlp", RLPConfig)

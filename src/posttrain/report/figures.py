@@ -279,6 +279,48 @@ def sft_loss(runs: list[RunData], colors: dict, out_dir: Path) -> Plot | None:
                 "can mean memorisation (check the held-out accuracy below).")
 
 
+# The panels of the stages that are not RL: (metric key, panel title, y label), and the figure's caption.
+STAGE_PANELS: dict[str, tuple[list[tuple[str, str, str]], str]] = {
+    "pretrain": ([("pretrain/loss", "Pretraining loss", "nats / token"),
+                  ("pretrain/eval_loss", "Held-out loss", "nats / token")],
+                 "Next-token cross-entropy on the packed training sequences and on held-out ones. Both should "
+                 "fall together; a training loss that keeps falling while the held-out one rises is overfitting "
+                 "a corpus too small for the token budget."),
+    "rlp": ([("rlp/info_gain", "Information gain (reward)", "nats / target token"),
+             ("rlp/drift_gain", "Drift gain (no thought)", "nats / target token"),
+             ("rlp/thought_len", "Thought length", "tokens"),
+             ("rlp/ema_lag", "EMA lag", "||θ − φ|| / ||θ||"),
+             ("rlp/eval_loss", "Held-out loss", "nats / token")],
+            "RLP's reward is how much a thought raises log p(next tokens) over the EMA baseline without one. The "
+            "drift gain is the same difference with no thought: the part of the reward that comes from the policy "
+            "having moved ahead of its EMA, not from thinking; an information gain no larger than the drift gain "
+            "means the thoughts carry nothing. The held-out loss (no thoughts) shows what RLP costs or gives plain "
+            "next-token prediction."),
+}
+
+
+def stage_curves(runs: list[RunData], colors: dict, out_dir: Path, stage: str) -> Plot | None:
+    """The panels of STAGE_PANELS[stage] against the stage's own step, for the runs that ran it."""
+    specs, caption = STAGE_PANELS[stage]
+    panels = [p for p in specs if any(series(r.rows, p[0], x=STAGE_STEP, stages=(stage,))[0].size for r in runs)]
+    if not panels:
+        return None
+    with rc_context(FONT):
+        fig, axes = _new_figure(len(panels))
+        for ax, (key, title, ylabel) in zip(axes, panels, strict=True):
+            for run in runs:
+                xs, ys = series(run.rows, key, x=STAGE_STEP, stages=(stage,))
+                if xs.size:
+                    _plot_curve(ax, xs, ys, colors[run.name], run.name)
+            ax.set_title(title)
+            ax.set_ylabel(ylabel)
+            ax.set_xlabel(f"{stage} step")
+        _run_legend(fig, runs, colors, stages=False)
+        file = f"report_{stage}.png"
+        _save(fig, out_dir, file)
+    return Plot(file, f"The {stage} stage", caption)
+
+
 def eval_over_steps(runs: list[RunData], colors: dict, out_dir: Path) -> Plot | None:
     metrics = [m for m in eval_metric_names(runs) if any(eval_points(r, m) for r in runs)]
     if not metrics:

@@ -85,6 +85,7 @@ def write_report(run_dirs: list[Path], *, out_dir: Path | None = None) -> Path:
         figures.training_curves(runs, rcolors, out_dir),
         figures.training_curves(runs, rcolors, out_dir, x="compute/rl_flops"),
         figures.sft_loss(runs, rcolors, out_dir),
+        *(figures.stage_curves(runs, rcolors, out_dir, stage) for stage in figures.STAGE_PANELS),
         figures.eval_over_steps(runs, rcolors, out_dir),
     ]
     passk_plot, verdicts = figures.passk_vs_k(runs, tcolors, out_dir)
