@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 from posttrain.errors import RunStopped, UserError
@@ -109,7 +110,9 @@ def _print_summary(summary: dict) -> None:
         table.add_column(m, justify="right")
     for tag, cells in rows:
         table.add_row(escape(tag), *cells)
-    out.print(table)
+    # In a log (not a terminal) rich assumes 80 columns and would squeeze a wide table (eval suites) to "…"
+    wide = Measurement.get(out, out.options.update(width=10_000), table).maximum
+    (out if out.is_terminal or wide <= out.width else Console(file=out.file, width=wide)).print(table)
     out.print(f"final model: {summary['final_model']}", markup=False, highlight=False)
     out.print(f"metrics: {summary['run_dir']}/metrics.jsonl", markup=False, highlight=False)
 
