@@ -50,8 +50,8 @@ def report() -> str:
     names = [r for r in REWARDS if all(done(name(r, k)) for k in SEEDS)]
     curves = {r: [curve(name(r, k)) for k in SEEDS] for r in names}
     gain = {r: [float(c["eval/pass@1"][-1] - c["eval/pass@1"][0]) for c in cs] for r, cs in curves.items()}
-    lines = ["| reward | pass@1 start | pass@1 end | gain over SFT | gain minus the true reward's (paired) | "
-             "pass@8 start | pass@8 end | training reward (mean) | rollout pass rate (mean) |",
+    lines = [("| reward | pass@1 start | pass@1 end | gain over SFT | gain minus the true reward's (paired) | "
+              "pass@8 start | pass@8 end | training reward (mean) | rollout pass rate (mean) |"),
              "|---|---|---|---|---|---|---|---|---|"]
     for r, cs in curves.items():
         vs_true = (ci([a - b for a, b in zip(gain[r], gain["true"], strict=True)])

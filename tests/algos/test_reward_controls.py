@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from posttrain.algos.reward_controls import REWARD_CONTROLS, RewardControlInputs
+from posttrain.config import validate
 from posttrain.envs import make_env
 from posttrain.envs.base import answer_parses
 from posttrain.envs.scoring import Scorer
 from posttrain.errors import UserError
-from posttrain.config import validate
 
 N = 20_000
 

@@ -283,19 +283,19 @@ def sft_loss(runs: list[RunData], colors: dict, out_dir: Path) -> Plot | None:
 STAGE_PANELS: dict[str, tuple[list[tuple[str, str, str]], str]] = {
     "pretrain": ([("pretrain/loss", "Pretraining loss", "nats / token"),
                   ("pretrain/eval_loss", "Held-out loss", "nats / token")],
-                 "Next-token cross-entropy on the packed training sequences and on held-out ones. Both should "
+                 ("Next-token cross-entropy on the packed training sequences and on held-out ones. Both should "
                  "fall together; a training loss that keeps falling while the held-out one rises is overfitting "
-                 "a corpus too small for the token budget."),
+                 "a corpus too small for the token budget.")),
     "rlp": ([("rlp/info_gain", "Information gain (reward)", "nats / target token"),
              ("rlp/drift_gain", "Drift gain (no thought)", "nats / target token"),
              ("rlp/thought_len", "Thought length", "tokens"),
              ("rlp/ema_lag", "EMA lag", "||θ − φ|| / ||θ||"),
              ("rlp/eval_loss", "Held-out loss", "nats / token")],
-            "RLP's reward is how much a thought raises log p(next tokens) over the EMA baseline without one. The "
+            ("RLP's reward is how much a thought raises log p(next tokens) over the EMA baseline without one. The "
             "drift gain is the same difference with no thought: the part of the reward that comes from the policy "
             "having moved ahead of its EMA, not from thinking; an information gain no larger than the drift gain "
             "means the thoughts carry nothing. The held-out loss (no thoughts) shows what RLP costs or gives plain "
-            "next-token prediction."),
+            "next-token prediction.")),
 }
 
 
