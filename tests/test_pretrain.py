@@ -7,6 +7,7 @@ import re
 import tomllib
 
 import pytest
+from resume_helpers import crash_after, metric_rows_without_time
 from transformers import AutoModelForCausalLM
 
 from posttrain.config import validate
@@ -75,24 +76,14 @@ def test_pretraining_from_random_init_lowers_the_held_out_loss_and_saves_a_loada
 
 
 def test_pretraining_resumes_exactly(tmp_path):
-    import shutil
-
     cfg = pretrain_config(tmp_path, tokens=24 * 8 * 6, eval_every=0)
     cfg = validate({**cfg.model_dump(mode="json"), "checkpoint": {"every": 2, "keep_last_n": 5}}, "test")
     run(cfg)
-    reference = (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
+    reference = metric_rows_without_time(cfg.run_dir)
     final = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "final").state_dict()
-    for name in ("DONE", "summary.json"):
-        (cfg.run_dir / name).unlink()
-    shutil.rmtree(cfg.run_dir / "final")
-    for step in (6, 4):
-        shutil.rmtree(cfg.run_dir / "checkpoints" / f"step_{step}", ignore_errors=True)
+    crash_after(cfg.run_dir, 2)
     run(cfg)  # from step_2
-
-    def strip(lines):
-        return [{k: v for k, v in json.loads(x).items() if not k.startswith(("time/",))} for x in lines]
-
-    assert strip((cfg.run_dir / "metrics.jsonl").read_text().splitlines()) == strip(reference)
+    assert metric_rows_without_time(cfg.run_dir) == reference
     resumed = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "final").state_dict()
     assert all((final[k] == resumed[k]).all() for k in final)
 

@@ -2,9 +2,9 @@
 reward controls inside an RL run."""
 
 import json
-import shutil
 
 import torch
+from resume_helpers import crash_after, metric_rows_without_time
 from transformers import AutoModelForCausalLM
 
 from posttrain.config import validate
@@ -53,18 +53,11 @@ def test_rlp_trains_the_policy_on_thoughts_and_logs_its_metrics(tmp_path):
 def test_rlp_resumes_exactly(tmp_path):
     cfg = rlp_config(tmp_path, every=2, eval_every=0)
     run(cfg)
-    reference = (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
+    reference = metric_rows_without_time(cfg.run_dir)
     final = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "final").state_dict()
-    for name in ("DONE", "summary.json"):
-        (cfg.run_dir / name).unlink()
-    shutil.rmtree(cfg.run_dir / "final")
-    shutil.rmtree(cfg.run_dir / "checkpoints" / "step_24")  # the rlp stage's end; step_22 is its step 2
+    crash_after(cfg.run_dir, 22)  # the rlp stage's step 2 (the pretrain stage ran 20)
     run(cfg)
-
-    def strip(lines):
-        return [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")} for x in lines]
-
-    assert strip((cfg.run_dir / "metrics.jsonl").read_text().splitlines()) == strip(reference)
+    assert metric_rows_without_time(cfg.run_dir) == reference
     resumed = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "final").state_dict()
     assert all(torch.equal(final[k], resumed[k]) for k in final)
 

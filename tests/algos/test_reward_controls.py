@@ -1,5 +1,7 @@
 """Reward controls (algos/reward_controls.py): each one's statistics, and that correctness is left alone."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -57,6 +59,11 @@ def test_answer_parses_wants_a_number_where_the_answer_is_one():
     task = next(env.tasks("train", 0))
     assert answer_parses(env, task, "12") and answer_parses(env, task, "The answer is 5.")
     assert not answer_parses(env, task, "abc") and not answer_parses(env, task, "")
+    assert answer_parses(env, task, task.question + "46")  # the echoed question the verifier accepts
+    assert not answer_parses(env, task, task.question + "4a")
+    generic = object()  # an environment without its own test: a number where the reference answer is one
+    assert answer_parses(generic, task, "The answer is 12.") and not answer_parses(generic, task, "twelve")
+    assert answer_parses(generic, replace(task, answer="abc"), "twelve")
 
 
 def test_the_scorer_replaces_rewards_but_keeps_the_verdicts():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator
 
 from posttrain.envs.base import (
@@ -100,7 +101,15 @@ class Arithmetic:
         return None
 
     def score(self, task: Task, completion: str) -> Score:
+        return exact_score(task, self._answer_text(task, completion))
+
+    def answer_parses(self, task: Task, completion: str) -> bool:
+        """The `format` reward control's test: the answer the verifier reads is an integer."""
+        return bool(re.fullmatch(r"-?\d+", extract_answer(self._answer_text(task, completion))))
+
+    @staticmethod
+    def _answer_text(task: Task, completion: str) -> str:
         answer = extract_answer(completion)
         if answer.startswith(task.question):  # '123+456=579': the question echoed before its answer
-            completion = answer[len(task.question):]
-        return exact_score(task, completion)
+            return answer[len(task.question):]
+        return completion
