@@ -78,6 +78,7 @@ def recipe_reference() -> str:
         POLICY_LOSSES,
         PREFERENCE_LOSSES,
     )
+    from posttrain.algos.reward_controls import REWARD_CONTROLS
     from posttrain.data.samplers import SAMPLERS
     from posttrain.rollout.base import ENGINES
     from posttrain.stages import load_stages
@@ -116,6 +117,7 @@ def recipe_reference() -> str:
             ("IS corrections (cap: rl.is_cap)", "rl.is_correction", IS_CORRECTIONS, False),
             ("Group filters", "rl.group_filter", GROUP_FILTERS, False),
             ("Task samplers", "rl.sampler + rl.sampler_args (and dpo.sampler)", SAMPLERS, True),
+            ("Reward controls", "env.reward + env.reward_args", REWARD_CONTROLS, True),
             ("Preference losses", "dpo.loss + dpo.loss_args", PREFERENCE_LOSSES, True),
             ("Rollout engines", "rollout.engine", ENGINES, False)):
         _registry(lines, title, key, registry, hp)
