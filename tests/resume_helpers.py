@@ -19,5 +19,6 @@ def crash_after(run_dir: Path, step: int) -> None:
 
 
 def metric_rows_without_time(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without what depends on the wall clock (time/*, and the rates perf/*)."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")} for x in lines]
+    return [{k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "perf/"))} for x in lines]

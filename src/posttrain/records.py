@@ -65,3 +65,6 @@ class Completion:
     finish_reason: FinishReason
     text: str
     policy_version: int = 0
+    # A multi-turn episode (rollout/episodes.py): 1 on the policy's tokens, 0 on the environment's (which never
+    # train and whose logprobs are 0); None: every token is the policy's.
+    policy_mask: tuple[int, ...] | None = None

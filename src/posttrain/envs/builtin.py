@@ -4,4 +4,14 @@ Adapters (reasoning_gym, math, jsonl, code) import their optional dependencies l
 importing this module never needs an extra.
 """
 
-from posttrain.envs import arithmetic, code, countdown, jsonl, mixture, rgym, sorting, strings  # noqa: F401
+from posttrain.envs import (  # noqa: F401
+    arithmetic,
+    code,
+    countdown,
+    guess_number,
+    jsonl,
+    mixture,
+    rgym,
+    sorting,
+    strings,
+)

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.data.prompts import render_prompt
+from posttrain.envs.multiturn import is_multi_turn
 from posttrain.envs.scoring import score_many
 from posttrain.records import SamplingParams
+from posttrain.rollout.episodes import run_episodes
 from posttrain.science.passk import majority_correct, summarize_eval
 
 EVAL_SEED = 0  # the held-out problem set is the same for every run seed, so runs are comparable
@@ -38,9 +40,15 @@ def evaluate(engine, tokenizer, env, *, problems: int, samples: int, ks: Sequenc
     score = score or (lambda tasks, texts: score_many(env, tasks, texts))
     tasks = list(itertools.islice(env.tasks(split, EVAL_SEED), problems))
     prompts = [render_prompt(tokenizer, env.prompt(t), chat_template=chat_template, max_len=max_len) for t in tasks]
-    greedy = generate_chunked(engine, prompts, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens),
-                              progress)
-    greedy_scores = score(tasks, [c.text for c in greedy])
+
+    def sample(rows: list, row_prompts: list, params: SamplingParams, done: int = 0) -> tuple[list, list]:
+        if is_multi_turn(env):  # whole episodes; the environment's verdict is the score
+            return run_episodes(engine, env, tokenizer, rows, row_prompts, params, chat_template=chat_template,
+                                max_episode_tokens=max_len)
+        completions = generate_chunked(engine, row_prompts, params, progress, done=done)
+        return completions, score(rows, [c.text for c in completions])
+
+    _, greedy_scores = sample(tasks, prompts, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
     result: dict[str, Any] = {
         "env": env.name, "split": split, "problems": len(tasks),
         "answer_format": getattr(env, "answer_format", None),  # how answers were read (envs/base.py)
@@ -48,12 +56,10 @@ def evaluate(engine, tokenizer, env, *, problems: int, samples: int, ks: Sequenc
     }
     if greedy_only:
         return result
-    sampled = generate_chunked(
-        engine, [p for p in prompts for _ in range(samples)],
-        SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed), progress,
-        done=len(prompts))
+    sampled, scores = sample([t for t in tasks for _ in range(samples)], [p for p in prompts for _ in range(samples)],
+                             SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                            seed=seed), done=len(prompts))
     texts = [c.text for c in sampled]
-    scores = score([t for t in tasks for _ in range(samples)], texts)
     rows = []
     errors = sum(1 for s in [*greedy_scores, *scores] if "error" in s.info)
     for i, task in enumerate(tasks):

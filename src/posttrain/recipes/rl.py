@@ -192,9 +192,7 @@ def rl_batch(ctx: RunContext, kept: RolloutBatch, c: RLConfig, learner: Learner,
     """Masks, shaped rewards, the reference and old-policy logprobs this configuration needs, IS weights and
     advantages, for the samples that train."""
     seqs = Sequences(kept.prompts, [list(x.token_ids) for x in kept.completions])
-    mask = pad([[1.0] * len(x) for x in seqs.completions])  # (B, T)
-    if c.mask_truncated:
-        mask = mask * torch.tensor([x.finish_reason != "length" for x in kept.completions]).float()[:, None]
+    mask = train_mask(kept.completions, mask_truncated=c.mask_truncated)
     sampler_lp = pad([list(x.logprobs) for x in kept.completions])  # (B, T)
     rewards = kept.rewards()
     if c.overlong_cache > 0:
@@ -392,6 +390,16 @@ def save(ctx: RunContext, stage_step: int, done: bool, learner: Learner, sampler
 
 # ---------------------------------------------------------------------------------------------------------------
 # Small helpers.
+
+
+def train_mask(completions: list, *, mask_truncated: bool = False) -> Tensor:
+    """(B, T) 1 on the tokens that train: every completion token, or only a multi-turn episode's policy tokens
+    (its environment tokens never train); with mask_truncated, none of a completion cut at max_new_tokens."""
+    mask = pad([list(x.policy_mask) if x.policy_mask is not None else [1.0] * len(x.token_ids)
+                for x in completions])
+    if mask_truncated:
+        mask = mask * torch.tensor([x.finish_reason != "length" for x in completions]).float()[:, None]
+    return mask
 
 
 def pad(rows: list[list[float]] | list[Tensor], width: int | None = None) -> Tensor:

@@ -12,7 +12,7 @@ the seam an asynchronous producer replaces: the RL step only ever calls `next(ba
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -21,9 +21,11 @@ from torch import Tensor
 from posttrain.algos import GROUP_FILTERS, group_has_variance
 from posttrain.data.prompts import render_prompt
 from posttrain.data.samplers import GroupOutcome, TaskSampler
+from posttrain.envs.multiturn import is_multi_turn
 from posttrain.envs.scoring import Scorer
 from posttrain.records import Completion, SamplingParams, Score, Task
 from posttrain.rollout.base import RolloutEngine
+from posttrain.rollout.episodes import run_episodes
 from posttrain.tracking.ledger import FlopModel
 
 
@@ -97,7 +99,7 @@ class PromptRenderer:
                              max_len=self.max_len)
 
 
-def generate_groups(engine: RolloutEngine, scorer: Scorer, render: Callable[[Task], list[int]], tasks: list[Task],
+def generate_groups(engine: RolloutEngine, scorer: Scorer, render: PromptRenderer, tasks: list[Task],
                     params: SamplingParams, group_size: int, *, heartbeat=None, step: int = 0) -> RolloutBatch:
     """`group_size` scored samples of each task. `heartbeat` (tracking/heartbeat.py), if given, hears each phase."""
     prompts = [render(t) for t in tasks]
@@ -106,6 +108,11 @@ def generate_groups(engine: RolloutEngine, scorer: Scorer, render: Callable[[Tas
     if heartbeat is not None:
         heartbeat.phase("generate", f"{len(flat_prompts)} completions of up to {params.max_new_tokens} tokens",
                         step=step)
+    if is_multi_turn(scorer.env):  # episodes: the environment scores each turn as it answers
+        completions, scores = run_episodes(engine, scorer.env, render.tokenizer, flat_tasks, flat_prompts, params,
+                                           chat_template=render.chat_template, max_episode_tokens=render.max_len)
+        return RolloutBatch(flat_tasks, flat_prompts, completions, scores,
+                            torch.arange(len(tasks)).repeat_interleave(group_size))
     completions = engine.generate(flat_prompts, params)
     if heartbeat is not None:
         heartbeat.phase("score", f"verifier of {getattr(scorer.env, 'name', scorer.env)} on {len(completions)} "
@@ -115,7 +122,7 @@ def generate_groups(engine: RolloutEngine, scorer: Scorer, render: Callable[[Tas
     return RolloutBatch(flat_tasks, flat_prompts, completions, scores, group_ids)
 
 
-def collect(engine: RolloutEngine, sampler: TaskSampler, scorer: Scorer, render: Callable[[Task], list[int]], *,
+def collect(engine: RolloutEngine, sampler: TaskSampler, scorer: Scorer, render: PromptRenderer, *,
             prompts_per_step: int, group_size: int, group_filter: str, max_refill_rounds: int,
             sampling: SamplingParams, seed: int, first_step: int, heartbeat=None) -> Iterator[StepRollouts]:
     """Yield each step's rollouts, forever. Step s (the global step being trained, from `first_step`) samples with
@@ -164,6 +171,7 @@ def describe_samples(batch: RolloutBatch) -> dict[str, float]:
         "rollout/verifier_reward_mean": sum(s.info["verifier_reward"] for s in batch.scores) / n}
     return {
         **controlled,
+        **episode_metrics(batch),
         "rollout/reward_mean": float(rewards.mean()),
         "rollout/reward_std": float(rewards.std()) if n > 1 else 0.0,
         "rollout/pass_rate": sum(s.correct for s in batch.scores) / n,
@@ -173,6 +181,24 @@ def describe_samples(batch: RolloutBatch) -> dict[str, float]:
         "rollout/samples": n,
         "rollout/score_errors": sum(1 for s in batch.scores if "error" in s.info),
     }
+
+
+def episode_metrics(batch: RolloutBatch) -> dict[str, float]:
+    """Multi-turn episodes (rollout/episodes.py): turns, tool calls and errors, and the episode's tokens by whose
+    they are; {} for single-turn samples."""
+    if "turns" not in batch.scores[0].info:
+        return {}
+    n = len(batch)
+    solved = [s.info["turns"] for s in batch.scores if s.correct]
+    policy = [sum(c.policy_mask) if c.policy_mask is not None else len(c.token_ids) for c in batch.completions]
+    return {"episode/turns_mean": sum(s.info["turns"] for s in batch.scores) / n,
+            "episode/turns_to_solve": sum(solved) / len(solved) if solved else float("nan"),
+            "episode/tool_calls_mean": sum(s.info.get("tool_calls", 0) for s in batch.scores) / n,
+            "episode/tool_errors_mean": sum(s.info.get("tool_errors", 0) for s in batch.scores) / n,
+            "episode/env_errors": sum(1 for s in batch.scores if "error" in s.info),
+            "episode/policy_tokens_mean": sum(policy) / n,
+            "episode/env_tokens_mean": sum(len(c.token_ids) for c in batch.completions) / n - sum(policy) / n,
+            "episode/reward_per_turn": sum(s.reward for s in batch.scores) / sum(s.info["turns"] for s in batch.scores)}
 
 
 def per_source(batch: RolloutBatch) -> dict[str, float]:

@@ -1,0 +1,96 @@
+"""Multi-turn episodes, token-in, token-out (envs/multiturn.py).
+
+    completions, scores = run_episodes(engine, env, tokenizer, tasks, prompts, params, chat_template=True)
+
+Every turn continues from the exact tokens of the episode so far: the first prompt, then for each turn the tokens
+the engine sampled followed by the environment's answer, tokenised once when it arrives (`observation_ids`) and
+appended. Earlier turns are never re-tokenised, so a BPE tokenizer cannot merge or split what the policy sampled
+("retokenisation drift"). An episode's Completion holds all of it after the first prompt: `token_ids` the
+policy's and the environment's tokens in order, `policy_mask` 1 on the policy's (the only tokens that train),
+`logprobs` the sampler's on the policy's tokens and 0 on the environment's. Live episodes of a turn are generated
+in one batch; an episode ends when the environment says done, at its `max_turns`, or when the next turn would
+not fit `max_episode_tokens`. A `step` that raises ends that episode with reward 0 and `info["error"]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from posttrain.data.prompts import _PROBE, end_of_turn_id
+from posttrain.envs.multiturn import Turn
+from posttrain.records import Completion, SamplingParams, Score, Task
+
+TURN_SEED_STRIDE = 104_729  # turn t samples with seed + t * stride: episodes are reproducible turn by turn
+
+
+def observation_ids(tokenizer, text: str, *, chat_template: bool, closed: bool) -> list[int]:
+    """The tokens that follow the policy's turn: in chat format the template's end of the assistant turn (unless
+    the policy's own stop token already `closed` it), the user turn holding `text` and the opened assistant turn;
+    in raw text, the text itself."""
+    if not chat_template:
+        return tokenizer(text, add_special_tokens=False).input_ids
+    full = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": _PROBE},
+                                          {"role": "user", "content": text}], add_generation_prompt=True,
+                                         tokenize=False)
+    ids = tokenizer(full.split(_PROBE, 1)[1], add_special_tokens=False).input_ids
+    end = end_of_turn_id(tokenizer)
+    return ids[1:] if closed and end is not None and ids[:1] == [end] else ids
+
+
+def run_episodes(engine, env, tokenizer, tasks: Sequence[Task], prompts: Sequence[list[int]],
+                 params: SamplingParams, *, chat_template: bool = True,
+                 max_episode_tokens: int | None = None) -> tuple[list[Completion], list[Score]]:
+    """One episode per (task, prompt) row (repeat a task to sample a group). -> (completions, scores)."""
+    n = len(tasks)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    policy: list[list[int]] = [[] for _ in range(n)]
+    logprobs: list[list[float]] = [[] for _ in range(n)]
+    states = [env.reset(t) for t in tasks]
+    reward, correct = [0.0] * n, [False] * n
+    info: list[dict[str, Any]] = [{"turns": 0, "tool_calls": 0, "tool_errors": 0} for _ in range(n)]
+    finish = ["length"] * n
+    version = getattr(engine, "version", 0)
+    end = end_of_turn_id(tokenizer) if chat_template else None
+    live = list(range(n))
+    for turn in range(env.max_turns):
+        if not live:
+            break
+        outs = engine.generate([list(prompts[i]) + tokens[i] for i in live],
+                               replace(params, seed=params.seed + turn * TURN_SEED_STRIDE))
+        still = []
+        for i, out in zip(live, outs, strict=True):
+            version = out.policy_version
+            tokens[i] += out.token_ids
+            policy[i] += [1] * len(out.token_ids)
+            logprobs[i] += out.logprobs
+            info[i]["turns"] += 1
+            try:
+                result: Turn = env.step(tasks[i], states[i], out.text)
+            except Exception as e:  # noqa: BLE001 - a failing environment costs its own episode only
+                reward[i], correct[i] = 0.0, False
+                info[i].update(error="exception", detail=f"{type(e).__name__}: {e}")
+                finish[i] = "stop"
+                continue
+            reward[i] += float(result.reward)
+            correct[i] = bool(result.correct)
+            states[i] = result.state
+            for key in ("tool_calls", "tool_errors"):
+                info[i][key] += int(result.info.get(key, 0))
+            if result.done or result.observation is None:
+                finish[i] = "stop"
+                continue
+            closed = bool(out.token_ids) and out.token_ids[-1] == end
+            obs = observation_ids(tokenizer, result.observation, chat_template=chat_template, closed=closed)
+            if max_episode_tokens is not None and (len(prompts[i]) + len(tokens[i]) + len(obs)
+                                                   + params.max_new_tokens > max_episode_tokens):
+                continue  # the next turn would not fit: the episode ends truncated
+            tokens[i] += obs
+            policy[i] += [0] * len(obs)
+            logprobs[i] += [0.0] * len(obs)
+            still.append(i)
+        live = still
+    completions = [Completion(tuple(prompts[i]), tuple(tokens[i]), tuple(logprobs[i]), finish[i],  # type: ignore[arg-type]
+                              tokenizer.decode(tokens[i]), version, tuple(policy[i])) for i in range(n)]
+    return completions, [Score(reward[i], correct[i], info[i]) for i in range(n)]

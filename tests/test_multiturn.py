@@ -1,0 +1,154 @@
+"""Multi-turn episodes token-in, token-out (rollout/episodes.py): the learner trains on exactly the sampled tokens
+plus the environment's, learner and sampler logprobs agree on the policy's tokens, environment tokens get no
+gradient, a failing environment costs its episode only, and an RL run on guess_number logs and resumes exactly."""
+
+import pytest
+import torch
+from resume_helpers import crash_after, metric_rows_without_time
+from transformers import AutoModelForCausalLM
+
+from posttrain.algos import AGGREGATIONS, POLICY_LOSSES, PolicyLossInputs, normalisers_for
+from posttrain.config import validate
+from posttrain.data.prompts import end_of_turn_id, render_prompt
+from posttrain.envs import make_env
+from posttrain.models import load_model, load_tokenizer, resolve_model_path
+from posttrain.recipes.rl import train_mask
+from posttrain.records import Completion, SamplingParams
+from posttrain.rollout.episodes import observation_ids, run_episodes
+from posttrain.rollout.local import LocalEngine
+from posttrain.runner import run
+from posttrain.train.learner import Learner, Sequences
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    path = resolve_model_path("tiny-3m-bpe", seed=0)
+    return load_model(path), load_tokenizer(path)
+
+
+class ScriptedEngine:
+    """Replies with fixed token ids, turn after turn, and records every prompt it was given."""
+
+    def __init__(self, tokenizer, replies: list[list[int]]):
+        self.tokenizer, self.replies, self.prompts, self.version = tokenizer, replies, [], 0
+
+    def generate(self, prompts, params):
+        out = []
+        for p in prompts:
+            ids = self.replies[len(self.prompts)]
+            self.prompts.append(list(p))
+            out.append(Completion(tuple(p), tuple(ids), tuple(-0.5 for _ in ids), "stop",
+                                  self.tokenizer.decode(ids, skip_special_tokens=True)))
+        return out
+
+
+def chars(tok, text):  # the text as one token per character: not what the BPE tokenizer would make of it
+    return [i for c in text for i in tok(c, add_special_tokens=False).input_ids]
+
+
+def test_a_three_turn_episode_trains_on_exactly_the_sampled_and_environment_tokens(bpe):
+    _, tok = bpe
+    env = make_env("guess_number", {"hi": 16, "max_turns": 3})
+    task = next(t for t in env.tasks("train", 0) if t.answer not in ("3", "5", "7"))
+    end = end_of_turn_id(tok)
+    replies = [chars(tok, "I guess 3") + [end], chars(tok, "guess 5") + [end], chars(tok, "7")]  # the last: cut
+    engine = ScriptedEngine(tok, replies)
+    prompt = render_prompt(tok, env.prompt(task))
+    (episode,), (score,) = run_episodes(engine, env, tok, [task], [prompt], SamplingParams(max_new_tokens=12))
+    obs = [observation_ids(tok, "higher" if int(g) < int(task.answer) else "lower", chat_template=True, closed=True)
+           for g in ("3", "5")]
+    expected = replies[0] + obs[0] + replies[1] + obs[1] + replies[2]
+    assert list(episode.token_ids) == expected
+    assert list(episode.policy_mask) == [1] * len(replies[0]) + [0] * len(obs[0]) + [1] * len(replies[1]) + [
+        0] * len(obs[1]) + [1] * len(replies[2])
+    assert all(lp == 0.0 for lp, m in zip(episode.logprobs, episode.policy_mask, strict=True) if m == 0)
+    # each turn continued from the exact tokens so far: no turn was re-tokenised
+    assert engine.prompts == [prompt, prompt + replies[0] + obs[0], prompt + replies[0] + obs[0] + replies[1] + obs[1]]
+    # and re-tokenising the episode's text would have changed the tokens
+    assert tok(tok.decode(expected), add_special_tokens=False).input_ids != expected
+    assert score.info["turns"] == 3 and not score.correct and score.reward == 0.0
+    # the policy's own <|im_end|> closed its turn; the environment's tokens are the rest of the template's turn
+    assert obs[0][0] != end and tok.decode(obs[0]).startswith("\n<|im_start|>user\n")
+    assert tok.decode(obs[0]).endswith("<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_learner_logprobs_equal_the_samplers_on_policy_tokens_and_env_tokens_get_no_gradient(bpe):
+    model, tok = bpe
+    model = model.float()
+    env = make_env("guess_number", {"hi": 16, "max_turns": 3})
+    tasks = [t for _, t in zip(range(4), env.tasks("train", 1))]
+    prompts = [render_prompt(tok, env.prompt(t)) for t in tasks]
+    engine = LocalEngine(model, tok)
+    episodes, scores = run_episodes(engine, env, tok, tasks, prompts, SamplingParams(max_new_tokens=5, seed=3))
+    assert any(s.info["turns"] > 1 for s in scores) and any(0 in e.policy_mask for e in episodes)
+    learner = Learner(model, lr=1e-3, total_updates=1, micro_batch_size=8, pad_id=tok.pad_token_id)
+    seqs = Sequences(prompts, [list(e.token_ids) for e in episodes])
+    lp, _ = learner.logprobs(seqs)
+    for e, row in zip(episodes, lp, strict=True):
+        policy = torch.tensor(e.policy_mask).bool()
+        assert torch.allclose(row[policy], torch.tensor(e.logprobs)[policy], atol=1e-5)
+    # the RL step's mask and loss: the gradient reaches the policy tokens and no environment token
+    mask = train_mask(episodes)
+    width = mask.shape[1]
+    logprobs = torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in lp]).requires_grad_(True)
+    per_token, _ = POLICY_LOSSES.get("ppo_clip")(PolicyLossInputs(logprobs, logprobs.detach(),
+                                                                  torch.ones_like(mask), mask))
+    norm, group_tokens = normalisers_for(mask, torch.zeros(len(episodes), dtype=torch.long), width)
+    AGGREGATIONS.get("token_mean")(per_token, mask, norm=norm, group_tokens=group_tokens).backward()
+    grad = logprobs.grad
+    env_tokens = (mask == 0) & (torch.arange(width)[None] < torch.tensor([len(e.token_ids) for e in episodes])[:, None])
+    assert env_tokens.any() and (grad[env_tokens] == 0).all() and (grad[mask.bool()] != 0).all()
+
+
+class Flaky:
+    """guess_number whose step raises for one secret (an environment that crashes)."""
+
+    name, max_turns = "flaky", 3
+
+    def __init__(self):
+        self.inner = make_env("guess_number", {"hi": 4, "max_turns": 3})
+
+    def prompt(self, task):
+        return self.inner.prompt(task)
+
+    def reset(self, task):
+        return self.inner.reset(task)
+
+    def step(self, task, state, action):
+        if task.answer == "2":
+            raise RuntimeError("tool crashed")
+        return self.inner.step(task, state, action)
+
+
+def test_a_crashing_environment_costs_its_episode_only(bpe):
+    _, tok = bpe
+    env = Flaky()
+    tasks = [next(t for t in env.inner.tasks("train", 0) if t.answer == a) for a in ("2", "3")]
+    engine = ScriptedEngine(tok, [chars(tok, "1")] * 10)
+    prompts = [render_prompt(tok, env.prompt(t)) for t in tasks]
+    _, scores = run_episodes(engine, env, tok, tasks, prompts, SamplingParams(max_new_tokens=4))
+    assert scores[0].info["error"] == "exception" and "tool crashed" in scores[0].info["detail"]
+    assert scores[0].info["turns"] == 1 and scores[1].info["turns"] == 3 and "error" not in scores[1].info
+
+
+def test_rl_on_guess_number_logs_episodes_evaluates_and_resumes_exactly(tmp_path):
+    cfg = validate({
+        "recipe": "rl", "name": "guess", "output_dir": str(tmp_path), "seed": 0, "threads": 1,
+        "model": {"path": "tiny-test"}, "env": {"name": "guess_number", "args": {"hi": 8, "max_turns": 3}},
+        "rl": {"steps": 4, "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 3, "lr": 1e-3,
+               "micro_batch_size": 8},
+        "eval": {"problems": 4, "samples": 2, "ks": [1, 2], "max_new_tokens": 3, "at_start": False},
+        "checkpoint": {"every": 2, "keep_last_n": 5},
+    }, "test")
+    run(cfg)
+    rows = [r for r in metric_rows_without_time(cfg.run_dir) if "episode/turns_mean" in r]
+    assert len(rows) == 4 and all(1 <= r["episode/turns_mean"] <= 3 and r["episode/env_tokens_mean"] > 0
+                                  for r in rows)
+    assert rows[-1]["compute/generate_flops"] > 0 and rows[-1]["compute/train_flops"] > 0
+    reference = metric_rows_without_time(cfg.run_dir)
+    final = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "final").state_dict()
+    crash_after(cfg.run_dir, 2)
+    run(cfg)
+    assert metric_rows_without_time(cfg.run_dir) == reference
+    resumed = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "final").state_dict()
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
