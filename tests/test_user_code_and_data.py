@@ -133,7 +133,7 @@ def _run_example(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("example", ["custom_reward", "custom_dataset", "own_checkpoint"])
+@pytest.mark.parametrize("example", ["custom_reward", "custom_dataset", "own_checkpoint", "multi_turn"])
 def test_examples_run_as_the_readme_says(example, tmp_path):
     """The README's commands, from a copy of the repository's examples/ (so the test leaves nothing behind)."""
     import shutil
@@ -159,6 +159,12 @@ def test_examples_run_as_the_readme_says(example, tmp_path):
         assert str(tmp_path / "examples" / "custom_dataset" / "reverse.csv") in config
         assert all(s["task"].startswith("reverse:") and "reverse " in s["prompt"] for s in samples)
         assert summary["evals"]["sft"]["eval/pass@1"] > summary["evals"]["base"]["eval/pass@1"]
+    if example == "multi_turn":  # whole episodes trained: turns logged, retries in the episode's tokens
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        turns = [r["episode/turns_mean"] for r in rows if "episode/turns_mean" in r]
+        assert len(turns) == 10 and all(1 <= t <= 3 for t in turns)
+        assert all(("Wrong, try again." in s["completion"]) == (s["reward"] < 1 or not s["correct"])
+                   for s in samples)
     if example == "own_checkpoint":  # the checkpoint's own ChatML template and terminator
         assert all(s["prompt"].startswith("<|im_start|>system") for s in samples)
         assert all(s["completion"].endswith("<|im_end|>") == (s["finish_reason"] == "stop") for s in samples)
