@@ -152,3 +152,15 @@ def test_rl_on_guess_number_logs_episodes_evaluates_and_resumes_exactly(tmp_path
     assert metric_rows_without_time(cfg.run_dir) == reference
     resumed = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "final").state_dict()
     assert all(torch.equal(final[k], resumed[k]) for k in final)
+
+
+def test_the_ledger_counts_a_prefill_and_the_decode_of_every_turn(tiny):
+    from posttrain.rollout.collect import RolloutBatch, generation_flops, policy_turns
+    from posttrain.tracking.ledger import FlopModel
+
+    flops = FlopModel.from_model(tiny[0])
+    episode = Completion((1, 2, 3), (5, 6, 7, 8, 9, 10), (0.0,) * 6, "stop", "", 0, (1, 1, 0, 0, 1, 1))
+    assert policy_turns(episode) == [(0, 2), (4, 2)]
+    batch = RolloutBatch([None], [[1, 2, 3]], [episode], [None], torch.tensor([0]))
+    assert generation_flops(flops, batch) == pytest.approx(
+        flops.prefill(3) + flops.decode_steps(3, 2) + flops.prefill(7) + flops.decode_steps(7, 2))

@@ -150,14 +150,32 @@ def collect(engine: RolloutEngine, sampler: TaskSampler, scorer: Scorer, render:
 
 
 def generation_flops(flops: FlopModel, batch: RolloutBatch) -> float:
-    """Each distinct prompt is prefilled once per group, then every sample decodes on its own (rollout/local.py)."""
+    """Each distinct prompt is prefilled once per group, then every sample decodes on its own (rollout/local.py).
+    A multi-turn episode's later turns each prefill the episode's whole context again, then decode."""
     total = 0.0
     for g in batch.group_ids.unique().tolist():
         rows = (batch.group_ids == g).nonzero().squeeze(-1).tolist()
         prompt = len(batch.prompts[rows[0]])
-        total += flops.prefill(prompt) + sum(flops.decode_steps(prompt, len(batch.completions[i].token_ids))
-                                             for i in rows)
+        total += flops.prefill(prompt)
+        for i in rows:
+            turns = policy_turns(batch.completions[i])
+            total += sum(flops.decode_steps(prompt + start, n) + (flops.prefill(prompt + start) if k else 0.0)
+                         for k, (start, n) in enumerate(turns))
     return total
+
+
+def policy_turns(completion: Completion) -> list[tuple[int, int]]:
+    """(offset, length) of each run of policy tokens in a completion: one run for a single-turn sample."""
+    mask = completion.policy_mask
+    if mask is None:
+        return [(0, len(completion.token_ids))]
+    runs: list[tuple[int, int]] = []
+    for i, m in enumerate(mask):
+        if m and (not runs or runs[-1][0] + runs[-1][1] != i):
+            runs.append((i, 1))
+        elif m:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+    return runs
 
 
 def describe_samples(batch: RolloutBatch) -> dict[str, float]:
