@@ -44,11 +44,6 @@ def thought_mask(thought_lens: Tensor, width: int) -> Tensor:
     return (torch.arange(width)[None, :] < thought_lens[:, None]).float()
 
 
-def target_slice(row_logprobs: Tensor, thought_len: int, target_len: int) -> Tensor:
-    """One row's logprobs over [thought | target] -> the target tokens' logprobs (target_len,)."""
-    return row_logprobs[thought_len: thought_len + target_len]
-
-
 @torch.no_grad()
 def ema_update_(ema: Mapping[str, Tensor], params: Mapping[str, Tensor], decay: float) -> None:
     """φ ← decay·φ + (1 − decay)·θ in place, for every floating tensor (integer buffers are copied)."""
