@@ -164,3 +164,28 @@ def test_the_ledger_counts_a_prefill_and_the_decode_of_every_turn(tiny):
     batch = RolloutBatch([None], [[1, 2, 3]], [episode], [None], torch.tensor([0]))
     assert generation_flops(flops, batch) == pytest.approx(
         flops.prefill(3) + flops.decode_steps(3, 2) + flops.prefill(7) + flops.decode_steps(7, 2))
+
+
+def test_the_calculator_tool_answers_calls_counts_errors_and_scores_the_final_answer(bpe):
+    env = make_env("calculator", {"digits": 4, "max_turns": 3})
+    task = next(env.tasks("train", 0))
+    a, b = task.question[:-1].split("+")
+    state = env.reset(task)
+    call = env.step(task, state, f"<calc>{a}+{b}</calc>")
+    assert call.observation == f"<result>{int(a) + int(b)}</result>" and not call.done
+    assert call.info == {"tool_calls": 1, "tool_errors": 0}
+    bad = env.step(task, call.state, "<calc>12+</calc>")
+    assert bad.observation.startswith("<error>") and bad.info["tool_errors"] == 1
+    final = env.step(task, bad.state, task.answer)
+    assert final.done and final.correct and final.reward == 1.0
+    # an episode through run_episodes: a call, its result, then the answer; the tool calls reach the score
+    _, tok = bpe
+    end = end_of_turn_id(tok)
+    engine = ScriptedEngine(tok, [chars(tok, f"<calc>{a}+{b}</calc>"), chars(tok, task.answer) + [end]])
+    (episode,), (score,) = run_episodes(engine, env, tok, [task], [render_prompt(tok, env.prompt(task))],
+                                        SamplingParams(max_new_tokens=24))
+    assert score.correct and score.info["tool_calls"] == 1 and score.info["tool_errors"] == 0
+    assert f"<result>{int(a) + int(b)}</result>" in tok.decode(episode.token_ids)
+    # the call did not end with the end-of-turn token, so the environment closed the assistant turn first
+    first_env = episode.policy_mask.index(0)
+    assert episode.token_ids[first_env] == end

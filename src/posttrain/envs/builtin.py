@@ -6,6 +6,7 @@ importing this module never needs an extra.
 
 from posttrain.envs import (  # noqa: F401
     arithmetic,
+    calculator,
     code,
     countdown,
     guess_number,

@@ -8,8 +8,8 @@ appended. Earlier turns are never re-tokenised, so a BPE tokenizer cannot merge 
 ("retokenisation drift"). An episode's Completion holds all of it after the first prompt: `token_ids` the
 policy's and the environment's tokens in order, `policy_mask` 1 on the policy's (the only tokens that train),
 `logprobs` the sampler's on the policy's tokens and 0 on the environment's. Live episodes of a turn are generated
-in one batch; an episode ends when the environment says done, at its `max_turns`, or when the next turn would
-not fit `max_episode_tokens`. A `step` that raises ends that episode with reward 0 and `info["error"]`.
+in one batch, stopping also at the environment's `stop` strings (a tool call's closing tag); an episode ends when
+the environment says done, at its `max_turns`, or when the next turn would not fit `max_episode_tokens`. A `step` that raises ends that episode with reward 0 and `info["error"]`.
 """
 
 from __future__ import annotations
@@ -53,12 +53,13 @@ def run_episodes(engine, env, tokenizer, tasks: Sequence[Task], prompts: Sequenc
     finish = ["length"] * n
     version = getattr(engine, "version", 0)
     end = end_of_turn_id(tokenizer) if chat_template else None
+    stops = tuple(params.stop) + tuple(getattr(env, "stop", ()))  # e.g. a tool call's closing tag ends the turn
     live = list(range(n))
     for turn in range(env.max_turns):
         if not live:
             break
         outs = engine.generate([list(prompts[i]) + tokens[i] for i in live],
-                               replace(params, seed=params.seed + turn * TURN_SEED_STRIDE))
+                               replace(params, seed=params.seed + turn * TURN_SEED_STRIDE, stop=stops))
         still = []
         for i, out in zip(live, outs, strict=True):
             version = out.policy_version

@@ -1,0 +1,62 @@
+"""Arithmetic with a calculator tool: a multi-turn task. Large operands are hard for a small model to add in its
+head; it may instead write `<calc>1234*5678</calc>`, and the environment answers `<result>7006652</result>` (or
+`<error>...</error>`) as the next user turn. Any other reply is the final answer, scored like `arithmetic`.
+
+The calculator is countdown's exact integer parser (envs/countdown.py: + - * / and parentheses, exact division,
+at most 64 tokens; no eval, so a call can neither hang nor run code). `<calc>` calls are counted in
+info["tool_calls"], failed ones in info["tool_errors"]. Generation also stops at "</calc>" (the `stop` strings).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from posttrain.envs.arithmetic import Arithmetic
+from posttrain.envs.countdown import ExprError, evaluate
+from posttrain.envs.multiturn import Turn
+from posttrain.envs.registry import register_env
+from posttrain.records import Message, Task
+
+_CALL = re.compile(r"<calc>(.*?)</calc>", re.DOTALL)
+HINT = "You may use a calculator: write <calc>expression</calc> and you will get the result."
+
+
+@register_env("calculator")
+class Calculator:
+    """Multi-turn tool use: arithmetic with a <calc>...</calc> tool (digits, ops, max_turns)."""
+
+    name = "calculator"
+    isolation = "inline"
+    stop = ("</calc>",)
+
+    def __init__(self, digits: int | list[int] = 4, ops: str = "+", max_turns: int = 3, hint: bool = True):
+        self.inner = Arithmetic(digits=digits, ops=ops, hint=HINT if hint else None)
+        if max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+        self.max_turns = max_turns
+
+    def tasks(self, split: str, seed: int) -> Iterator[Task]:
+        return self.inner.tasks(split, seed)
+
+    def prompt(self, task: Task) -> list[Message]:
+        return self.inner.prompt(task)
+
+    def reset(self, task: Task) -> dict[str, Any]:
+        return {"turn": 0}
+
+    def step(self, task: Task, state: dict[str, Any], action: str) -> Turn:
+        turn = state["turn"] + 1
+        call = _CALL.search(action)
+        if call is None:  # the final answer
+            score = self.inner.score(task, action)
+            return Turn(None, score.reward, True, score.correct, {"turn": turn})
+        try:
+            value, _ = evaluate(call.group(1))
+            observation, errors = f"<result>{value}</result>", 0
+        except ExprError as e:
+            observation, errors = f"<error>{e}</error>", 1
+        done = turn >= self.max_turns  # a call on the last turn leaves no turn for the answer
+        return Turn(None if done else observation, 0.0, done, False, {"turn": turn},
+                    {"tool_calls": 1, "tool_errors": errors})
