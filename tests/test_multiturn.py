@@ -14,6 +14,7 @@ from posttrain.envs import make_env
 from posttrain.models import load_model, load_tokenizer, resolve_model_path
 from posttrain.recipes.rl import train_mask
 from posttrain.records import Completion, SamplingParams
+from posttrain.report import write_report
 from posttrain.rollout.episodes import observation_ids, run_episodes
 from posttrain.rollout.local import LocalEngine
 from posttrain.runner import run
@@ -145,6 +146,8 @@ def test_rl_on_guess_number_logs_episodes_evaluates_and_resumes_exactly(tmp_path
     assert len(rows) == 4 and all(1 <= r["episode/turns_mean"] <= 3 and r["episode/env_tokens_mean"] > 0
                                   for r in rows)
     assert rows[-1]["compute/generate_flops"] > 0 and rows[-1]["compute/train_flops"] > 0
+    page = write_report([cfg.run_dir]).read_text()  # the episode panels: turns drawn, tool calls (none) noted
+    assert "Tool calls per episode is not drawn: it is zero at every step." in page
     reference = metric_rows_without_time(cfg.run_dir)
     final = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "final").state_dict()
     crash_after(cfg.run_dir, 2)

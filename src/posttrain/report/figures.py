@@ -64,6 +64,8 @@ TRAINING_PANELS = [
     ("rollout/len_mean", "Response length", "tokens"),
     ("pg/clip_frac", "Clipped fraction (PPO ratio)", "fraction of tokens"),
     ("kl/value", "KL to reference", "nats / token"),
+    ("episode/turns_mean", "Turns per episode (multi-turn)", "turns"),
+    ("episode/tool_calls_mean", "Tool calls per episode", "calls"),
 ]
 
 
