@@ -192,3 +192,17 @@ def test_the_calculator_tool_answers_calls_counts_errors_and_scores_the_final_an
     # the call did not end with the end-of-turn token, so the environment closed the assistant turn first
     first_env = episode.policy_mask.index(0)
     assert episode.token_ids[first_env] == end
+
+
+def test_a_reward_control_applies_to_episodes_too(tmp_path):
+    cfg = validate({
+        "recipe": "rl", "name": "guess-random", "output_dir": str(tmp_path), "seed": 0, "threads": 1,
+        "model": {"path": "tiny-test"}, "env": {"name": "guess_number", "args": {"hi": 8, "max_turns": 2},
+                                                 "reward": "random"},
+        "rl": {"steps": 2, "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 3, "lr": 1e-3},
+        "eval": {"problems": 4, "samples": 2, "ks": [1, 2], "max_new_tokens": 3, "at_start": False},
+    }, "test")
+    run(cfg)
+    rows = [r for r in metric_rows_without_time(cfg.run_dir) if "episode/turns_mean" in r]
+    assert all("rollout/verifier_reward_mean" in r for r in rows)
+    assert sum(r["rollout/reward_mean"] for r in rows) > sum(r["rollout/verifier_reward_mean"] for r in rows)

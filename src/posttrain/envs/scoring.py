@@ -336,11 +336,14 @@ class Scorer:
         if self.max_error_frac is not None and errors.failed > self.max_error_frac * errors.total:
             raise UserError(f"{errors.failed} of {errors.total} completions could not be scored (more than "
                             f"env.max_error_frac = {self.max_error_frac}); first: {_first_failure(tasks, scores)}")
-        return self._controlled(tasks, texts, scores, seed) if self.control != "verifier" else scores
+        return self.controlled(tasks, texts, scores, seed=seed)
 
-    def _controlled(self, tasks: Sequence[Task], texts: Sequence[str], scores: list[Score], seed: int) -> list[Score]:
-        """The control's rewards in place of the verifier's; `correct` stays the verifier's, and its reward is
-        kept in info["verifier_reward"]."""
+    def controlled(self, tasks: Sequence[Task], texts: Sequence[str], scores: list[Score], *,
+                   seed: int) -> list[Score]:
+        """The control's rewards in place of the verifier's (scores unchanged without one); `correct` stays the
+        verifier's, and its reward is kept in info["verifier_reward"]. Multi-turn episodes come here directly."""
+        if self.control == "verifier":
+            return scores
         import torch  # here: verifier worker processes import this module and need no torch
 
         from posttrain.algos.reward_controls import REWARD_CONTROLS, RewardControlInputs

@@ -111,13 +111,13 @@ def generate_groups(engine: RolloutEngine, scorer: Scorer, render: PromptRendere
     if is_multi_turn(scorer.env):  # episodes: the environment scores each turn as it answers
         completions, scores = run_episodes(engine, scorer.env, render.tokenizer, flat_tasks, flat_prompts, params,
                                            chat_template=render.chat_template, max_episode_tokens=render.max_len)
-        return RolloutBatch(flat_tasks, flat_prompts, completions, scores,
-                            torch.arange(len(tasks)).repeat_interleave(group_size))
-    completions = engine.generate(flat_prompts, params)
-    if heartbeat is not None:
-        heartbeat.phase("score", f"verifier of {getattr(scorer.env, 'name', scorer.env)} on {len(completions)} "
-                        "completions", step=step)
-    scores = scorer(flat_tasks, [c.text for c in completions], seed=params.seed)
+        scores = scorer.controlled(flat_tasks, [c.text for c in completions], scores, seed=params.seed)
+    else:
+        completions = engine.generate(flat_prompts, params)
+        if heartbeat is not None:
+            heartbeat.phase("score", f"verifier of {getattr(scorer.env, 'name', scorer.env)} on "
+                            f"{len(completions)} completions", step=step)
+        scores = scorer(flat_tasks, [c.text for c in completions], seed=params.seed)
     group_ids = torch.arange(len(tasks)).repeat_interleave(group_size)
     return RolloutBatch(flat_tasks, flat_prompts, completions, scores, group_ids)
 
