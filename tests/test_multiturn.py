@@ -9,13 +9,13 @@ from transformers import AutoModelForCausalLM
 
 from posttrain.algos import AGGREGATIONS, POLICY_LOSSES, PolicyLossInputs, normalisers_for
 from posttrain.config import validate
-from posttrain.data.prompts import end_of_turn_id, render_prompt
+from posttrain.data.prompts import end_of_turn_id, observation_ids, render_prompt
 from posttrain.envs import make_env
 from posttrain.models import load_model, load_tokenizer, resolve_model_path
 from posttrain.recipes.rl import train_mask
 from posttrain.records import Completion, SamplingParams
 from posttrain.report import write_report
-from posttrain.rollout.episodes import observation_ids, run_episodes
+from posttrain.rollout.episodes import run_episodes
 from posttrain.rollout.local import LocalEngine
 from posttrain.runner import run
 from posttrain.train.learner import Learner, Sequences

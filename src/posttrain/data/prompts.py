@@ -60,16 +60,40 @@ def end_of_turn_id(tokenizer) -> int | None:
     if not getattr(tokenizer, "chat_template", None):
         return None
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"},
-                                              {"role": "assistant", "content": _PROBE}], tokenize=False)
+        after = _after_assistant_turn(tokenizer)
     except Exception:  # noqa: BLE001 - a template that cannot render an assistant turn has no terminator to find
         return None
-    if _PROBE not in text:
+    if after is None:
         return None
-    after = text.split(_PROBE, 1)[1]
     ids = tokenizer(after, add_special_tokens=False).input_ids
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     return ids[0] if ids and ids[0] in special else None
+
+
+def _after_assistant_turn(tokenizer, following: list[Message] | None = None,
+                          add_generation_prompt: bool = False) -> str | None:
+    """The text the chat template writes after an assistant message (and the `following` messages), found by
+    rendering a probe assistant turn; None when the template drops the probe."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": _PROBE},
+                                          *(following or [])], add_generation_prompt=add_generation_prompt,
+                                         tokenize=False)
+    return text.split(_PROBE, 1)[1] if _PROBE in text else None
+
+
+def observation_ids(tokenizer, text: str, *, chat_template: bool, closed: bool) -> list[int]:
+    """A multi-turn environment's reply as the tokens that follow the policy's turn (rollout/episodes.py): in chat
+    format the rest of the template's end of the assistant turn (without its end-of-turn token when the policy's
+    own stop token already `closed` the turn), the user turn holding `text` and the opened assistant turn; in raw
+    text, the text itself."""
+    if not chat_template:
+        return tokenizer(text, add_special_tokens=False).input_ids
+    after = _after_assistant_turn(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
+    if after is None:
+        raise UserError("the chat template drops assistant turns, so a multi-turn episode cannot be rendered; "
+                        "set model.chat_template = false")
+    ids = tokenizer(after, add_special_tokens=False).input_ids
+    end = end_of_turn_id(tokenizer)
+    return ids[1:] if closed and end is not None and ids[:1] == [end] else ids
 
 
 def stop_token_ids(tokenizer, generation_config=None, *, chat_template: bool = True) -> set[int]:

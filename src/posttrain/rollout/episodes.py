@@ -3,13 +3,14 @@
     completions, scores = run_episodes(engine, env, tokenizer, tasks, prompts, params, chat_template=True)
 
 Every turn continues from the exact tokens of the episode so far: the first prompt, then for each turn the tokens
-the engine sampled followed by the environment's answer, tokenised once when it arrives (`observation_ids`) and
-appended. Earlier turns are never re-tokenised, so a BPE tokenizer cannot merge or split what the policy sampled
+the engine sampled followed by the environment's answer, tokenised once when it arrives (data/prompts.py
+`observation_ids`) and appended. Earlier turns are never re-tokenised, so a BPE tokenizer cannot merge or split what the policy sampled
 ("retokenisation drift"). An episode's Completion holds all of it after the first prompt: `token_ids` the
 policy's and the environment's tokens in order, `policy_mask` 1 on the policy's (the only tokens that train),
 `logprobs` the sampler's on the policy's tokens and 0 on the environment's. Live episodes of a turn are generated
 in one batch, stopping also at the environment's `stop` strings (a tool call's closing tag); an episode ends when
-the environment says done, at its `max_turns`, or when the next turn would not fit `max_episode_tokens`. A `step` that raises ends that episode with reward 0 and `info["error"]`.
+the environment says done, at its `max_turns`, or when the next turn would not fit `max_episode_tokens`. A `step`
+that raises ends that episode with reward 0 and `info["error"]`.
 """
 
 from __future__ import annotations
@@ -18,25 +19,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from posttrain.data.prompts import _PROBE, end_of_turn_id
+from posttrain.data.prompts import end_of_turn_id, observation_ids
 from posttrain.envs.multiturn import Turn
 from posttrain.records import Completion, SamplingParams, Score, Task
 
 TURN_SEED_STRIDE = 104_729  # turn t samples with seed + t * stride: episodes are reproducible turn by turn
-
-
-def observation_ids(tokenizer, text: str, *, chat_template: bool, closed: bool) -> list[int]:
-    """The tokens that follow the policy's turn: in chat format the template's end of the assistant turn (unless
-    the policy's own stop token already `closed` it), the user turn holding `text` and the opened assistant turn;
-    in raw text, the text itself."""
-    if not chat_template:
-        return tokenizer(text, add_special_tokens=False).input_ids
-    full = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": _PROBE},
-                                          {"role": "user", "content": text}], add_generation_prompt=True,
-                                         tokenize=False)
-    ids = tokenizer(full.split(_PROBE, 1)[1], add_special_tokens=False).input_ids
-    end = end_of_turn_id(tokenizer)
-    return ids[1:] if closed and end is not None and ids[:1] == [end] else ids
 
 
 def run_episodes(engine, env, tokenizer, tasks: Sequence[Task], prompts: Sequence[list[int]],
