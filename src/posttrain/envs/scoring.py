@@ -83,6 +83,36 @@ def score_many(env: Any, tasks: Sequence[Task], completions: Sequence[str], *, t
     """Score completions[i] against tasks[i]; failures cost only their own sample (see module docstring)."""
     if len(tasks) != len(completions):
         raise ValueError(f"score_many: {len(tasks)} tasks but {len(completions)} completions")
+    return call_many(env, "score", list(zip(tasks, completions)), timeout_s=timeout_s, workers=workers,
+                     isolation=isolation, check=lambda value: checked(value, failure_reward),
+                     fail=lambda reason, detail: failure(reason, detail, failure_reward))
+
+
+def step_many(env: Any, tasks: Sequence[Task], states: Sequence[dict], actions: Sequence[str], *,
+              timeout_s: float = 10.0, workers: int = 2, isolation: str | None = None) -> list[Any]:
+    """A multi-turn environment's `step(task, state, action)` for each episode, isolated like its verifier:
+    -> a Turn (envs/multiturn.py) per episode, or a failure Score (reward 0, info["error"]) for a step that
+    raised, hung past timeout_s, crashed its worker or returned something that is not a Turn."""
+    return call_many(env, "step", list(zip(tasks, states, actions)), timeout_s=timeout_s, workers=workers,
+                     isolation=isolation, check=checked_turn, fail=failure)
+
+
+def checked_turn(result: Any) -> Any:
+    from posttrain.envs.multiturn import Turn  # here: keeps worker start-up free of the rollout imports
+
+    if not isinstance(result, Turn):
+        return failure("bad_reward", f"step() returned {type(result).__name__}, not Turn")
+    try:
+        ok = not isinstance(result.reward, bool) and math.isfinite(float(result.reward))
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    return result if ok else failure("bad_reward", f"turn reward {_short(result.reward)} is not a finite number")
+
+
+def call_many(env: Any, method: str, calls: Sequence[tuple], *, timeout_s: float, workers: int,
+              isolation: str | None, check: Callable[[Any], Any], fail: Callable[[str, str], Any]) -> list[Any]:
+    """env.<method>(*calls[i]) for every i under the env's isolation; `check` vets a return, `fail(reason,
+    detail)` stands in for a call that failed."""
     # An env that does not declare how trustworthy its verifier is gets worker processes: nothing it does can
     # block the run past timeout_s. Only the env's own class counts: a user subclass of a built-in does not
     # inherit the built-in's "inline" (its new score() is not the trusted one) unless it says so itself.
@@ -90,62 +120,60 @@ def score_many(env: Any, tasks: Sequence[Task], completions: Sequence[str], *, t
     if mode not in ISOLATIONS:
         raise ValueError(f"isolation must be one of {ISOLATIONS}, got {mode!r} (env {getattr(env, 'name', env)!r})")
     if workers < 1 or timeout_s <= 0:
-        raise ValueError(f"score_many needs workers >= 1 and timeout_s > 0, got {workers}, {timeout_s}")
-    if not tasks:
+        raise ValueError(f"{method} calls need workers >= 1 and timeout_s > 0, got {workers}, {timeout_s}")
+    if not calls:
         return []
     if mode == "inline":
-        return [_score_inline(env.score, t, c, timeout_s, failure_reward) for t, c in zip(tasks, completions)]
+        return [_call_inline(getattr(env, method), args, timeout_s, check, fail) for args in calls]
     if mode == "thread":
-        return _score_threads(env.score, tasks, completions, timeout_s, workers, failure_reward)
+        return _call_threads(getattr(env, method), calls, timeout_s, workers, check, fail)
     with _POOL_LOCK:  # one batch at a time owns the shared worker processes
-        return _score_processes(env, tasks, completions, timeout_s, workers, failure_reward)
+        return _call_processes(env, method, calls, timeout_s, workers, check, fail)
 
 
-def _score_inline(fn: Callable[[Task, str], Score], task: Task, completion: str, timeout_s: float,
-                  failure_reward: float) -> Score:
+def _call_inline(fn: Callable[..., Any], args: tuple, timeout_s: float, check, fail) -> Any:
     start = time.perf_counter()
     try:
-        result = fn(task, completion)
+        result = fn(*args)
     except Exception as e:  # noqa: BLE001 - a verifier bug costs its sample, not the run
-        return failure("exception", _describe(e), failure_reward)
+        return fail("exception", _describe(e))
     elapsed = time.perf_counter() - start
     if elapsed > timeout_s:
-        return failure("timeout", f"inline verifier took {elapsed:.2f}s > {timeout_s:g}s (it could not be "
-                       "interrupted; give the env isolation='process')", failure_reward)
-    return checked(result, failure_reward)
+        return fail("timeout", f"inline call took {elapsed:.2f}s > {timeout_s:g}s (it could not be interrupted; "
+                    "give the env isolation='process')")
+    return check(result)
 
 
-def _score_threads(fn, tasks, completions, timeout_s, workers, failure_reward) -> list[Score]:
-    """One daemon thread per sample, at most `workers` counted as running; a thread past its deadline stops
+def _call_threads(fn, calls, timeout_s, workers, check, fail) -> list[Any]:
+    """One daemon thread per call, at most `workers` counted as running; a thread past its deadline stops
     being counted (it is abandoned, still running) so the rest of the batch proceeds."""
-    results: list[Score | None] = [None] * len(tasks)
+    results: list[Any] = [None] * len(calls)
     done: queue.Queue[tuple[int, Any, BaseException | None]] = queue.Queue()
 
     def run(i: int) -> None:
         try:
-            done.put((i, fn(tasks[i], completions[i]), None))
+            done.put((i, fn(*calls[i]), None))
         except BaseException as e:  # noqa: BLE001
             done.put((i, None, e))
 
-    todo, running = deque(range(len(tasks))), {}  # running: index -> deadline
+    todo, running = deque(range(len(calls))), {}  # running: index -> deadline
     while todo or running:
         while todo and len(running) < workers:
             i = todo.popleft()
             running[i] = time.monotonic() + timeout_s
-            threading.Thread(target=run, args=(i,), daemon=True, name=f"score-{i}").start()
+            threading.Thread(target=run, args=(i,), daemon=True, name=f"call-{i}").start()
         try:
             i, result, err = done.get(timeout=max(0.0, min(running.values()) - time.monotonic()))
             if i in running:  # else it already timed out; its late answer is ignored
                 del running[i]
-                results[i] = (failure("exception", _describe(err), failure_reward) if err is not None
-                              else checked(result, failure_reward))
+                results[i] = fail("exception", _describe(err)) if err is not None else check(result)
         except queue.Empty:
             pass
         now = time.monotonic()
         for i in [i for i, deadline in running.items() if now >= deadline]:
             del running[i]
-            results[i] = failure("timeout", f"no result within {timeout_s:g}s (thread abandoned)", failure_reward)
-    return results  # type: ignore[return-value]
+            results[i] = fail("timeout", f"no result within {timeout_s:g}s (thread abandoned)")
+    return results
 
 
 # ----- process isolation -------------------------------------------------------------------------------------
@@ -158,8 +186,9 @@ _REQUEST_IDS = itertools.count()
 
 
 def _worker_handle(msg: tuple) -> Any:
-    """Runs inside a pool worker: ("env", key, pickled env, user files) loads an env; ("score", key, request id, task, text)
-    scores, and the reply carries the request id, so a late reply can never be taken for another sample's."""
+    """Runs inside a pool worker: ("env", key, pickled env, user files) loads an env; ("call", key, request id,
+    method, args) calls env.<method>(*args), and the reply carries the request id, so a late reply can never be
+    taken for another call's."""
     if msg[0] == "env":
         for module_key, path in msg[3].items():  # an env class from a user's file.py: load the file first
             load_user_file(module_key, Path(path))
@@ -167,10 +196,10 @@ def _worker_handle(msg: tuple) -> Any:
         _WORKER_ENVS[msg[1]] = pickle.loads(msg[2])
         return None
     env = _WORKER_ENVS[msg[1]]
-    return msg[2], env.score(msg[3], msg[4])
+    return msg[2], getattr(env, msg[3])(*msg[4])
 
 
-def _score_processes(env, tasks, completions, timeout_s, workers, failure_reward) -> list[Score]:
+def _call_processes(env, method, calls, timeout_s, workers, check, fail_result) -> list[Any]:
     try:
         blob = pickle.dumps(env, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as e:  # noqa: BLE001 - any pickling failure is the same user-fixable problem
@@ -182,9 +211,9 @@ def _score_processes(env, tasks, completions, timeout_s, workers, failure_reward
     while len(_POOL) < workers:
         _POOL.append(Worker(_POOL_TARGET))
     pool = _POOL[:workers]
-    results: list[Score | None] = [None] * len(tasks)
+    results: list[Any] = [None] * len(calls)
     request_ids: dict[Worker, int] = {}
-    todo: deque[int] = deque(range(len(tasks)))
+    todo: deque[int] = deque(range(len(calls)))
     busy: dict[Worker, tuple[Any, float]] = {}  # worker -> (sample index | "start" | "env", deadline)
     fatal: str | None = None  # the env cannot be loaded in a worker: fail every remaining sample
 
@@ -199,7 +228,7 @@ def _score_processes(env, tasks, completions, timeout_s, workers, failure_reward
         else:
             i = todo.popleft()
             request_ids[w] = request_id = next(_REQUEST_IDS)
-            w.send(("score", key, request_id, tasks[i], completions[i]))
+            w.send(("call", key, request_id, method, calls[i]))
             busy[w] = (i, now + timeout_s)
 
     def finish(w: Worker, job: Any, reply: Any) -> None:
@@ -216,19 +245,19 @@ def _score_processes(env, tasks, completions, timeout_s, workers, failure_reward
         elif ok:
             request_id, value = reply[1]
             if request_id != request_ids.get(w):  # a reply to another call's request: not this sample's
-                results[job] = failure("crash", "worker answered a stale request", failure_reward)
+                results[job] = fail_result("crash", "worker answered a stale request")
                 w.kill()
                 return
-            results[job] = checked(value, failure_reward)
+            results[job] = check(value)
         else:
-            results[job] = failure("exception", f"{reply[1]}: {reply[2]}", failure_reward)
+            results[job] = fail_result("exception", f"{reply[1]}: {reply[2]}")
 
     def fail(w: Worker, job: Any, reason: str, detail: str) -> None:
         nonlocal fatal
         busy.pop(w, None)
         w.kill()
         if isinstance(job, int):
-            results[job] = failure(reason, detail, failure_reward)
+            results[job] = fail_result(reason, detail)
         else:
             fatal = f"worker {job} failed: {detail}"
 
@@ -249,7 +278,7 @@ def _score_processes(env, tasks, completions, timeout_s, workers, failure_reward
                 try:
                     reply = w.poll()
                 except WorkerDied as e:
-                    fail(w, job, "crash", f"worker died while scoring: {e}")
+                    fail(w, job, "crash", f"worker died in {method}(): {e}")
                     continue
                 if reply is not None and (job == "start") == (reply == READY):
                     finish(w, job, reply)
@@ -267,8 +296,8 @@ def _score_processes(env, tasks, completions, timeout_s, workers, failure_reward
             w.kill()
         for i, r in enumerate(results):
             if r is None:
-                results[i] = failure("worker", fatal, failure_reward)
-    return results  # type: ignore[return-value]
+                results[i] = fail_result("worker", fatal)
+    return results
 
 
 def shutdown_pool() -> None:

@@ -14,7 +14,7 @@ from posttrain.data.prompts import render_prompt
 from posttrain.envs.multiturn import is_multi_turn
 from posttrain.envs.scoring import score_many
 from posttrain.records import SamplingParams
-from posttrain.rollout.episodes import run_episodes
+from posttrain.rollout.episodes import episode_summary, run_episodes
 from posttrain.science.passk import majority_correct, summarize_eval
 
 EVAL_SEED = 0  # the held-out problem set is the same for every run seed, so runs are comparable
@@ -44,7 +44,7 @@ def evaluate(engine, tokenizer, env, *, problems: int, samples: int, ks: Sequenc
     def sample(rows: list, row_prompts: list, params: SamplingParams, done: int = 0) -> tuple[list, list]:
         if is_multi_turn(env):  # whole episodes; the environment's verdict is the score
             return run_episodes(engine, env, tokenizer, rows, row_prompts, params, chat_template=chat_template,
-                                max_episode_tokens=max_len)
+                                max_episode_tokens=max_len, step_timeout_s=getattr(score, "timeout_s", 10.0))
         completions = generate_chunked(engine, row_prompts, params, progress, done=done)
         return completions, score(rows, [c.text for c in completions])
 
@@ -72,6 +72,8 @@ def evaluate(engine, tokenizer, env, *, problems: int, samples: int, ks: Sequenc
     result.update(summarize_eval(rows, ks, seed=seed))
     if any("source" in t.meta for t in tasks):  # a mixture ([[env.sources]]): accuracy of each source's problems
         result["by_source"] = by_source(tasks, rows)
+    if summary := episode_summary(sampled, scores):  # multi-turn: turns, tool calls, ... of the sampled episodes
+        result["episode"] = summary
     result.update({"samples": samples, "ks": list(ks), "temperature": temperature, "top_p": top_p,
                    "max_new_tokens": max_new_tokens, "score_errors": errors, "per_problem": rows})
     return result
@@ -133,6 +135,7 @@ def headline_metrics(result: dict[str, Any]) -> dict[str, float]:
             out[f"eval/{key}"] = value["mean"]
     for label, suite in result.get("suites", {}).items():
         out.update({f"eval/{label}/{k[5:]}": v for k, v in headline_metrics(suite).items()})
+    out.update({f"eval/episode/{k}": v for k, v in result.get("episode", {}).items()})
     for source, acc in result.get("by_source", {}).items():
         out.update({f"eval/by_source/{source}/{k}": v for k, v in acc.items()})
     return out

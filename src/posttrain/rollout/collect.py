@@ -25,7 +25,7 @@ from posttrain.envs.multiturn import is_multi_turn
 from posttrain.envs.scoring import Scorer
 from posttrain.records import Completion, SamplingParams, Score, Task
 from posttrain.rollout.base import RolloutEngine
-from posttrain.rollout.episodes import run_episodes
+from posttrain.rollout.episodes import episode_summary, run_episodes
 from posttrain.tracking.ledger import FlopModel
 
 
@@ -110,7 +110,8 @@ def generate_groups(engine: RolloutEngine, scorer: Scorer, render: PromptRendere
                         step=step)
     if is_multi_turn(scorer.env):  # episodes: the environment scores each turn as it answers
         completions, scores = run_episodes(engine, scorer.env, render.tokenizer, flat_tasks, flat_prompts, params,
-                                           chat_template=render.chat_template, max_episode_tokens=render.max_len)
+                                           chat_template=render.chat_template, max_episode_tokens=render.max_len,
+                                           step_timeout_s=scorer.timeout_s)
         scores = scorer.controlled(flat_tasks, [c.text for c in completions], scores, seed=params.seed)
     else:
         completions = engine.generate(flat_prompts, params)
@@ -202,21 +203,8 @@ def describe_samples(batch: RolloutBatch) -> dict[str, float]:
 
 
 def episode_metrics(batch: RolloutBatch) -> dict[str, float]:
-    """Multi-turn episodes (rollout/episodes.py): turns, tool calls and errors, and the episode's tokens by whose
-    they are; {} for single-turn samples."""
-    if "turns" not in batch.scores[0].info:
-        return {}
-    n = len(batch)
-    solved = [s.info["turns"] for s in batch.scores if s.correct]
-    policy = [sum(c.policy_mask) if c.policy_mask is not None else len(c.token_ids) for c in batch.completions]
-    return {"episode/turns_mean": sum(s.info["turns"] for s in batch.scores) / n,
-            "episode/turns_to_solve": sum(solved) / len(solved) if solved else float("nan"),
-            "episode/tool_calls_mean": sum(s.info.get("tool_calls", 0) for s in batch.scores) / n,
-            "episode/tool_errors_mean": sum(s.info.get("tool_errors", 0) for s in batch.scores) / n,
-            "episode/env_errors": sum(1 for s in batch.scores if "error" in s.info),
-            "episode/policy_tokens_mean": sum(policy) / n,
-            "episode/env_tokens_mean": sum(len(c.token_ids) for c in batch.completions) / n - sum(policy) / n,
-            "episode/reward_per_turn": sum(s.reward for s in batch.scores) / sum(s.info["turns"] for s in batch.scores)}
+    """episode/* for multi-turn episodes (rollout/episodes.py); {} for single-turn samples."""
+    return {f"episode/{k}": v for k, v in episode_summary(batch.completions, batch.scores).items()}
 
 
 def per_source(batch: RolloutBatch) -> dict[str, float]:

@@ -9,8 +9,10 @@ the engine sampled followed by the environment's answer, tokenised once when it 
 policy's and the environment's tokens in order, `policy_mask` 1 on the policy's (the only tokens that train),
 `logprobs` the sampler's on the policy's tokens and 0 on the environment's. Live episodes of a turn are generated
 in one batch, stopping also at the environment's `stop` strings (a tool call's closing tag); an episode ends when
-the environment says done, at its `max_turns`, or when the next turn would not fit `max_episode_tokens`. A `step`
-that raises ends that episode with reward 0 and `info["error"]`.
+the environment says done, at its `max_turns`, or when the next turn would not fit `max_episode_tokens`. Each
+turn's `step` calls run isolated like the environment's verifier (envs/scoring.py `step_many`: inline, thread or
+worker process): one that raises, runs past `step_timeout_s` or crashes its worker ends that episode only, with
+reward 0 and `info["error"]`. `info["turn_rewards"]` keeps each turn's reward (the credit assignment's input).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import replace
 from typing import Any
 
 from posttrain.data.prompts import end_of_turn_id, observation_ids
-from posttrain.envs.multiturn import Turn
+from posttrain.envs.scoring import step_many
 from posttrain.records import Completion, SamplingParams, Score, Task
 
 TURN_SEED_STRIDE = 104_729  # turn t samples with seed + t * stride: episodes are reproducible turn by turn
@@ -28,7 +30,8 @@ TURN_SEED_STRIDE = 104_729  # turn t samples with seed + t * stride: episodes ar
 
 def run_episodes(engine, env, tokenizer, tasks: Sequence[Task], prompts: Sequence[list[int]],
                  params: SamplingParams, *, chat_template: bool = True,
-                 max_episode_tokens: int | None = None) -> tuple[list[Completion], list[Score]]:
+                 max_episode_tokens: int | None = None, step_timeout_s: float = 10.0,
+                 ) -> tuple[list[Completion], list[Score]]:
     """One episode per (task, prompt) row (repeat a task to sample a group). -> (completions, scores)."""
     n = len(tasks)
     tokens: list[list[int]] = [[] for _ in range(n)]
@@ -36,7 +39,8 @@ def run_episodes(engine, env, tokenizer, tasks: Sequence[Task], prompts: Sequenc
     logprobs: list[list[float]] = [[] for _ in range(n)]
     states = [env.reset(t) for t in tasks]
     reward, correct = [0.0] * n, [False] * n
-    info: list[dict[str, Any]] = [{"turns": 0, "tool_calls": 0, "tool_errors": 0} for _ in range(n)]
+    info: list[dict[str, Any]] = [{"turns": 0, "tool_calls": 0, "tool_errors": 0, "turn_rewards": []}
+                                  for _ in range(n)]
     finish = ["length"] * n
     version = getattr(engine, "version", 0)
     end = end_of_turn_id(tokenizer) if chat_template else None
@@ -47,21 +51,23 @@ def run_episodes(engine, env, tokenizer, tasks: Sequence[Task], prompts: Sequenc
             break
         outs = engine.generate([list(prompts[i]) + tokens[i] for i in live],
                                replace(params, seed=params.seed + turn * TURN_SEED_STRIDE, stop=stops))
-        still = []
         for i, out in zip(live, outs, strict=True):
             version = out.policy_version
             tokens[i] += out.token_ids
             policy[i] += [1] * len(out.token_ids)
             logprobs[i] += out.logprobs
             info[i]["turns"] += 1
-            try:
-                result: Turn = env.step(tasks[i], states[i], out.text)
-            except Exception as e:  # noqa: BLE001 - a failing environment costs its own episode only
+        results = step_many(env, [tasks[i] for i in live], [states[i] for i in live], [o.text for o in outs],
+                            timeout_s=step_timeout_s)
+        still = []
+        for i, out, result in zip(live, outs, results, strict=True):
+            if isinstance(result, Score):  # the step failed: this episode ends with nothing
                 reward[i], correct[i] = 0.0, False
-                info[i].update(error="exception", detail=f"{type(e).__name__}: {e}")
+                info[i].update(result.info, turn_rewards=[0.0] * info[i]["turns"])
                 finish[i] = "stop"
                 continue
             reward[i] += float(result.reward)
+            info[i]["turn_rewards"].append(float(result.reward))
             correct[i] = bool(result.correct)
             states[i] = result.state
             for key in ("tool_calls", "tool_errors"):
@@ -82,3 +88,22 @@ def run_episodes(engine, env, tokenizer, tasks: Sequence[Task], prompts: Sequenc
     completions = [Completion(tuple(prompts[i]), tuple(tokens[i]), tuple(logprobs[i]), finish[i],  # type: ignore[arg-type]
                               tokenizer.decode(tokens[i]), version, tuple(policy[i])) for i in range(n)]
     return completions, [Score(reward[i], correct[i], info[i]) for i in range(n)]
+
+
+def episode_summary(completions: Sequence[Completion], scores: Sequence[Score]) -> dict[str, float]:
+    """Turns, turns to solve (over solved episodes; absent when none was), tool calls and errors, failed steps, the episode's tokens by
+    whose they are, and the reward per turn; {} for single-turn samples (no "turns" in their info)."""
+    if not scores or "turns" not in scores[0].info:
+        return {}
+    n = len(scores)
+    turns = sum(s.info["turns"] for s in scores)
+    solved = [s.info["turns"] for s in scores if s.correct]
+    policy = sum(sum(c.policy_mask) if c.policy_mask is not None else len(c.token_ids) for c in completions)
+    return {"turns_mean": turns / n,
+            **({"turns_to_solve": sum(solved) / len(solved)} if solved else {}),  # absent when none solved
+            "tool_calls_mean": sum(s.info.get("tool_calls", 0) for s in scores) / n,
+            "tool_errors_mean": sum(s.info.get("tool_errors", 0) for s in scores) / n,
+            "env_errors": float(sum(1 for s in scores if "error" in s.info)),
+            "policy_tokens_mean": policy / n,
+            "env_tokens_mean": sum(len(c.token_ids) for c in completions) / n - policy / n,
+            "reward_per_turn": sum(s.reward for s in scores) / max(1, turns)}
