@@ -10,13 +10,14 @@ same loop with a [teacher]: on-policy distillation is the `reverse_kl` advantage
 term beside GRPO's (teacher_kl_coef; preset kdrl).
 
 One step, top to bottom in `run`: next(batches) (sample prompts, generate, score, filter) -> rl_batch (rewards,
-reference / teacher / old logprobs, IS weights, advantages) -> update (epochs x mini-batches of Learner.train_step) ->
+reference / teacher / old logprobs, IS weights, advantages through the credit assignment over an episode's turns) -> update (epochs x mini-batches of Learner.train_step) ->
 controllers -> engine.update_weights -> end_step (log, evaluate, reset the reference, checkpoint).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,7 @@ from posttrain.algos import (
     overlong_penalty,
     should_reset_reference,
 )
+from posttrain.algos.credit import CREDIT, CreditInputs, turn_index
 from posttrain.data.samplers import SAMPLERS, PromptHistory, TaskSampler
 from posttrain.recipes.rl_config import RLConfig
 from posttrain.records import SamplingParams
@@ -224,10 +226,14 @@ def rl_batch(ctx: RunContext, kept: RolloutBatch, c: RLConfig, learner: Learner,
     else:  # the engine's logprobs: the learner's own only for fp32 shared weights (tests/test_engine.py)
         old_lp = sampler_lp
     is_weights = IS_CORRECTIONS.get(c.is_correction)(old_lp, sampler_lp, mask, cap=c.is_cap)
-    advantages = ADVANTAGES.get(c.advantage)(
-        AdvantageInputs(rewards, kept.group_ids, mask, token_rewards=token_rewards, logprobs=sampler_lp,
-                        teacher_logprobs=teacher_lp),
-        **c.advantage_args)
+    # The advantage estimator, through the credit assignment over an episode's turns (algos/credit.py).
+    inputs = AdvantageInputs(rewards, kept.group_ids, mask, token_rewards=token_rewards, logprobs=sampler_lp,
+                             teacher_logprobs=teacher_lp)
+    advantages = CREDIT.get(c.credit)(
+        CreditInputs(inputs, [s.info.get("turn_rewards", [s.reward]) for s in kept.scores],
+                     turn_index([x.policy_mask for x in kept.completions], [len(x) for x in seqs.completions],
+                                mask.shape[1])),
+        functools.partial(ADVANTAGES.get(c.advantage), **c.advantage_args), **c.credit_args)
     valid = mask.bool()
     metrics.update({"is/weight_max": float((is_weights * mask).max()),
                     "is/ess": float(effective_sample_size(is_weights, mask)),

@@ -21,6 +21,7 @@ from posttrain.algos import (
     POLICY_LOSSES,
     annealed_coef,
 )
+from posttrain.algos.credit import CREDIT
 from posttrain.config import StageConfig
 from posttrain.data.samplers import SAMPLERS
 from posttrain.errors import ConfigError
@@ -30,7 +31,8 @@ PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
 MOVED = {"eps_low": "rl.policy_loss_args", "eps_high": "rl.policy_loss_args", "dual_clip": "rl.policy_loss_args",
          "adv_eps": "rl.advantage_args (as eps)"}
 RENAMED = {"eps_high_bounds": "rl.entropy_adapt_bounds"}
-ENTRY_KEYS = {"advantage": "advantage_args", "policy_loss": "policy_loss_args", "sampler": "sampler_args"}
+ENTRY_KEYS = {"advantage": "advantage_args", "policy_loss": "policy_loss_args", "sampler": "sampler_args",
+              "credit": "credit_args"}
 
 
 def load_preset(name: str) -> dict[str, Any]:
@@ -97,6 +99,12 @@ class RLConfig(StageConfig):
                            "path 'pkg.module:function'.")
     advantage_args: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters of the advantage "
                                            "estimator (e.g. {eps = 1e-6}); `posttrain docs` lists each entry's.")
+    credit: str = Field("episode", description="Credit assignment over a multi-turn episode's turns (registry "
+                        "algos.credit.CREDIT): 'episode' gives every policy token the episode reward's advantage; "
+                        "'per_turn' each turn its discounted return-to-go's, against the group's episodes that "
+                        "reached that turn. Single-turn samples get the estimator's advantage under either.")
+    credit_args: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters of the credit "
+                                        "assignment (per_turn: gamma).")
     policy_loss: str = Field("ppo_clip", description="Per-token policy loss (registry algos.POLICY_LOSSES), or an "
                              "import path.")
     policy_loss_args: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters of the policy loss "
@@ -187,7 +195,8 @@ class RLConfig(StageConfig):
             name = getattr(self, key)
             if ":" not in name and name not in registry:
                 raise ConfigError(f"rl.{key}", f"{name!r} is not one of {', '.join(registry.names())}")
-        for entry, registry in (("advantage", ADVANTAGES), ("policy_loss", POLICY_LOSSES), ("sampler", SAMPLERS)):
+        for entry, registry in (("advantage", ADVANTAGES), ("policy_loss", POLICY_LOSSES), ("sampler", SAMPLERS),
+                                ("credit", CREDIT)):
             name, table = getattr(self, entry), ENTRY_KEYS[entry]
             if ":" not in name and name not in registry:
                 raise ConfigError(f"rl.{entry}", f"{name!r} is not one of {', '.join(registry.names())} "
