@@ -2,6 +2,11 @@
 plus the environment's, learner and sampler logprobs agree on the policy's tokens, environment tokens get no
 gradient, a failing environment costs its episode only, and an RL run on guess_number logs and resumes exactly."""
 
+import itertools
+import os
+import random
+import time
+
 import pytest
 import torch
 from resume_helpers import crash_after, metric_rows_without_time
@@ -10,7 +15,9 @@ from transformers import AutoModelForCausalLM
 from posttrain.algos import AGGREGATIONS, POLICY_LOSSES, PolicyLossInputs, normalisers_for
 from posttrain.config import validate
 from posttrain.data.prompts import end_of_turn_id, observation_ids, render_prompt
+from posttrain.data.sft import env_examples
 from posttrain.envs import make_env
+from posttrain.envs.scoring import shutdown_pool
 from posttrain.models import load_model, load_tokenizer, resolve_model_path
 from posttrain.recipes.rl import train_mask
 from posttrain.records import Completion, SamplingParams
@@ -132,6 +139,41 @@ def test_a_crashing_environment_costs_its_episode_only(bpe):
     assert scores[0].info["turns"] == 1 and scores[1].info["turns"] == 3 and "error" not in scores[1].info
 
 
+class HangsInAThread(Flaky):
+    """Its tool hangs (or kills its process) for one secret; the steps run in threads."""
+
+    isolation = "thread"
+
+    def step(self, task, state, action):
+        if task.answer == "2":
+            if os.environ.get("POSTTRAIN_TEST_EXIT") == "1":
+                os._exit(3)
+            time.sleep(30)
+        return self.inner.step(task, state, action)
+
+
+class HangsInAProcess(HangsInAThread):
+    isolation = "process"
+
+
+@pytest.mark.parametrize("env_cls,how", [(HangsInAThread, "hang"), (HangsInAProcess, "hang"),
+                                         (HangsInAProcess, "exit")])
+def test_a_hanging_or_dying_tool_costs_its_episode_only(bpe, monkeypatch, env_cls, how):
+    _, tok = bpe
+    monkeypatch.setenv("POSTTRAIN_TEST_EXIT", "1" if how == "exit" else "0")
+    shutdown_pool()  # worker processes inherit the variable when they start: start fresh ones
+    env = env_cls()
+    tasks = [next(t for t in env.inner.tasks("train", 0) if t.answer == a) for a in ("2", "3")]
+    engine = ScriptedEngine(tok, [chars(tok, "1")] * 10)
+    prompts = [render_prompt(tok, env.prompt(t)) for t in tasks]
+    start = time.monotonic()
+    _, scores = run_episodes(engine, env, tok, tasks, prompts, SamplingParams(max_new_tokens=4), step_timeout_s=1.0)
+    assert time.monotonic() - start < 20  # the hanging step was cut at its timeout, not waited for
+    assert scores[0].info["error"] == ("timeout" if how == "hang" else "crash")
+    assert scores[0].reward == 0.0 and scores[0].info["turn_rewards"] == [0.0]
+    assert scores[1].info["turns"] == 3 and "error" not in scores[1].info
+
+
 def test_rl_on_guess_number_logs_episodes_evaluates_and_resumes_exactly(tmp_path):
     cfg = validate({
         "recipe": "rl", "name": "guess", "output_dir": str(tmp_path), "seed": 0, "threads": 1,
@@ -192,6 +234,40 @@ def test_the_calculator_tool_answers_calls_counts_errors_and_scores_the_final_an
     # the call did not end with the end-of-turn token, so the environment closed the assistant turn first
     first_env = episode.policy_mask.index(0)
     assert episode.token_ids[first_env] == end
+
+
+def test_a_call_costs_its_turn_and_the_episode_keeps_each_turns_reward(bpe):
+    _, tok = bpe
+    env = make_env("calculator", {"digits": 4, "max_turns": 3, "call_cost": 0.2})
+    task = next(env.tasks("train", 0))
+    end = end_of_turn_id(tok)
+    engine = ScriptedEngine(tok, [chars(tok, f"<calc>{task.question[:-1]}</calc>"), chars(tok, task.answer) + [end]])
+    _, (score,) = run_episodes(engine, env, tok, [task], [render_prompt(tok, env.prompt(task))],
+                               SamplingParams(max_new_tokens=24))
+    assert score.info["turn_rewards"] == [-0.2, 1.0] and score.reward == pytest.approx(0.8) and score.correct
+
+
+def test_sft_on_demonstrated_episodes_gives_one_example_per_assistant_turn(bpe):
+    _, tok = bpe
+    env = make_env("guess_number", {"hi": 16, "max_turns": 6, "demo_skill": 1.0})
+    rng = random.Random(0)
+    for task in itertools.islice(env.tasks("train", 0), 50):  # demo_skill 1: every guess is one the feedback allows
+        messages = env.demonstration(task, rng)
+        lo, hi = 1, 16
+        for m, nxt in zip(messages[1::2], [*messages[2::2], None]):
+            guess = int(m["content"])
+            assert lo <= guess <= hi
+            if nxt is None:
+                assert guess == int(task.answer) or len(messages) == 12
+            else:
+                lo, hi = (guess + 1, hi) if nxt["content"] == "higher" else (lo, guess - 1)
+    calc = make_env("calculator", {"digits": 4, "max_turns": 2, "hint": False, "demo_tool_rate": 1.0})
+    examples = list(itertools.islice(env_examples(calc, tok, seed=0, chat_template=True, max_len=None), 4))
+    task = next(calc.tasks("train", 0))
+    first, second = (tok.decode(e.prompt + e.completion) for e in examples[:2])
+    assert first.endswith(f"<calc>{task.question[:-1]}</calc>" + tok.decode([end_of_turn_id(tok)]))
+    assert f"<result>{int(task.answer)}</result>" in second and second.endswith(task.answer + tok.decode([end_of_turn_id(tok)]))
+    assert tok.decode(examples[1].prompt).startswith(tok.decode(examples[0].prompt))  # the call is in its prompt
 
 
 def test_a_reward_control_applies_to_episodes_too(tmp_path):

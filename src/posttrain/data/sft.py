@@ -31,11 +31,26 @@ def fitting(example: Example, max_len: int | None, where: str) -> Example:
 
 
 def env_examples(env, tokenizer, *, seed: int, chat_template: bool, max_len: int | None) -> Iterator[Example]:
+    """The environment's gold solutions on its train split; for an environment with `demonstration(task, rng)`
+    (a whole conversation, e.g. a multi-turn episode), one example per assistant turn, its prompt the
+    conversation before it."""
+    demonstrate = getattr(env, "demonstration", None)
+    rng = random.Random(f"demonstrations:{seed}")
     for task in env.tasks("train", seed):
-        yield fitting(Example(render_prompt(tokenizer, env.prompt(task), chat_template=chat_template,
-                                            max_len=max_len),
-                              completion_ids(tokenizer, task.solution, chat_template=chat_template)),
-                      max_len, f"environment {env.name!r}, task {task.id!r}")
+        where = f"environment {env.name!r}, task {task.id!r}"
+        if demonstrate is None:
+            yield fitting(Example(render_prompt(tokenizer, env.prompt(task), chat_template=chat_template,
+                                                max_len=max_len),
+                                  completion_ids(tokenizer, task.solution, chat_template=chat_template)),
+                          max_len, where)
+            continue
+        messages = demonstrate(task, rng)
+        for k, message in enumerate(messages):
+            if message["role"] == "assistant":
+                yield fitting(Example(render_prompt(tokenizer, messages[:k], chat_template=chat_template,
+                                                    max_len=max_len),
+                                      completion_ids(tokenizer, message["content"], chat_template=chat_template)),
+                              max_len, f"{where}, turn {k}")
 
 
 def is_prompt(value: object) -> bool:

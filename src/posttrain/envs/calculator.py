@@ -5,10 +5,17 @@ head; it may instead write `<calc>1234*5678</calc>`, and the environment answers
 The calculator is countdown's exact integer parser (envs/countdown.py: + - * / and parentheses, exact division,
 at most 64 tokens; no eval, so a call can neither hang nor run code). `<calc>` calls are counted in
 info["tool_calls"], failed ones in info["tool_errors"]. Generation also stops at "</calc>" (the `stop` strings).
+Each call's turn is rewarded -call_cost (the final answer's turn 1 or 0), so a call is worth making only where
+answering directly would fail.
+
+SFT data (`demonstration`): with probability `demo_tool_rate` an episode that calls the calculator on the
+question's expression and then answers with the result, otherwise the answer directly; the same rate at every
+operand size, so which questions deserve a call is left to RL.
 """
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -31,11 +38,14 @@ class Calculator:
     isolation = "inline"
     stop = ("</calc>",)
 
-    def __init__(self, digits: int | list[int] = 4, ops: str = "+", max_turns: int = 3, hint: bool = True):
+    def __init__(self, digits: int | list[int] = 4, ops: str = "+", max_turns: int = 3, hint: bool = True,
+                 call_cost: float = 0.0, demo_tool_rate: float = 0.5):
         self.inner = Arithmetic(digits=digits, ops=ops, hint=HINT if hint else None)
         if max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {max_turns}")
-        self.max_turns = max_turns
+        if not 0 <= demo_tool_rate <= 1:
+            raise ValueError(f"demo_tool_rate must be in [0, 1], got {demo_tool_rate}")
+        self.max_turns, self.call_cost, self.demo_tool_rate = max_turns, call_cost, demo_tool_rate
 
     def tasks(self, split: str, seed: int) -> Iterator[Task]:
         return self.inner.tasks(split, seed)
@@ -58,5 +68,14 @@ class Calculator:
         except ExprError as e:
             observation, errors = f"<error>{e}</error>", 1
         done = turn >= self.max_turns  # a call on the last turn leaves no turn for the answer
-        return Turn(None if done else observation, 0.0, done, False, {"turn": turn},
+        return Turn(None if done else observation, -self.call_cost, done, False, {"turn": turn},
                     {"tool_calls": 1, "tool_errors": errors})
+
+    def demonstration(self, task: Task, rng: random.Random) -> list[Message]:
+        """An episode for SFT: a call on the question's expression then its result, or the answer directly."""
+        messages: list[Message] = [*self.prompt(task)]
+        if self.max_turns >= 2 and rng.random() < self.demo_tool_rate:
+            call = f"<calc>{task.question.rstrip('=')}</calc>"
+            result = self.step(task, self.reset(task), call)
+            messages += [{"role": "assistant", "content": call}, {"role": "user", "content": result.observation or ""}]
+        return [*messages, {"role": "assistant", "content": task.solution}]
