@@ -45,8 +45,10 @@ class ScriptedEngine:
         for p in prompts:
             ids = self.replies[len(self.prompts)]
             self.prompts.append(list(p))
-            out.append(Completion(tuple(p), tuple(ids), tuple(-0.5 for _ in ids), "stop",
-                                  self.tokenizer.decode(ids, skip_special_tokens=True)))
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            for stop in params.stop:  # like the real engines: the text ends before a stop string
+                text = text.split(stop)[0]
+            out.append(Completion(tuple(p), tuple(ids), tuple(-0.5 for _ in ids), "stop", text))
         return out
 
 

@@ -57,7 +57,10 @@ def run_episodes(engine, env, tokenizer, tasks: Sequence[Task], prompts: Sequenc
             policy[i] += [1] * len(out.token_ids)
             logprobs[i] += out.logprobs
             info[i]["turns"] += 1
-        results = step_many(env, [tasks[i] for i in live], [states[i] for i in live], [o.text for o in outs],
+        # The turn's own tokens decoded: an engine's `text` stops before a stop string, and a tool call's closing
+        # tag is the environment's to read.
+        actions = [tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
+        results = step_many(env, [tasks[i] for i in live], [states[i] for i in live], actions,
                             timeout_s=step_timeout_s)
         still = []
         for i, out, result in zip(live, outs, results, strict=True):
