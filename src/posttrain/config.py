@@ -90,7 +90,8 @@ class EnvConfig(Section):
     args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the environment "
                                  "(e.g. {digits = 3} for arithmetic). An argument it does not take is an error.")
     score_timeout_s: float = Field(10.0, gt=0, description="Per-completion verifier time limit; a verifier that "
-                                   "raises, hangs or returns a non-number scores failure_reward instead.")
+                                   "raises, hangs or returns a non-number scores failure_reward instead. Also each "
+                                   "multi-turn `step`'s limit: one past it ends its episode with reward 0.")
     failure_reward: float = Field(0.0, description="Reward given to a completion whose verifier failed.")
     max_error_frac: float = Field(0.5, ge=0, le=1, description="Stop the run when more than this fraction of a "
                                   "step's completions could not be scored (training on garbage otherwise).")
