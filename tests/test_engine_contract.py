@@ -198,3 +198,32 @@ def test_a_lora_policy_samples_through_vllm_lora_and_syncs_adapters_only(tiny_di
         assert learner_gap(learner, synced, 1.0) < TOLERANCE["vllm"]
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("engine_name", ENGINES)
+def test_a_multi_turn_episode_continues_from_its_own_tokens_on_every_engine(engine_name, tiny_dir, tmp_path):
+    """Three-turn guess_number episodes: each turn's prompt is the episode so far (the vLLM engine serves the
+    repeated prefix from its prefix cache), and the sampler's logprobs of the policy's tokens, in the full
+    episode context, are the learner's."""
+    from posttrain.envs import make_env
+    from posttrain.rollout import build_engine
+    from posttrain.rollout.episodes import run_episodes
+
+    model, tok = build_model(tiny_dir, tmp_path, tied=True, seed=0)
+    engine = build_engine(engine_name, model, tok, weights="copy", version=0)
+    try:
+        env = make_env("guess_number", {"hi": 8, "max_turns": 3})
+        tasks = [t for t, _ in zip(env.tasks("train", 0), range(4), strict=False) for _ in range(2)]
+        prompts = [render_prompt(tok, env.prompt(t)) for t in tasks]
+        episodes, scores = run_episodes(engine, env, tok, tasks, prompts,
+                                        SamplingParams(temperature=1.0, max_new_tokens=4, seed=1))
+        assert any(s.info["turns"] > 1 for s in scores)
+        learner = Learner(model, lr=1e-3, total_updates=1, micro_batch_size=16, pad_id=tok.pad_token_id)
+        lp, _ = learner.logprobs(Sequences(prompts, [list(e.token_ids) for e in episodes]), temperature=1.0)
+        for e, learned in zip(episodes, lp, strict=True):
+            policy = torch.tensor(e.policy_mask, dtype=torch.bool)
+            assert len(e.logprobs) == len(e.token_ids) == len(e.policy_mask)
+            gap = (learned[policy] - torch.tensor(e.logprobs)[policy]).abs().max()
+            assert gap < TOLERANCE[engine_name]
+    finally:
+        engine.close()
