@@ -1,13 +1,16 @@
-"""The multi-turn studies (docs/studies/multiturn.md), 3 seeds each:
-(a) guess_number: does RL on whole episodes cut the turns to solve and raise the share solved?
-(b) calculator: does the model learn to call the tool for large operands (and not for small ones)?
+"""The multi-turn studies (docs/studies/multiturn.md):
+(a) retry_with_feedback on 3-digit additions, 3 seeds: does RL on whole episodes cut the turns to solve and raise
+    the share solved?
+(b) calculator, 1 seed: does the model learn to call the tool for large operands (and not for small ones)?
+(c) guess_number, 1 seed: the same question as (a) on a task that needs the feedback.
 
     python scripts/multiturn_study.py            # run what is missing, one run after another, then tabulate
     python scripts/multiturn_study.py --report   # only tabulate the finished runs
 
-Runs: mt-guess-seed{k} = recipes/multiturn/guess-number.toml, mt-calc-seed{k} = recipes/multiturn/calculator.toml,
-every run's seed k. Each is SFT on demonstrated episodes, then RL; "before" is the rl-step0 evaluation (the SFT
-checkpoint), "after" the final one. Differences are paired by seed, with a 95% t-interval.
+Runs: mt-retry-seed{k} = recipes/multiturn/retry.toml (RL from the quickstart's SFT checkpoint, built when
+missing), mt-calc-seed{k} = recipes/multiturn/calculator.toml and mt-guess-seed{k} =
+recipes/multiturn/guess-number.toml (SFT on demonstrated episodes, then RL), every run's seed k. "Before" is the
+rl-step0 evaluation (the RL starting point), "after" the final one. Differences are paired by seed, with a 95% t-interval.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import json
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from study_tools import RUNS, ci, done, eval_curve, posttrain, save_figure, study_main  # noqa: E402
+import matplotlib.pyplot as plt
+from study_tools import RUNS, ci, done, eval_curve, posttrain, save_figure, study_main
 
-SEEDS = (0, 1, 2)
-STUDIES = {"guess": "recipes/multiturn/guess-number.toml", "calc": "recipes/multiturn/calculator.toml"}
+# (recipe, seeds): calculator and guess_number have one seed only for lack of session time
+STUDIES = {"retry": ("recipes/multiturn/retry.toml", (0, 1, 2)),
+           "calc": ("recipes/multiturn/calculator.toml", (0,)),
+           "guess": ("recipes/multiturn/guess-number.toml", (0,))}
 
 
 def name(study: str, seed: int) -> str:
@@ -29,8 +34,10 @@ def name(study: str, seed: int) -> str:
 
 
 def run_all() -> None:
-    for study, recipe in STUDIES.items():
-        for seed in SEEDS:
+    if not done("distill-student"):
+        posttrain("run", "recipes/distill/student.toml")
+    for study, (recipe, seeds) in STUDIES.items():
+        for seed in seeds:
             if not done(name(study, seed)):
                 posttrain("run", recipe, "--set", f"seed={seed}", "--set", f"name={name(study, seed)}")
 
@@ -48,7 +55,7 @@ def measures(result: dict) -> dict[str, float]:
 
 def before_after(study: str, suite: str | None = None) -> list[tuple[dict, dict]]:
     out = []
-    for seed in SEEDS:
+    for seed in STUDIES[study][1]:
         before, after = (evaluation(name(study, seed), tag) for tag in ("rl-step0", "rl"))
         if suite is not None:
             before, after = before["suites"][suite], after["suites"][suite]
@@ -66,18 +73,19 @@ def table(pairs: list[tuple[dict, dict]], keys: list[str]) -> list[str]:
 
 def figure() -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for seed in SEEDS:
-        run = RUNS / name("guess", seed)
+    for seed in STUDIES["retry"][1]:
+        run = RUNS / name("retry", seed)
         c = eval_curve(run, ("eval/pass@1", "eval/episode/turns_mean"))
         axes[0].plot(c["flops"], c["eval/pass@1"], marker="o", label=f"seed {seed}")
         axes[1].plot(c["flops"], c["eval/episode/turns_mean"], marker="o", label=f"seed {seed}")
+    for seed in STUDIES["calc"][1]:
         calc = eval_curve(RUNS / name("calc", seed), ("eval/small/episode/tool_calls_mean",
                                                       "eval/large/episode/tool_calls_mean"))
         axes[2].plot(calc["flops"], calc["eval/large/episode/tool_calls_mean"], marker="o", color=f"C{seed}",
                      label=f"4-digit, seed {seed}")
         axes[2].plot(calc["flops"], calc["eval/small/episode/tool_calls_mean"], marker="x", ls="--",
                      color=f"C{seed}", label=f"1-digit, seed {seed}")
-    for ax, title in zip(axes, ("guess_number: solved (pass@1)", "guess_number: turns per episode",
+    for ax, title in zip(axes, ("retry_with_feedback: solved (pass@1)", "retry_with_feedback: turns per episode",
                                 "calculator: tool calls per episode"), strict=True):
         ax.set_title(title)
         ax.set_xlabel("compute (FLOPs, SFT + RL)")
@@ -86,12 +94,12 @@ def figure() -> None:
 
 
 def report() -> str:
-    lines = ["## (a) guess_number", ""]
-    lines += table(before_after("guess"), ["solved (pass@1)", "greedy solved", "turns to solve", "turns",
-                                           "reward per turn"])
+    episode = ["solved (pass@1)", "greedy solved", "turns to solve", "turns", "reward per turn"]
+    lines = ["## (a) retry_with_feedback, 3-digit additions", ""] + table(before_after("retry"), episode)
     for suite, label in (("small", "1-digit additions"), ("large", "4-digit additions")):
         lines += ["", f"## (b) calculator, {label} (eval suite '{suite}')", ""]
         lines += table(before_after("calc", suite), ["solved (pass@1)", "tool calls", "turns"])
+    lines += ["", "## (c) guess_number", ""] + table(before_after("guess"), episode)
     figure()
     return "\n".join(lines)
 

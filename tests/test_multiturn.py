@@ -18,6 +18,7 @@ from posttrain.data.prompts import end_of_turn_id, observation_ids, render_promp
 from posttrain.data.sft import env_examples
 from posttrain.envs import make_env
 from posttrain.envs.scoring import shutdown_pool
+from posttrain.errors import UserError
 from posttrain.models import load_model, load_tokenizer, resolve_model_path
 from posttrain.recipes.rl import train_mask
 from posttrain.records import Completion, SamplingParams
@@ -284,3 +285,17 @@ def test_a_reward_control_applies_to_episodes_too(tmp_path):
     rows = [r for r in metric_rows_without_time(cfg.run_dir) if "episode/turns_mean" in r]
     assert all("rollout/verifier_reward_mean" in r for r in rows)
     assert sum(r["rollout/reward_mean"] for r in rows) > sum(r["rollout/verifier_reward_mean"] for r in rows)
+
+
+def test_retry_with_feedback_makes_any_single_turn_env_multi_turn():
+    env = make_env("retry_with_feedback", {"env": "arithmetic", "args": {"digits": 3}, "max_turns": 3})
+    task = next(env.tasks("train", 0))
+    wrong = env.step(task, env.reset(task), "1")
+    assert (wrong.observation, wrong.reward, wrong.done) == ("Wrong, try again.", 0.0, False)
+    right = env.step(task, wrong.state, task.answer)
+    assert right.done and right.correct and right.reward == 0.5  # decay 0.5 on the second try
+    last = env.step(task, {"tries": 2}, "1")
+    assert last.done and last.observation is None and not last.correct
+    assert env.isolation == "inline"  # the inner verifier's trust level
+    with pytest.raises(UserError, match="already multi-turn"):
+        make_env("retry_with_feedback", {"env": "guess_number"})

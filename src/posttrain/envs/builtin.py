@@ -12,6 +12,7 @@ from posttrain.envs import (  # noqa: F401
     guess_number,
     jsonl,
     mixture,
+    retry,
     rgym,
     sorting,
     strings,
