@@ -3,6 +3,7 @@ plus the environment's, learner and sampler logprobs agree on the policy's token
 gradient, a failing environment costs its episode only, and an RL run on guess_number logs and resumes exactly."""
 
 import itertools
+import math
 import os
 import random
 import time
@@ -299,3 +300,20 @@ def test_retry_with_feedback_makes_any_single_turn_env_multi_turn():
     assert env.isolation == "inline"  # the inner verifier's trust level
     with pytest.raises(UserError, match="already multi-turn"):
         make_env("retry_with_feedback", {"env": "guess_number"})
+
+
+def test_rl_with_per_turn_credit_trains_on_episodes(tmp_path):
+    cfg = validate({
+        "recipe": "rl", "name": "per-turn", "output_dir": str(tmp_path), "seed": 0, "threads": 1,
+        "model": {"path": "tiny-test"},
+        "env": {"name": "calculator", "args": {"digits": 1, "max_turns": 2, "hint": False, "call_cost": 0.2}},
+        "rl": {"steps": 2, "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 4, "lr": 1e-3,
+               "micro_batch_size": 8, "credit": "per_turn", "credit_args": {"gamma": 0.9},
+               "group_filter": "none"},
+        "eval": {"problems": 2, "samples": 2, "ks": [1, 2], "max_new_tokens": 4, "at_start": False},
+    }, "test")
+    run(cfg)
+    rows = [r for r in metric_rows_without_time(cfg.run_dir) if "pg/loss" in r]
+    assert len(rows) == 2 and all(math.isfinite(r["pg/loss"]) and math.isfinite(r["rollout/adv_abs_mean"])
+                                  for r in rows)
+    assert "credit = \"per_turn\"" in (cfg.run_dir / "config.toml").read_text()

@@ -10,8 +10,9 @@ same loop with a [teacher]: on-policy distillation is the `reverse_kl` advantage
 term beside GRPO's (teacher_kl_coef; preset kdrl).
 
 One step, top to bottom in `run`: next(batches) (sample prompts, generate, score, filter) -> rl_batch (rewards,
-reference / teacher / old logprobs, IS weights, advantages through the credit assignment over an episode's turns) -> update (epochs x mini-batches of Learner.train_step) ->
-controllers -> engine.update_weights -> end_step (log, evaluate, reset the reference, checkpoint).
+reference / teacher / old logprobs, IS weights, advantages through the credit assignment over an episode's
+turns) -> update (epochs x mini-batches of Learner.train_step) -> controllers -> engine.update_weights ->
+end_step (log, evaluate, reset the reference, checkpoint).
 """
 
 from __future__ import annotations
