@@ -194,6 +194,7 @@ def test_rl_on_guess_number_logs_episodes_evaluates_and_resumes_exactly(tmp_path
     assert rows[-1]["compute/generate_flops"] > 0 and rows[-1]["compute/train_flops"] > 0
     page = write_report([cfg.run_dir]).read_text()  # the episode panels: turns drawn, tool calls (none) noted
     assert "Tool calls per episode is not drawn: it is zero at every step." in page
+    assert "Tool errors per episode is not drawn: it is zero at every step." in page
     reference = metric_rows_without_time(cfg.run_dir)
     final = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "final").state_dict()
     crash_after(cfg.run_dir, 2)

@@ -66,6 +66,9 @@ TRAINING_PANELS = [
     ("kl/value", "KL to reference", "nats / token"),
     ("episode/turns_mean", "Turns per episode (multi-turn)", "turns"),
     ("episode/tool_calls_mean", "Tool calls per episode", "calls"),
+    ("episode/tool_errors_mean", "Tool errors per episode", "errors"),
+    ("episode/env_tokens_mean", "Environment tokens per episode (not trained)", "tokens"),
+    ("episode/reward_per_turn", "Reward per turn", "reward"),
 ]
 
 
