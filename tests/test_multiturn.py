@@ -318,3 +318,16 @@ def test_rl_with_per_turn_credit_trains_on_episodes(tmp_path):
     assert len(rows) == 2 and all(math.isfinite(r["pg/loss"]) and math.isfinite(r["rollout/adv_abs_mean"])
                                   for r in rows)
     assert "credit = \"per_turn\"" in (cfg.run_dir / "config.toml").read_text()
+
+
+def test_an_environment_token_budget_ends_its_episodes(bpe):
+    _, tok = bpe
+    env = Flaky()
+    task = next(t for t in env.inner.tasks("train", 0) if t.answer == "3")
+    prompt = render_prompt(tok, env.prompt(task))
+    engine = ScriptedEngine(tok, [chars(tok, "1")] * 10)
+    _, (free,) = run_episodes(engine, env, tok, [task], [prompt], SamplingParams(max_new_tokens=4))
+    feedback = observation_ids(tok, "higher", chat_template=True, closed=False)
+    env.max_episode_tokens = len(prompt) + 1 + len(feedback) + 4 - 1  # one token short of a second turn
+    _, (capped,) = run_episodes(engine, env, tok, [task], [prompt], SamplingParams(max_new_tokens=4))
+    assert free.info["turns"] == 3 and capped.info["turns"] == 1

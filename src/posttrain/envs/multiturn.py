@@ -3,6 +3,7 @@
     class GuessNumber:                                   # envs/guess_number.py, the built-in example
         name = "guess_number"
         max_turns = 6
+        max_episode_tokens = None                        # optional: a token budget per episode, prompt included
         def tasks(self, split, seed) -> Iterator[Task]: ...
         def prompt(self, task) -> list[Message] | str: ...                  # the first observation
         def reset(self, task) -> dict: ...                                  # a fresh episode state

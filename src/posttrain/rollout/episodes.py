@@ -9,7 +9,9 @@ the engine sampled followed by the environment's answer, tokenised once when it 
 policy's and the environment's tokens in order, `policy_mask` 1 on the policy's (the only tokens that train),
 `logprobs` the sampler's on the policy's tokens and 0 on the environment's. Live episodes of a turn are generated
 in one batch, stopping also at the environment's `stop` strings (a tool call's closing tag); an episode ends when
-the environment says done, at its `max_turns`, or when the next turn would not fit `max_episode_tokens`. Each
+the environment says done, at its `max_turns`, or when the next turn would not fit `max_episode_tokens` (the model's
+context, or the environment's `max_episode_tokens` attribute if smaller: prompt, all turns and the next turn's
+max_new_tokens). Each
 turn's `step` calls run isolated like the environment's verifier (envs/scoring.py `step_many`: inline, thread or
 worker process): one that raises, runs past `step_timeout_s` or crashes its worker ends that episode only, with
 reward 0 and `info["error"]`. `info["turn_rewards"]` keeps each turn's reward (the credit assignment's input).
@@ -34,6 +36,9 @@ def run_episodes(engine, env, tokenizer, tasks: Sequence[Task], prompts: Sequenc
                  ) -> tuple[list[Completion], list[Score]]:
     """One episode per (task, prompt) row (repeat a task to sample a group). -> (completions, scores)."""
     n = len(tasks)
+    # the model's context, or the environment's own per-episode budget (prompt included) when it is smaller
+    budgets = [b for b in (max_episode_tokens, getattr(env, "max_episode_tokens", None)) if b is not None]
+    max_episode_tokens = min(budgets) if budgets else None
     tokens: list[list[int]] = [[] for _ in range(n)]
     policy: list[list[int]] = [[] for _ in range(n)]
     logprobs: list[list[float]] = [[] for _ in range(n)]
