@@ -88,6 +88,8 @@ def chunked_head(model: PreTrainedModel) -> Tensor | None:
         return None
     if any(getattr(model.config, key, None) for key in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
         return None
+    if type(head.weight).__name__ == "DTensor":  # sharded (train/sharding.py): only the model's own forward gathers it
+        return None
     return head.weight
 
 

@@ -12,7 +12,8 @@ from posttrain.errors import UserError
 
 def first_nonfinite_grad(model: nn.Module) -> str | None:
     for name, p in model.named_parameters():
-        if p.grad is not None and not bool(p.grad.isfinite().all()):
+        grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # a sharded gradient: this rank's part
+        if grad is not None and not bool(grad.isfinite().all()):
             return name
     return None
 

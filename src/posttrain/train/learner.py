@@ -32,6 +32,7 @@ from posttrain.tracking.ledger import FlopModel
 from posttrain.train.forward import completion_logprobs, pack, packed_flops
 from posttrain.train.guards import UpdateGuard
 from posttrain.train.optim import build_optimizer, build_scheduler
+from posttrain.train.sharding import DataParallel, full, full_state_dict
 
 
 @dataclass(frozen=True)
@@ -152,9 +153,12 @@ class Learner:
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 0,
                  schedule: str = "constant", min_lr_ratio: float = 0.1, grad_clip: float = 1.0,
                  max_bad_steps: int = 3, bf16: bool = False, compile: bool = False,
-                 micro_batch_tokens: int | None = None) -> None:
-        """micro_batch_size / micro_batch_tokens: the most rows, and padded tokens, per forward/backward pass."""
+                 micro_batch_tokens: int | None = None, data_parallel: DataParallel | None = None) -> None:
+        """micro_batch_size / micro_batch_tokens: the most rows, and padded tokens, per forward/backward pass.
+        data_parallel: this rank's place when `model` is sharded over several processes (train/sharding.py);
+        every rank then calls every method with the same arguments, and each runs its share of the micro-batches."""
         self.model = model
+        self.dp = data_parallel
         self.micro_batch_size = micro_batch_size
         self.micro_batch_tokens = micro_batch_tokens
         self.pad_id = pad_id
@@ -194,7 +198,14 @@ class Learner:
         lr = self.scheduler.get_last_lr()[0]
         total_loss, flops, tokens = 0.0, 0.0, 0
         metrics: dict[str, float] = {}
-        for chunk in micro_batches(rows, seqs, self.micro_batch_size, self.micro_batch_tokens, keep_together):
+        chunks: list[Tensor | None] = list(micro_batches(rows, seqs, self.micro_batch_size, self.micro_batch_tokens,
+                                                         keep_together))
+        if self.dp is not None:
+            chunks = self.dp.my_chunks(chunks)  # type: ignore[arg-type]
+        for chunk in chunks:
+            if chunk is None:  # another rank has one more micro-batch: its collectives need this rank too
+                self._idle_pass(seqs, rows[:1], temperature)
+                continue
             prompts = [seqs.prompts[i] for i in chunk.tolist()]
             completions = [seqs.completions[i] for i in chunk.tolist()]
             packed = pack(prompts, completions, self.pad_id)
@@ -208,10 +219,13 @@ class Learner:
                 metrics[k] = metrics.get(k, 0.0) + float(v)
             flops += packed_flops(self.flop_model, prompts, completions, train=True)
             tokens += int(packed.mask.sum())
+        if self.dp is not None:  # the step's loss, metrics and work are every rank's added up
+            total_loss, flops, tokens = self.dp.sum(total_loss), self.dp.sum(flops), int(self.dp.sum(tokens))
+            metrics = self.dp.sum_dicts(metrics)
         for p in self.params:  # rows that were all skipped are a zero gradient, not no step (Adam still moves)
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
+        grad_norm = float(full(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)))
         skipped = self.guard.check(self.model, loss=total_loss, grad_norm=grad_norm, where=where)
         if skipped is None:
             self.optimizer.step()
@@ -224,6 +238,13 @@ class Learner:
         return StepResult(loss=total_loss, grad_norm=grad_norm, lr=lr, skipped=skipped, metrics=metrics,
                           rows=len(rows), tokens=tokens, flops=flops)
 
+    def _idle_pass(self, seqs: Sequences, rows: Tensor, temperature: float) -> None:
+        """A forward and backward that contribute exactly zero to the gradient."""
+        packed = pack([seqs.prompts[i] for i in rows.tolist()], [seqs.completions[i] for i in rows.tolist()],
+                      self.pad_id)
+        lp, _ = completion_logprobs(self.forward_model, packed, temperature=temperature, bf16=self.bf16)
+        (lp.sum() * 0.0).backward()
+
     def reset_optimizer(self) -> None:
         """Forget the optimizer's moment estimates (ProRL's optimizer re-initialisation at a reference reset)."""
         self.optimizer.state.clear()
@@ -234,6 +255,8 @@ class Learner:
         With a frozen base (LoRA) only the trainable adapter tensors: the engine already holds the base."""
         if any(not p.requires_grad for p in self.model.parameters()):
             return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        if self.dp is not None:  # gathered whole (a collective: every rank calls it)
+            return full_state_dict(self.model)
         return self.model.state_dict()
 
     def state_dict(self) -> dict[str, Any]:

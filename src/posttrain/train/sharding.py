@@ -1,0 +1,101 @@
+"""Sharded data parallelism with PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard`): N ranks each hold 1/N of
+the parameters, gradients and optimizer state, and each runs its share of a step's micro-batches.
+
+    dist.init_process_group("gloo")                      # "nccl" on GPUs; torchrun sets RANK / WORLD_SIZE
+    model = shard(model)                                 # every decoder layer, then the root
+    learner = Learner(model, ..., data_parallel=DataParallel.current())
+
+Invariance. The loss functions divide by the step's GLOBAL normalisers (algos/aggregation.py), so the step's loss
+is the sum of its micro-batch losses, whichever process runs each. The micro-batches are cut exactly as in one
+process and dealt out round-robin; gradients are SUMMED across ranks (FSDP's divide factor set to 1, not its
+default mean over ranks), so the update equals the single-process one up to float summation order. A rank with
+fewer micro-batches than another runs a zero-weighted pass, because every forward and backward is a collective.
+
+What this module does not do yet (issue 21): launching ranks from a recipe (`[learner] world_size`), sharded
+checkpoints, streaming weights to the engines per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a Hugging Face causal LM (model.model.layers), each its own FSDP unit."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"shard: {type(model).__name__} has no model.layers (a Hugging Face decoder's blocks)")
+    return list(layers)
+
+
+def shard(model: nn.Module, *, mesh=None, reshard_after_forward: bool = True) -> nn.Module:
+    """Shard `model` in place over the default process group (or `mesh`): one FSDP unit per decoder layer, the
+    rest (embeddings, final norm, LM head) in the root's, gradients summed across ranks."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied sum
+    return model
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full(tensor: Tensor) -> Tensor:
+    """A sharded tensor gathered whole on every rank (a collective); any other tensor as it is."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """This process's place among the ranks that share a step."""
+
+    rank: int
+    world_size: int
+
+    @classmethod
+    def current(cls) -> DataParallel:
+        if not dist.is_initialized():
+            raise RuntimeError("DataParallel.current(): torch.distributed is not initialised")
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def my_chunks(self, chunks: list[Tensor]) -> list[Tensor | None]:
+        """This rank's micro-batches, round-robin, padded with None to the count every rank runs."""
+        mine: list[Tensor | None] = list(chunks[self.rank::self.world_size])
+        return mine + [None] * (math.ceil(len(chunks) / self.world_size) - len(mine))
+
+    def sum(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t[0])
+
+    def sum_dicts(self, values: dict[str, float]) -> dict[str, float]:
+        """Every rank's metric sums added up (a rank that ran no micro-batch has none of the keys)."""
+        gathered: list[dict[str, float] | None] = [None] * self.world_size
+        dist.all_gather_object(gathered, values)
+        out: dict[str, float] = {}
+        for d in gathered:
+            for k, v in (d or {}).items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+
+def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The whole model's weights on every rank, on the CPU (a collective): what a checkpoint or an engine needs."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                broadcast_from_rank0=False))
