@@ -34,17 +34,25 @@ class SummedNLL:
         return nll / self.total_tokens, {"nll_sum": float(nll.detach())}
 
 
-def train(model, **learner_args) -> tuple[list[dict], dict[str, torch.Tensor]]:
+def train(model, *, steps: int = STEPS, load: str | None = None, save: str | None = None,
+          **learner_args) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """`steps` updates, after restoring the learner from `load` and before saving it to `save` (if given)."""
+    from posttrain.train.sharding import load_learner, save_learner
+
     seqs, total = batch()
     learner = Learner(model, lr=1e-2, total_updates=STEPS, micro_batch_size=3, pad_id=0, **learner_args)
+    if load:
+        load_learner(learner, Path(load))
     results = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         r = learner.train_step(seqs, SummedNLL(total))
         results.append({"loss": r.loss, "grad_norm": r.grad_norm, "tokens": r.tokens, "nll_sum": r.metrics["nll_sum"]})
+    if save:
+        save_learner(learner, Path(save))
     return results, {k: v.detach().clone() for k, v in learner.weights().items()}
 
 
-def rank_main(rank: int, world_size: int, model_dir: str, out_dir: str) -> None:
+def rank_main(rank: int, world_size: int, model_dir: str, out_dir: str, train_args: dict | None = None) -> None:
     import torch.distributed as dist
 
     from posttrain.models import load_model
@@ -55,7 +63,7 @@ def rank_main(rank: int, world_size: int, model_dir: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world_size)
     try:
         model = shard(load_model(Path(model_dir)).float())
-        results, weights = train(model, data_parallel=DataParallel.current())
+        results, weights = train(model, data_parallel=DataParallel.current(), **(train_args or {}))
         if rank == 0:
             Path(out_dir, "results.json").write_text(json.dumps(results))
             save_file({k: v.contiguous() for k, v in weights.items()}, str(Path(out_dir, "weights.safetensors")))

@@ -17,20 +17,45 @@ from sharding_helpers import rank_main, train
 from posttrain.models import load_model
 
 
+def two_ranks(tiny_dir, out_dir, **train_args) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    out_dir.mkdir(exist_ok=True)
+    mp.start_processes(rank_main, args=(2, str(tiny_dir), str(out_dir), train_args), nprocs=2, join=True,
+                       start_method="spawn")
+    return json.loads((out_dir / "results.json").read_text()), load_file(str(out_dir / "weights.safetensors"))
+
+
+def assert_same_update(tiny_dir, got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    start = load_model(tiny_dir).float().state_dict()
+    update = torch.cat([(want[k] - start[k]).flatten() for k in want])
+    gap = torch.cat([(got[k] - want[k]).flatten() for k in want])
+    assert float(update.norm()) > 0.1  # the steps moved the weights: not a comparison of two untouched models
+    assert float(gap.norm()) < 1e-4 * float(update.norm())
+    assert float(gap.abs().max()) < 1e-3
+
+
 @pytest.mark.slow
 def test_two_sharded_ranks_update_like_one_process(tiny_dir, tmp_path):
-    mp.start_processes(rank_main, args=(2, str(tiny_dir), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
-    sharded = json.loads((tmp_path / "results.json").read_text())
-    sharded_weights = load_file(str(tmp_path / "weights.safetensors"))
+    sharded, sharded_weights = two_ranks(tiny_dir, tmp_path / "sharded")
     single, weights = train(load_model(tiny_dir).float())
     for a, b in zip(sharded, single, strict=True):
         assert a["tokens"] == b["tokens"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["nll_sum"] == pytest.approx(b["nll_sum"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-    assert sharded_weights.keys() == weights.keys()
-    start = load_model(tiny_dir).float().state_dict()
-    update = torch.cat([(weights[k] - start[k]).flatten() for k in weights])
-    gap = torch.cat([(sharded_weights[k] - weights[k]).flatten() for k in weights])
-    assert float(update.norm()) > 0.1  # the steps moved the weights: not a comparison of two untouched models
-    assert float(gap.norm()) < 1e-4 * float(update.norm())
-    assert float(gap.abs().max()) < 1e-3
+    assert_same_update(tiny_dir, sharded_weights, weights)
+
+
+@pytest.mark.slow
+def test_a_learner_saved_by_two_ranks_resumes_in_one_and_back(tiny_dir, tmp_path):
+    """One step, checkpoint, one more step: 2 ranks -> 1 process, and 1 process -> 2 ranks, each equal to two
+    uninterrupted steps in one process (weights, optimizer moments and schedule all came through)."""
+    straight, weights = train(load_model(tiny_dir).float())
+    two_ranks(tiny_dir, tmp_path / "first", steps=1, save=str(tmp_path / "by-two"))
+    resumed, resumed_weights = train(load_model(tiny_dir).float(), steps=1, load=str(tmp_path / "by-two"))
+    assert resumed[0]["loss"] == pytest.approx(straight[1]["loss"], rel=1e-5)
+    assert_same_update(tiny_dir, resumed_weights, weights)
+    train(load_model(tiny_dir).float(), steps=1, save=str(tmp_path / "by-one"))
+    back, back_weights = two_ranks(tiny_dir, tmp_path / "second", steps=1, load=str(tmp_path / "by-one"))
+    assert back[0]["loss"] == pytest.approx(straight[1]["loss"], rel=1e-5)
+    assert back[0]["grad_norm"] == pytest.approx(straight[1]["grad_norm"], rel=1e-5)
+    assert_same_update(tiny_dir, back_weights, weights)

@@ -11,14 +11,21 @@ process and dealt out round-robin; gradients are SUMMED across ranks (FSDP's div
 default mean over ranks), so the update equals the single-process one up to float summation order. A rank with
 fewer micro-batches than another runs a zero-weighted pass, because every forward and backward is a collective.
 
-What this module does not do yet (issue 21): launching ranks from a recipe (`[learner] world_size`), sharded
-checkpoints, streaming weights to the engines per layer.
+Checkpoints (`save_learner` / `load_learner`): torch.distributed.checkpoint writes each rank's shards of the
+weights and the optimizer state with the metadata to re-cut them, so a learner saved by N ranks loads into M
+(1 included, without any process group).
+
+What this module does not do yet (issue 21): launching ranks from a recipe (`[learner] world_size`), streaming
+weights to the engines per layer, activation checkpointing, optimizer offload.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -99,3 +106,32 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                 broadcast_from_rank0=False))
+
+
+def save_learner(learner: Any, path: Path) -> None:
+    """The learner's weights and optimizer state as a distributed checkpoint in `path` (every rank calls it), and
+    its schedule and guard as learner.json (rank 0)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(learner.model, learner.optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path),
+             no_dist=not dist.is_initialized())
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        (Path(path) / "learner.json").write_text(json.dumps({"scheduler": learner.scheduler.state_dict(),
+                                                             "bad_steps": learner.guard.bad_steps}))
+
+
+def load_learner(learner: Any, path: Path) -> None:
+    """Restore what save_learner wrote, whatever number of ranks wrote it (every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(learner.model, learner.optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    set_state_dict(learner.model, learner.optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+    side = json.loads((Path(path) / "learner.json").read_text())
+    learner.scheduler.load_state_dict(side["scheduler"])
+    learner.guard.bad_steps = int(side["bad_steps"])
