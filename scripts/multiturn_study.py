@@ -10,7 +10,8 @@
 Runs: mt-retry-seed{k} = recipes/multiturn/retry.toml (RL from the quickstart's SFT checkpoint, built when
 missing), mt-calc-seed{k} = recipes/multiturn/calculator.toml and mt-guess-seed{k} =
 recipes/multiturn/guess-number.toml (SFT on demonstrated episodes, then RL), every run's seed k. "Before" is the
-rl-step0 evaluation (the RL starting point), "after" the final one. Differences are paired by seed, with a 95% t-interval.
+rl-step0 evaluation (the RL starting point), "after" the final one. Differences are paired by seed, with a 95%
+t-interval.
 """
 
 from __future__ import annotations

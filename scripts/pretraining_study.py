@@ -10,7 +10,8 @@ Per seed k (every run's seed is k):
   rlps-rlp-seed{k}       recipes/rlp-study/rlp.toml on fl-plain-seed{k}  100 RLP steps
   rlps-continue-seed{k}  recipes/rlp-study/continue.toml on fl-plain-seed{k}, pretrain.tokens set so that its
                          FLOPs equal what rlps-rlp-seed{k} spent (compute/rlp_flops)
-and the identical post-training recipes/front-loading/sft-rl.toml (600 SFT steps on 1-2 digit additions, 100 RL steps on 2-digit ones) on each of the four:
+and the identical post-training recipes/front-loading/sft-rl.toml (600 SFT steps on 1-2 digit additions, 100 RL
+steps on 2-digit ones) on each of the four:
   post-{plain,reasoning,rlp,continue}-seed{k}.
 (a) compares post-rlp with post-continue (and post-plain, no extra compute); (b) post-reasoning with post-plain.
 Differences are paired by seed, with a 95% t-interval.

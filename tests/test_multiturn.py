@@ -271,7 +271,8 @@ def test_sft_on_demonstrated_episodes_gives_one_example_per_assistant_turn(bpe):
     task = next(calc.tasks("train", 0))
     first, second = (tok.decode(e.prompt + e.completion) for e in examples[:2])
     assert first.endswith(f"<calc>{task.question[:-1]}</calc>" + tok.decode([end_of_turn_id(tok)]))
-    assert f"<result>{int(task.answer)}</result>" in second and second.endswith(task.answer + tok.decode([end_of_turn_id(tok)]))
+    end = tok.decode([end_of_turn_id(tok)])
+    assert f"<result>{int(task.answer)}</result>" in second and second.endswith(task.answer + end)
     assert tok.decode(examples[1].prompt).startswith(tok.decode(examples[0].prompt))  # the call is in its prompt
 
 

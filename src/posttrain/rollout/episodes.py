@@ -9,12 +9,12 @@ the engine sampled followed by the environment's answer, tokenised once when it 
 policy's and the environment's tokens in order, `policy_mask` 1 on the policy's (the only tokens that train),
 `logprobs` the sampler's on the policy's tokens and 0 on the environment's. Live episodes of a turn are generated
 in one batch, stopping also at the environment's `stop` strings (a tool call's closing tag); an episode ends when
-the environment says done, at its `max_turns`, or when the next turn would not fit `max_episode_tokens` (the model's
-context, or the environment's `max_episode_tokens` attribute if smaller: prompt, all turns and the next turn's
-max_new_tokens). Each
-turn's `step` calls run isolated like the environment's verifier (envs/scoring.py `step_many`: inline, thread or
-worker process): one that raises, runs past `step_timeout_s` or crashes its worker ends that episode only, with
-reward 0 and `info["error"]`. `info["turn_rewards"]` keeps each turn's reward (the credit assignment's input).
+the environment says done, at its `max_turns`, or when the next turn would not fit `max_episode_tokens` (the
+model's context, or the environment's `max_episode_tokens` attribute if smaller: prompt, all turns and the next
+turn's max_new_tokens). Each turn's `step` calls run isolated like the environment's verifier (envs/scoring.py
+`step_many`: inline, thread or worker process): one that raises, runs past `step_timeout_s` or crashes its worker
+ends that episode only, with reward 0 and `info["error"]`. `info["turn_rewards"]` keeps each turn's reward (the
+credit assignment's input).
 """
 
 from __future__ import annotations
@@ -99,8 +99,9 @@ def run_episodes(engine, env, tokenizer, tasks: Sequence[Task], prompts: Sequenc
 
 
 def episode_summary(completions: Sequence[Completion], scores: Sequence[Score]) -> dict[str, float]:
-    """Turns, turns to solve (over solved episodes; absent when none was), tool calls and errors, failed steps, the episode's tokens by
-    whose they are, and the reward per turn; {} for single-turn samples (no "turns" in their info)."""
+    """Turns, turns to solve (over solved episodes; absent when none was), tool calls and errors, failed steps,
+    the episode's tokens by whose they are, and the reward per turn; {} for single-turn samples (no "turns" in
+    their info)."""
     if not scores or "turns" not in scores[0].info:
         return {}
     n = len(scores)
@@ -108,7 +109,7 @@ def episode_summary(completions: Sequence[Completion], scores: Sequence[Score]) 
     solved = [s.info["turns"] for s in scores if s.correct]
     policy = sum(sum(c.policy_mask) if c.policy_mask is not None else len(c.token_ids) for c in completions)
     return {"turns_mean": turns / n,
-            **({"turns_to_solve": sum(solved) / len(solved)} if solved else {}),  # absent when none solved
+            **({"turns_to_solve": sum(solved) / len(solved)} if solved else {}),
             "tool_calls_mean": sum(s.info.get("tool_calls", 0) for s in scores) / n,
             "tool_errors_mean": sum(s.info.get("tool_errors", 0) for s in scores) / n,
             "env_errors": float(sum(1 for s in scores if "error" in s.info)),
