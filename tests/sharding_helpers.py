@@ -4,7 +4,6 @@ single-process run it is compared with. Both train the same model on the same ba
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -58,7 +57,6 @@ def rank_main(rank: int, world_size: int, model_dir: str, out_dir: str, train_ar
     from posttrain.models import load_model
     from posttrain.train.sharding import DataParallel, shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world_size)
     try:

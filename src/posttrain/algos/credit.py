@@ -83,11 +83,11 @@ def per_turn(x: CreditInputs, estimator: Estimator, *,
     r_k, computed among the episodes of the same group that reached turn t (a turn-level baseline: a late turn is
     compared with the other episodes that were still going). An episode that is alone at turn t in its group
     gets a group-relative estimator's 0 there. With one turn per episode this is the estimator alone."""
-    turns = x.settled_turn_rewards()
+    to_go = [returns_to_go(r, gamma) for r in x.settled_turn_rewards()]
     out = torch.zeros_like(x.base.mask)
-    for t in range(max(len(r) for r in turns)):
-        rows = torch.tensor([i for i, r in enumerate(turns) if len(r) > t], dtype=torch.long)
-        returns = torch.tensor([returns_to_go(turns[i], gamma)[t] for i in rows.tolist()], dtype=torch.float)
+    for t in range(max(len(g) for g in to_go)):
+        rows = torch.tensor([i for i, g in enumerate(to_go) if len(g) > t], dtype=torch.long)
+        returns = torch.tensor([to_go[i][t] for i in rows.tolist()], dtype=torch.float)
         mask = x.base.mask[rows] * (x.turn_index[rows] == t).to(x.base.mask.dtype)
         sub = replace(x.base, rewards=returns, group_ids=x.base.group_ids[rows], mask=mask,
                       **{k: getattr(x.base, k)[rows] for k in ("token_rewards", "values", "logprobs",

@@ -28,6 +28,7 @@ from torch import Tensor
 from posttrain.algos.logprobs import head_logprobs, token_entropy, token_logprobs
 from posttrain.models.layout import autocast, cache_kwargs, distinct_prompts, left_pad, output_cache
 from posttrain.tracking.ledger import FlopModel
+from posttrain.train.sharding import is_sharded
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -88,7 +89,7 @@ def chunked_head(model: PreTrainedModel) -> Tensor | None:
         return None
     if any(getattr(model.config, key, None) for key in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
         return None
-    if type(head.weight).__name__ == "DTensor":  # sharded (train/sharding.py): only the model's own forward gathers it
+    if is_sharded(head.weight):  # train/sharding.py: only the model's own forward gathers a sharded head
         return None
     return head.weight
 

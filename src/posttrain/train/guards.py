@@ -8,11 +8,12 @@ import math
 from torch import nn
 
 from posttrain.errors import UserError
+from posttrain.train.sharding import is_sharded
 
 
 def first_nonfinite_grad(model: nn.Module) -> str | None:
     for name, p in model.named_parameters():
-        grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # a sharded gradient: this rank's part
+        grad = p.grad.to_local() if p.grad is not None and is_sharded(p.grad) else p.grad  # sharded: this rank's part
         if grad is not None and not bool(grad.isfinite().all()):
             return name
     return None
