@@ -156,8 +156,10 @@ def train(ctx: RunContext, c: RLConfig, batches: Rollouts, learner: Learner, sam
         if c.entropy_target is not None and len(rollouts.kept):
             adapt_to_entropy(ctx, state, c, metrics["pg/entropy"])
         # 8. the engines sample from the new weights; log, evaluate, reset, checkpoint ----------------------------
+        t0 = time.time()  # a sharded learner gathers its weights here (train/learner_group.py)
         ctx.engine.update_weights(learner.weights(), ctx.global_step)
         batches.post_weights(learner.weights(), ctx.global_step)
+        metrics["time/weight_sync_s"] = time.time() - t0
         sampler_state = rollouts.sampler_state
         end_step(ctx, c, step + 1, metrics, t_step, learner, sampler_state, state, reference)
     return sampler_state

@@ -23,6 +23,7 @@ import copy
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -179,8 +180,25 @@ class Learner:
 
     # -- passes without gradient ---------------------------------------------------------------------------------
     def logprobs(self, seqs: Sequences, *, temperature: float = 1.0) -> tuple[list[Tensor], float]:
-        """The current policy's logprobs of every row (old-policy logprobs). -> (per-row tensors, FLOPs)."""
-        return self._frozen_self.logprobs(seqs, temperature=temperature)
+        """The current policy's logprobs of every row (old-policy logprobs). -> (per-row tensors, FLOPs).
+        Sharded, each rank runs its share of the micro-batches and every rank gets every row's."""
+        if self.dp is None:
+            return self._frozen_self.logprobs(seqs, temperature=temperature)
+        chunks = self.dp.my_chunks(micro_batches(torch.arange(len(seqs)), seqs, self.micro_batch_size,
+                                                 self.micro_batch_tokens))
+        mine: list[tuple[int, Tensor]] = []
+        flops = 0.0
+        for chunk in chunks:  # one pass per micro-batch, as many on every rank: each pass is a collective
+            rows = chunk.tolist() if chunk is not None else [0]
+            lps, f = self._frozen_self.logprobs(Sequences([seqs.prompts[i] for i in rows],
+                                                          [seqs.completions[i] for i in rows]), temperature=temperature)
+            if chunk is not None:
+                mine += list(zip(rows, lps, strict=True))
+                flops += f
+        out: list[Tensor] = [torch.empty(0)] * len(seqs)
+        for i, lp in self.dp.gather(mine):
+            out[i] = lp
+        return out, self.dp.sum(flops)
 
     def frozen_copy(self) -> FrozenModel:
         """A frozen snapshot of the current policy (the reference of a KL term)."""
@@ -264,6 +282,11 @@ class Learner:
                 "bad_steps": self.guard.bad_steps}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "shards" in state:  # written by a sharded learner of any world size (train/learner_group.py)
+            from posttrain.train.sharding import load_learner
+
+            load_learner(self, Path(state["shards"]))
+            return
         # A copy: torch's optimizer keeps the given moment tensors when dtype and device already match, so a state
         # taken from a live learner would otherwise be shared by both and updated twice.
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))

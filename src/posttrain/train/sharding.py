@@ -15,8 +15,8 @@ Checkpoints (`save_learner` / `load_learner`): torch.distributed.checkpoint writ
 weights and the optimizer state with the metadata to re-cut them, so a learner saved by N ranks loads into M
 (1 included, without any process group).
 
-What this module does not do yet (issue 21): launching ranks from a recipe (`[learner] world_size`), streaming
-weights to the engines per layer, activation checkpointing, optimizer offload.
+train/learner_group.py drives N such ranks (processes or Ray actors) from one controller behind the Learner
+interface. Not yet reachable from a recipe (issue 21: see learner_group.py).
 """
 
 from __future__ import annotations
@@ -40,14 +40,17 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def shard(model: nn.Module, *, mesh=None, reshard_after_forward: bool = True) -> nn.Module:
+def shard(model: nn.Module, *, mesh=None, reshard_after_forward: bool = True, offload: bool = False) -> nn.Module:
     """Shard `model` in place over the default process group (or `mesh`): one FSDP unit per decoder layer, the
-    rest (embeddings, final norm, LM head) in the root's, gradients summed across ranks."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    rest (embeddings, final norm, LM head) in the root's, gradients summed across ranks. `offload`: keep the
+    parameter shards, their gradients and so the optimizer state in CPU memory, copied to the device per unit
+    (FSDP2's CPUOffloadPolicy; the optimizer step then runs on the CPU)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 
+    policy = CPUOffloadPolicy() if offload else OffloadPolicy()
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=policy)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
@@ -88,6 +91,12 @@ class DataParallel:
         t = torch.tensor([value], dtype=torch.float64)
         dist.all_reduce(t)
         return float(t[0])
+
+    def gather(self, values: list[Any]) -> list[Any]:
+        """Every rank's `values` lists concatenated, in rank order, on every rank."""
+        gathered: list[list[Any] | None] = [None] * self.world_size
+        dist.all_gather_object(gathered, values)
+        return [v for part in gathered for v in (part or [])]
 
     def sum_dicts(self, values: dict[str, float]) -> dict[str, float]:
         """Every rank's metric sums added up (a rank that ran no micro-batch has none of the keys)."""
