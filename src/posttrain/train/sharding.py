@@ -15,7 +15,7 @@ Checkpoints (`save_learner` / `load_learner`): torch.distributed.checkpoint writ
 weights and the optimizer state with the metadata to re-cut them, so a learner saved by N ranks loads into M
 (1 included, without any process group).
 
-train/learner_group.py drives N such ranks (processes or Ray actors) from one controller behind the Learner
+train/learner_group.py drives N such ranks (local processes) from one controller behind the Learner
 interface. Not yet reachable from a recipe (issue 21: see learner_group.py).
 """
 
