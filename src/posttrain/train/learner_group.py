@@ -5,7 +5,7 @@
     result = group.train_step(seqs, loss_fn)                    # the Learner's interface, unchanged
     engine.update_weights(group.weights(), version)
 
-Status (issue 21): tested at this interface (tests/test_learner_group.py). Not yet wired to recipes: a
+Status (issue 21): tested at this interface (tests/test_sharding.py). Not yet wired to recipes: a
 `[learner] world_size = 2` run of tests/test_crash_resume.py's recipe deadlocked in its first SFT backward (one
 rank in FSDP's pre-backward all-gather, the other in a post-backward reduce-scatter), so the recipe key is not
 offered until that is found; checkpoints inside a run's step_N/ are not wired either.
