@@ -16,7 +16,7 @@ from sharding_helpers import SummedNLL, batch, rank_main, train
 
 from posttrain.models import load_model
 from posttrain.train.learner import Learner
-from posttrain.train.learner_group import LearnerSpec, launch_group
+from posttrain.train.learner_group import LearnerSpec, LocalRanks, launch_group
 
 
 def two_ranks(tiny_dir, out_dir, **train_args) -> tuple[list[dict], dict[str, torch.Tensor]]:
@@ -81,8 +81,8 @@ def test_a_group_of_two_ranks_steps_logprobs_and_syncs_like_one_learner(tiny_dir
     start = {k: v.clone() for k, v in plain_model.state_dict().items()}
     plain = Learner(plain_model, **ARGS)
     policy = load_model(tiny_dir).float()
-    group = launch_group(policy, LearnerSpec(type(policy), policy.config, ARGS), world_size=2, launch="local",
-                         scratch=tmp_path / "shards", threads=1)
+    group = launch_group(policy, LearnerSpec(type(policy), policy.config, ARGS), LocalRanks(2, threads=1),
+                         scratch=tmp_path / "shards")
     try:
         want_lp, want_flops = plain.logprobs(seqs)
         got_lp, got_flops = group.logprobs(seqs)

@@ -258,6 +258,46 @@ class DistributedConfig(Section):
                               "re-issued) before the run stops.")
 
 
+class LearnerConfig(Section):
+    """How the learner (the backward pass and optimizer step) is laid out. world_size = 1: in the run's own
+    process. world_size = N > 1: N ranks, each holding 1/N of the parameters, gradients and optimizer state
+    (PyTorch FSDP2), each running its share of a step's micro-batches, with gradients summed so the update is
+    the one-process update whatever N (train/sharding.py). Sampling, scoring, evaluation and logging stay in the
+    run's process, which keeps a full copy of the policy refreshed one layer at a time after each update."""
+
+    world_size: int = Field(1, ge=1, description="Learner ranks. On CPU each rank is a process using "
+                            "threads_per_rank cores; on GPUs one rank per GPU.")
+    sharding: Literal["fsdp", "none"] = Field("fsdp", description="'fsdp': parameters, gradients and optimizer "
+                                              "state sharded over the ranks (FSDP2, one unit per decoder block). "
+                                              "'none': no sharding, which needs world_size = 1.")
+    launch: Literal["local", "ray"] = Field("local", description="Where the ranks run: 'local' processes on this "
+                                            "machine, or 'ray' actors (one per rank, in one placement group; "
+                                            "pip install -e '.[ray]'), which reach the GPUs of a cluster.")
+    threads_per_rank: int | None = Field(None, gt=0, description="torch threads in each rank (default: the run's "
+                                         "threads divided by world_size, at least 1).")
+    cpus_per_rank: float = Field(1.0, gt=0, description="Ray CPUs each rank reserves (launch = 'ray').")
+    gpus_per_rank: float = Field(0.0, ge=0, description="Ray GPUs each rank reserves (launch = 'ray'; 1 on GPUs).")
+    activation_checkpointing: bool = Field(False, description="Recompute each decoder block's activations in the "
+                                           "backward pass instead of keeping them: less memory, about one more "
+                                           "forward of work, and no shared-prompt pass (each row runs whole).")
+    offload_optimizer: bool = Field(False, description="Keep parameter shards, their gradients and the optimizer "
+                                    "state in CPU memory (FSDP2 CPU offload; the optimizer step runs on the CPU). "
+                                    "Only useful on GPUs; needs sharding = 'fsdp'.")
+
+    @model_validator(mode="after")
+    def _layout(self) -> LearnerConfig:
+        if self.sharding == "none" and self.world_size > 1:
+            raise ValueError(f"sharding = 'none' runs one learner process; world_size = {self.world_size} needs "
+                             "sharding = 'fsdp'")
+        if self.offload_optimizer and self.sharding != "fsdp":
+            raise ValueError("offload_optimizer needs sharding = 'fsdp'")
+        return self
+
+    @property
+    def sharded(self) -> bool:
+        return self.world_size > 1
+
+
 class TrackingConfig(Section):
     """Where metrics go besides metrics.jsonl (always written, the record every posttrain command reads)."""
 
@@ -293,6 +333,7 @@ class RunConfig(Section):
     env: EnvConfig = Field(default_factory=EnvConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -309,6 +350,16 @@ class RunConfig(Section):
         if not v or v in (".", "..") or any(c in v for c in "/\\\0") or v != v.strip():
             raise ValueError(f"must be a single directory name (no '/', not '.' or '..', not empty), got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _learner_layout(self) -> RunConfig:
+        if self.learner.sharded and self.model.lora is not None:
+            raise ConfigError("learner.world_size", "a sharded learner trains all weights; [model.lora] needs "
+                              "world_size = 1 (an adapter's few parameters fit one device)")
+        if self.learner.sharded and self.model.compile:
+            raise ConfigError("learner.world_size", "model.compile is not supported with a sharded learner yet; "
+                              "set model.compile = false or world_size = 1")
+        return self
 
     @model_validator(mode="after")
     def _stage_sections(self) -> RunConfig:

@@ -83,9 +83,14 @@ def read_saved(run_dir: Path) -> dict[str, Any]:
     return saved
 
 
+# Keys that say where the work runs, not what it computes: a run may resume with other values (a learner saved by
+# N ranks resumes in M). Each start records the values it ran with.
+LAYOUT_KEYS = ("learner.",)
+
+
 def check_same_config(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     saved = read_saved(run_dir)
-    changed = diff_keys(saved["config"], config)
+    changed = [k for k in diff_keys(saved["config"], config) if not k.startswith(LAYOUT_KEYS)]
     if changed:
         raise UserError(f"{run_dir} holds a run with a different config ({', '.join(changed[:5])} differ); use "
                         "--fresh to start over, or another name")
@@ -153,7 +158,8 @@ def prepare(run_dir: Path, config: dict[str, Any], toml_text: str, *, fresh: boo
         note = f"{run_dir} held a run that never reached a checkpoint; started it over"
     elif run_dir.exists() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
         raise UserError(f"{run_dir} exists and is not a posttrain run directory; pick another name or output_dir")
-    start = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), **code_version()}
+    start = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), **code_version(),
+             **{k.rstrip("."): config.get(k.rstrip(".")) for k in LAYOUT_KEYS}}
     if (run_dir / CONFIG).exists():
         saved = check_same_config(run_dir, config)
         saved.setdefault("starts", []).append(start)

@@ -115,7 +115,9 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
                      chat_template=cfg.model.chat_template, max_len=max_len, checkpoint_every=cfg.checkpoint.every,
                      keep_last_n=cfg.checkpoint.keep_last_n, global_step=step,
                      max_staleness=cfg.rollout.max_staleness, foreign_sampler=cfg.rollout.engine != "local",
-                     rollout_engines=rollout_engine_factory(cfg, model, tokenizer, bf16=bf16, stop_ids=stop_ids))
+                     rollout_engines=rollout_engine_factory(cfg, model, tokenizer, bf16=bf16, stop_ids=stop_ids),
+                     activation_checkpointing=cfg.learner.activation_checkpointing,
+                     launch_learner=learner_launcher(cfg, run_dir))
     if note:
         ctx.note(note)
     if getattr(env, "warning", None):  # an environment's own caveat (e.g. a weaker code sandbox chosen by name)
@@ -173,6 +175,7 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
         ctx.log.close()
         if ctx.samples is not None:
             ctx.samples.close()
+        ctx.close_learner()
         engine.close()
         shutdown_pool()
 
@@ -192,6 +195,29 @@ def rollout_engine_factory(cfg: RunConfig, model: Any, tokenizer: Any, *, bf16: 
         return lambda version: build_engine(cfg.rollout.engine, model, tokenizer, weights="copy", bf16=bf16,
                                             version=version, stop_ids=stop_ids, engine_args=cfg.rollout.engine_args)
     return None
+
+
+def learner_launcher(cfg: RunConfig, run_dir: Path) -> Callable[[Any, dict[str, Any]], Any] | None:
+    """How a stage starts a sharded learner ([learner] world_size > 1): ranks as local processes or Ray actors,
+    each building a Learner with the stage's arguments over its shard of the policy. None: one process."""
+    lc = cfg.learner
+    if not lc.sharded:
+        return None
+    threads = lc.threads_per_rank or max(1, intra_op_threads(cfg.threads) // lc.world_size)
+
+    def launch(policy: Any, learner_args: dict[str, Any]) -> Any:
+        from posttrain.train.learner_group import LearnerSpec, LocalRanks, launch_group
+
+        if lc.launch == "ray":
+            from posttrain.dist import RayRanks  # dist/ is the only package that imports Ray
+
+            ranks = RayRanks(lc.world_size, threads=threads, cpus_per_rank=lc.cpus_per_rank,
+                             gpus_per_rank=lc.gpus_per_rank, cluster=cfg.distributed)
+        else:
+            ranks = LocalRanks(lc.world_size, threads=threads)
+        spec = LearnerSpec(type(policy), policy.config, learner_args, offload_optimizer=lc.offload_optimizer)
+        return launch_group(policy, spec, ranks, scratch=run_dir / ".learner-shards")
+    return launch
 
 
 def teacher_tokenizer(cfg: RunConfig, policy_tokenizer: Any) -> Path:

@@ -76,6 +76,10 @@ class RunContext:
     # Builds a stage's own rollout engine at a policy version (a copy, vLLM, Ray workers); None: the stage's
     # rollouts come from `engine`, in step with training.
     rollout_engines: Callable[[int], RolloutEngine] | None = None
+    activation_checkpointing: bool = False  # learner.activation_checkpointing
+    # Starts a sharded learner ([learner] world_size > 1): (policy, Learner keyword arguments) -> a LearnerGroup
+    # (train/learner_group.py) with the Learner's interface; None: the stage's Learner runs in this process.
+    launch_learner: Callable[[Any, dict[str, Any]], Any] | None = None
 
     def __post_init__(self) -> None:
         self._status = ""
@@ -91,10 +95,23 @@ class RunContext:
 
     def learner(self, c: Any, *, total_updates: int) -> Learner:
         """A Learner over the run's policy for a stage section `c` (a config.StageConfig with micro_batch_size):
-        its optimizer keys and token budget, the run's padding, precision and compile choice."""
-        return Learner(self.policy, **c.optimizer_args(), total_updates=total_updates,
-                       micro_batch_size=c.micro_batch_size, micro_batch_tokens=c.token_budget(self.policy.device.type),
-                       pad_id=self.tokenizer.pad_token_id, bf16=self.bf16, compile=self.compile)
+        its optimizer keys and token budget, the run's padding, precision and compile choice. With a sharded
+        learner, a LearnerGroup of ranks (the previous stage's ranks are stopped first)."""
+        args = dict(**c.optimizer_args(), total_updates=total_updates, micro_batch_size=c.micro_batch_size,
+                    micro_batch_tokens=c.token_budget(self.policy.device.type), pad_id=self.tokenizer.pad_token_id,
+                    bf16=self.bf16, compile=self.compile, activation_checkpointing=self.activation_checkpointing)
+        if self.launch_learner is None:
+            return Learner(self.policy, **args)
+        self.close_learner()
+        self.phase("learner", "starting the learner ranks")
+        self._group = self.launch_learner(self.policy, args)
+        return self._group
+
+    def close_learner(self) -> None:
+        """Stop a sharded learner's ranks (the runner calls it when the run ends, however it ends)."""
+        group, self._group = getattr(self, "_group", None), None
+        if group is not None:
+            group.close()
 
     def rollouts(self, make_batches: Callable[[RolloutEngine], Iterator[Any]]) -> Rollouts:
         """A stage's rollout stream (rollout/producer.py): `make_batches(engine)` is its collect() generator."""

@@ -1,7 +1,8 @@
 """Atomic, resumable checkpoints in Hugging Face format.
 
 checkpoints/step_N/ = model (config.json + model.safetensors; with LoRA the adapter: adapter_config.json +
-adapter_model.safetensors) + tokenizer + trainer_state.pt + COMPLETE.
+adapter_model.safetensors) + tokenizer + trainer_state.pt + COMPLETE; a sharded learner's weights and optimizer
+state also as learner_shards/ (torch.distributed.checkpoint, loadable by any number of ranks).
 Written to a hidden temp dir, fsynced, then renamed: a crash mid-write leaves a temp dir that is never loaded
 (and is cleaned up on the next start), and the previous checkpoint is untouched. trainer_state.pt holds one
 TrainerState record: where the run is, the learner's optimizer state and the stage's own resumable state.
@@ -13,7 +14,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FORMAT = 2  # bump when TrainerState changes incompatibly
+LEARNER_SHARDS = "learner_shards"  # a sharded learner's state, inside step_N/ (TrainerState.learner["shards"])
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ def save_model_dir(path: Path, model, tokenizer) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model, tokenizer, state: TrainerState) -> Path:
+    """A sharded learner's state ({"shards": a directory its ranks wrote}) is moved inside the checkpoint and
+    recorded by its name there, so the checkpoint directory is whole on its own (and can be moved)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
     tmp = root / f".tmp-step_{step}-{os.getpid()}"
@@ -82,6 +86,9 @@ def save_checkpoint(root: Path, step: int, model, tokenizer, state: TrainerState
     try:
         tmp.mkdir()
         save_model_dir(tmp, model, tokenizer)
+        if state.learner is not None and "shards" in state.learner:
+            shutil.move(state.learner["shards"], tmp / LEARNER_SHARDS)
+            state = replace(state, learner={**state.learner, "shards": LEARNER_SHARDS})
         fault_point("checkpoint_write", step)
         torch.save(state.to_dict(), tmp / STATE_FILE)
         (tmp / COMPLETE).write_text(f"step {step}\n")
@@ -133,7 +140,10 @@ def load_state(path: Path) -> TrainerState:
         data = torch.load(path / STATE_FILE, weights_only=False)
     except Exception as e:  # a truncated or foreign file: say which
         raise UserError(f"{path / STATE_FILE}: cannot read trainer state ({type(e).__name__}: {e})") from e
-    return TrainerState.from_dict(data, where=path / STATE_FILE)
+    state = TrainerState.from_dict(data, where=path / STATE_FILE)
+    if state.learner is not None and "shards" in state.learner:  # stored relative to its checkpoint
+        state = replace(state, learner={**state.learner, "shards": str(path / state.learner["shards"])})
+    return state
 
 
 def rng_state() -> dict[str, Any]:

@@ -41,6 +41,7 @@ class PackedBatch:
     prompt_rows: Tensor  # (B,) which of the U prompts each row continues
     targets: Tensor  # (B, T) completion tokens, right-padded
     mask: Tensor  # (B, T) float, 1 on real completion tokens
+    prompt_pass: bool  # run the prompts in a forward pass of their own, the completions on their cache
 
     @property
     def shares_prefixes(self) -> bool:
@@ -48,8 +49,10 @@ class PackedBatch:
 
 
 def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int, *,
-         share_prefixes: bool = True) -> PackedBatch:
-    """Left-pad prompts and right-pad completions; with `share_prefixes`, identical prompts are kept once."""
+         share_prefixes: bool = True, prompt_pass: bool | None = None) -> PackedBatch:
+    """Left-pad prompts and right-pad completions; with `share_prefixes`, identical prompts are kept once.
+    `prompt_pass` (default: when some prompt is shared) runs the prompts in a pass of their own. A sharded learner
+    sets it for every batch: each forward pass is a collective, so every rank must run as many passes."""
     if share_prefixes:
         distinct, rows = distinct_prompts(prompts)
     else:
@@ -62,7 +65,9 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
         if c:
             c_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
             c_mask[i, : len(c)] = 1
-    return PackedBatch(p_ids, p_mask, torch.tensor(rows, dtype=torch.long), c_ids, c_mask.float())
+    shared = p_ids.shape[0] < len(completions)
+    return PackedBatch(p_ids, p_mask, torch.tensor(rows, dtype=torch.long), c_ids, c_mask.float(),
+                       prompt_pass=shared if prompt_pass is None else prompt_pass)
 
 
 def packed_flops(flops: FlopModel, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
@@ -116,7 +121,7 @@ def completion_outputs(model: PreTrainedModel, batch: PackedBatch, *, bf16: bool
     c_ids, c_mask = batch.targets.to(dev), (batch.mask > 0).long().to(dev)
     width = c_ids.shape[1]
     with autocast(bf16, dev):
-        if not batch.shares_prefixes:
+        if not batch.prompt_pass:
             ids = torch.cat([p_ids[rows], c_ids], dim=1)
             attn = torch.cat([p_mask[rows], c_mask], dim=1)
             pos = (attn.cumsum(-1) - 1).clamp(min=0)

@@ -115,8 +115,9 @@ class FrozenModel:
     """A model that only computes logprobs: a reference policy or a teacher. Counts its own FLOPs."""
 
     def __init__(self, model: nn.Module, *, micro_batch_size: int, pad_id: int, bf16: bool = False,
-                 micro_batch_tokens: int | None = None) -> None:
+                 micro_batch_tokens: int | None = None, prompt_pass: bool | None = None) -> None:
         self.model = model
+        self.prompt_pass = prompt_pass  # forward.pack: True on a sharded learner
         self.micro_batch_size = micro_batch_size
         self.micro_batch_tokens = micro_batch_tokens
         self.pad_id = pad_id
@@ -134,7 +135,8 @@ class FrozenModel:
             for chunk in micro_batches(torch.arange(len(seqs)), seqs, self.micro_batch_size, self.micro_batch_tokens):
                 prompts = [seqs.prompts[i] for i in chunk.tolist()]
                 completions = [seqs.completions[i] for i in chunk.tolist()]
-                lp, _ = completion_logprobs(self.model, pack(prompts, completions, self.pad_id),
+                lp, _ = completion_logprobs(self.model, pack(prompts, completions, self.pad_id,
+                                                             prompt_pass=self.prompt_pass),
                                             temperature=temperature, bf16=self.bf16)
                 flops += packed_flops(self.flop_model, prompts, completions)
                 out += [lp[i, : len(c)].cpu() for i, c in enumerate(completions)]
@@ -149,17 +151,31 @@ class FrozenModel:
         return self.model.state_dict()
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Hugging Face's per-block gradient checkpointing, non-reentrant so it composes with FSDP2 and autocast. It
+    acts in training mode only: generation (eval mode, no gradient) is unchanged."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 class Learner:
     def __init__(self, model: nn.Module, *, lr: float, total_updates: int, micro_batch_size: int, pad_id: int,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 0,
                  schedule: str = "constant", min_lr_ratio: float = 0.1, grad_clip: float = 1.0,
                  max_bad_steps: int = 3, bf16: bool = False, compile: bool = False,
-                 micro_batch_tokens: int | None = None, data_parallel: DataParallel | None = None) -> None:
+                 micro_batch_tokens: int | None = None, data_parallel: DataParallel | None = None,
+                 activation_checkpointing: bool = False) -> None:
         """micro_batch_size / micro_batch_tokens: the most rows, and padded tokens, per forward/backward pass.
         data_parallel: this rank's place when `model` is sharded over several processes (train/sharding.py);
-        every rank then calls every method with the same arguments, and each runs its share of the micro-batches."""
+        every rank then calls every method with the same arguments, and each runs its share of the micro-batches.
+        activation_checkpointing: recompute each decoder block in the backward pass instead of keeping its
+        activations (memory for compute)."""
         self.model = model
         self.dp = data_parallel
+        # forward.pack's prompt_pass: a sharded learner runs as many passes on every rank (each is a collective);
+        # a recomputed block cannot replay a pass that appends to a KV cache, so checkpointing runs rows whole.
+        self.prompt_pass = False if activation_checkpointing else True if data_parallel is not None else None
+        if activation_checkpointing:
+            enable_activation_checkpointing(model)
         self.micro_batch_size = micro_batch_size
         self.micro_batch_tokens = micro_batch_tokens
         self.pad_id = pad_id
@@ -175,7 +191,8 @@ class Learner:
         self.forward_model = torch.compile(model, dynamic=True) if compile else model
         self.flop_model = FlopModel.from_model(model)
         self._frozen_self = FrozenModel(self.forward_model, micro_batch_size=micro_batch_size, pad_id=pad_id,
-                                        bf16=bf16, micro_batch_tokens=micro_batch_tokens)
+                                        bf16=bf16, micro_batch_tokens=micro_batch_tokens,
+                                        prompt_pass=self.prompt_pass)
         self._frozen_self.flop_model = self.flop_model
 
     # -- passes without gradient ---------------------------------------------------------------------------------
@@ -226,7 +243,7 @@ class Learner:
                 continue
             prompts = [seqs.prompts[i] for i in chunk.tolist()]
             completions = [seqs.completions[i] for i in chunk.tolist()]
-            packed = pack(prompts, completions, self.pad_id)
+            packed = pack(prompts, completions, self.pad_id, prompt_pass=self.prompt_pass)
             lp, entropy = completion_logprobs(self.forward_model, packed, temperature=temperature, bf16=self.bf16,
                                               with_entropy=with_entropy)
             mask = packed.mask.to(lp.device)
@@ -259,7 +276,7 @@ class Learner:
     def _idle_pass(self, seqs: Sequences, rows: Tensor, temperature: float) -> None:
         """A forward and backward that contribute exactly zero to the gradient."""
         packed = pack([seqs.prompts[i] for i in rows.tolist()], [seqs.completions[i] for i in rows.tolist()],
-                      self.pad_id)
+                      self.pad_id, prompt_pass=self.prompt_pass)
         lp, _ = completion_logprobs(self.forward_model, packed, temperature=temperature, bf16=self.bf16)
         (lp.sum() * 0.0).backward()
 

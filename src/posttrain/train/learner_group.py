@@ -1,7 +1,7 @@
 """A Learner run as N sharded ranks, driven from one controller process.
 
-    group = launch_group(policy, LearnerSpec(type(policy), policy.config, learner_args), world_size=2,
-                         launch="local", scratch=run_dir / "shards", threads=1)
+    group = launch_group(policy, LearnerSpec(type(policy), policy.config, learner_args),
+                         LocalRanks(2, threads=1), scratch=run_dir / "shards")
     result = group.train_step(seqs, loss_fn)                    # the Learner's interface, unchanged
     engine.update_weights(group.weights(), version)
 
@@ -52,15 +52,8 @@ class LearnerSpec:
 
     model_class: type
     model_config: Any  # the policy's Hugging Face config
-    learner_args: dict[str, Any]
-    activation_checkpointing: bool = False
+    learner_args: dict[str, Any]  # Learner's keyword arguments (activation_checkpointing among them)
     offload_optimizer: bool = False
-
-
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder block's activations in the backward pass instead of keeping them (Hugging Face's
-    per-block gradient checkpointing, non-reentrant so it composes with FSDP2 and autocast)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -68,14 +61,16 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 
 class LearnerRank:
-    def __init__(self, rank: int, world_size: int, threads: int) -> None:
+    def __init__(self, rank: int, world_size: int, threads: int, *, host: str = "127.0.0.1") -> None:
+        """host: the address other ranks reach this one at; "node": this machine's own (a Ray actor's node)."""
         self.rank, self.world_size = rank, world_size
+        self.host = node_address() if host == "node" else host
         torch.set_num_threads(threads)
         self.learner: Learner | None = None
 
     def address(self) -> tuple[str, int]:
         """Where rank 0 listens for the process group (asked of rank 0 only)."""
-        return "127.0.0.1", free_port()
+        return self.host, free_port(self.host)
 
     def init_group(self, host: str, port: int) -> None:
         import torch.distributed as dist
@@ -92,8 +87,6 @@ class LearnerRank:
         model = spec.model_class(spec.model_config)
         if torch.cuda.is_available():
             model = model.to(f"cuda:{torch.cuda.current_device()}")
-        if spec.activation_checkpointing:
-            enable_activation_checkpointing(model)
         model.train()
         shard(model, offload=spec.offload_optimizer)
         set_model_state_dict(model, dict(weights or {}),
@@ -160,9 +153,20 @@ class LearnerRank:
         return self.learner
 
 
-def free_port() -> int:
+def node_address() -> str:
+    """This machine's address on the network the other nodes share (the interface its default route leaves by;
+    a UDP connect sends nothing), else the loopback address when there is no route."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            return str(s.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -199,6 +203,7 @@ class LocalRanks:
     def __init__(self, world_size: int, *, threads: int) -> None:
         import multiprocessing as mp
 
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # inherited by the spawned ranks
         ctx = mp.get_context("spawn")
         self.world_size = world_size
         self.conns, self.procs = [], []
@@ -257,7 +262,7 @@ class LearnerGroup:
 
     policy: nn.Module
     spec: LearnerSpec
-    ranks: Any  # LocalRanks (Ray actors to come)
+    ranks: Any  # LocalRanks, or dist.RayRanks: call_each(method, args per rank) -> replies, close()
     scratch: Path  # where state_dict() has the ranks write their shards before a checkpoint takes them
     flop_model: FlopModel = field(init=False)
     last_sync_s: float = field(init=False, default=0.0)
@@ -333,14 +338,8 @@ class LearnerGroup:
         self.ranks.close()
 
 
-def launch_group(policy: nn.Module, spec: LearnerSpec, *, world_size: int, launch: str, scratch: Path,
-                 threads: int) -> LearnerGroup:
-    """Start `world_size` ranks (local processes) and build the sharded learner on them."""
-    if launch != "local":
-        raise ValueError(f"launch_group: launch={launch!r}; only 'local' processes exist so far (Ray actors: "
-                         "issue 21)")
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # inherited by the spawned ranks
-    ranks = LocalRanks(world_size, threads=threads)
+def launch_group(policy: nn.Module, spec: LearnerSpec, ranks: Any, *, scratch: Path) -> LearnerGroup:
+    """Build the sharded learner on started `ranks` (LocalRanks or dist.RayRanks); they are stopped if it fails."""
     try:
         return LearnerGroup(policy, spec, ranks, scratch)
     except BaseException:
