@@ -48,6 +48,11 @@ def test_a_stage_section_exists_only_for_the_stages_in_the_recipe(tmp_path):
     ('recipe = "rl"\n[rl]\ngroup_filter = "zero_var"\n', "rl.group_filter"),
     ('recipe = "rl"\n[rl]\ngroup_size = 1\n', "rl.group_size"),  # grpo is group-relative
     ('recipe = "rl"\n[rl]\npolicy_loss = "reinforce"\nentropy_target = [0.1, 0.5]\n', "rl.entropy_adapt_arg"),
+    ('recipe = "sft"\n[learner]\nworld_size = 2\nsharding = "none"\n', "learner"),
+    ('recipe = "sft"\n[learner]\nworld_size = 0\n', "learner.world_size"),
+    ('recipe = "sft"\n[learner]\nsharding = "none"\noffload_optimizer = true\n', "learner"),
+    ('recipe = "sft"\n[learner]\nlaunch = "slurm"\n', "learner.launch"),
+    ('recipe = "sft"\n[model]\nlora = {r = 4}\n[learner]\nworld_size = 2\n', "learner.world_size"),
 ])
 def test_bad_recipes_name_the_key_and_file(tmp_path, text, key):
     path = write(tmp_path, text)

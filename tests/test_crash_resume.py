@@ -146,3 +146,54 @@ def test_sigkill_with_an_adaptive_curriculum_resumes_exactly(tmp_path):
     history = (tmp_path / "crashed" / "crash" / "prompts.jsonl").read_text()
     assert history == (tmp_path / "reference" / "crash" / "prompts.jsonl").read_text()
     assert len(history.splitlines()) <= 6  # the pool: prompts recur instead of new ones being drawn
+
+
+def sharded(world_size: int, launch: str = "local") -> str:
+    """The recipe with a sharded learner, in fp32 (the comparisons across world sizes are to float rounding)."""
+    return RECIPE.replace('path = "tiny-test"', 'path = "tiny-test"\nbf16 = false').replace(
+        "[sft]", f'[learner]\nworld_size = {world_size}\nlaunch = "{launch}"\n[sft]')
+
+
+@pytest.mark.slow
+def test_a_sharded_learner_resumes_exactly_and_in_another_world_size(tmp_path):
+    """2 ranks, SIGKILLed in an RL update, resumed by 2: identical. Killed by 2 in SFT, resumed by 1 process and
+    killed again in RL, resumed by 2 Ray actors: the same run to float rounding (the shards re-cut each time)."""
+    two, one, on_ray = tmp_path / "two.toml", tmp_path / "one.toml", tmp_path / "ray.toml"
+    two.write_text(sharded(2))
+    one.write_text(sharded(1))
+    on_ray.write_text(sharded(2, launch="ray"))
+    assert posttrain_run(two, tmp_path / "reference").returncode == 0
+    expected = metrics(tmp_path / "reference" / "crash")
+    expected_weights = load_file(tmp_path / "reference" / "crash" / "final" / "model.safetensors")
+    assert posttrain_run(two, tmp_path / "same", "train:6").returncode == -signal.SIGKILL
+    assert (tmp_path / "same" / "crash" / "checkpoints" / "step_6" / "learner_shards" / ".metadata").is_file()
+    assert posttrain_run(two, tmp_path / "same").returncode == 0
+    assert metrics(tmp_path / "same" / "crash") == expected
+    weights = load_file(tmp_path / "same" / "crash" / "final" / "model.safetensors")
+    assert all(torch.equal(t, weights[name]) for name, t in expected_weights.items())
+
+    run_dir = tmp_path / "mixed" / "crash"
+    assert posttrain_run(two, tmp_path / "mixed", "train:2").returncode == -signal.SIGKILL  # resumes from step_2
+    assert posttrain_run(one, tmp_path / "mixed", "train:6").returncode == -signal.SIGKILL  # step_6 by 1 process
+    resumed = posttrain_run(on_ray, tmp_path / "mixed")
+    assert resumed.returncode == 0, resumed.stderr
+    starts = json.loads((run_dir / "config.json").read_text())["starts"]
+    assert [(s["learner"]["world_size"], s["learner"]["launch"]) for s in starts] == [(2, "local"), (1, "local"),
+                                                                                      (2, "ray")]
+    got = metrics(run_dir)
+    assert [(r["step"], sorted(r)) for r in got] == [(r["step"], sorted(r)) for r in expected]
+    # abs 1e-4: the RL steps earn no reward here, so their gradient is the KL term's at the reference (zero up to
+    # rounding: norms of 1e-5 that differ between layouts); the losses, O(1), are held to 1e-4 of their size
+    for g, e in zip(got, expected, strict=True):
+        for key, value in e.items():
+            assert g[key] == (pytest.approx(value, rel=1e-4, abs=1e-4) if isinstance(value, float) else value), key
+    # The weights: Adam turns those rounding-level RL gradients into full-size steps of random sign (each element
+    # moves by about lr whatever its gradient), so the layouts' final weights differ by 2% of the run's update
+    # (measured); the SFT part, where the gradient is real, is held by the losses above
+    from posttrain.models import load_model, resolve_model_path
+
+    start = load_model(resolve_model_path("tiny-test", seed=3)).state_dict()
+    weights = load_file(run_dir / "final" / "model.safetensors")
+    update = torch.cat([(t - start[name]).flatten() for name, t in expected_weights.items()])
+    gap = torch.cat([(weights[name] - t).flatten() for name, t in expected_weights.items()])
+    assert float(update.norm()) > 0.5 and float(gap.norm()) < 0.05 * float(update.norm())

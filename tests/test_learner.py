@@ -75,6 +75,32 @@ def test_micro_batch_size_does_not_change_the_update(tiny_dir):
             torch.testing.assert_close(tensor, other[name], atol=1e-4, rtol=1e-4)  # Adam: see test_rl.py
 
 
+def test_activation_checkpointing_recomputes_each_block_and_leaves_the_step_unchanged(tiny_dir):
+    """Each decoder block runs twice per micro-batch (forward, then again inside the backward), the loss and the
+    gradient norm are the plain learner's, and generation with the same module is untouched (eval mode)."""
+    from posttrain.models import load_model
+
+    results, calls = [], []
+    for checkpointing in (False, True):
+        model = load_model(tiny_dir).float()
+        counted = [0]
+        proj = model.model.layers[0].mlp.down_proj  # counted by wrapping its forward: hooks do not fire on replay
+        proj.forward = lambda x, f=proj.forward: (counted.__setitem__(0, counted[0] + 1), f(x))[1]
+        learner = Learner(model, lr=1e-2, total_updates=1, micro_batch_size=3, pad_id=0,
+                          activation_checkpointing=checkpointing)
+        results.append(learner.train_step(SEQS, SFTLoss(6)))
+        calls.append(counted[0])
+        with torch.no_grad():
+            out = model.eval().generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)
+        assert out.shape == (1, 6)
+    # plain: rows 0-1 share a prompt, so a prompt pass and a completion pass; checkpointed: the rows run whole in
+    # one pass, which the backward replays
+    assert calls == [2, 2]
+    plain, checkpointed = results
+    assert checkpointed.loss == pytest.approx(plain.loss, rel=1e-5)
+    assert checkpointed.grad_norm == pytest.approx(plain.grad_norm, rel=1e-5)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9)), max_size=30), st.integers(1, 8),
        st.one_of(st.none(), st.integers(1, 60)))

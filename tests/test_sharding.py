@@ -114,3 +114,32 @@ def test_a_group_of_two_ranks_steps_logprobs_and_syncs_like_one_learner(tiny_dir
         assert update_gap(start, dict(resumed_model.state_dict()), dict(plain_model.state_dict()))[0] < 1e-4
     finally:
         group.close()
+
+
+@pytest.mark.slow
+def test_ranks_as_ray_actors_step_like_one_learner_and_leave_nothing_behind(tiny_dir, tmp_path):
+    """The same group with its ranks as Ray actors in one placement group (dist/ray_learner.py)."""
+    ray = pytest.importorskip("ray")  # a dev dependency of `make test` (the ray extra): present in CI
+    from posttrain.config import DistributedConfig
+    from posttrain.dist import RayRanks
+
+    seqs, total = batch()
+    plain = Learner(load_model(tiny_dir).float(), **ARGS)
+    policy = load_model(tiny_dir).float()
+    ranks = RayRanks(2, threads=1, cpus_per_rank=1, gpus_per_rank=0, cluster=DistributedConfig(num_cpus=2))
+    group = launch_group(policy, LearnerSpec(type(policy), policy.config, ARGS), ranks, scratch=tmp_path / "shards")
+    try:
+        for _ in range(2):
+            want = plain.train_step(seqs, SummedNLL(total))
+            got = group.train_step(seqs, SummedNLL(total))
+            assert got.loss == pytest.approx(want.loss, rel=1e-5)
+            assert got.grad_norm == pytest.approx(want.grad_norm, rel=1e-5)
+        synced = {k: v.clone() for k, v in group.weights().items()}
+        start = dict(load_model(tiny_dir).float().state_dict())
+        rel_gap, moved = update_gap(start, synced, dict(plain.model.state_dict()))
+        assert moved > 0.1 and rel_gap < 1e-4
+        memory = group.peak_memory()
+        assert len(memory) == 2 and all(m["rss_mib"] > 0 for m in memory)
+    finally:
+        group.close()
+    assert not ray.is_initialized()  # the group started Ray and shut it down

@@ -14,6 +14,8 @@ process group. The controller reaches them through `call_each`, as it reaches lo
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,11 +48,14 @@ class RayRanks:
                             f"{PLACEMENT_TIMEOUT_S:g} s (cluster resources: {ray.cluster_resources()}); lower "
                             "learner.world_size, cpus_per_rank or gpus_per_rank, or add nodes") from None
         actor = ray.remote(LearnerRank)
+        # The driver's import path: a loss or environment class from the user's own module unpickles in the ranks
+        # as it does in local rank processes (on other nodes, the paths that exist there count).
+        driver_path = os.pathsep.join(p for p in sys.path if p)
         for rank in range(world_size):
             strategy = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank)
             self.actors.append(actor.options(
                 num_cpus=cpus_per_rank, num_gpus=gpus_per_rank, scheduling_strategy=strategy,
-                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
+                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "PYTHONPATH": driver_path}},
             ).remote(rank, world_size, threads, host="node"))
 
     def call_each(self, method: str, args_per_rank: Sequence[tuple]) -> list[Any]:

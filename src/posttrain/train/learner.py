@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -154,7 +155,24 @@ class FrozenModel:
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Hugging Face's per-block gradient checkpointing, non-reentrant so it composes with FSDP2 and autocast. It
     acts in training mode only: generation (eval mode, no gradient) is unchanged."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 (the old name is deprecated)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+@contextmanager
+def recomputing(model: nn.Module, on: bool) -> Iterator[None]:
+    """Training mode for the passes of a step with activation checkpointing (transformers recomputes blocks only
+    in training mode; a model with dropout then drops out too). Without it the mode is left as it is."""
+    was_training = model.training
+    if on:
+        model.train()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 class Learner:
@@ -174,6 +192,7 @@ class Learner:
         # forward.pack's prompt_pass: a sharded learner runs as many passes on every rank (each is a collective);
         # a recomputed block cannot replay a pass that appends to a KV cache, so checkpointing runs rows whole.
         self.prompt_pass = False if activation_checkpointing else True if data_parallel is not None else None
+        self.activation_checkpointing = activation_checkpointing
         if activation_checkpointing:
             enable_activation_checkpointing(model)
         self.micro_batch_size = micro_batch_size
@@ -237,23 +256,24 @@ class Learner:
                                                          keep_together))
         if self.dp is not None:
             chunks = self.dp.my_chunks(chunks)  # type: ignore[arg-type]
-        for chunk in chunks:
-            if chunk is None:  # another rank has one more micro-batch: its collectives need this rank too
-                self._idle_pass(seqs, rows[:1], temperature)
-                continue
-            prompts = [seqs.prompts[i] for i in chunk.tolist()]
-            completions = [seqs.completions[i] for i in chunk.tolist()]
-            packed = pack(prompts, completions, self.pad_id, prompt_pass=self.prompt_pass)
-            lp, entropy = completion_logprobs(self.forward_model, packed, temperature=temperature, bf16=self.bf16,
-                                              with_entropy=with_entropy)
-            mask = packed.mask.to(lp.device)
-            loss, parts = loss_fn(ForwardOut(rows=chunk, logprobs=lp, mask=mask, entropy=entropy))
-            loss.backward()
-            total_loss += loss.item()
-            for k, v in parts.items():
-                metrics[k] = metrics.get(k, 0.0) + float(v)
-            flops += packed_flops(self.flop_model, prompts, completions, train=True)
-            tokens += int(packed.mask.sum())
+        with recomputing(self.model, self.activation_checkpointing):
+            for chunk in chunks:
+                if chunk is None:  # another rank has one more micro-batch: its collectives need this rank too
+                    self._idle_pass(seqs, rows[:1], temperature)
+                    continue
+                prompts = [seqs.prompts[i] for i in chunk.tolist()]
+                completions = [seqs.completions[i] for i in chunk.tolist()]
+                packed = pack(prompts, completions, self.pad_id, prompt_pass=self.prompt_pass)
+                lp, entropy = completion_logprobs(self.forward_model, packed, temperature=temperature,
+                                                  bf16=self.bf16, with_entropy=with_entropy)
+                mask = packed.mask.to(lp.device)
+                loss, parts = loss_fn(ForwardOut(rows=chunk, logprobs=lp, mask=mask, entropy=entropy))
+                loss.backward()
+                total_loss += loss.item()
+                for k, v in parts.items():
+                    metrics[k] = metrics.get(k, 0.0) + float(v)
+                flops += packed_flops(self.flop_model, prompts, completions, train=True)
+                tokens += int(packed.mask.sum())
         if self.dp is not None:  # the step's loss, metrics and work are every rank's added up
             total_loss, flops, tokens = self.dp.sum(total_loss), self.dp.sum(flops), int(self.dp.sum(tokens))
             metrics = self.dp.sum_dicts(metrics)

@@ -5,14 +5,16 @@
     result = group.train_step(seqs, loss_fn)                    # the Learner's interface, unchanged
     engine.update_weights(group.weights(), version)
 
-Status (issue 21): tested at this interface (tests/test_sharding.py). Not yet wired to recipes: a
-`[learner] world_size = 2` run of tests/test_crash_resume.py's recipe deadlocked in its first SFT backward (one
-rank in FSDP's pre-backward all-gather, the other in a post-backward reduce-scatter), so the recipe key is not
-offered until that is found; checkpoints inside a run's step_N/ are not wired either.
+A recipe gets one with `[learner] world_size = N` (runner.learner_launcher; ranks as local processes here or as Ray
+actors, dist/ray_learner.py). One detail makes the ranks agree: every forward pass is a collective (FSDP gathers
+each block's weights in it), so every rank must run as many passes, in the same order, each step. Micro-batches
+are dealt out with zero-weighted passes for a rank that has one fewer, and a sharded learner gives every batch its
+own prompt pass (forward.pack's prompt_pass), since a micro-batch with a shared prompt otherwise takes two passes
+and one without takes one: that difference once deadlocked a run in its first backward.
 
 The controller samples, scores, evaluates and logs; it calls the same methods (train_step, logprobs, weights,
-state_dict, load_state_dict) on a LearnerGroup that it calls on a Learner. Each call goes to every rank with the same arguments; every rank runs a plain Learner over
-its shard of the policy (train/sharding.py), its share of the micro-batches, and the collectives that make the
+state_dict, load_state_dict) on a LearnerGroup that it calls on a Learner. Each call goes to every rank with the
+same arguments; every rank runs a plain Learner over its shard of the policy (train/sharding.py), its share of the micro-batches, and the collectives that make the
 step equal to the single-process one. A rank's reply is rank 0's (the others agree by construction).
 
 Weights. The run's process keeps the full policy (`ctx.policy`: what the engine samples from, what checkpoints
@@ -21,8 +23,9 @@ unit's shards and rank 0 sends it, so no rank ever holds a second full copy; the
 `last_sync_s`.
 
 Checkpoints. `state_dict()` has every rank write its shards with torch.distributed.checkpoint into `scratch`
-and returns {"shards": path}; a learner of any world size resumes from it (1 included: Learner.load_state_dict
-reads the same directory), and a single-process learner's state loads into N.
+and returns {"shards": path}, which the checkpoint moves into step_N/learner_shards; a learner of any world size
+resumes from it (1 included: Learner.load_state_dict reads the same directory), and a single-process learner's
+state loads into N.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ class LearnerRank:
     def init_group(self, host: str, port: int) -> None:
         import torch.distributed as dist
 
+        if self.world_size == 1:  # one rank is a plain learner in its own process (a benchmark's baseline)
+            return
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=f"tcp://{host}:{port}",
                                 rank=self.rank, world_size=self.world_size)
 
@@ -88,6 +93,10 @@ class LearnerRank:
         if torch.cuda.is_available():
             model = model.to(f"cuda:{torch.cuda.current_device()}")
         model.train()
+        if self.world_size == 1:
+            model.load_state_dict(dict(weights or {}))
+            self.learner = Learner(model, **spec.learner_args)
+            return
         shard(model, offload=spec.offload_optimizer)
         set_model_state_dict(model, dict(weights or {}),
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -139,6 +148,15 @@ class LearnerRank:
         if torch.cuda.is_available():
             out["cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
         return out
+
+    def state_memory(self) -> dict[str, float]:
+        """MiB this rank holds of the policy's parameters, their gradients (as large) and the optimizer state."""
+        from posttrain.train.sharding import local_part
+
+        params = sum(local_part(p).nbytes for p in self._learner.model.parameters())
+        optim = sum(local_part(t).nbytes for state in self._learner.optimizer.state.values()
+                    for t in state.values() if isinstance(t, Tensor) and t.dim() > 0)
+        return {"params_mib": params / 2**20, "grads_mib": params / 2**20, "optimizer_mib": optim / 2**20}
 
     def close(self) -> None:
         import torch.distributed as dist

@@ -15,8 +15,8 @@ Checkpoints (`save_learner` / `load_learner`): torch.distributed.checkpoint writ
 weights and the optimizer state with the metadata to re-cut them, so a learner saved by N ranks loads into M
 (1 included, without any process group).
 
-train/learner_group.py drives N such ranks (local processes) from one controller behind the Learner
-interface. Not yet reachable from a recipe (issue 21: see learner_group.py).
+train/learner_group.py drives N such ranks (local processes or Ray actors) from the run's process behind the
+Learner interface: `[learner] world_size = N` in a recipe.
 """
 
 from __future__ import annotations
@@ -62,6 +62,11 @@ def is_sharded(tensor: Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
+
+
+def local_part(tensor: Tensor) -> Tensor:
+    """This rank's shard of a sharded tensor; any other tensor as it is."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
 
 
 def full(tensor: Tensor) -> Tensor:
