@@ -85,7 +85,7 @@ def test_activation_checkpointing_recomputes_each_block_and_leaves_the_step_unch
         model = load_model(tiny_dir).float()
         counted = [0]
         proj = model.model.layers[0].mlp.down_proj  # counted by wrapping its forward: hooks do not fire on replay
-        proj.forward = lambda x, f=proj.forward: (counted.__setitem__(0, counted[0] + 1), f(x))[1]
+        proj.forward = lambda x, f=proj.forward, n=counted: (n.__setitem__(0, n[0] + 1), f(x))[1]
         learner = Learner(model, lr=1e-2, total_updates=1, micro_batch_size=3, pad_id=0,
                           activation_checkpointing=checkpointing)
         results.append(learner.train_step(SEQS, SFTLoss(6)))

@@ -78,6 +78,8 @@ class LearnerRank:
     def init_group(self, host: str, port: int) -> None:
         import torch.distributed as dist
 
+        if torch.cuda.is_available():  # local ranks see every GPU and take one each; a Ray actor sees its own only
+            torch.cuda.set_device(self.rank % torch.cuda.device_count())
         if self.world_size == 1:  # one rank is a plain learner in its own process (a benchmark's baseline)
             return
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=f"tcp://{host}:{port}",
