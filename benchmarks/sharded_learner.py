@@ -13,7 +13,9 @@ the comparison is at equal hardware. It prints, per world size:
   - sync s: median seconds of LearnerGroup.weights() after an update (every unit gathered and streamed into the
     controller's full copy: issue 21's weight sync);
   - state MiB/rank: this rank's parameters + gradients + AdamW moments (what FSDP divides by N), and its ratio;
-  - peak RSS MiB/rank: the rank process's high-water resident memory (includes torch itself, ~300 MiB).
+  - peak RSS MiB/rank, steps: the rank process's high-water resident memory during the steps and syncs (reset
+    after building; includes torch itself, ~300 MiB, and the activations of a micro-batch, which FSDP does not
+    divide); build: its high-water mark while the learner was built (rank 0 holds the full weights it broadcasts).
 
 On CPU a second rank cannot make a step faster (the cores are shared, the collectives are extra work): what
 sharding buys is memory per rank, which is what lets a model too large for one device train at all.
@@ -56,6 +58,8 @@ def measure(preset: str, world_size: int, cores: int, args: argparse.Namespace) 
         group = launch_group(policy, LearnerSpec(type(policy), policy.config, learner_args),
                              LocalRanks(world_size, threads=threads), scratch=Path(scratch) / "shards")
         try:
+            build_peak = group.peak_memory()
+            group.reset_peak_memory()
             steps, syncs = [], []
             for i in range(args.steps + 1):
                 t0 = time.perf_counter()
@@ -72,7 +76,8 @@ def measure(preset: str, world_size: int, cores: int, args: argparse.Namespace) 
     per_rank = [s["params_mib"] + s["grads_mib"] + s["optimizer_mib"] for s in state]
     return {"world_size": world_size, "threads": threads, "step_s": statistics.median(steps),
             "sync_s": statistics.median(syncs), "state_mib": max(per_rank),
-            "rss_mib": max(p["rss_mib"] for p in peak), "params": sum(p.numel() for p in policy.parameters())}
+            "rss_mib": max(p["rss_mib"] for p in peak), "build_rss_mib": max(p["rss_mib"] for p in build_peak),
+            "params": sum(p.numel() for p in policy.parameters())}
 
 
 def main() -> None:
@@ -100,12 +105,12 @@ def main() -> None:
     base = results[0]
     print(f"\n{base['params'] / 1e6:.1f}M parameters\n")
     print("| world size | threads/rank | s/step | vs first | sync s | state MiB/rank | vs first | "
-          "peak RSS MiB/rank |")
-    print("|---|---|---|---|---|---|---|---|")
+          "peak RSS MiB/rank, steps | build |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['world_size']} | {r['threads']} | {r['step_s']:.2f} | {r['step_s'] / base['step_s']:.2f}x | "
               f"{r['sync_s']:.3f} | {r['state_mib']:.0f} | {r['state_mib'] / base['state_mib']:.2f}x | "
-              f"{r['rss_mib']:.0f} |")
+              f"{r['rss_mib']:.0f} | {r['build_rss_mib']:.0f} |")
 
 
 if __name__ == "__main__":

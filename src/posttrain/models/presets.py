@@ -42,6 +42,7 @@ PRESETS: dict[str, Preset] = {
     "tiny-test": Preset(hidden=64, layers=2, heads=4, intermediate=192),  # ~0.1M: unit tests only
     "tiny-3m": Preset(hidden=256, layers=4, heads=4, intermediate=768),  # ~3.2M
     "tiny-25m": Preset(hidden=512, layers=8, heads=8, intermediate=1536),  # ~25M
+    "tiny-100m": Preset(hidden=768, layers=12, heads=12, intermediate=2560),  # ~99M: benchmarks' largest CPU size
     "tiny-3m-bpe": Preset(hidden=256, layers=4, heads=4, intermediate=768, vocab="bpe"),  # ~3.4M, 1024 BPE tokens
     "qwen2-tiny": Preset(hidden=64, layers=2, heads=4, intermediate=192, arch="qwen2", vocab="qwen2",
                          kv_heads=2, max_positions=1024),  # ~9.8M, of which 9.7M the tied 151,936-token embedding

@@ -30,6 +30,7 @@ state loads into N.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
@@ -85,24 +86,32 @@ class LearnerRank:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=f"tcp://{host}:{port}",
                                 rank=self.rank, world_size=self.world_size)
 
-    def build(self, spec: LearnerSpec, weights: Mapping[str, Tensor] | None) -> None:
-        """The rank's Learner: the architecture built here, sharded, then filled from rank 0's `weights`."""
+    def build(self, spec: LearnerSpec, weights: Mapping[str, Tensor] | None, buffers: Mapping[str, Tensor]) -> None:
+        """The rank's Learner: the architecture built here, sharded, then filled from rank 0's `weights`.
+
+        With N ranks the model is built on the meta device, sharded, and only then given memory: a rank never
+        holds the whole model (rank 0 holds the full `weights` it broadcasts until build returns). `buffers`
+        (the rotary tables, not in a state dict) come from the controller, since the meta model has none."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         from posttrain.train.sharding import DataParallel, shard
 
-        model = spec.model_class(spec.model_config)
-        if torch.cuda.is_available():
-            model = model.to(f"cuda:{torch.cuda.current_device()}")
-        model.train()
+        device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else None
         if self.world_size == 1:
+            model = spec.model_class(spec.model_config).to(device or "cpu")
             model.load_state_dict(dict(weights or {}))
-            self.learner = Learner(model, **spec.learner_args)
+            self.learner = Learner(model.train(), **spec.learner_args)
             return
+        with torch.device("meta"):
+            model = spec.model_class(spec.model_config)
         shard(model, offload=spec.offload_optimizer)
+        # FSDP2 keeps tied parameters tied through to_empty; offloaded shards live in CPU memory
+        model.to_empty(device="cpu" if spec.offload_optimizer or device is None else device)
+        for name, buf in model.named_buffers():
+            buf.copy_(buffers[name])
         set_model_state_dict(model, dict(weights or {}),
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        self.learner = Learner(model, **spec.learner_args, data_parallel=DataParallel.current())
+        self.learner = Learner(model.train(), **spec.learner_args, data_parallel=DataParallel.current())
 
     def train_step(self, seqs: Sequences, loss_fn: LossFn, kwargs: dict[str, Any]) -> StepResult | None:
         result = self._learner.train_step(seqs, loss_fn, **kwargs)
@@ -143,13 +152,19 @@ class LearnerRank:
         self._learner.reset_optimizer()
 
     def peak_memory(self) -> dict[str, float]:
-        """This rank's peak resident memory (MiB), and on a GPU its peak allocated memory."""
-        import resource
-
-        out = {"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        """This rank's peak resident memory (MiB) since it started or since reset_peak_memory(), and on a GPU
+        its peak allocated memory."""
+        out = {"rss_mib": _peak_rss_mib()}
         if torch.cuda.is_available():
             out["cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
         return out
+
+    def reset_peak_memory(self) -> None:
+        """Start the peak over (Linux: /proc/self/clear_refs), e.g. to measure training apart from building."""
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
 
     def state_memory(self) -> dict[str, float]:
         """MiB this rank holds of the policy's parameters, their gradients (as large) and the optimizer state."""
@@ -171,6 +186,17 @@ class LearnerRank:
         if self.learner is None:
             raise RuntimeError("LearnerRank: build() was not called")
         return self.learner
+
+
+def _peak_rss_mib() -> float:
+    """VmHWM (resettable) where /proc has it, else the process's lifetime maximum."""
+    import resource
+
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def node_address() -> str:
@@ -293,7 +319,9 @@ class LearnerGroup:
         host, port = self.ranks.call_each("address", [()] * self.world_size)[0]
         self.ranks.call_each("init_group", [(host, port)] * self.world_size)
         weights = {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
-        self.ranks.call_each("build", [(self.spec, weights)] + [(self.spec, None)] * (self.world_size - 1))
+        buffers = {k: v.detach().cpu() for k, v in self.policy.named_buffers()}
+        self.ranks.call_each("build", [(self.spec, weights, buffers)]
+                             + [(self.spec, None, buffers)] * (self.world_size - 1))
         self._units: list[list[str]] = self.ranks.call_each("weight_units", [()] * self.world_size)[0]
         self._stale = False
 
@@ -353,6 +381,9 @@ class LearnerGroup:
 
     def peak_memory(self) -> list[dict[str, float]]:
         return self.ranks.call_each("peak_memory", [()] * self.world_size)
+
+    def reset_peak_memory(self) -> None:
+        self.ranks.call_each("reset_peak_memory", [()] * self.world_size)
 
     def close(self) -> None:
         self.ranks.close()
