@@ -96,9 +96,9 @@ class LearnerRank:
 
         from posttrain.train.sharding import DataParallel, shard
 
-        device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else None
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         if self.world_size == 1:
-            model = spec.model_class(spec.model_config).to(device or "cpu")
+            model = spec.model_class(spec.model_config).to(device)
             model.load_state_dict(dict(weights or {}))
             self.learner = Learner(model.train(), **spec.learner_args)
             return
@@ -106,7 +106,7 @@ class LearnerRank:
             model = spec.model_class(spec.model_config)
         shard(model, offload=spec.offload_optimizer)
         # FSDP2 keeps tied parameters tied through to_empty; offloaded shards live in CPU memory
-        model.to_empty(device="cpu" if spec.offload_optimizer or device is None else device)
+        model.to_empty(device="cpu" if spec.offload_optimizer else device)
         for name, buf in model.named_buffers():
             buf.copy_(buffers[name])
         set_model_state_dict(model, dict(weights or {}),
