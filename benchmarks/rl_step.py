@@ -37,15 +37,14 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from provenance import commit, cpu_model
 
 STEP_KEYS = ("time/generate_s", "time/logprob_s", "time/train_s", "time/step_s")
 FLOP_KEYS = ("compute/generate_flops", "compute/train_flops", "compute/ref_flops", "compute/old_flops",
@@ -246,23 +245,10 @@ def med(xs: list[float]) -> float:
 
 
 def machine() -> dict:
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], check=False, capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown"
     import transformers
     import trl
-    try:
-        root = Path(__file__).resolve().parent.parent
-        git = ["git", "-C", str(root)]
-        code = subprocess.run([*git, "rev-parse", "--short", "HEAD"], check=False, capture_output=True,
-                              text=True).stdout.strip()
-        dirty = subprocess.run([*git, "status", "--porcelain", "--", "src"], check=False, capture_output=True,
-                               text=True).stdout.strip()
-        code += " (src modified)" if dirty else ""
-    except OSError:
-        code = "unknown"
+
+    cpu, code = cpu_model(), commit()
     return {"code": code, "cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "trl": trl.__version__, "load": os.getloadavg(),
             "date": time.strftime("%Y-%m-%d %H:%M")}

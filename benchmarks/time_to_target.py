@@ -55,6 +55,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from provenance import commit, cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "recipes" / "quickstart.toml"
 CONTENDERS = ("default", "fastest", "trl")
@@ -89,12 +91,9 @@ def machine(threads: int) -> dict[str, Any]:
 
     from posttrain.models import resolve_bf16
 
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines()
-    cpu = next((x.split(":", 1)[1].strip() for x in lscpu if x.startswith("Model name")), "unknown")
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         check=False).stdout.strip()
+    cpu, git = cpu_model(), commit()
     bf16 = resolve_bf16("auto", torch.device("cpu"))  # the quickstart's model.bf16 = "auto"
-    return {"cpu": cpu, "threads": threads, "precision": "bf16" if bf16 else "fp32", "commit": git or "unknown",
+    return {"cpu": cpu, "threads": threads, "precision": "bf16" if bf16 else "fp32", "commit": git,
             "torch": torch.__version__, "load": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
