@@ -71,6 +71,17 @@ def test_eos_stops_a_sequence_and_length_is_reported(tiny):
     del bias
 
 
+def test_ignore_eos_generates_exactly_max_new_tokens_through_a_stop_token(tiny):
+    model, tok = tiny
+    engine = LocalEngine(model, tok)
+    prompts, greedy = prompts_for(tok, ["1=", "22="]), SamplingParams(temperature=0.0, max_new_tokens=5)
+    first = {c.token_ids[0] for c in engine.generate(prompts, greedy)}
+    engine.eos_ids = torch.tensor(sorted(first))  # the token greedy decoding emits first now ends a completion
+    assert [len(c.token_ids) for c in engine.generate(prompts, greedy)] == [1, 1]
+    ignoring = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=5, ignore_eos=True))
+    assert [(len(c.token_ids), c.finish_reason) for c in ignoring] == [(5, "length")] * 2
+
+
 def test_greedy_equals_top_k_1_and_eos_finishes_early():
     logits = torch.tensor([[0.1, 2.0, -1.0, 0.5], [3.0, 0.0, 0.0, 2.9]])
     g = torch.Generator().manual_seed(0)

@@ -45,6 +45,7 @@ class SamplingParams:
     seed: int = 0
     first_row: int = 0  # the batch row of prompts[0]: a batch split over engines keeps each row's random stream
                         # (rollout/sampling.py), so every split draws the same samples
+    ignore_eos: bool = False  # stop tokens do not end a completion: exactly max_new_tokens each (benchmarks)
 
 
 FinishReason = Literal["stop", "length"]

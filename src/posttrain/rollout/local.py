@@ -146,7 +146,7 @@ class LocalEngine:
             tokens[rows[live], t] = tok[live]
             logprobs[rows[live], t] = lp[live]
             lengths[rows[live]] = t + 1
-            done = torch.isin(tok, self.eos_ids) & active
+            done = (torch.zeros_like(active) if params.ignore_eos else torch.isin(tok, self.eos_ids)) & active
             if params.stop:
                 done[live] |= self._hit_stop(tokens[rows[live], : t + 1], params.stop)
             for row in rows[done].tolist():

@@ -130,7 +130,8 @@ class VLLMEngine:
 
         requests = [VSamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                                     max_tokens=params.max_new_tokens, stop=list(params.stop) or None,
-                                    stop_token_ids=self.stop_ids, seed=row_seed(params.seed, params.first_row + i),
+                                    stop_token_ids=[] if params.ignore_eos else self.stop_ids,
+                                    ignore_eos=params.ignore_eos, seed=row_seed(params.seed, params.first_row + i),
                                     logprobs=0, skip_special_tokens=True)
                     for i in range(len(prompts))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], requests,
