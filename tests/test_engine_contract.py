@@ -88,6 +88,9 @@ def test_sampler_logprobs_are_the_learners_before_and_after_a_weight_sync(engine
         stopped = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=12, seed=9, stop=(stop,)))
         hit = [c for c, f in zip(stopped, free, strict=True) if stop in f.text]
         assert hit and all(c.finish_reason == "stop" and stop not in c.text for c in hit)
+        # ignore_eos (throughput benchmarks): every completion runs to its budget
+        full = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=24, seed=9, ignore_eos=True))
+        assert all(c.finish_reason == "length" and len(c.token_ids) == 24 for c in full)
     finally:
         engine.close()
 

@@ -64,6 +64,11 @@ class KVBuffers:
                 if not isinstance(m, torch.nn.Linear):
                     continue
                 self.weights[id(m)] = (m.weight.to(dtype), None if m.bias is None else m.bias.to(dtype))
+        # q/k/v and gate/up as one matmul each, concatenated once per generation: a decode step's matmuls have only
+        # batch-many rows, and one wider matmul keeps both cores busier than three narrow ones.
+        self.qkv = [fuse(dtype, layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+                    for layer in model.model.layers]
+        self.gate_up = [fuse(dtype, layer.mlp.gate_proj, layer.mlp.up_proj) for layer in model.model.layers]
 
     def linear(self, module: torch.nn.Linear, x: Tensor) -> Tensor:
         cast = self.weights.get(id(module))
@@ -72,9 +77,30 @@ class KVBuffers:
         weight, bias = cast
         return torch.nn.functional.linear(x.to(weight.dtype), weight, bias)
 
+    def fused(self, parts: tuple[Tensor, Tensor | None] | None, modules: tuple[torch.nn.Linear, ...], x: Tensor
+              ) -> tuple[Tensor, ...]:
+        """The outputs of `modules` on x: one matmul when they were fused, else one each."""
+        if parts is None:
+            return tuple(self.linear(m, x) for m in modules)
+        weight, bias = parts
+        out = torch.nn.functional.linear(x.to(weight.dtype), weight, bias)
+        return tuple(out.split([m.out_features for m in modules], dim=-1))
+
     def select(self, keep: Tensor) -> None:
         self.k = [k[keep] for k in self.k]
         self.v = [v[keep] for v in self.v]
+
+
+def fuse(dtype: torch.dtype, *modules: torch.nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    """The rows of several plain Linears on the same input, stacked (weights and biases) in `dtype`; None when any
+    is not a plain nn.Linear (a LoRA-wrapped projection must run its adapter)."""
+    if any(type(m) is not torch.nn.Linear for m in modules):
+        return None
+    weight = torch.cat([m.weight for m in modules]).to(dtype)
+    if all(m.bias is None for m in modules):
+        return weight, None
+    bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules])
+    return weight, bias.to(dtype)
 
 
 def attend(q: Tensor, keys_t: Tensor, values: Tensor, mask: Tensor, scale: float) -> Tensor:
@@ -108,9 +134,10 @@ def decode_step(model: PreTrainedModel, buffers: KVBuffers, tokens: Tensor, posi
     for i, layer in enumerate(inner.layers):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
-        q = lin(attn.q_proj, h).view(n, 1, -1, attn.head_dim).transpose(1, 2)  # (N, H, 1, hd)
-        k = lin(attn.k_proj, h).view(n, 1, -1, attn.head_dim).transpose(1, 2)  # (N, KV, 1, hd)
-        v = lin(attn.v_proj, h).view(n, 1, -1, attn.head_dim).transpose(1, 2)
+        q, k, v = buffers.fused(buffers.qkv[i], (attn.q_proj, attn.k_proj, attn.v_proj), h)
+        q = q.reshape(n, 1, -1, attn.head_dim).transpose(1, 2)  # (N, H, 1, hd)
+        k = k.reshape(n, 1, -1, attn.head_dim).transpose(1, 2)  # (N, KV, 1, hd)
+        v = v.reshape(n, 1, -1, attn.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         buffers.k[i][..., column] = k[:, :, 0]
         buffers.v[i][:, :, column] = v[:, :, 0]
@@ -119,5 +146,6 @@ def decode_step(model: PreTrainedModel, buffers: KVBuffers, tokens: Tensor, posi
         x = x + lin(attn.o_proj, out.transpose(1, 2).reshape(n, 1, -1))
         h = layer.post_attention_layernorm(x)
         mlp = layer.mlp  # Llama/Qwen2 gated MLP: down(act(gate(h)) * up(h))
-        x = x + lin(mlp.down_proj, mlp.act_fn(lin(mlp.gate_proj, h)) * lin(mlp.up_proj, h))
+        gate, up = buffers.fused(buffers.gate_up[i], (mlp.gate_proj, mlp.up_proj), h)
+        x = x + lin(mlp.down_proj, mlp.act_fn(gate) * up)
     return lin(model.lm_head, inner.norm(x))[:, -1]
