@@ -44,26 +44,11 @@ import warnings
 from pathlib import Path
 
 import torch
-from provenance import commit, cpu_model
+from provenance import commit, cpu_model, gemm_gflops
 
 STEP_KEYS = ("time/generate_s", "time/logprob_s", "time/train_s", "time/step_s")
 FLOP_KEYS = ("compute/generate_flops", "compute/train_flops", "compute/ref_flops", "compute/old_flops",
              "rollout/tokens", "train/tokens")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The ceiling: dense matmul rate of this machine with the threads we use.
-
-
-def gemm_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b  # warm-up (oneDNN kernel selection, page faults)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -63,6 +63,8 @@ CONTENDERS = ("default", "fastest", "trl")
 # System levers only: what runs where and how much is logged, never what is optimised (lr, batch, group size,
 # temperature, max tokens, loss, filter stay the quickstart's). Not used: model.compile (minutes of compilation
 # inside the clock), vLLM/Ray (no gain on 2 CPU cores, docs/performance.md). rl.skip_zero_advantage is already on.
+# max_staleness = 1 is the one lever that also changes what is learned (samples one version old): measured, it is
+# where this contender's lead comes from here (fewer steps, not faster ones; docs/performance.md).
 FASTEST_SET = ["rollout.max_staleness=1", "tracking.tensorboard=false", "rl.log_samples=0"]
 
 
