@@ -57,18 +57,26 @@ class KVBuffers:
             self.k.append(k)
             self.v.append(v)
 
-        self.weights: dict[int, tuple[Tensor, Tensor | None]] = {}
-        if dtype == torch.bfloat16:
-            # What autocast would do to every Linear on every call, done once for the whole generation.
-            for m in model.modules():
-                if not isinstance(m, torch.nn.Linear):
-                    continue
-                self.weights[id(m)] = (m.weight.to(dtype), None if m.bias is None else m.bias.to(dtype))
         # q/k/v and gate/up as one matmul each, concatenated once per generation: a decode step's matmuls have only
         # batch-many rows, and one wider matmul keeps both cores busier than three narrow ones.
+        layers = model.model.layers
         self.qkv = [fuse(dtype, layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
-                    for layer in model.model.layers]
-        self.gate_up = [fuse(dtype, layer.mlp.gate_proj, layer.mlp.up_proj) for layer in model.model.layers]
+                    for layer in layers]
+        self.gate_up = [fuse(dtype, layer.mlp.gate_proj, layer.mlp.up_proj) for layer in layers]
+        fused: set[int] = set()  # Linears that run inside a fused matmul: no cast of their own is needed
+        for layer, qkv, gate_up in zip(layers, self.qkv, self.gate_up, strict=True):
+            attn, mlp = layer.self_attn, layer.mlp
+            if qkv is not None:
+                fused |= {id(attn.q_proj), id(attn.k_proj), id(attn.v_proj)}
+            if gate_up is not None:
+                fused |= {id(mlp.gate_proj), id(mlp.up_proj)}
+        self.weights: dict[int, tuple[Tensor, Tensor | None]] = {}
+        if dtype == torch.bfloat16:
+            # What autocast would do to every other Linear on every call, done once for the whole generation.
+            for m in model.modules():
+                if not isinstance(m, torch.nn.Linear) or id(m) in fused:
+                    continue
+                self.weights[id(m)] = (m.weight.to(dtype), None if m.bias is None else m.bias.to(dtype))
 
     def linear(self, module: torch.nn.Linear, x: Tensor) -> Tensor:
         cast = self.weights.get(id(module))
