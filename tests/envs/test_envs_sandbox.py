@@ -57,7 +57,11 @@ def test_objects_that_claim_equality_cannot_fake_a_pass():
     ("syntax error", "def f(:\n", "syntax"),
 ])
 def test_hostile_programs_are_contained_and_score_zero(name, program, error):
-    s = check_function(program, CASES, FAST)
+    # Only the timeout cases need FAST's 2 s clock. The others must be stopped by their own limit, and under a
+    # loaded CI run (the other xdist worker training a model) 2 s was once too short for the memory creep to reach
+    # 256 MB, so it read as a timeout. A roomier clock keeps the assertion exact without that race.
+    limits = FAST if error == "timeout" else Limits(timeout_s=20.0, memory_mb=FAST.memory_mb)
+    s = check_function(program, CASES, limits)
     assert (s.reward, s.correct, s.info["program_error"]) == (0.0, False, error), (name, s)
 
 
