@@ -17,6 +17,22 @@ def test_preset_build_is_deterministic_for_a_seed(tmp_path):
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
 
 
+def test_preset_weights_are_drawn_at_its_init_std(tmp_path, monkeypatch):
+    """init_std reaches the saved weights (tiny-3m's plateau depends on it), and 0.02 stays transformers' default."""
+    from posttrain.models import presets
+
+    monkeypatch.setitem(presets.PRESETS, "wide-init", presets.Preset(hidden=64, layers=2, heads=4, intermediate=192,
+                                                                    init_std=0.06))
+    build_preset("wide-init", 0, tmp_path / "wide")
+    build_preset("tiny-test", 0, tmp_path / "default")
+    wide, default = (AutoModelForCausalLM.from_pretrained(tmp_path / x) for x in ("wide", "default"))
+    assert wide.config.initializer_range == 0.06 and default.config.initializer_range == 0.02
+    for model, std in ((wide, 0.06), (default, 0.02)):
+        q = model.model.layers[0].self_attn.q_proj.weight  # 4,096 draws: the sample std is within ~2% of std
+        assert abs(q.std().item() - std) < 0.1 * std
+    assert presets.PRESETS["tiny-3m"].init_std == 0.06
+
+
 def test_preset_loads_through_the_ordinary_hf_path(tiny_dir):
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
