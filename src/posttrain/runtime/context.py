@@ -223,7 +223,7 @@ class RunContext:
                            "prompt": decode(batch.prompts[i]), "completion": decode(batch.completions[i].token_ids),
                            "token_ids": list(batch.completions[i].token_ids),
                            "reward": batch.scores[i].reward, "correct": batch.scores[i].correct,
-                           "finish_reason": batch.completions[i].finish_reason,
+                           "info": batch.scores[i].info, "finish_reason": batch.completions[i].finish_reason,
                            "policy_version": batch.completions[i].policy_version} for i in picks])
 
     def due(self, stage_step: int) -> bool:

@@ -1,8 +1,8 @@
 """samples.jsonl: a few of each RL step's completions as the engine produced them, to read what the policy does.
 
 Each row: step, prompt and completion text decoded with their special tokens (so a missing BOS or an invented
-next turn is visible), the completion's token ids, reward, correct, finish reason and the policy version that
-sampled it. On resume, rows after the checkpoint's step are dropped, as metrics.jsonl is cut back.
+next turn is visible), the completion's token ids, reward, correct, the verifier's info (e.g. what answer it read,
+or a user reward's own fields), finish reason and the policy version that sampled it. On resume, rows after the checkpoint's step are dropped, as metrics.jsonl is cut back.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class SampleLog:
 
     def log(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
-            self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self._f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")  # info may hold any value
         self._f.flush()
 
     def close(self) -> None:
