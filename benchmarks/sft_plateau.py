@@ -40,9 +40,7 @@ def preset_at(init_std: float, seed: int, work: Path) -> Path:
 
     out = work / f"tiny-3m-std{init_std:g}-seed{seed}"
     if not (out / "config.json").exists():
-        name = f"tiny-3m-std{init_std:g}"
-        presets.PRESETS[name] = dataclasses.replace(presets.PRESETS["tiny-3m"], init_std=init_std)
-        presets.build_preset(name, seed, out)
+        presets.build_spec(dataclasses.replace(presets.PRESETS["tiny-3m"], init_std=init_std), seed, out)
     return out
 
 

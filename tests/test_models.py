@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -17,13 +19,11 @@ def test_preset_build_is_deterministic_for_a_seed(tmp_path):
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
 
 
-def test_preset_weights_are_drawn_at_its_init_std(tmp_path, monkeypatch):
+def test_preset_weights_are_drawn_at_its_init_std(tmp_path):
     """init_std reaches the saved weights (tiny-3m's plateau depends on it), and 0.02 stays transformers' default."""
     from posttrain.models import presets
 
-    monkeypatch.setitem(presets.PRESETS, "wide-init", presets.Preset(hidden=64, layers=2, heads=4, intermediate=192,
-                                                                    init_std=0.06))
-    build_preset("wide-init", 0, tmp_path / "wide")
+    presets.build_spec(dataclasses.replace(presets.PRESETS["tiny-test"], init_std=0.06), 0, tmp_path / "wide")
     build_preset("tiny-test", 0, tmp_path / "default")
     wide, default = (AutoModelForCausalLM.from_pretrained(tmp_path / x) for x in ("wide", "default"))
     assert wide.config.initializer_range == 0.06 and default.config.initializer_range == 0.02

@@ -77,7 +77,12 @@ def preset_tokenizer(vocab: str) -> PreTrainedTokenizerBase:
 
 
 def build_preset(name: str, seed: int, out_dir: Path) -> None:
-    spec = PRESETS[name]
+    build_spec(PRESETS[name], seed, out_dir)
+
+
+def build_spec(spec: Preset, seed: int, out_dir: Path) -> None:
+    """A model of this shape with seeded random weights and its tokenizer, saved to out_dir (a variant of a preset,
+    e.g. another init_std, needs no registry entry)."""
     tokenizer = preset_tokenizer(spec.vocab)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     config = ARCHS[spec.arch](

@@ -2,7 +2,8 @@
 
 Each row: step, prompt and completion text decoded with their special tokens (so a missing BOS or an invented
 next turn is visible), the completion's token ids, reward, correct, the verifier's info (e.g. what answer it read,
-or a user reward's own fields), finish reason and the policy version that sampled it. On resume, rows after the checkpoint's step are dropped, as metrics.jsonl is cut back.
+or a user reward's own fields), finish reason and the policy version that sampled it. On resume, rows after the
+checkpoint's step are dropped, as metrics.jsonl is cut back.
 """
 
 from __future__ import annotations
