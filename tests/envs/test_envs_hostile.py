@@ -41,7 +41,7 @@ def runner_processes() -> list[str]:
                 cmd = (d / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"def _main():" in cmd and b"nonce" in cmd:
+            if b"def _main():" in cmd and b"report_fd" in cmd:
                 out.append(d.name)
     return out
 

