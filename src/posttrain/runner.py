@@ -75,7 +75,7 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
     stages = load_stages()
 
     ckpt = latest_checkpoint(run_dir / "checkpoints")
-    state = load_state(ckpt) if ckpt else None
+    state = load_state(ckpt, stages=len(cfg.recipe)) if ckpt else None
     truncate_metrics(run_dir, state.metrics_offset if state else 0)
     model_dir = ckpt or resolve_model_path(cfg.model.path, cfg.seed)
     device = resolve_device(cfg.model.device)

@@ -31,6 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from posttrain.errors import UserError
+from posttrain.train.safe_load import dcp_load
+
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of a Hugging Face causal LM (model.model.layers), each its own FSDP unit."""
@@ -138,14 +141,18 @@ def save_learner(learner: Any, path: Path) -> None:
 
 def load_learner(learner: Any, path: Path) -> None:
     """Restore what save_learner wrote, whatever number of ranks wrote it (every rank calls it)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(learner.model, learner.optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    dcp_load(state, Path(path), no_dist=not dist.is_initialized())  # unpickles data only (train/safe_load.py)
     set_state_dict(learner.model, learner.optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
-    side = json.loads((Path(path) / "learner.json").read_text())
-    learner.scheduler.load_state_dict(side["scheduler"])
-    learner.guard.bad_steps = int(side["bad_steps"])
+    side_path = Path(path) / "learner.json"
+    try:
+        side = json.loads(side_path.read_text())
+        learner.scheduler.load_state_dict(side["scheduler"])
+        learner.guard.bad_steps = int(side["bad_steps"])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise UserError(f"{side_path}: not the learner's schedule ({type(e).__name__}: {e}); delete this "
+                        "checkpoint to resume from the one before, or --fresh") from None
