@@ -30,6 +30,17 @@ def fitting(example: Example, max_len: int | None, where: str) -> Example:
     return example
 
 
+def example(tokenizer, prompt: list | str, completion: str, *, chat_template: bool, max_len: int | None,
+            where: str) -> Example:
+    """One example as token ids; a prompt or prompt + completion longer than the context is a UserError naming
+    where it came from (a data file's row, an environment's task)."""
+    try:
+        ids = render_prompt(tokenizer, prompt, chat_template=chat_template, max_len=max_len)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    return fitting(Example(ids, completion_ids(tokenizer, completion, chat_template=chat_template)), max_len, where)
+
+
 def env_examples(env, tokenizer, *, seed: int, chat_template: bool, max_len: int | None) -> Iterator[Example]:
     """The environment's gold solutions on its train split; for an environment with `demonstration(task, rng)`
     (a whole conversation, e.g. a multi-turn episode), one example per assistant turn, its prompt the
@@ -39,18 +50,14 @@ def env_examples(env, tokenizer, *, seed: int, chat_template: bool, max_len: int
     for task in env.tasks("train", seed):
         where = f"environment {env.name!r}, task {task.id!r}"
         if demonstrate is None:
-            yield fitting(Example(render_prompt(tokenizer, env.prompt(task), chat_template=chat_template,
-                                                max_len=max_len),
-                                  completion_ids(tokenizer, task.solution, chat_template=chat_template)),
-                          max_len, where)
+            yield example(tokenizer, env.prompt(task), task.solution, chat_template=chat_template, max_len=max_len,
+                          where=where)
             continue
         messages = demonstrate(task, rng)
         for k, message in enumerate(messages):
             if message["role"] == "assistant":
-                yield fitting(Example(render_prompt(tokenizer, messages[:k], chat_template=chat_template,
-                                                    max_len=max_len),
-                                      completion_ids(tokenizer, message["content"], chat_template=chat_template)),
-                              max_len, f"{where}, turn {k}")
+                yield example(tokenizer, messages[:k], message["content"], chat_template=chat_template,
+                              max_len=max_len, where=f"{where}, turn {k}")
 
 
 def is_prompt(value: object) -> bool:
@@ -64,7 +71,8 @@ def read_pairs(path: Path, columns: dict[str, str] | None = None, *,
     """(location, prompt, completion) of every row of a data file (data/tables.py: JSONL, Parquet, CSV, JSON or
     a saved dataset directory; `columns` maps prompt/completion to the file's column names). A prompt is a string
     or a list of chat messages ({role, content}, rendered with the chat template). `section` names the recipe
-    section whose data_path / data_columns errors refer to."""
+    section whose data_path / data_columns errors refer to. Rows pass data/tables.py's checks (at most 1 MiB, no
+    lone surrogate)."""
     pairs = []
     for where, _, row in read_rows(path, columns, what=f"{section}.data_path"):
         if not is_prompt(row.get("prompt")) or not isinstance(row.get("completion"), str):
@@ -81,8 +89,7 @@ def file_examples(path: Path, tokenizer, *, seed: int, chat_template: bool, max_
                   columns: dict[str, str] | None = None) -> Iterator[Example]:
     """Epochs over the file, each in a fresh seeded order."""
     pairs = read_pairs(path, columns)
-    examples = [fitting(Example(render_prompt(tokenizer, p, chat_template=chat_template, max_len=max_len),
-                                completion_ids(tokenizer, c, chat_template=chat_template)), max_len, where)
+    examples = [example(tokenizer, p, c, chat_template=chat_template, max_len=max_len, where=where)
                 for where, p, c in pairs]
     for epoch in itertools.count():
         order = list(range(len(examples)))

@@ -1,6 +1,7 @@
-"""User data: a file of {"prompt": ..., "answer": ...} rows scored by a chosen verifier. JSONL, or through
-Hugging Face datasets Parquet, CSV, JSON or a save_to_disk directory (data/tables.py); arg `columns` maps these
-names to the file's own, e.g. columns = {prompt = "problem", answer = "solution"}.
+"""User data: a file of {"prompt": ..., "answer": ...} rows scored by a chosen verifier: JSONL, Parquet, CSV, JSON
+or a datasets save_to_disk directory (data/tables.py, which caps every row at 1 MiB); arg `columns` maps these
+names to the file's own, e.g. columns = {prompt = "problem", answer = "solution"}. An answer is a non-empty string or
+an integer (answer_text: NaN, true, 2.5 or null is an error naming the row).
 
 Optional fields per row: "solution" (SFT target; default: the answer), "difficulty" (int), "id", "split"
 ("train"; "eval"/"test"/"validation"/"val"/"dev" all mean eval). Without "split", rows are split by
@@ -14,7 +15,6 @@ split_of(prompt). "question" is accepted for "prompt". Verifiers (arg `verifier`
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import re
@@ -42,9 +42,9 @@ def read_tasks(path: str | Path, *, solution_of: Callable[[str], str] = str,
         prompt = row.get("prompt", row.get("question"))
         if not isinstance(prompt, str) or not prompt:
             raise UserError(f"{where}: needs a non-empty string 'prompt' (or 'question'); keys: {sorted(row)}")
-        if "answer" not in row or row["answer"] is None or isinstance(row["answer"], dict | list):
-            raise UserError(f"{where}: needs an 'answer' (string or number); keys: {sorted(row)}")
-        answer = row["answer"] if isinstance(row["answer"], str) else json.dumps(row["answer"])
+        if "answer" not in row:
+            raise UserError(f"{where}: needs an 'answer' (a string or an integer); keys: {sorted(row)}")
+        answer = answer_text(row["answer"], where)
         split = row.get("split")
         if split is None:
             split = split_of(prompt)
@@ -66,6 +66,22 @@ def read_tasks(path: str | Path, *, solution_of: Callable[[str], str] = str,
         dup = next(i for i in ids if ids.count(i) > 1)
         raise UserError(f"{path}: duplicate id {dup!r}")
     return rows
+
+
+def answer_text(value: object, where: str) -> str:
+    """A row's answer as the text verifiers compare: a non-empty string as is, an integer in decimal (a float
+    column's 7.0 is "7"). Anything else (NaN, true, 2.5, null, a list) is a UserError naming the row: in JSON or
+    Parquet such a value is most often a broken export, and its str() ("nan", "True") is no answer anyone wrote;
+    write a fractional answer as a string ("2.5"). A CSV cell is always text as written (data/tables.py)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise UserError(f"{where}: 'answer' must be a string or an integer, got {type(value).__name__} {value!r}")
+    if not value.strip():
+        raise UserError(f"{where}: 'answer' is empty")
+    return value
 
 
 def shuffled(tasks: list[Task], split: str, seed: int, salt: str) -> Iterator[Task]:
