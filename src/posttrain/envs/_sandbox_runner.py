@@ -14,7 +14,8 @@ could reach through frames, tracebacks or gc and edit. Everything it uses is bou
 is defined (immutable tuples and strings, and C functions captured before the program runs, so monkeypatching
 os, posixpath or builtins changes nothing it calls); replacing a function's __code__ or __defaults__ is itself
 refused. It never calls the program's objects: a path is read only from a str, bytes or an exact stdlib pathlib
-object (through the slot the path was already rendered into), so no __fspath__ or __str__ of the program runs.
+object (through the slot the path was already rendered into, and only while pathlib's classes are as the runner
+found them), so no __fspath__ or __str__ of the program runs.
 """
 # ruff: noqa: S102, BLE001, S110 - it runs untrusted code by design and must report every way that code can end
 import _stat
@@ -40,22 +41,42 @@ GUARDED_ATTRS = ("__code__", "__defaults__", "__kwdefaults__")
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 _PURE_PATH_STR = pathlib.PurePath.__dict__.get("_str")  # the slot a pathlib path caches its text in (3.11-3.13)
 PATH_TYPES = (pathlib.PurePosixPath, pathlib.PosixPath, pathlib.PurePath, pathlib.Path) if _PURE_PATH_STR else ()
+# What decides the text os.fspath() gives for a pathlib object; a program that replaces one of them on a class
+# (no audit event covers that) makes every pathlib path refused.
+WATCHED = ("__fspath__", "__str__", "_str", "__getattribute__", "__getattr__")
+_class_dict, _class_mro = type.__dict__["__dict__"].__get__, type.__dict__["__mro__"].__get__
 
 
-def path_text(path, _type=type, _str=str, _bytes=bytes, _decode=bytes.decode, _path_types=PATH_TYPES,
-              _slot=_PURE_PATH_STR.__get__ if _PURE_PATH_STR else None, _Exception=Exception):
+def _path_class_state(cls):
+    """(class, its MRO, every (live class-dict view, watched name, value) along it) as the runner found them."""
+    mro = _class_mro(cls)
+    views = [_class_dict(c) for c in mro]
+    return cls, mro, tuple((v, name, v.get(name)) for v in views for name in WATCHED)
+
+
+PATH_CLASSES = tuple(_path_class_state(cls) for cls in PATH_TYPES)
+
+
+def path_text(path, _type=type, _str=str, _bytes=bytes, _decode=bytes.decode, _classes=PATH_CLASSES,
+              _mro_of=_class_mro, _slot=_PURE_PATH_STR.__get__ if _PURE_PATH_STR else None, _Exception=Exception):
     """The text of a path argument without running any of the program's code, or None."""
     t = _type(path)
     if t is _str:
         return path
     if t is _bytes:
         return _decode(path, "utf-8", "surrogateescape")
-    if t in _path_types:
-        try:
-            text = _slot(path)  # set by the __fspath__ call that open() made before the audit event
-        except _Exception:
-            return None
-        return text if _type(text) is _str else None
+    for cls, mro, watched in _classes:
+        if t is cls:
+            if _mro_of(t) is not mro:
+                return None
+            for view, name, value in watched:
+                if view.get(name) is not value:
+                    return None
+            try:
+                text = _slot(path)  # set by the __fspath__ call that open() made before the audit event
+            except _Exception:
+                return None
+            return text if _type(text) is _str else None
     return None
 
 

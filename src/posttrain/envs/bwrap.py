@@ -110,7 +110,7 @@ def _system_mounts() -> list[str]:
     return args
 
 
-def argv(binary: str, *, tmp_mb: int, seccomp_fd: int | None = None) -> list[str]:
+def argv(binary: str, *, tmp_mb: int, seccomp_fd: int | None = None, info_fd: int | None = None) -> list[str]:
     """The bwrap command line up to (not including) the program to run."""
     covered = [a for name in PROC_COVERED if Path("/proc", name).exists()
                for a in ("--ro-bind", "/dev/null", f"/proc/{name}")]
@@ -122,4 +122,6 @@ def argv(binary: str, *, tmp_mb: int, seccomp_fd: int | None = None) -> list[str
             "--setenv", "TMPDIR", "/tmp", "--setenv", "LANG", "C.UTF-8"]
     if seccomp_fd is not None:
         args += ["--seccomp", str(seccomp_fd)]
+    if info_fd is not None:  # bwrap writes {"child-pid": N} there: the pid namespace's init, for a clean kill
+        args += ["--info-fd", str(info_fd)]
     return [*args, "--"]

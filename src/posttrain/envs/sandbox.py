@@ -39,6 +39,8 @@ import contextlib
 import json
 import math
 import os
+import re
+import select
 import selectors
 import shutil
 import signal
@@ -119,7 +121,7 @@ def run_python(program: str, *, calls: Sequence[str] | None = None, tests: str |
         request = json.dumps({"mode": mode, "program": program, "calls": list(calls or []), "tests": tests or "",
                               "rlimits": rlimits, "report_fd": report_w,
                               "seccomp": runner_filter.hex() if runner_filter else ""}).encode()
-        with _child(limits) as (argv, cwd, env, pass_fds):
+        with _child(limits) as (argv, cwd, env, pass_fds, info_fd):
             proc = subprocess.Popen([*argv, os.path.realpath(sys.executable), "-I", "-S", "-B", "-c", _RUNNER],
                                     cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
@@ -130,7 +132,7 @@ def run_python(program: str, *, calls: Sequence[str] | None = None, tests: str |
                 out, err, report, killed = _communicate(proc, request, report_r, start + limits.timeout_s,
                                                         limits.output_bytes)
             finally:
-                _kill_group(proc)
+                _kill_group(proc, info_fd)
     finally:
         os.close(report_r)
         if report_w >= 0:
@@ -144,11 +146,12 @@ class SandboxUnavailable(RuntimeError):
 
 @contextlib.contextmanager
 def _child(limits: Limits):
-    """-> (command prefix, cwd, environment, fds to pass) for one sandboxed child; cleans up after it."""
+    """-> (command prefix, cwd, environment, fds to pass, where bwrap reports its pid namespace's init or None)
+    for one sandboxed child; cleans up after it."""
     if limits.sandbox == "weak":
         work = tempfile.mkdtemp(prefix="posttrain-sandbox-")
         try:
-            yield [], work, {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}, ()
+            yield [], work, {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}, (), None
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return
@@ -157,17 +160,22 @@ def _child(limits: Limits):
         raise SandboxUnavailable(f"the code sandbox needs bubblewrap: {why}. Where namespaces cannot be had, "
                                  "choose the weaker sandbox by name: env.args.sandbox = \"weak\"")
     bpf = seccomp.namespace_filter()
-    read_fd = None
-    if bpf is not None:
-        read_fd, write_fd = os.pipe()
-        os.write(write_fd, bpf)  # a few hundred bytes: fits the pipe buffer
-        os.close(write_fd)
+    opened: list[int] = []
     try:
-        yield (bwrap.argv(bwrap.bwrap_binary(), tmp_mb=limits.tmp_mb, seccomp_fd=read_fd), "/",
-               {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, (read_fd,) if read_fd is not None else ())
+        filter_fd = None
+        if bpf is not None:
+            filter_fd, write_fd = os.pipe()
+            opened.append(filter_fd)
+            os.write(write_fd, bpf)  # about a kilobyte: fits the pipe buffer
+            os.close(write_fd)  # bwrap reads the filter to EOF
+        info_r, info_w = os.pipe()
+        opened += [info_r, info_w]
+        pass_fds = (info_w,) if filter_fd is None else (filter_fd, info_w)
+        yield (bwrap.argv(bwrap.bwrap_binary(), tmp_mb=limits.tmp_mb, seccomp_fd=filter_fd, info_fd=info_w), "/",
+               {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, pass_fds, info_r)
     finally:
-        if read_fd is not None:
-            os.close(read_fd)
+        for fd in opened:
+            os.close(fd)
 
 
 def _communicate(proc: subprocess.Popen, request: bytes, report_fd: int, deadline: float, cap: int
@@ -210,14 +218,48 @@ def _communicate(proc: subprocess.Popen, request: bytes, report_fd: int, deadlin
     return bytes(bufs[proc.stdout.fileno()]), bytes(bufs[proc.stderr.fileno()]), bytes(bufs[report_fd]), killed
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_group(proc: subprocess.Popen, info_fd: int | None) -> None:
+    """SIGKILL the child's process group and, under bwrap, its pid namespace's init; return once every process of
+    the sandbox is gone (the init's exit waits for the whole namespace, so a pidfd on it says when)."""
+    init = _sandbox_init(proc, info_fd)
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # the child leads its own session, so pgid == pid
     except (ProcessLookupError, PermissionError):
         pass
+    if init is not None:
+        try:
+            signal.pidfd_send_signal(init, signal.SIGKILL)
+            select.select([init], [], [], 30.0)
+        except OSError:
+            pass  # already gone
+        finally:
+            os.close(init)
     proc.wait()
     for f in (proc.stdin, proc.stdout, proc.stderr):
         f.close()
+
+
+def _sandbox_init(proc: subprocess.Popen, info_fd: int | None) -> int | None:
+    """A pidfd on the bwrap child that bwrap reported on `info_fd`, if it is still bwrap's child (checked while
+    bwrap lives, so the pid cannot have been reused by another process)."""
+    if info_fd is None:
+        return None
+    os.set_blocking(info_fd, False)
+    try:
+        found = re.search(rb'"child-pid":\s*(\d+)', os.read(info_fd, 4096))  # JSON, perhaps not yet complete
+        pidfd = os.pidfd_open(int(found.group(1)))
+        pid = int(found.group(1))
+    except (OSError, AttributeError):
+        return None  # bwrap never got that far, or the child is gone
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            parent = int(fh.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        parent = -1
+    if parent != proc.pid:
+        os.close(pidfd)
+        return None
+    return pidfd
 
 
 def _read_report(report: bytes) -> tuple[list[str], dict[str, Any] | None]:
