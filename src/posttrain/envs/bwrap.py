@@ -59,7 +59,11 @@ def available() -> tuple[bool, str]:
     except (OSError, subprocess.SubprocessError) as e:
         return False, f"{binary} could not run: {e}"
     if probe.returncode != 0:
-        return False, f"{binary} cannot create namespaces here: {probe.stderr.decode(errors='replace').strip()[:200]}"
+        why = probe.stderr.decode(errors="replace").strip()[:200]
+        if os.geteuid() == 0:  # the launcher runs bwrap as nobody, which needs unprivileged user namespaces
+            why += " (as root, bwrap runs as uid 65534 so that the sandbox is not host root: that needs unprivileged " \
+                   "user namespaces, e.g. sysctl kernel.unprivileged_userns_clone=1 or user.max_user_namespaces > 0)"
+        return False, f"{binary} cannot create namespaces here: {why}"
     return True, ""
 
 

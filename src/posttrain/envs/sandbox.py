@@ -8,25 +8,32 @@ RL optimises against whatever the verifier rewards, so a program is assumed host
 layer (docs/reliability.md says what each stops and what none of them does):
 
   namespaces  (sandbox="bwrap", the default) bubblewrap puts the program in fresh user, pid, net, mount, ipc, uts
-              and cgroup namespaces as uid 65534 with no capabilities: it sees a read-only /usr and Python
-              installation, its own /proc, a read-only minimal /dev and a private tmpfs at /tmp (Limits.tmp_mb)
-              as its only writable place. No project, no home, no run directories, no other process, no network.
-              A seccomp filter refuses memfd, pidfd, ptrace, mount, nested namespaces and similar (envs/bwrap.py).
-              Killing the sandbox's init at the end kills everything inside, daemons included.
+              and cgroup namespaces as uid 65534 with no capabilities, and that uid is an unprivileged host uid
+              even when the trainer is root (host nobody; envs/bwrap.py): it sees a read-only /usr and Python
+              installation, its own read-only /proc (host-wide and root-only files covered), a read-only minimal
+              /dev and a private tmpfs at /tmp (Limits.tmp_mb) as its only writable place. No project, no home, no
+              run directories, no other process, no network. A seccomp filter refuses memfd, pidfd, ptrace, mount,
+              keyrings, bpf, perf, io_uring, userfaultfd, nested namespaces (unshare, setns, clone flags) and
+              similar (envs/seccomp.py). Killing the sandbox's init at the end kills everything inside.
   process     a fresh `python -I -S -B` (no environment variables honoured, no site-packages, no .pyc writes),
-              its own session; on timeout, too much output, and after every run the whole group is SIGKILLed.
+              its own session; on timeout, too much output, and after every run the whole group and the
+              namespace's init are SIGKILLed, and the call returns only once every process of it is gone.
   limits      set by the runner before any program byte is compiled, so the program cannot raise them: wall clock
-              (parent-enforced), CPU seconds, address space, file size, open files, no core dumps, and no new
-              processes or threads (RLIMIT_NPROC 0, enforced because the sandbox has no capabilities).
+              (parent-enforced), CPU seconds, address space, file size, open files, no core dumps; then a second
+              seccomp filter the runner puts on itself (in the weak sandbox too): no fork, clone or exec at all, so
+              no process or thread whatever the uid (RLIMIT_NPROC is not enforced for root's user) and nothing
+              written to /tmp can be run.
   output      stdout + stderr are read at most Limits.output_bytes; beyond that the group is killed.
-  audit hook  defence in depth only (PEP 578 hooks are no boundary: Python code can reach them): refuses fork /
-              exec / subprocess / signals / sockets / ctypes and file access outside the work dir; a run with a
-              refused operation scores 0 with error "forbidden" even if the program caught the error. It keeps
-              no state a program could flip, never calls the program's own objects (a path must be a str, bytes
-              or a stdlib pathlib path), and has nothing shared between threads.
+  audit hook  defence in depth only (PEP 578 hooks are no boundary): refuses fork / exec / subprocess / signals /
+              sockets / ctypes and file access outside the work dir. Every refusal is written at once to a report
+              channel the program cannot close or replace (seccomp), and a run with one scores 0 with error
+              "forbidden" even if the program caught the error. The hook has no closure and reads no global name:
+              everything it uses is an immutable default or a C function captured before the program ran, and
+              replacing a function's code or defaults is refused (envs/_sandbox_runner.py says why each matters).
 
 sandbox="weak" drops the namespaces (for machines without them: macOS, some containers): then only the process,
-limits, output cap and audit hook remain, the program runs with the trainer's uid and can read what it can read.
+limits (with the runner's seccomp filter on Linux x86-64), output cap and audit hook remain, the program runs with
+the trainer's uid and can read what it can read if it gets past the hook.
 It must be chosen by name (the code environment's `sandbox` argument) and the run log says so.
 
 The expected values of check_function never enter the child, which only returns JSON of the values it computed;
