@@ -145,9 +145,10 @@ def test_data_diversity_and_select_from_the_command_line(tmp_path):
     assert g_vendi(proc) > 0 and "(of 11 that pass --filter verifier, of 12)" in proc.stdout, proc.stdout
     chosen = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(chosen) == 6 and all(r["completion"] != "47" for r in chosen)
-    # over-generation: new tasks from the environment fill the clusters the file leaves short
+    # over-generation: new tasks from the environment fill the clusters the file leaves short (over the last
+    # subset: an existing --out needs --overwrite)
     proc = posttrain("data", "select", str(mixed), "-n", "16", "-o", str(out), "--filter", "verifier",
-                     "--env", "arithmetic", "--env-arg", "ops=+-*", "--generate", "64", *args)
+                     "--env", "arithmetic", "--env-arg", "ops=+-*", "--generate", "64", "--overwrite", *args)
     assert proc.returncode == 0, proc.stderr
     chosen = [json.loads(x) for x in out.read_text().splitlines()]
     made = [r for r in chosen if r.get("generated")]

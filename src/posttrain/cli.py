@@ -164,12 +164,17 @@ def fit(
             as_json=as_json)
 
 
+_OVERWRITE = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file (without it, an "
+                                           "existing file is an error; an --out that is an input file always is).")]
+
+
 @app.command("distill-data")
 def distill_data_(
     teacher: Annotated[str, typer.Argument(help="The teacher: a run directory (its final model and environment), a "
                                            "checkpoint, a local HF model directory or a preset name.")],
     output: Annotated[Path, typer.Option("--out", help="JSONL file to write (rows of prompt and completion, what "
-                                         "sft.data_path reads).")],
+                                         "sft.data_path reads), with FILE.meta.json beside it; written whole or "
+                                         "not at all.")],
     env: Annotated[str | None, typer.Option(help="Environment (`posttrain envs`); default: the teacher run's.")
                    ] = None,
     env_arg: Annotated[list[str] | None, typer.Option("--env-arg", metavar="KEY=VALUE", help="Environment "
@@ -179,11 +184,12 @@ def distill_data_(
     keep: Annotated[int, typer.Option(help="Most distinct correct answers kept per task.")] = 1,
     keep_failed: Annotated[bool, typer.Option("--keep-failed", help="Keep answers the verifier rejected too (a "
                                               "model's own samples, for the opd_offline stage).")] = False,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (finite, >= 0).")] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(help="Generation budget.")] = 32,
     seed: Annotated[int | None, typer.Option(help="Task order and sampling seed (default: the run's).")] = None,
     chat_template: Annotated[bool | None, typer.Option("--chat-template/--no-chat-template",
                                                        help="Chat template (default: the run's).")] = None,
+    overwrite: _OVERWRITE = False,
 ) -> None:
     """Sample a teacher on an environment's train split, keep its verified answers: SFT data for off-policy
     distillation (plus FILE.meta.json with the generation's FLOPs)."""
@@ -194,7 +200,7 @@ def distill_data_(
     try:
         distill_data(teacher, output, env=env, env_args=env_arg or [], prompts=prompts, samples=samples, keep=keep,
                      temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, chat_template=chat_template,
-                     console=err, keep_failed=keep_failed)
+                     console=err, keep_failed=keep_failed, overwrite=overwrite)
     finally:
         shutdown_pool()
 
@@ -206,8 +212,8 @@ app.add_typer(data_app, name="data")
 _PROXY = Annotated[str, typer.Option("--model", help="Proxy model for the gradients: a preset (random init from "
                                      "--seed) or a local HF checkpoint directory, e.g. a run's final/.")]
 _LAYERS = Annotated[int, typer.Option(help="Decoder layers, counted from the last, whose gradients are the "
-                                      "features (plus the final norm).")]
-_DIM = Annotated[int, typer.Option(help="Dimension of the seeded random projection (count sketch).")]
+                                      "features (plus the final norm); 1 to the proxy's number of layers.")]
+_DIM = Annotated[int, typer.Option(help="Dimension of the seeded random projection (count sketch), at least 1.")]
 _SEED = Annotated[int, typer.Option(help="Seed of the projection (and of a preset proxy's init).")]
 _TEMPLATE = Annotated[bool, typer.Option("--chat-template/--no-chat-template", help="Render prompts with the "
                                          "proxy's chat template, as an SFT stage would.")]
@@ -241,20 +247,23 @@ def data_diversity(
 @data_app.command("select")
 def data_select(
     file: Annotated[Path, typer.Argument(help="SFT data (as for `data diversity`).")],
-    output: Annotated[Path, typer.Option("--out", "-o", help="JSONL file for the selected rows.")],
-    n: Annotated[int, typer.Option("-n", help="Rows to select.")],
+    output: Annotated[Path, typer.Option("--out", "-o", help="JSONL file for the selected rows (not FILE itself; "
+                                         "written whole or not at all).")],
+    n: Annotated[int, typer.Option("-n", help="Rows to select (at least 1).")],
     filter_: Annotated[str, typer.Option("--filter", help="Quality filter before selection: majority (the "
                                          "completion's answer is its prompt's most common one), verifier (--env "
-                                         "scores it against the row's 'answer'), none.")] = "majority",
+                                         "scores it against the row's 'answer': a string, or for --env code its "
+                                         "test cases, a list of [call, value] as --generate writes them), none."
+                                         )] = "majority",
     env: Annotated[str | None, typer.Option(help="Environment whose verifier --filter verifier uses.")] = None,
     env_arg: Annotated[list[str] | None, typer.Option("--env-arg", metavar="KEY=VALUE",
                                                       help="Environment argument (repeatable).")] = None,
     clusters: Annotated[int | None, typer.Option(help="k-means clusters whose shortfall --generate fills "
-                                                 "(default: sqrt(n)).")] = None,
+                                                 "(at least 1; default: sqrt(n)).")] = None,
     generate: Annotated[int, typer.Option(help="Over-generate: draw up to this many new tasks from --env and add "
                                           "those that fall in clusters short of n / k rows.")] = 0,
     model: _PROXY = "tiny-3m", layers: _LAYERS = 1, dim: _DIM = 1024, seed: _SEED = 0,
-    chat_template: _TEMPLATE = True,
+    chat_template: _TEMPLATE = True, overwrite: _OVERWRITE = False,
 ) -> None:
     """A diverse subset: of the rows that pass the quality filter, n picked greedily for a high G-Vendi (each
     round the rows most in the gradient directions the subset lacks), optionally after filling the sparse
@@ -264,7 +273,8 @@ def data_select(
     from posttrain.data.diversity_cmd import select
 
     r = select(file, output, n=n, how=filter_, env=env, env_args=env_arg or [], model=model, layers=layers,
-               dim=dim, seed=seed, chat_template=chat_template, clusters=clusters, generate=generate, console=err)
+               dim=dim, seed=seed, chat_template=chat_template, clusters=clusters, generate=generate, console=err,
+               overwrite=overwrite)
     made = f", {r['selected_generated']} of them generated ({r['generated']} kept of up to {generate} drawn)" \
         if generate else ""
     out.print(f"wrote {r['selected']} rows to {output} (of {r['passed_filter']} that pass --filter {filter_}, of "
@@ -286,8 +296,8 @@ def eval_(
     problems: Annotated[int | None, typer.Option(help="Number of problems (default: the run's, else 200).")] = None,
     n: Annotated[int | None, typer.Option("--n", help="Samples per problem (default: the run's, else 16).")] = None,
     k: Annotated[str | None, typer.Option("--k", help="Comma-separated k values for pass@k.")] = None,
-    temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature (finite, >= 0).")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling, in (0, 1].")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Generation budget.")] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed (default: the run's).")] = None,
     bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="bf16 autocast (default: the run's).")
@@ -296,6 +306,7 @@ def eval_(
                                                        help="Chat template (default: the run's).")] = None,
     output: Annotated[Path | None, typer.Option("--out", help="JSON path (default: RUN/eval/adhoc/, a new file "
                                                 "each time).")] = None,
+    overwrite: _OVERWRITE = False,
 ) -> None:
     """Evaluate a model: greedy accuracy, pass@k (unbiased), maj@n with bootstrap CIs."""
     ks = None
@@ -309,7 +320,7 @@ def eval_(
 
     run_eval(target, env=env, env_args=env_arg or [], split=split, problems=problems, n=n, ks=ks,
              temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, bf16=bf16,
-             out=output, chat_template=chat_template, console=out)
+             out=output, chat_template=chat_template, console=out, overwrite=overwrite)
 
 
 @app.command()

@@ -28,3 +28,9 @@ class ConfigError(Exception):
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"{key}: {message}")
         self.key, self.message = key, message
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is by a handler for work with nothing to save (a command writing a file, a
+    run in its start-of-run evaluation). A BaseException, as KeyboardInterrupt is, so that no `except Exception`
+    (around a verifier call, say) swallows it; the code that installed the handler turns it into RunStopped."""

@@ -15,9 +15,10 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 from rich.console import Console
@@ -27,6 +28,7 @@ from posttrain.config import RunConfig, to_toml
 from posttrain.data.prompts import context_length, stop_token_ids
 from posttrain.envs import make_env
 from posttrain.envs.scoring import Scorer, shutdown_pool
+from posttrain.errors import RunStopped, Terminated
 from posttrain.evals.evaluate import Evaluator
 from posttrain.models import (
     attention_for,
@@ -55,8 +57,18 @@ def intra_op_threads(threads: int | None) -> int:
     return threads or (int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0)))
 
 
-def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) -> dict[str, Any]:
+def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None,
+        stop: StopOnSigterm | None = None) -> dict[str, Any]:
+    """Run (or resume) a recipe; -> its summary. SIGTERM from the start on stops it at a step boundary
+    (errors.RunStopped); a sweep passes its own `stop`, installed for all its points."""
     console = console or Console(stderr=True)
+    if stop is not None:
+        return _run(cfg, fresh=fresh, console=console, stop=stop)
+    with StopOnSigterm() as own:
+        return _run(cfg, fresh=fresh, console=console, stop=own)
+
+
+def _run(cfg: RunConfig, *, fresh: bool, console: Console, stop: StopOnSigterm) -> dict[str, Any]:
     config = cfg.model_dump(mode="json")
     summary = None if fresh else rundir.finished_summary(cfg.run_dir, config)
     if summary is not None:
@@ -133,14 +145,17 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
     if cfg.model.bf16 == "auto":
         ctx.note(f"model.bf16 = auto: {'bf16 autocast' if bf16 else 'fp32'} on {device} "
                  f"({'bf16 matrix units found' if bf16 else 'no bf16 matrix units: bf16 would be emulated, far slower'})")
-    if state:
-        ctx.totals, ctx.evals, ctx.elapsed_offset = state.totals, state.evals, state.elapsed_s
-        console.print(f"resuming {run_dir} from {ckpt.name} (stage {cfg.recipe[state.stage_index]})")
-    elif cfg.eval.at_start:
-        ctx.evaluate("base", stage="base")
-
-    previous = _stop_on_sigterm(ctx)
+    stop.attach(ctx)
     try:
+        if state:
+            ctx.totals, ctx.evals, ctx.elapsed_offset = state.totals, state.evals, state.elapsed_s
+            console.print(f"resuming {run_dir} from {ckpt.name} (stage {cfg.recipe[state.stage_index]})")
+        else:
+            _stop_before_training(ctx)  # a SIGTERM while the run was starting
+            if cfg.eval.at_start:
+                with stop.abandoning():  # nothing to checkpoint yet: a SIGTERM abandons the evaluation at once
+                    ctx.evaluate("base", stage="base")
+                _stop_before_training(ctx)
         for i, name in enumerate(cfg.recipe):
             if state and (i < state.stage_index or (i == state.stage_index and state.stage_done)):
                 continue
@@ -169,8 +184,7 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None) 
         (run_dir / rundir.DONE).write_text("")
         return summary
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        stop.attach(None)
         ctx.heartbeat.close()
         ctx.log.close()
         if ctx.samples is not None:
@@ -250,17 +264,62 @@ def _sinks(cfg: RunConfig, run_dir) -> list:
                       mode=t.wandb_mode, tags=t.wandb_tags, config=cfg.model_dump(mode="json"))]
 
 
-def _stop_on_sigterm(ctx: RunContext):
+class StopOnSigterm:
     """SIGTERM (timeout, a SLURM preemption) asks the run to stop at the end of the current step, after writing a
-    checkpoint; a second SIGTERM ends it at once. -> the previous handler (None off the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
+    checkpoint; one that comes while the run is starting stops it before its first step (after the start-of-run
+    evaluation if that is under way). A second SIGTERM ends the process at once. A context manager that installs
+    the handler (a no-op off the main thread); a sweep holds one over all its points, so a SIGTERM between two
+    points starts no new one."""
 
-    def handler(signum, frame) -> None:
-        if ctx.stop_requested is not None:
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self.ctx: RunContext | None = None
+        self.previous: Any = None
+        self.installed = self.abandon = False
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
+            self.previous, self.installed = signal.signal(signal.SIGTERM, self._handle), True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
+
+    def attach(self, ctx: RunContext | None) -> None:
+        """The run whose stages see the request (ctx.stop_requested), from now on and any made already."""
+        self.ctx = ctx
+        if ctx is not None:
+            ctx.stop_requested = self.requested
+
+    @contextmanager
+    def abandoning(self) -> Iterator[None]:
+        """Within: SIGTERM also stops the work under way at once (errors.Terminated, caught here), for work with
+        nothing to checkpoint such as the start-of-run evaluation; the caller then acts on the request."""
+        self.abandon = True
+        try:
+            yield
+        except Terminated:
+            pass  # self.requested (and ctx.stop_requested) say so
+        finally:
+            self.abandon = False
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
-        # Only a flag: writing the log here could re-enter a write the main thread is in the middle of.
-        ctx.stop_requested = "SIGTERM"
+        # Only flags: writing the log here could re-enter a write the main thread is in the middle of.
+        self.requested = "SIGTERM"
+        if self.ctx is not None:
+            self.ctx.stop_requested = self.requested
+        if self.abandon:
+            raise Terminated
 
-    return signal.signal(signal.SIGTERM, handler)
+
+def _stop_before_training(ctx: RunContext) -> None:
+    """A stop requested before the first step: there is no checkpoint to write, so a re-run starts over."""
+    if ctx.stop_requested is not None:
+        message = (f"stopped by {ctx.stop_requested} before the first training step (no checkpoint yet): re-run "
+                   "the same command to start it again")
+        ctx.note(message)
+        raise RunStopped(message)

@@ -28,6 +28,7 @@ from posttrain.envs.base import extract_answer
 from posttrain.errors import UserError
 from posttrain.evals.eval_cmd import parse_env_args
 from posttrain.models import load_model, load_tokenizer, resolve_model_path
+from posttrain.outputs import atomic_file, check_output
 from posttrain.records import Task
 
 FILTERS = ("majority", "verifier", "none")
@@ -37,13 +38,24 @@ def prompt_text(prompt: str | list) -> str:
     return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
 
 
+def check_at_least_one(**flags: int | None) -> None:
+    """Each given count (--layers, --dim, -n, --clusters; None: not given) is at least 1."""
+    for name, value in flags.items():
+        if value is not None and value < 1:
+            raise UserError(f"{'-n' if name == 'n' else '--' + name} {value}: must be at least 1")
+
+
 class Proxy:
     """The proxy model, loaded once: sketched gradient features of (where, prompt, completion) rows."""
 
     def __init__(self, model: str, *, layers: int, dim: int, seed: int, chat_template: bool,
                  console: Console | None) -> None:
+        check_at_least_one(layers=layers, dim=dim)
         path = resolve_model_path(model, seed, key="--model")
         self.model, self.chat_template, self.console = load_model(path), chat_template, console
+        available = getattr(self.model.config, "num_hidden_layers", None)
+        if available is not None and layers > available:
+            raise UserError(f"--layers {layers}: the proxy model {model} has {available} decoder layers")
         self.tokenizer = load_tokenizer(path, require_chat_template=chat_template)
         self.features = GradientFeatures(self.model, layers=layers, dim=dim, seed=seed)
 
@@ -94,7 +106,13 @@ def quality_filter(rows: list[dict[str, Any]], how: str, env: Any | None) -> lis
             if "answer" not in row:
                 raise UserError(f"row {i + 1}: --filter verifier needs an 'answer' column (the reference answer)")
             question = prompt_text(row["prompt"])
-            keep.append(env.score(Task(str(i), question, str(row["answer"]), ""), row["completion"]).correct)
+            # a structured answer (the code environment's test cases, as --generate writes them) stays as it is
+            answer = row["answer"] if isinstance(row["answer"], list | dict) else str(row["answer"])
+            try:
+                keep.append(env.score(Task(str(i), question, answer, ""), row["completion"]).correct)
+            except Exception as e:  # noqa: BLE001 - any verifier's failure on this row's answer is the row's fault
+                raise UserError(f"row {i + 1}: the verifier of --env cannot score it against its answer "
+                                f"{str(row['answer'])[:80]!r} ({type(e).__name__}: {e})") from None
         return keep
     answers = [extract_answer(r["completion"]) for r in rows]
     by_prompt: dict[str, Counter] = {}
@@ -140,11 +158,16 @@ def over_generate(proxy: Proxy, environment: Any, feats: Any, rows: list[dict[st
 
 def select(path: Path, out: Path, *, n: int, how: str, env: str | None, env_args: list[str], model: str,
            layers: int, dim: int, seed: int, chat_template: bool, clusters: int | None, generate: int = 0,
-           console: Console | None = None) -> dict[str, Any]:
+           console: Console | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Write the n-row subset of `path` that passes the filter and covers its gradient clusters evenly; with
-    `generate` > 0, first fill the under-represented clusters with up to that many new tasks from --env."""
+    `generate` > 0, first fill the under-represented clusters with up to that many new tasks from --env.
+    `out` may not be `path` (refused even with overwrite) nor an existing file unless `overwrite`."""
     if how not in FILTERS:
         raise UserError(f"--filter must be one of {', '.join(FILTERS)}, got {how!r}")
+    check_at_least_one(n=n, clusters=clusters, layers=layers, dim=dim)
+    if generate < 0:
+        raise UserError(f"--generate {generate}: must be at least 0")
+    check_output(out, inputs=[path], overwrite=overwrite)
     if generate and not env:
         raise UserError("--generate needs --env (the environment that makes the new tasks)")
     pairs = read_pairs(path, None, section="data")
@@ -166,12 +189,9 @@ def select(path: Path, out: Path, *, n: int, how: str, env: str | None, env_args
         feats, rows = torch.cat([feats, new_feats]), rows + new_rows
     picked = select_diverse(feats, n, seed=seed)
     baseline = sorted(random.Random(seed).sample(range(len(kept)), min(n, len(kept))))  # of the file's rows
-    tmp = out.with_suffix(".tmp")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tmp.open("w") as f:
+    with atomic_file(out) as f:
         for i in picked:
             f.write(json.dumps(rows[i], default=str) + "\n")
-    tmp.replace(out)
     return {"file": str(path), "out": str(out), "rows": len(pairs), "passed_filter": len(kept), "filter": how,
             "generated": len(rows) - len(kept), "selected": len(picked),
             "selected_generated": sum(1 for i in picked if i >= len(kept)),

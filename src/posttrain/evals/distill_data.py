@@ -11,6 +11,9 @@ setting unless given here. Beside the file, FILE.meta.json records what made it,
 solved, and the generation's FLOPs: the compute an SFT-on-teacher-samples run must add to its own to be compared
 with on-policy methods at equal total compute. `--keep-failed` keeps unverified answers too: a model's own sample
 set, e.g. the student's, for offline distillation (the opd_offline stage).
+
+An existing FILE (or FILE.meta.json) is refused unless `--overwrite`; the rows go to FILE.tmp, renamed into place
+at the end, so a failure or a SIGTERM (exit 143) leaves no partial file (posttrain/outputs.py).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from posttrain.data.prompts import stop_token_ids
 from posttrain.envs import make_env
 from posttrain.envs.scoring import Scorer
 from posttrain.errors import UserError
-from posttrain.evals.eval_cmd import parse_env_args, resolve_target
+from posttrain.evals.eval_cmd import check_temperature, parse_env_args, resolve_target
 from posttrain.models import (
     attention_for,
     load_model,
@@ -37,6 +40,7 @@ from posttrain.models import (
     resolve_device,
     resolve_model_path,
 )
+from posttrain.outputs import atomic_file, check_output, write_atomic
 from posttrain.records import SamplingParams
 from posttrain.rollout.collect import PromptRenderer, generate_groups, generation_flops
 from posttrain.rollout.local import LocalEngine
@@ -47,16 +51,21 @@ CHUNK = 32  # prompts per generation call
 
 def distill_data(teacher: str, out: Path, *, env: str | None, env_args: list[str], prompts: int, samples: int,
                  keep: int, temperature: float, max_new_tokens: int, seed: int | None, chat_template: bool | None,
-                 console: Console, keep_failed: bool = False) -> dict[str, Any]:
+                 console: Console, keep_failed: bool = False, overwrite: bool = False) -> dict[str, Any]:
     for value, flag in ((prompts, "--prompts"), (samples, "--samples"), (keep, "--keep"),
                         (max_new_tokens, "--max-new-tokens")):
         if value < 1:
             raise UserError(f"{flag} {value}: must be at least 1")
     if keep > samples:
         raise UserError(f"--keep {keep}: cannot keep more answers per task than --samples {samples}")
+    check_temperature(temperature)
     if out.suffix != ".jsonl":
         raise UserError(f"--out {out}: the SFT stage reads .jsonl; name the file *.jsonl")
     model_path, run_dir, config = resolve_target(teacher)
+    meta_path = out.with_name(out.stem + ".meta.json")
+    teacher_files = [Path(model_path)] if Path(model_path).exists() else []
+    for target in (out, meta_path):
+        check_output(target, inputs=teacher_files, overwrite=overwrite)
     env_name = env or config.get("env", {}).get("name")
     if env_name is None:
         raise UserError(f"{teacher} is not inside a run directory, so give the environment: --env NAME")
@@ -77,12 +86,10 @@ def distill_data(teacher: str, out: Path, *, env: str | None, env_args: list[str
     tasks_iter = environment.tasks("train", seed)
     params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     t0, flops, done, solved, rows = time.time(), 0.0, 0, 0, 0
     columns = [TextColumn("[bold]distill-data"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[s]}"),
                TimeRemainingColumn()]
-    with tmp.open("w") as f, Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+    with atomic_file(out) as f, Progress(*columns, console=console, disable=not console.is_terminal) as bar:
         progress = bar.add_task("", total=prompts, s="")
         for chunk_index in range((prompts + CHUNK - 1) // CHUNK):
             tasks = [t for _, t in zip(range(min(CHUNK, prompts - done)), tasks_iter, strict=False)]
@@ -103,17 +110,15 @@ def distill_data(teacher: str, out: Path, *, env: str | None, env_args: list[str
                 solved += any(batch.scores[i].correct for i in (batch.group_ids == g).nonzero().squeeze(-1).tolist())
             done += len(tasks)
             bar.update(progress, completed=done, s=f"{rows} rows, {solved}/{done} tasks solved")
-    if rows == 0:
-        tmp.unlink()
-        raise UserError(f"the model solved none of the {done} tasks ({samples} samples each): no data written; "
-                        "is it trained on this environment?")
-    tmp.replace(out)
+        if rows == 0:  # inside the block: nothing replaces `out`
+            raise UserError(f"the model solved none of the {done} tasks ({samples} samples each): no data "
+                            "written; is it trained on this environment?")
     meta = {"teacher": str(path), "run_dir": str(run_dir) if run_dir else None, "env": env_name, "env_args": args,
             "split": "train", "prompts": done, "samples": samples, "keep": keep, "temperature": temperature,
             "max_new_tokens": max_new_tokens, "keep_failed": keep_failed, "seed": seed, "chat_template": template, "rows": rows,
             "tasks_solved": solved, "solve_rate": solved / done, "compute/generate_flops": flops,
             "elapsed_s": round(time.time() - t0, 1)}
-    out.with_name(out.stem + ".meta.json").write_text(json.dumps(meta, indent=1))
+    write_atomic(meta_path, json.dumps(meta, indent=1))
     console.print(f"wrote {rows} rows to {out} (the model solved {solved} of {done} tasks; "
                   f"{flops:.3g} generation FLOPs, in {out.stem}.meta.json)", markup=False, highlight=False)
     return meta

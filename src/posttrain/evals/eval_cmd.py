@@ -9,11 +9,14 @@ Inside a run, every setting not given on the command line comes from the run's r
 arguments, eval problems / samples / ks / temperature / top_p / max_new_tokens, chat template, bf16, seed), so the
 numbers are comparable with the run's own evaluations. The result goes to RUN/eval/adhoc/ (a new file each time,
 never over the run's own evaluations, which the report reads as the run's models), or beside a checkpoint that is
-not in a run.
+not in a run. An explicit `--out` that exists is refused unless `--overwrite`, as is one inside the model's
+directory; a temperature must be finite and >= 0 (nothing is recorded otherwise).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,7 @@ from posttrain.envs import make_env
 from posttrain.envs.base import SPLITS
 from posttrain.envs.scoring import Scorer
 from posttrain.errors import UserError
-from posttrain.evals.evaluate import evaluate, write_eval
+from posttrain.evals.evaluate import evaluate
 from posttrain.models import (
     PRESETS,
     attention_for,
@@ -41,6 +44,7 @@ from posttrain.models import (
     resolve_device,
     resolve_model_path,
 )
+from posttrain.outputs import check_output, write_atomic
 from posttrain.rollout.local import LocalEngine
 
 DEFAULTS = {"problems": 200, "samples": 16, "ks": [1, 8], "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 32,
@@ -53,6 +57,12 @@ def parse_env_args(items: list[str]) -> dict[str, Any]:
         key, value = parse_override(item)
         args[".".join(key)] = value
     return args
+
+
+def check_temperature(value: float, flag: str = "--temperature") -> None:
+    """A sampling temperature is a finite number >= 0 (0: greedy); nan or -1 would be recorded as the protocol."""
+    if not math.isfinite(value) or value < 0:
+        raise UserError(f"{flag} {value}: must be a finite number >= 0 (0 samples greedily)")
 
 
 def resolve_target(target: str) -> tuple[str, Path | None, dict[str, Any]]:
@@ -91,7 +101,7 @@ def protocol(config: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
 def run_eval(target: str, *, env: str | None, env_args: list[str], split: str, problems: int | None,
              n: int | None, ks: list[int] | None, temperature: float | None, top_p: float | None,
              max_new_tokens: int | None, seed: int | None, bf16: bool | None, out: Path | None,
-             chat_template: bool | None, console: Console) -> dict[str, Any]:
+             chat_template: bool | None, console: Console, overwrite: bool = False) -> dict[str, Any]:
     if split not in SPLITS:
         raise UserError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
     model_path, run_dir, config = resolve_target(target)
@@ -107,6 +117,11 @@ def run_eval(target: str, *, env: str | None, env_args: list[str], split: str, p
     bad = [k for k in p["ks"] if k < 1 or k > p["samples"]]
     if bad:
         raise UserError(f"--k {bad}: every k must be between 1 and --n {p['samples']}")
+    check_temperature(p["temperature"])
+    if not (0 < p["top_p"] <= 1):  # also false for nan
+        raise UserError(f"--top-p {p['top_p']}: must be in (0, 1]")
+    if out is not None:
+        check_output(out, inputs=[Path(model_path)] if Path(model_path).exists() else [], overwrite=overwrite)
     path = resolve_model_path(model_path, p["seed"])
     device = resolve_device("auto")
     model = load_model(path, attention=attention_for(device)).to(device)
@@ -128,7 +143,7 @@ def run_eval(target: str, *, env: str | None, env_args: list[str], split: str, p
     result.update({"checkpoint": str(path), "tag": f"{p['env']} (posttrain eval)", "adhoc": True,
                    "protocol": {k: v for k, v in p.items()}, "evaluated_at": time.strftime("%Y-%m-%d %H:%M:%S")})
     target_file = out or default_output(run_dir, Path(path), p["env"], split, p["samples"])
-    write_eval(target_file, result)
+    write_atomic(target_file, json.dumps(result, indent=1))
     console.print(eval_table(result))
     console.print(f"written: {target_file}", markup=False, highlight=False)
     return result

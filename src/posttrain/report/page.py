@@ -16,6 +16,7 @@ from typing import Any
 
 import posttrain
 from posttrain.errors import UserError
+from posttrain.outputs import check_output, write_atomic
 from posttrain.report import figures
 from posttrain.report.data import RunData, load_run, number, run_names
 
@@ -66,9 +67,10 @@ figcaption { max-width: 60em; margin-top: 0.4em; } .note { color: #a15c00; }
 def write_report(run_dirs: list[Path], *, out_dir: Path | None = None) -> Path:
     """Write report.html and its PNG figures for one or more run directories; return the HTML path.
 
-    out_dir defaults to the first run directory. Several runs are overlaid in each figure (legend = directory
-    name). Missing files or metrics leave out the figure or table that needs them; only a run directory that
-    does not exist at all is an error.
+    out_dir defaults to the first run directory; a given out_dir that is a file (or lies under one) is an error.
+    Several runs are overlaid in each figure (legend = directory name). Missing files or metrics leave out the
+    figure or table that needs them; only a run directory that does not exist at all is an error. The files in
+    out_dir are regenerated each time (report.html written whole, through report.html.tmp).
     """
     if not run_dirs:
         raise UserError("report: give at least one run directory")
@@ -76,8 +78,8 @@ def write_report(run_dirs: list[Path], *, out_dir: Path | None = None) -> Path:
     for p in paths:
         if not p.is_dir():
             raise UserError(f"report: {p} is not a directory")
+    out_dir = check_output(Path(out_dir), directory=True) if out_dir is not None else paths[0]
     runs = [load_run(p, name) for p, name in zip(paths, run_names(paths), strict=True)]
-    out_dir = Path(out_dir) if out_dir is not None else paths[0]
     out_dir.mkdir(parents=True, exist_ok=True)
 
     rcolors, tcolors = figures.run_colors(runs), figures.tag_colors(runs)
@@ -93,9 +95,7 @@ def write_report(run_dirs: list[Path], *, out_dir: Path | None = None) -> Path:
 
     page = render_html(runs, [p for p in plots if p is not None], rcolors, verdicts=verdicts, out_dir=out_dir)
     path = out_dir / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, page)
     return path
 
 

@@ -14,9 +14,12 @@ A sweep file (docs/sweeps.md):
     [set]                                # optional fixed overrides on top of the base recipe
     "rl.steps" = 100
 
-Every point is validated before anything runs (an unknown key, a bad value, or a finished point whose saved config
-no longer matches is an error naming it). Each point is an ordinary run directory in output_dir; a finished one
-(DONE marker) is skipped on re-run and an unfinished one resumes from its newest checkpoint (runner.py).
+Every point is validated before anything runs (an unknown key, a bad value, more than MAX_POINTS points, counted
+before they are expanded, a point directory whose config.json or summary.json is damaged, or a finished point
+whose saved config no longer matches is an error naming it). Each point is an ordinary run directory in
+output_dir; a finished one (DONE marker) is skipped on re-run and an unfinished one resumes from its newest
+checkpoint (runner.py). SIGTERM stops the sweep as it stops a run: the current point checkpoints and stops, no
+later point starts, exit 143.
 results.csv (one row per finished point) is rebuilt from the run directories after every point, so it is always
 consistent with them. Columns: `point`, one per axis (the dotted key), then metrics, whose names contain "/"
 (`eval/pass@1` of the last stage's final evaluation, `compute/*` and `time/elapsed_s` of the last metrics row)
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass
@@ -38,9 +42,9 @@ from rich.console import Console
 from rich.table import Table
 
 from posttrain.config import RunConfig, read_toml, resolve_paths, set_path, validate
-from posttrain.errors import UserError
+from posttrain.errors import RunStopped, UserError
 from posttrain.rundir import DONE, diff_keys
-from posttrain.runner import run
+from posttrain.runner import StopOnSigterm, run
 from posttrain.scaling.sweep_results import (
     BY_POINT,
     ISO,
@@ -55,6 +59,7 @@ from posttrain.tracking.metrics import read_metrics
 
 SWEEP_KEYS = ("base", "name", "axes", "set", "output_dir")
 RESERVED = ("name", "output_dir")  # the sweep decides where each point lives
+MAX_POINTS = 10_000  # each point is a whole run; a product of axes past this is a mistake, refused before expanding
 
 
 @dataclass(frozen=True)
@@ -199,6 +204,10 @@ def load_sweep(path: str | Path) -> Sweep:
     if both:
         raise UserError(f"{path}: {both[0]!r} is both an axis and in [set]")
 
+    count = math.prod(len(v) for v in axes.values())  # before expanding: 10^8 points must not hang --plan
+    if count > MAX_POINTS:
+        raise UserError(f"{path}: [axes] make {count:,} points ({' x '.join(str(len(v)) for v in axes.values())}), "
+                        f"more than a sweep runs ({MAX_POINTS:,}); split it into several sweeps")
     output_dir = Path(resolve_paths({"output_dir": raw["output_dir"]}, path.parent)["output_dir"]
                       if "output_dir" in raw else f"runs/{name}")
     labels = axis_labels(list(axes))
@@ -225,10 +234,31 @@ def _check_finished_points_match(sweep: Sweep) -> None:
     for p in sweep.points:
         saved = p.run_dir / "config.json"
         if saved.exists():
-            changed = diff_keys(json.loads(saved.read_text())["config"], p.cfg.model_dump(mode="json"))
+            config = _read_json(saved, p, lambda x: isinstance(x.get("config"), dict), "no 'config' object")
+            changed = diff_keys(config["config"], p.cfg.model_dump(mode="json"))
             if changed:
                 raise UserError(f"{sweep.path}: {p.run_dir} holds a run with a different config "
                                 f"({', '.join(changed[:5])} differ); delete it or change the sweep's name")
+        if p.done:
+            _read_json(p.run_dir / "summary.json", p, _summary_ok, "'evals' is not an object")
+
+
+def _summary_ok(summary: dict[str, Any]) -> bool:
+    return isinstance(summary.get("evals") or {}, dict)
+
+
+def _read_json(path: Path, point: Point, valid: Any, expected: str) -> dict[str, Any]:
+    """A point's config.json or summary.json, or UserError naming the file: a damaged file stops the sweep
+    before anything runs (skipping the point would drop it from results.csv without a trace)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+        problem = None if isinstance(value, dict) and valid(value) else expected
+    except (OSError, ValueError) as e:
+        problem = f"unreadable ({type(e).__name__}: {e})"
+    if problem is not None:
+        raise UserError(f"{path}: {problem}; the sweep's point {point.name} cannot use it: delete {point.run_dir} "
+                        "to run the point again")
+    return value
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -245,16 +275,23 @@ def run_sweep(path: Path, *, only_plan: bool = False, console: Console | None = 
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
     write_results(sweep)
     failed: list[str] = []
-    for i, p in enumerate(sweep.points, 1):
-        if p.done:
-            continue
-        console.rule(f"sweep {sweep.name}: point {i}/{len(sweep.points)}: {p.name}")
-        try:
-            run(p.cfg, console=console)
-        except Exception as e:  # noqa: BLE001 - one failed point must not lose the others; raised below
-            failed.append(f"{p.name}: {type(e).__name__}: {e}")
-            console.print(f"[red]point {p.name} failed[/red]: {e}")
-        write_results(sweep)
+    with StopOnSigterm() as stop:  # SIGTERM: the current point checkpoints and stops; no later point starts
+        for i, p in enumerate(sweep.points, 1):
+            if p.done:
+                continue
+            if stop.requested:
+                raise RunStopped(f"sweep {sweep.name} stopped by {stop.requested} before point {p.name}; re-run "
+                                 "the same command to resume")
+            console.rule(f"sweep {sweep.name}: point {i}/{len(sweep.points)}: {p.name}")
+            try:
+                run(p.cfg, console=console, stop=stop)
+            except RunStopped:
+                write_results(sweep)
+                raise
+            except Exception as e:  # noqa: BLE001 - one failed point must not lose the others; raised below
+                failed.append(f"{p.name}: {type(e).__name__}: {e}")
+                console.print(f"[red]point {p.name} failed[/red]: {e}")
+            write_results(sweep)
     finished = sum(p.done for p in sweep.points)
     console.print(f"sweep {sweep.name}: {finished}/{len(sweep.points)} points finished; {sweep.results_csv}")
     if finished == len(sweep.points) > 1:
@@ -302,7 +339,7 @@ def result_row(point: Point) -> dict[str, Any] | None:
     """The results.csv row of a finished point, None if it has not finished."""
     if not point.done:
         return None
-    summary = json.loads((point.run_dir / "summary.json").read_text())
+    summary = _read_json(point.run_dir / "summary.json", point, _summary_ok, "'evals' is not an object")
     evals = summary.get("evals") or {}
     final = evals.get(point.cfg.recipe[-1]) or (list(evals.values())[-1] if evals else {})
     rows = read_metrics(point.run_dir)
