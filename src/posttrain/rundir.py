@@ -7,17 +7,27 @@ belongs to whoever runs next: a corrected command after a failed start replaces 
 config.json keeps the config and the provenance of the run's creation; every later start (a resume) is appended
 to its "starts" list, so a run made by old code is never relabelled with the current code version.
 
+A run directory has one writer at a time: `owned(run_dir)` holds an advisory lock (flock) on a file beside it,
+`.NAME.lock`, which says who owns it (pid, host, command, since when). A second writer gets one line naming the
+owner. The kernel drops the lock when its owner dies, however it dies, so a SIGKILLed owner's lock is simply taken
+over; beside (not inside) the directory so that `--fresh` deleting the directory cannot drop it.
+
 Light on purpose (no torch, no transformers): the CLI reads a finished run's summary through it in a blink.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
 import shutil
+import socket
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +120,26 @@ def code_version() -> dict[str, Any]:
     return {"code": rev or "unknown", "dirty": dirty}
 
 
+# The CPU features that change which kernels torch runs (and so the numbers): bf16 units decide `bf16 = "auto"`.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "avx_vnni")
+
+
+def cpu_kind() -> dict[str, Any]:
+    """The CPU's model name and its numerics-relevant features, from /proc/cpuinfo ({} where there is none)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return {"cpu": platform.processor() or platform.machine()}
+    field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines[:40]) if k.strip()}
+    flags = set(field.get("flags", "").split())
+    return {"cpu": field.get("model name", platform.machine()), "cpu_features": [f for f in CPU_FEATURES if f in flags]}
+
+
 def provenance() -> dict[str, Any]:
     import posttrain
 
     versions: dict[str, Any] = {"posttrain": posttrain.__version__, **code_version(),
-                                "python": platform.python_version(), "host_cpus": os.cpu_count()}
+                                "python": platform.python_version(), "host_cpus": os.cpu_count(), **cpu_kind()}
     from importlib.metadata import PackageNotFoundError, version
 
     for package in ("torch", "transformers"):
@@ -134,6 +159,16 @@ def finished_summary(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | 
         return json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{run_dir / 'summary.json'}: unreadable ({e}); start over with --fresh") from None
+
+
+def record_precision(run_dir: Path, requested: bool | str, bf16: bool, why: str) -> None:
+    """Record on the latest start in config.json which precision `model.bf16` resolved to and why."""
+    saved = read_saved(run_dir)
+    saved["starts"][-1]["precision"] = {"requested": requested, "resolved": "bf16" if bf16 else "fp32", "why": why,
+                                        **cpu_kind()}
+    tmp = run_dir / (CONFIG + ".tmp")
+    tmp.write_text(json.dumps(saved, indent=1))
+    tmp.replace(run_dir / CONFIG)
 
 
 def record_stage(run_dir: Path, stage: str, *, resumed: bool) -> None:
@@ -175,3 +210,39 @@ def prepare(run_dir: Path, config: dict[str, Any], toml_text: str, *, fresh: boo
     tmp.write_text(json.dumps(saved, indent=1))
     tmp.replace(run_dir / CONFIG)
     return run_dir, note
+
+
+def lock_path(run_dir: Path) -> Path:
+    return run_dir.parent / f".{run_dir.name}.lock"
+
+
+@contextlib.contextmanager
+def owned(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory's lock for the block; UserError naming the owner if a live process holds it."""
+    path = lock_path(run_dir)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise UserError(f"{path}: cannot create the run directory's lock ({e.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{run_dir} is in use by {_owner(fd)}; wait for it to finish or stop it "
+                            f"(the lock is {path})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                  "command": " ".join(sys.argv)[:300]}).encode() + b"\n", 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race a writer that just opened it)
+
+
+def _owner(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0))
+        return f"pid {info['pid']} on {info['host']} since {info['since']} ({info['command']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (its lock file says no more)"

@@ -33,9 +33,9 @@ from posttrain.evals.evaluate import Evaluator
 from posttrain.models import (
     attention_for,
     check_same_tokenizer,
+    explain_bf16,
     load_model,
     load_tokenizer,
-    resolve_bf16,
     resolve_device,
     resolve_model_path,
 )
@@ -62,10 +62,11 @@ def run(cfg: RunConfig, *, fresh: bool = False, console: Console | None = None,
     """Run (or resume) a recipe; -> its summary. SIGTERM from the start on stops it at a step boundary
     (errors.RunStopped); a sweep passes its own `stop`, installed for all its points."""
     console = console or Console(stderr=True)
-    if stop is not None:
-        return _run(cfg, fresh=fresh, console=console, stop=stop)
-    with StopOnSigterm() as own:
-        return _run(cfg, fresh=fresh, console=console, stop=own)
+    with rundir.owned(cfg.run_dir):  # one writer per run directory; a second gets one line naming the owner
+        if stop is not None:
+            return _run(cfg, fresh=fresh, console=console, stop=stop)
+        with StopOnSigterm() as own:
+            return _run(cfg, fresh=fresh, console=console, stop=own)
 
 
 def _run(cfg: RunConfig, *, fresh: bool, console: Console, stop: StopOnSigterm) -> dict[str, Any]:
@@ -100,7 +101,8 @@ def _run(cfg: RunConfig, *, fresh: bool, console: Console, stop: StopOnSigterm) 
     tokenizer = load_tokenizer(model_dir, require_chat_template=cfg.model.chat_template)
     env = make_env(cfg.env.name, cfg.env.args)
     step = state.global_step if state else 0
-    bf16 = resolve_bf16(cfg.model.bf16, device)
+    bf16, precision_why = explain_bf16(cfg.model.bf16, device)
+    rundir.record_precision(run_dir, cfg.model.bf16, bf16, precision_why)
     stop_ids = stop_token_ids(tokenizer, model.generation_config, chat_template=cfg.model.chat_template)
     engine = build_engine(cfg.rollout.engine, model, tokenizer, weights=cfg.rollout.weights, bf16=bf16, version=step,
                           stop_ids=stop_ids, engine_args=cfg.rollout.engine_args)
@@ -130,6 +132,7 @@ def _run(cfg: RunConfig, *, fresh: bool, console: Console, stop: StopOnSigterm) 
                      rollout_engines=rollout_engine_factory(cfg, model, tokenizer, bf16=bf16, stop_ids=stop_ids),
                      activation_checkpointing=cfg.learner.activation_checkpointing,
                      launch_learner=learner_launcher(cfg, run_dir))
+    ctx.note(f"precision: {'bf16 autocast' if bf16 else 'fp32'} ({precision_why})")
     if note:
         ctx.note(note)
     if getattr(env, "warning", None):  # an environment's own caveat (e.g. a weaker code sandbox chosen by name)
@@ -179,7 +182,8 @@ def _run(cfg: RunConfig, *, fresh: bool, console: Console, stop: StopOnSigterm) 
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         summary = {"run_dir": str(run_dir), "steps": ctx.global_step, "elapsed_s": round(ctx.elapsed(), 1),
-                   "evals": ctx.evals, "final_model": str(final), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+                   "evals": ctx.evals, "final_model": str(final), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                   "precision": "bf16" if bf16 else "fp32", **rundir.cpu_kind()}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         (run_dir / rundir.DONE).write_text("")
         return summary

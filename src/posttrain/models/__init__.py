@@ -7,10 +7,10 @@ from importlib import import_module
 from typing import Any
 
 _LAZY = {name: "posttrain.models.load" for name in (
-    "attention_for", "bf16_is_fast", "load_model", "load_tokenizer", "resolve_bf16", "resolve_device",
+    "attention_for", "bf16_is_fast", "explain_bf16", "load_model", "load_tokenizer", "resolve_bf16", "resolve_device",
     "resolve_model_path", "check_same_tokenizer")} | {"PRESETS": "posttrain.models.presets"}
 
-__all__ = ["PRESETS", "attention_for", "bf16_is_fast", "check_same_tokenizer", "load_model", "load_tokenizer", "resolve_bf16",
+__all__ = ["PRESETS", "attention_for", "bf16_is_fast", "check_same_tokenizer", "explain_bf16", "load_model", "load_tokenizer", "resolve_bf16",
            "resolve_device", "resolve_model_path"]
 
 

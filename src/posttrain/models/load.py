@@ -59,6 +59,20 @@ def resolve_bf16(choice: bool | str, device: torch.device) -> bool:
     return bf16_is_fast(device) if choice == "auto" else bool(choice)
 
 
+def explain_bf16(choice: bool | str, device: torch.device) -> tuple[bool, str]:
+    """(whether bf16 autocast is on, why), for the run log and config.json: `auto` is a decision about this
+    machine, and the numbers differ between the two."""
+    bf16 = resolve_bf16(choice, device)
+    if choice != "auto":
+        return bf16, f"model.bf16 = {str(bool(choice)).lower()}"
+    if device.type == "cpu":
+        units = sorted(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+        return bf16, (f"model.bf16 = auto and this CPU has {' and '.join(units)}" if units else
+                      "model.bf16 = auto and this CPU has no bf16 units (no avx512_bf16 or amx_bf16), where bf16 "
+                      "would be emulated")
+    return bf16, f"model.bf16 = auto on {device.type}: bf16 {'supported' if bf16 else 'not supported'}"
+
+
 def load_model(path: Path, dtype: torch.dtype = torch.float32, attention: str | None = None) -> PreTrainedModel:
     kwargs = {"attn_implementation": attention} if attention else {}
     try:

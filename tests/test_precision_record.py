@@ -1,0 +1,40 @@
+"""`model.bf16 = "auto"` is a decision about the machine: the run says what it chose and why, in run.log,
+config.json and summary.json, so that a table of runs can tell fp32 rows from bf16 ones."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.models import bf16_is_fast
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("choice", ["auto", "true", "false"])
+def test_the_resolved_precision_is_recorded_with_its_reason(tmp_path, choice):
+    value = f'"{choice}"' if choice == "auto" else choice
+    recipe = tmp_path / "t.toml"
+    recipe.write_text(f'recipe = "sft"\nname = "t"\noutput_dir = "{tmp_path}"\nthreads = 1\n[model]\n'
+                      f'path = "tiny-test"\nbf16 = {value}\n[env]\nname = "arithmetic"\nargs = {{digits = 1}}\n'
+                      '[sft]\nsteps = 2\nbatch_size = 4\nmicro_batch_size = 4\n[eval]\nproblems = 2\nsamples = 1\n'
+                      'ks = [1]\nmax_new_tokens = 2\nat_start = false\n')
+    proc = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(recipe)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    expected = bf16_is_fast(torch.device("cpu")) if choice == "auto" else choice == "true"
+    resolved = "bf16" if expected else "fp32"
+    run_dir = tmp_path / "t"
+    precision = json.loads((run_dir / "config.json").read_text())["starts"][-1]["precision"]
+    assert precision["resolved"] == resolved and precision["requested"] == {"auto": "auto", "true": True,
+                                                                          "false": False}[choice]
+    assert f"model.bf16 = {choice}" in precision["why"] and precision["cpu"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["precision"] == resolved and "cpu" in summary
+    log = (run_dir / "run.log").read_text()
+    assert f"precision: {'bf16 autocast' if expected else 'fp32'} (model.bf16 = {choice}" in log
