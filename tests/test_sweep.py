@@ -209,3 +209,22 @@ def test_iso_compute_over_seeds_in_a_sweep_directory(tmp_path):
     assert per_point[0]["best"] == "ladder-group_size=8-seed=0"
     with pytest.raises(UserError, match="no axis 'lr'"):
         iso_compute(sweep, over="lr")
+
+
+def test_runs_of_different_precisions_or_cpus_are_not_compared_unless_asked(tmp_path):
+    a = fake_run(tmp_path / "runs" / "a", [(1, 0.1), (4, 0.6)])
+    b = fake_run(tmp_path / "runs" / "b", [(1, 0.2), (4, 0.9)])
+    for d, precision in ((a, "fp32"), (b, "bf16")):
+        (d / "summary.json").write_text(json.dumps({"precision": precision, "cpu": "AMD EPYC",
+                                                    "cpu_features": ["avx2"]}))
+    with pytest.raises(UserError, match="mixes runs of different precisions.*--mixed-machines"):
+        iso_compute([a, b], budgets=[2])
+    assert iso_compute([a, b], budgets=[2], allow_mixed=True)[0]["best"] == "b"
+    (a / "summary.json").write_text(json.dumps({"precision": "bf16", "cpu": "AMD EPYC", "cpu_features": ["avx2"]}))
+    assert iso_compute([a, b], budgets=[2])[0]["best"] == "b"  # one machine kind: compared
+    csv_path = tmp_path / "results.csv"
+    csv_path.write_text("point,seed,eval/pass@1,precision,cpu\np0,0,0.5,fp32,AMD EPYC\np1,1,0.6,bf16,AMD EPYC\n")
+    with pytest.raises(UserError, match="mixes runs"):
+        aggregate(csv_path, over="seed")
+    rows = aggregate(csv_path, over="seed", allow_mixed=True)
+    assert rows[0]["n"] == 2 and "precision" not in rows[0]  # metadata, not an axis

@@ -346,13 +346,15 @@ def iso_compute_(
     over: Annotated[str | None, typer.Option(help="Average configurations over this axis (e.g. seed).")] = None,
     output: Annotated[Path | None, typer.Option("--out", help="Directory for iso_compute.csv/.png (default: the "
                                                 "sweep directory, the run directory, else here).")] = None,
+    mixed_machines: Annotated[bool, typer.Option("--mixed-machines", help="Compare runs of different precisions "
+                                                 "or CPU kinds (refused by default: their numbers differ).")] = False,
 ) -> None:
     """Which configuration is best at equal compute: interpolates every run's curve at shared budgets."""
     from posttrain.scaling.sweep_results import ISO, iso_compute, iso_output_dir
 
     target = runs[0] if len(runs) == 1 and not (runs[0] / "metrics.jsonl").exists() else runs
     out_dir = output or iso_output_dir(target)
-    table = iso_compute(target, x=x, y=y, over=over, out_dir=out_dir)
+    table = iso_compute(target, x=x, y=y, over=over, out_dir=out_dir, allow_mixed=mixed_machines)
     view = Table(title=f"best {y} at equal {x}")
     for col in table[0] if table else ["budget"]:
         view.add_column(escape(str(col)))

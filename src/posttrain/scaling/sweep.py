@@ -348,6 +348,7 @@ def result_row(point: Point) -> dict[str, Any] | None:
     row.update({k: v for k, v in last.items() if k.startswith("compute/")})
     row["time/elapsed_s"] = last.get("time/elapsed_s", summary.get("elapsed_s"))
     row["steps"] = summary.get("steps")
+    row["precision"], row["cpu"] = summary.get("precision", "unknown"), summary.get("cpu", "unknown")
     return row
 
 

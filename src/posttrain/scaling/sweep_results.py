@@ -6,6 +6,7 @@ These read finished run directories and CSV files only; planning and running a s
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -18,7 +19,32 @@ from posttrain.errors import UserError
 from posttrain.tracking.metrics import read_metrics
 
 RESULTS, BY_POINT, ISO = "results.csv", "results_by_point.csv", "iso_compute"
-METADATA = ("point",)
+# Not axes and not metrics: the point's name, and the machine its numbers came from (precision, CPU).
+METADATA = ("point", "precision", "cpu")
+
+
+def machine_of(run_dir: Path) -> str:
+    """"bf16 on AMD EPYC (avx2 avx512_bf16 ...)" from a finished run's summary.json; "unknown" for a run written
+    before runs recorded it."""
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return "unknown"
+    if not isinstance(summary, dict) or "precision" not in summary:
+        return "unknown"
+    return f"{summary['precision']} on {summary.get('cpu', '?')} ({' '.join(summary.get('cpu_features') or [])})"
+
+
+def check_one_machine(machines: dict[str, str], *, allow_mixed: bool, what: str) -> None:
+    """UserError when the runs of one table came from different precisions or CPU kinds (their numbers differ
+    beyond noise), unless the caller says that is intended."""
+    kinds: dict[str, list[str]] = {}
+    for run, machine in machines.items():
+        kinds.setdefault(machine, []).append(run)
+    if len(kinds) > 1 and not allow_mixed:
+        listed = "; ".join(f"{m}: {', '.join(runs[:3])}{' ...' if len(runs) > 3 else ''}" for m, runs in kinds.items())
+        raise UserError(f"{what} mixes runs of different precisions or CPU kinds ({listed}); re-run them on one kind "
+                        "of machine with one model.bf16, or pass --mixed-machines to compare them anyway")
 
 
 def axis_labels(keys: Sequence[str]) -> dict[str, str]:
@@ -69,7 +95,8 @@ def is_metric(column: str) -> bool:
 # Seeds: mean and 95% t-interval per configuration
 
 
-def aggregate(csv_path: Path, over: str = "seed", *, confidence: float = 0.95) -> list[dict[str, Any]]:
+def aggregate(csv_path: Path, over: str = "seed", *, confidence: float = 0.95,
+              allow_mixed: bool = False) -> list[dict[str, Any]]:
     """Mean and a `confidence` Student-t interval over `over` (an axis column) for every combination of the other
     axes; written next to csv_path as results_by_point.csv.
 
@@ -81,6 +108,8 @@ def aggregate(csv_path: Path, over: str = "seed", *, confidence: float = 0.95) -
 
     csv_path = Path(csv_path)
     rows = read_results(csv_path)
+    check_one_machine({str(r["point"]): f"{r.get('precision') or 'unknown'} on {r.get('cpu') or '?'}" for r in rows},
+                      allow_mixed=allow_mixed, what=str(csv_path))
     columns = list(rows[0]) if rows else []
     axes = [c for c in columns if c not in METADATA and not is_metric(c)]
     metrics = [c for c in columns if is_metric(c)]
@@ -164,7 +193,7 @@ def iso_output_dir(runs: Path | Sequence[Path]) -> Path:
 
 def iso_compute(runs: Path | Sequence[Path], *, y: str = "eval/pass@1", x: str = "compute/flops",
                 budgets: Sequence[float] | None = None, over: str | None = None, maximize: bool = True,
-                out_dir: Path | None = None) -> list[dict[str, Any]]:
+                out_dir: Path | None = None, allow_mixed: bool = False) -> list[dict[str, Any]]:
     """At each compute budget, every configuration's y interpolated at that x, and the best configuration.
 
     runs: a sweep directory (configurations = its points; with over="seed", the points that differ only in the
@@ -177,6 +206,8 @@ def iso_compute(runs: Path | Sequence[Path], *, y: str = "eval/pass@1", x: str =
     {"budget", "best", "best_value", <label>: value, ...}; "best" joins exact ties with " | ".
     """
     groups, default_out = _sources(runs, over)
+    check_one_machine({str(d): machine_of(d) for members in groups.values() for d in members},
+                      allow_mixed=allow_mixed, what="this comparison")
     curves = {label: [(d, *_curve(d, x, y)) for d in dirs] for label, dirs in groups.items()}
     empty = [str(d) for members in curves.values() for d, xs, _ in members if xs.size == 0]
     if not curves or empty:
