@@ -83,7 +83,7 @@ def tiny_run_config(tmp_path, **sft):
 
 
 def without_time(rows):
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in rows]
 
 
 def read_rows(run_dir):

@@ -1,5 +1,6 @@
 """`model.bf16 = "auto"` is a decision about the machine: the run says what it chose and why, in run.log,
-config.json and summary.json, so that a table of runs can tell fp32 rows from bf16 ones."""
+config.json and summary.json, so that a table of runs can tell fp32 rows from bf16 ones; and every metrics row says
+how much memory the run held."""
 
 from __future__ import annotations
 
@@ -36,5 +37,9 @@ def test_the_resolved_precision_is_recorded_with_its_reason(tmp_path, choice):
     assert f"model.bf16 = {choice}" in precision["why"] and precision["cpu"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["precision"] == resolved and "cpu" in summary
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    peaks = [r["perf/peak_rss_mb"] for r in rows]  # memory on every row: a peak never falls
+    assert all(p > 0 for p in peaks) and peaks == sorted(peaks) and summary["peak_rss_mb"] >= peaks[-1]
+    assert all(0 < r["perf/rss_mb"] <= r["perf/peak_rss_mb"] + 1 for r in rows)
     log = (run_dir / "run.log").read_text()
     assert f"precision: {'bf16 autocast' if expected else 'fp32'} (model.bf16 = {choice}" in log

@@ -44,7 +44,7 @@ from posttrain.models.lora import describe as lora_counts
 from posttrain.rollout.base import RolloutEngine, build_engine
 from posttrain.runtime.context import RunContext
 from posttrain.stages import StageResume, load_stages
-from posttrain.tracking.metrics import MetricsLog, truncate_metrics
+from posttrain.tracking.metrics import MetricsLog, memory_mb, truncate_metrics
 from posttrain.tracking.samples import SampleLog
 from posttrain.train.checkpoint import latest_checkpoint, load_state, save_model_dir, set_rng_state
 from posttrain.train.learner import FrozenModel
@@ -183,7 +183,8 @@ def _run(cfg: RunConfig, *, fresh: bool, console: Console, stop: StopOnSigterm) 
         tmp.rename(final)
         summary = {"run_dir": str(run_dir), "steps": ctx.global_step, "elapsed_s": round(ctx.elapsed(), 1),
                    "evals": ctx.evals, "final_model": str(final), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-                   "precision": "bf16" if bf16 else "fp32", **rundir.cpu_kind()}
+                   "precision": "bf16" if bf16 else "fp32", **rundir.cpu_kind(),
+                   "peak_rss_mb": memory_mb()["perf/peak_rss_mb"]}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         (run_dir / rundir.DONE).write_text("")
         return summary

@@ -31,7 +31,7 @@ from posttrain.evals.evaluate import Evaluator, headline_metrics, write_eval
 from posttrain.rollout.base import RolloutEngine
 from posttrain.rollout.producer import Rollouts
 from posttrain.tracking.heartbeat import Heartbeat
-from posttrain.tracking.metrics import MetricsLog
+from posttrain.tracking.metrics import MetricsLog, memory_mb
 from posttrain.tracking.samples import SampleLog
 from posttrain.train.checkpoint import TrainerState, rng_state, rotate, save_checkpoint
 from posttrain.train.learner import Learner
@@ -147,6 +147,7 @@ class RunContext:
         row = {"step": self.global_step, "stage": stage, "time/elapsed_s": round(self.elapsed(), 3)}
         row.update(self.totals)
         row.update(metrics)
+        row.update(memory_mb())
         self.log.log(row)
 
     def note(self, message: str) -> None:

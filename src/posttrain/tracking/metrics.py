@@ -13,6 +13,26 @@ from pathlib import Path
 from typing import Any
 
 
+def memory_mb() -> dict[str, float]:
+    """This process's memory for every metrics row: resident now and its peak so far (host RAM), and on a GPU the
+    peak allocated by torch. Named perf/ like the other machine-dependent figures, which a comparison of two runs'
+    numbers leaves out."""
+    import resource
+
+    out = {"perf/peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB on Linux
+    try:
+        with open("/proc/self/statm") as f:
+            out["perf/rss_mb"] = round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["perf/cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
 def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None if math.isnan(v) else (1e308 if v > 0 else -1e308)
