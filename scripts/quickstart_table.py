@@ -56,15 +56,16 @@ def triple(result: dict) -> str:
 
 
 def table(run_dirs: list[Path]) -> str:
-    rows = ["| seed | SFT stopped at | after SFT | after RL | wall time |", "|---|---|---|---|---|"]
+    rows = ["| seed | precision | SFT stopped at | after SFT | after RL | wall time |", "|---|---|---|---|---|---|"]
     gains1, gains8 = [], []
     for seed, run_dir in enumerate(run_dirs):
         config = json.loads((run_dir / "config.json").read_text())["config"]
         sft = json.loads((run_dir / "eval" / "sft.json").read_text())
         rl = json.loads((run_dir / "eval" / "rl.json").read_text())
         summary = json.loads((run_dir / "summary.json").read_text())
-        rows.append(f"| {seed} | {sft_stop(run_dir, config['sft']['steps'])} | {triple(sft)} | {triple(rl)} | "
-                    f"{summary['elapsed_s']:.0f} s |")
+        precision = summary.get("precision", "not recorded")  # runs record it from commit 5ec0f8f on
+        rows.append(f"| {seed} | {precision} | {sft_stop(run_dir, config['sft']['steps'])} | {triple(sft)} | "
+                    f"{triple(rl)} | {summary['elapsed_s']:.0f} s |")
         gains1.append(rl["pass@1"]["mean"] - sft["pass@1"]["mean"])
         gains8.append(rl["pass@8"]["mean"] - sft["pass@8"]["mean"])
     meta = json.loads((run_dirs[0] / "config.json").read_text())["meta"]
