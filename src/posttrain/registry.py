@@ -18,11 +18,15 @@ Out-of-tree entries. A name containing ":" is an import path, ``"package.module:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import inspect
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
@@ -36,6 +40,10 @@ F = TypeVar("F", bound=Callable[..., object])
 
 
 USER_MODULE_PREFIX = "posttrain_user_"
+
+
+class ExitAtImport(BaseException):
+    """A module called os._exit() while import_object imported it."""
 
 
 def load_user_file(key: str, path: Path) -> Any:
@@ -63,28 +71,82 @@ def user_files() -> dict[str, str]:
 
 
 def import_object(spec: str, *, what: str) -> Any:
-    """``"pkg.module:attr"`` or ``"path/to/file.py:attr"`` -> the object. `what` names the recipe key in errors."""
+    """``"pkg.module:attr"`` or ``"path/to/file.py:attr"`` -> the object. `what` names the recipe key in errors.
+
+    Anything the import raises or does to end the process (sys.exit, os._exit, KeyboardInterrupt, a BaseException
+    subclass) is a UserError naming the file; only a real Ctrl-C stays a KeyboardInterrupt."""
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
         raise UserError(f"{what}={spec!r}: an import path must look like 'package.module:name' or 'file.py:name'")
+    sigint: list[bool] = []
     try:
-        if module_name.endswith(".py"):
-            path = Path(module_name).expanduser().resolve()
-            if not path.is_file():
-                raise UserError(f"{what}={spec!r}: {path} is not a file")
-            module = load_user_file(USER_MODULE_PREFIX + hashlib.sha1(str(path).encode()).hexdigest()[:12], path)
-            if module is None:
-                raise UserError(f"{what}={spec!r}: cannot load {path} as a Python module")
-        else:
-            module = importlib.import_module(module_name)
+        with _watch_sigint(sigint), _exit_raises():
+            if module_name.endswith(".py"):
+                path = Path(module_name).expanduser().resolve()
+                if not path.is_file():
+                    raise UserError(f"{what}={spec!r}: {path} is not a file")
+                key = USER_MODULE_PREFIX + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+                module = load_user_file(key, path)
+                if module is None:
+                    raise UserError(f"{what}={spec!r}: cannot load {path} as a Python module")
+            else:
+                module = importlib.import_module(module_name)
     except UserError:
         raise
     except Exception as e:
         raise UserError(f"{what}={spec!r}: cannot import it ({type(e).__name__}: {e})") from e
+    except BaseException as e:  # sys.exit, os._exit, KeyboardInterrupt, a BaseException subclass at import
+        if isinstance(e, ExitAtImport):
+            raise UserError(f"{what}={spec!r}: importing it called {e}; a file posttrain imports must not exit "
+                            "at import") from None
+        if (isinstance(e, KeyboardInterrupt) and sigint) or type(e).__module__.split(".")[0] == "posttrain":
+            raise  # a real Ctrl-C, or posttrain's own stop (SIGTERM): as anywhere else
+        raise UserError(f"{what}={spec!r}: importing it raised {repr(e)[:200]}; a file posttrain imports must "
+                        "not exit or interrupt at import") from e
     try:
         return getattr(module, attr)
     except AttributeError:
         raise UserError(f"{what}={spec!r}: {module_name} has no attribute {attr!r}") from None
+
+
+@contextlib.contextmanager
+def _exit_raises() -> Iterator[None]:
+    """os._exit() raises ExitAtImport while active: an import that calls it would otherwise end the process with
+    no word (exit status 0 for os._exit(0)). A reference to it kept past then exits as os._exit does."""
+    real, active = os._exit, [True]
+
+    def exit_(status: int) -> None:
+        if active:
+            raise ExitAtImport(f"os._exit({status!r})")
+        real(status)
+
+    os._exit = exit_  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        active.clear()
+        os._exit = real
+
+
+@contextlib.contextmanager
+def _watch_sigint(fired: list[bool]) -> Iterator[None]:
+    """Appends to `fired` when SIGINT arrives while active, so that a KeyboardInterrupt a user file raises itself
+    is told apart from the user pressing Ctrl-C (only in the main thread, under a Python-level SIGINT handler)."""
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if on_main else None
+    if not callable(previous):
+        yield
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        fired.append(True)
+        previous(signum, frame)
+
+    signal.signal(signal.SIGINT, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class Registry(Generic[F]):
@@ -117,6 +179,26 @@ class Registry(Generic[F]):
                         "(or an import path 'package.module:name')")
 
     __getitem__ = get
+
+    def call(self, name: str, *args: Any, shape: tuple[int, ...], **kwargs: Any) -> Any:
+        """self.get(name)(*args, **kwargs) for an entry that returns a tensor. An import-path (user) entry is checked:
+        one that raises, or returns anything but a tensor of `shape` with finite values, is a UserError naming it.
+        A registered entry is called as it is (its tests pin what it returns)."""
+        fn = self.get(name)
+        if name in self._entries:
+            return fn(*args, **kwargs)
+        label = f"{self.kind} {name!r}"
+        try:
+            out = fn(*args, **kwargs)
+        except Exception as e:
+            raise UserError(f"{label} raised {type(e).__name__}: {e}") from e
+        got = tuple(out.shape) if hasattr(out, "shape") and hasattr(out, "isfinite") else None
+        if got != tuple(shape):
+            what = f"shape {got}" if got is not None else f"a {type(out).__name__}"
+            raise UserError(f"{label} returned {what}, expected a tensor of shape {tuple(shape)}")
+        if not bool(out.isfinite().all()):
+            raise UserError(f"{label} returned a non-finite value (NaN or inf)")
+        return out
 
     def trait(self, name: str, key: str, default: Any = None) -> Any:
         """A registered trait of the entry; an import-path entry may carry it as an attribute of the function."""

@@ -12,7 +12,9 @@ group_size = 1 it gives every sample 0 (the config refuses that combination).
 
 from __future__ import annotations
 
-from typing import Annotated, Protocol
+import functools
+from collections.abc import Callable
+from typing import Annotated, Any, Protocol
 
 import torch
 from pydantic import Field
@@ -30,6 +32,17 @@ class AdvantageFn(Protocol):
 
 
 ADVANTAGES: Registry[AdvantageFn] = Registry("advantage")
+
+
+def estimator(name: str, **hyperparameters: Any) -> Callable[[AdvantageInputs], Tensor]:
+    """The estimator `name` with its hyperparameters bound, as the credit assignment calls it (recipes/rl.py). A
+    user's estimator (an import path) is checked on every call (Registry.call): one that raises, or returns
+    anything but finite (B, T) advantages like x.mask, is a UserError naming it."""
+    return functools.partial(_estimate, name, hyperparameters)
+
+
+def _estimate(name: str, hyperparameters: dict[str, Any], x: AdvantageInputs) -> Tensor:
+    return ADVANTAGES.call(name, x, shape=tuple(x.mask.shape), **hyperparameters)
 
 
 def per_token(values: Tensor, mask: Tensor) -> Tensor:

@@ -9,7 +9,9 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from posttrain.envs.base import Environment
+from posttrain.envs.multiturn import episode_rules, is_multi_turn
 from posttrain.errors import UserError
+from posttrain.records import Task
 from posttrain.registry import import_object
 
 ENVIRONMENTS: dict[str, Callable[..., Environment]] = {}
@@ -69,10 +71,16 @@ def describe_envs() -> list[tuple[str, str]]:
 
 
 def make_env(name: str, args: dict[str, Any] | None = None) -> Environment:
-    """Build an environment; an argument its constructor does not take is an error naming it."""
+    """Build an environment and check it (`check_env`); an argument its constructor does not take, or a
+    constructor that raises, is an error naming it."""
     factory = _resolve(name)
+    if not callable(factory):
+        raise UserError(f"env.name={name!r} names {_short(factory)}, not an environment class or function")
     args = dict(args or {})
-    params = inspect.signature(factory).parameters
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a callable without a signature (some builtins): pass the args as given
+        params = {"kwargs": inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)}
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(args) - set(params))
         if unknown:
@@ -81,9 +89,63 @@ def make_env(name: str, args: dict[str, Any] | None = None) -> Environment:
         env = factory(**args)
     except (TypeError, ValueError) as e:
         raise UserError(f"env.args for {name!r}: {e}") from e
+    except UserError:
+        raise
+    except Exception as e:  # the user's constructor failed: a one-line error naming it, not a traceback
+        raise UserError(f"env.name={name!r}: building it raised {type(e).__name__}: {e}") from e
     if not isinstance(getattr(env, "name", None), str):  # an import-path class need not name itself
         try:
             env.name = name
         except AttributeError:
             raise UserError(f"env.name={name!r}: the environment has no `name` attribute and cannot be given one") from None
+    check_env(env, name)
     return env
+
+
+_NO_TASK = object()
+
+
+def check_env(env: Any, name: str) -> None:
+    """What a run asks of an environment, tried once on its first training task: `tasks` and `prompt` callable,
+    `tasks("train", 0)` yields Tasks without raising, `prompt` returns a str or a list of {role, content}
+    messages, and a multi-turn environment's episode attributes are well-formed (envs/multiturn.py
+    `episode_rules`). A failure is a UserError naming the environment, before any run directory is touched."""
+    for method in ("tasks", "prompt"):
+        if not callable(getattr(env, method, None)):
+            raise UserError(f"env.name={name!r}: the environment has no {method}() method")
+    if is_multi_turn(env):
+        try:
+            episode_rules(env)
+        except UserError as e:
+            raise UserError(f"env.name={name!r}: {e}") from None
+    try:
+        task = next(iter(env.tasks("train", 0)), _NO_TASK)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"env.name={name!r}: tasks('train', 0) raised {type(e).__name__}: {e}") from e
+    if task is _NO_TASK:  # no training tasks: the samplers say so where they need some
+        return
+    if not isinstance(task, Task):
+        raise UserError(f"env.name={name!r}: tasks() yielded a {type(task).__name__}, not a posttrain Task")
+    try:
+        prompt = env.prompt(task)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"env.name={name!r}: prompt() of task {task.id!r} raised {type(e).__name__}: {e}") from e
+    if not _is_prompt(prompt):
+        raise UserError(f"env.name={name!r}: prompt() of task {task.id!r} returned {_short(prompt)}; it must return "
+                        "a str or a list of {'role': str, 'content': str} messages")
+
+
+def _is_prompt(prompt: Any) -> bool:
+    if isinstance(prompt, str):
+        return True
+    return isinstance(prompt, list) and bool(prompt) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:80]}{'...' if len(text) > 80 else ''}"

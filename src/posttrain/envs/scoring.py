@@ -9,6 +9,7 @@ Every failure becomes `Score(failure_reward, False, info={"error": reason, "deta
   bad_reward  the reward was NaN/inf, not a number, or the return was not a Score
   crash       a worker process died while scoring
   worker      a worker process could not load the environment (every sample of the batch gets this)
+  bad_turn    a multi-turn step returned something that is not a well-formed Turn (`checked_turn`)
 
 Isolation is chosen by the env's `isolation` attribute (see envs/base.py `Isolation`; "process" when the env does
 not declare one), overridable per call:
@@ -28,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import numbers
 import pickle
 import queue
 import select
@@ -88,25 +90,70 @@ def score_many(env: Any, tasks: Sequence[Task], completions: Sequence[str], *, t
                      fail=lambda reason, detail: failure(reason, detail, failure_reward))
 
 
+def reset_many(env: Any, tasks: Sequence[Task], *, timeout_s: float = 10.0, workers: int = 2,
+               isolation: str | None = None) -> list[Any]:
+    """A multi-turn environment's `reset(task)` for each episode, isolated like its steps: -> the episode's
+    state, or a failure Score (reward 0, info["error"]) for a reset that raised, hung past timeout_s or crashed
+    its worker."""
+    return call_many(env, "reset", [(t,) for t in tasks], timeout_s=timeout_s, workers=workers,
+                     isolation=isolation, check=lambda state: state, fail=failure)
+
+
 def step_many(env: Any, tasks: Sequence[Task], states: Sequence[dict], actions: Sequence[str], *,
-              timeout_s: float = 10.0, workers: int = 2, isolation: str | None = None) -> list[Any]:
+              timeout_s: float = 10.0, workers: int = 2, isolation: str | None = None,
+              max_observation_chars: int | None = None) -> list[Any]:
     """A multi-turn environment's `step(task, state, action)` for each episode, isolated like its verifier:
     -> a Turn (envs/multiturn.py) per episode, or a failure Score (reward 0, info["error"]) for a step that
-    raised, hung past timeout_s, crashed its worker or returned something that is not a Turn."""
+    raised, hung past timeout_s, crashed its worker or returned something that is not a well-formed Turn
+    (`checked_turn`; max_observation_chars defaults to the environment's `episode_rules`)."""
+    from posttrain.envs.multiturn import episode_rules  # here, like checked_turn's import
+
+    name = str(getattr(env, "name", type(env).__name__))
+    cap = max_observation_chars if max_observation_chars is not None else episode_rules(env).max_observation_chars
     return call_many(env, "step", list(zip(tasks, states, actions)), timeout_s=timeout_s, workers=workers,
-                     isolation=isolation, check=checked_turn, fail=failure)
+                     isolation=isolation, check=lambda value: checked_turn(value, name, cap), fail=failure)
 
 
-def checked_turn(result: Any) -> Any:
-    from posttrain.envs.multiturn import Turn  # here: keeps worker start-up free of the rollout imports
+TURN_COUNTS = ("tool_calls", "tool_errors")  # info keys that episodes add up: non-negative ints
+
+
+def checked_turn(result: Any, env_name: str = "?", max_observation_chars: int | None = None) -> Any:
+    """The step's return as a well-formed Turn (a str or None observation of at most max_observation_chars, a
+    finite reward, bool done and correct, a dict info whose TURN_COUNTS are non-negative ints), or a `bad_turn`
+    failure naming the environment and the field."""
+    from posttrain.envs.multiturn import MAX_OBSERVATION_CHARS, Turn
+
+    def bad(detail: str) -> Score:
+        return failure("bad_turn", f"environment {env_name!r}: step() {detail}")
 
     if not isinstance(result, Turn):
-        return failure("bad_reward", f"step() returned {type(result).__name__}, not Turn")
-    try:
-        ok = not isinstance(result.reward, bool) and math.isfinite(float(result.reward))
+        return bad(f"returned {type(result).__name__}, not Turn")
+    obs, cap = result.observation, max_observation_chars or MAX_OBSERVATION_CHARS
+    if obs is not None and not isinstance(obs, str):
+        return bad(f"returned an observation of type {type(obs).__name__}, not str or None")
+    if obs is not None and len(obs) > cap:
+        return bad(f"returned an observation of {len(obs):,} characters, over max_observation_chars = {cap:,}")
+    r = result.reward
+    try:  # a number (numpy's too): not a bool, not a numeric string
+        ok = isinstance(r, numbers.Real) and not isinstance(r, bool) and math.isfinite(float(r))
     except (TypeError, ValueError, OverflowError):
         ok = False
-    return result if ok else failure("bad_reward", f"turn reward {_short(result.reward)} is not a finite number")
+    if not ok:
+        return bad(f"returned turn reward {_short(r)}, not a finite number")
+    info = {} if result.info is None else result.info
+    if not isinstance(info, dict):
+        return bad(f"returned info of type {type(info).__name__}, not dict")
+    for key in TURN_COUNTS:
+        n = info.get(key, 0)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            return bad(f"returned info[{key!r}] = {_short(n)}, not a non-negative int")
+    try:
+        done, correct = bool(result.done), bool(result.correct)
+    except Exception as e:  # noqa: BLE001 - an object whose truth value raises (a multi-element array)
+        return bad(f"returned done/correct that are not booleans ({_describe(e)})")
+    if done is result.done and correct is result.correct and info is result.info and type(r) is float:
+        return result
+    return replace(result, reward=float(r), done=done, correct=correct, info=info)
 
 
 def call_many(env: Any, method: str, calls: Sequence[tuple], *, timeout_s: float, workers: int,
@@ -135,7 +182,7 @@ def _call_inline(fn: Callable[..., Any], args: tuple, timeout_s: float, check, f
     start = time.perf_counter()
     try:
         result = fn(*args)
-    except Exception as e:  # noqa: BLE001 - a verifier bug costs its sample, not the run
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - a verifier bug (sys.exit too) costs its sample, not the run
         return fail("exception", _describe(e))
     elapsed = time.perf_counter() - start
     if elapsed > timeout_s:
@@ -382,7 +429,8 @@ class Scorer:
                                 torch.tensor([s.correct for s in scores], dtype=torch.bool),
                                 torch.tensor([answer_parses(self.env, t, c) for t, c in zip(tasks, texts, strict=True)],
                                              dtype=torch.bool))
-        rewards = REWARD_CONTROLS.get(self.control)(x, torch.Generator().manual_seed(seed), **self.control_args)
+        rewards = REWARD_CONTROLS.call(self.control, x, torch.Generator().manual_seed(seed), shape=(len(scores),),
+                                       **self.control_args)  # a user's control is checked: (B,), finite
         return [Score(float(r), s.correct, {**s.info, "verifier_reward": s.reward})
                 for r, s in zip(rewards.tolist(), scores, strict=True)]
 

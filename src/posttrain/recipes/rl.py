@@ -18,7 +18,6 @@ end_step (log, evaluate, reset the reference, checkpoint).
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,7 +28,6 @@ import torch
 from torch import Tensor
 
 from posttrain.algos import (
-    ADVANTAGES,
     AGGREGATIONS,
     IS_CORRECTIONS,
     KL_ESTIMATORS,
@@ -45,6 +43,7 @@ from posttrain.algos import (
     overlong_penalty,
     should_reset_reference,
 )
+from posttrain.algos.advantages import estimator
 from posttrain.algos.credit import CREDIT, CreditInputs, turn_index
 from posttrain.data.samplers import SAMPLERS, PromptHistory, TaskSampler
 from posttrain.recipes.rl_config import RLConfig
@@ -236,7 +235,7 @@ def rl_batch(ctx: RunContext, kept: RolloutBatch, c: RLConfig, learner: Learner,
         CreditInputs(inputs, [s.info.get("turn_rewards", [s.reward]) for s in kept.scores],
                      turn_index([x.policy_mask for x in kept.completions], [len(x) for x in seqs.completions],
                                 mask.shape[1])),
-        functools.partial(ADVANTAGES.get(c.advantage), **c.advantage_args), **c.credit_args)
+        estimator(c.advantage, **c.advantage_args), **c.credit_args)
     valid = mask.bool()
     metrics.update({"is/weight_max": float((is_weights * mask).max()),
                     "is/ess": float(effective_sample_size(is_weights, mask)),
