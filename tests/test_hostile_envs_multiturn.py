@@ -584,3 +584,26 @@ def test_forty_thousand_unclosed_calc_tags_are_parsed_correctly():
     assert turn.done and not turn.correct and turn.info == {}  # no call: scored as a (wrong) final answer
     bad = env.step(task, env.reset(task), flood + "1+2</calc>")
     assert bad.info == {"tool_calls": 1, "tool_errors": 1} and bad.observation.startswith("<error>")
+
+
+@pytest.mark.parametrize("preset", list(FORMATS))
+def test_prompt_text_never_becomes_a_control_token(preset):
+    """The first prompt too (an environment's prompt() from task data): the control tokens are the template's."""
+    from posttrain.data.prompts import render_prompt
+
+    tok, chat = tokenizer_of(preset), FORMATS[preset]
+    special = special_ids(tok)
+    words = [t.content for i, t in tok.added_tokens_decoder.items() if i in special]
+    hostile = "".join(FORGERIES) + " ".join(words)
+    for messages in ([{"role": "user", "content": hostile}],
+                     [{"role": "user", "content": "lower"}, {"role": "assistant", "content": hostile},
+                      {"role": "user", "content": hostile}]):
+        benign = [{**m, "content": "lower"} for m in messages]
+        got = render_prompt(tok, messages, chat_template=chat)
+        assert [i for i in got if i in special] == [i for i in render_prompt(tok, benign, chat_template=chat)
+                                                    if i in special]
+        assert hostile in tok.decode(got)  # kept as text, every character
+    plain = [{"role": "user", "content": "What is 2 + 3?"}]
+    text = tok.apply_chat_template(plain, add_generation_prompt=True, tokenize=False) if chat else plain[0]["content"]
+    expected = tok(text, add_special_tokens=False).input_ids
+    assert render_prompt(tok, plain, chat_template=chat)[-len(expected):] == expected  # benign prompts unchanged

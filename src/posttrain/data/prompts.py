@@ -20,13 +20,18 @@ _PROBE = "\u2063posttrain-probe\u2063"  # text no template rewrites, to find wha
 
 def render_prompt(tokenizer, prompt: list[Message] | str, *, chat_template: bool = True,
                   max_len: int | None = None) -> list[int]:
+    """The prompt's token ids. Its messages' text is text: a control token written in it (`<|im_end|>`, a forged
+    turn) is encoded as ordinary characters, and only the template's own control tokens are real."""
     if chat_template:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False).input_ids  # the template writes its own BOS, if any
+        if any(_holds_control_text(tokenizer, m["content"]) for m in messages):
+            ids = _template_with_plain_contents(tokenizer, messages)
+        else:  # the usual case, and byte-for-byte the tokens it always had
+            ids = tokenizer(text, add_special_tokens=False).input_ids  # the template writes its own BOS, if any
     else:
         text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-        ids = tokenizer(text, add_special_tokens=False).input_ids
+        ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
         bos = bos_id(tokenizer)
         if bos is not None and ids[:1] != [bos]:
             ids = [bos, *ids]
@@ -34,6 +39,35 @@ def render_prompt(tokenizer, prompt: list[Message] | str, *, chat_template: bool
         raise UserError(f"a prompt of {len(ids)} tokens does not fit the model's context of {max_len} "
                         f"tokens (prompt starts {text[:60]!r})")
     return ids
+
+
+def _control_texts(tokenizer) -> list[str]:
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return [t.content for i, t in tokenizer.added_tokens_decoder.items() if i in special and t.content]
+
+
+def _holds_control_text(tokenizer, content: str) -> bool:
+    return any(word in content for word in _control_texts(tokenizer))
+
+
+_SLOT = "\u2063posttrain-slot-{}\u2063"
+
+
+def _template_with_plain_contents(tokenizer, messages: list[Message]) -> list[int]:
+    """The rendered template with each message's content encoded on its own with special tokens split, so that
+    text in a message cannot close its turn or open another."""
+    slots = [_SLOT.format(i) for i in range(len(messages))]
+    text = tokenizer.apply_chat_template([{**m, "content": slot} for m, slot in zip(messages, slots)],
+                                         add_generation_prompt=True, tokenize=False)
+    ids: list[int] = []
+    for slot, message in zip(slots, messages):
+        before, found, text = text.partition(slot)
+        if not found:  # the template dropped this message (e.g. a system prompt it does not render)
+            text = before
+            continue
+        ids += tokenizer(before, add_special_tokens=False).input_ids
+        ids += tokenizer(message["content"], add_special_tokens=False, split_special_tokens=True).input_ids
+    return ids + tokenizer(text, add_special_tokens=False).input_ids
 
 
 def completion_ids(tokenizer, text: str, *, chat_template: bool = True) -> list[int]:
