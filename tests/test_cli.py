@@ -32,7 +32,7 @@ def test_run_eval_report_through_the_cli(tmp_path):
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "sft/loss" in r]
     assert steps == [1, 2, 3]
-    assert all(k in rows[1] for k in ("time/elapsed_s", "sft/loss", "train/lr", "train/grad_norm", "train/tokens"))
+    assert all(k in rows[1] for k in ("time/elapsed_s", "sft/loss", "train/lr", "train/grad_norm", "train/tokens_total"))
 
     again = posttrain("run", "recipes/sft-tiny.toml", *TINY, "--set", "sft.steps=3", "--set",
                       f"output_dir={tmp_path}", "--set", "sft.eval_every=0")

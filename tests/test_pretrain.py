@@ -69,7 +69,7 @@ def test_pretraining_from_random_init_lowers_the_held_out_loss_and_saves_a_loada
     # random init is ~ln(vocab) = 4.6 nats per token; by the first held-out point (step 8) the loss is far below that
     # and it keeps falling (this 0.1M-parameter model then plateaus near 2.4)
     assert held[-1] < held[0] < 0.65 * math.log(model_vocab(cfg))
-    assert train[-1]["compute/pretrain_flops"] > 0 and train[-1]["train/tokens"] == 32 * 8 * 23
+    assert train[-1]["compute/pretrain_flops"] > 0 and train[-1]["train/tokens_total"] == 32 * 8 * 23
     model = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "final")
     assert model.config.model_type == "llama"
     assert json.loads((cfg.run_dir / "eval" / "pretrain.json").read_text())["problems"] == 8

@@ -221,7 +221,7 @@ def train_on_pairs(ctx: RunContext, learner: Learner, reference: FrozenModel | N
     if result.skipped:
         ctx.note(result.skipped + "; update skipped")
     ctx.add_flops(train=result.flops)
-    ctx.add(**{"train/tokens": result.tokens})
+    ctx.add(**{"train/tokens_total": result.tokens})
     n, m = len(pairs), result.metrics
     return {**metrics, "dpo/loss": result.loss, "dpo/chosen_reward": m["chosen_reward"] / n,
             "dpo/rejected_reward": m["rejected_reward"] / n,

@@ -114,7 +114,7 @@ def run(ctx: RunContext, c: OfflineOPDConfig, resume: StageResume | None) -> Non
             ctx.note(result.skipped + "; update skipped")
         ctx.global_step += 1
         ctx.add_flops(train=result.flops)
-        ctx.add(**{"train/tokens": result.tokens})
+        ctx.add(**{"train/tokens_total": result.tokens})
         ctx.status(f"k2 {result.metrics['k2']:.3f}")
         ctx.write_metrics("opd_offline", {"distill/k2": result.metrics["k2"],
                                           "distill/reverse_kl": result.metrics["reverse_kl"],

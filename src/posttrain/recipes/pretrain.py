@@ -193,7 +193,7 @@ def run(ctx: RunContext, c: PretrainConfig, resume: StageResume | None) -> None:
             ctx.note(result.skipped + "; update skipped")
         ctx.global_step += 1
         ctx.add_flops(train=result.flops)
-        ctx.add(**{"train/tokens": result.tokens})
+        ctx.add(**{"train/tokens_total": result.tokens})
         metrics = {"pretrain/loss": result.loss, "pretrain/ppl": math.exp(min(result.loss, 50.0)),
                    "train/lr": result.lr, "train/grad_norm": result.grad_norm, "time/step_s": time.time() - t0}
         if c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < steps:

@@ -152,7 +152,7 @@ def train(ctx: RunContext, c: RLConfig, batches: Rollouts, learner: Learner, sam
                 metrics["distill/coef"] = teacher_coef
         ctx.global_step += 1
         # 7. controllers between steps ---------------------------------------------------------------------------
-        if c.entropy_target is not None and len(rollouts.kept):
+        if c.entropy_target is not None and "pg/entropy" in metrics:  # measured only on a step that trained
             adapt_to_entropy(ctx, state, c, metrics["pg/entropy"])
         # 8. the engines sample from the new weights; log, evaluate, reset, checkpoint ----------------------------
         t0 = time.time()  # a sharded learner gathers its weights here (train/learner_group.py)
@@ -325,10 +325,11 @@ def train_metrics(ctx: RunContext, results: list[tuple[StepResult, Tensor]], bat
         if r.skipped:
             ctx.note(r.skipped + "; update skipped")
     ctx.add_flops(train=sum(r.flops for r, _ in results))
-    ctx.add(**{"train/tokens": sum(r.tokens for r, _ in results)})
+    ctx.add(**{"train/tokens_total": sum(r.tokens for r, _ in results)})
     sums = {k: sum(r.metrics.get(k, 0.0) for r, _ in results)
             for k in ("clip_frac", "ratio", "entropy", "kl", "teacher_kl")}
-    denom = max(1, sum(r.tokens for r, _ in results))  # pg/* and kl/* are means over the tokens that trained
+    trained_tokens = sum(r.tokens for r, _ in results)
+    denom = max(1, trained_tokens)  # pg/* and kl/* are means over the tokens that trained
     trained = [int(i) for _, rows in results for i in rows]
     seqs = batch.seqs
     return {
@@ -336,9 +337,11 @@ def train_metrics(ctx: RunContext, results: list[tuple[StepResult, Tensor]], bat
         "train/grad_norm": sum(r.grad_norm for r, _ in results) / len(results),
         "train/lr": results[-1][0].lr, "train/updates": len(results),
         "train/skipped_frac": 1 - len(trained) / max(1, len(seqs) * c.epochs),
-        "pg/clip_frac": sums["clip_frac"] / denom, "pg/ratio_mean": sums["ratio"] / denom,
-        "pg/entropy": sums["entropy"] / denom, "kl/value": sums["kl"] / denom,
-        **({"distill/teacher_kl": sums["teacher_kl"] / denom} if c.teacher_kl_coef else {}),
+        # means over the tokens that trained: absent (not 0) on a step where none did, e.g. every group skipped
+        **({"pg/clip_frac": sums["clip_frac"] / denom, "pg/ratio_mean": sums["ratio"] / denom,
+            "pg/entropy": sums["entropy"] / denom, "kl/value": sums["kl"] / denom,
+            **({"distill/teacher_kl": sums["teacher_kl"] / denom} if c.teacher_kl_coef else {})} if trained_tokens
+           else {}),
         **{f"pg/{k}": v for k, v in state.loss_args.items() if isinstance(v, float)},
         "time/train_s": t_train,
         "perf/train_tokens_per_s": sum(len(seqs.prompts[i]) + len(seqs.completions[i]) for i in trained)

@@ -124,7 +124,7 @@ def run(ctx: RunContext, c: RLPConfig, resume: StageResume | None) -> None:
         gen = sum(learner.flop_model.prefill(len(x)) for x in contexts) + sum(
             learner.flop_model.decode_steps(len(p), len(t.token_ids)) for p, t in zip(prompts, thoughts, strict=True))
         ctx.add_flops(generate=gen, old=old_flops + drift_flops, ref=ema_flops, train=result.flops)
-        ctx.add(**{"train/tokens": result.tokens, "rlp/positions": len(docs)})
+        ctx.add(**{"train/tokens_total": result.tokens, "rlp/positions": len(docs)})
         metrics = {"rlp/info_gain": float(rewards.mean()), "rlp/info_gain_std": float(rewards.std()),
                    "rlp/drift_gain": float(information_gain(pad(drift_lp), pad(ema_lp), pad(
                        [[1.0] * len(t) for t in targets])).mean()),

@@ -90,7 +90,7 @@ def run(ctx: RunContext, c: SFTConfig, resume: StageResume | None) -> None:
             ctx.note(result.skipped + "; update skipped")
         ctx.global_step += 1
         ctx.add_flops(train=result.flops)
-        ctx.add(**{"train/tokens": result.tokens})
+        ctx.add(**{"train/tokens_total": result.tokens})
         metrics = {"sft/loss": result.loss, "train/lr": result.lr, "train/grad_norm": result.grad_norm,
                    "time/step_s": time.time() - t0, "train/examples_seen": cursor}
         ctx.status(f"loss {result.loss:.3f}")
