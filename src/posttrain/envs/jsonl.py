@@ -15,10 +15,11 @@ split_of(prompt). "question" is accepted for "prompt". Verifiers (arg `verifier`
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from posttrain.data.tables import read_rows
@@ -84,6 +85,16 @@ def answer_text(value: object, where: str) -> str:
     return value
 
 
+def content_digest(tasks: Iterable[Task]) -> str:
+    """A short hash of the tasks' questions and answers in file order: the shuffle's salt, so the same rows give
+    the same order whatever the file's path or format (.jsonl, .csv, .parquet, a copy elsewhere)."""
+    h = hashlib.sha256()
+    for task in tasks:
+        h.update(json.dumps([task.question, task.answer]).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
 def shuffled(tasks: list[Task], split: str, seed: int, salt: str) -> Iterator[Task]:
     """A finite pass over `tasks` in an order fixed by (split, seed)."""
     order = list(tasks)
@@ -135,7 +146,7 @@ class Jsonl:
         self._by_split: dict[str, list[Task]] = {"train": [], "eval": []}
         for split, task in rows:
             self._by_split[split].append(task)
-        self._salt = "jsonl:" + hashlib.sha1(self.path.encode()).hexdigest()[:8]
+        self._salt = "jsonl:" + content_digest(task for _, task in rows)
 
     def tasks(self, split: str, seed: int) -> Iterator[Task]:
         check_split(split)

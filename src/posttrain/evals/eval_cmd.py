@@ -144,6 +144,8 @@ def run_eval(target: str, *, env: str | None, env_args: list[str], split: str, p
                    "protocol": {k: v for k, v in p.items()}, "evaluated_at": time.strftime("%Y-%m-%d %H:%M:%S")})
     target_file = out or default_output(run_dir, Path(path), p["env"], split, p["samples"])
     write_atomic(target_file, json.dumps(result, indent=1))
+    for warning in result.get("warnings", []):  # fewer distinct problems than asked (evals/evaluate.py)
+        console.print(warning, markup=False, highlight=False)
     console.print(eval_table(result))
     console.print(f"written: {target_file}", markup=False, highlight=False)
     return result
@@ -195,7 +197,10 @@ def default_output(run_dir: Path | None, model: Path, env: str, split: str, n: i
 
 
 def eval_table(result: dict[str, Any]) -> Table:
-    table = Table(title=escape(f"{result['env']} / {result.get('split', 'eval')}: {result['problems']} problems, "
+    asked = result.get("problems_requested", result["problems"])
+    shown = f"{result['problems']} problems" + (f" (all distinct ones; {asked} asked)" if asked > result["problems"]
+                                                 else "")
+    table = Table(title=escape(f"{result['env']} / {result.get('split', 'eval')}: {shown}, "
                                f"n = {result.get('samples', 1)}"))
     for col in ("metric", "mean", "95% CI"):
         table.add_column(col, justify="right" if col != "metric" else "left")

@@ -3,9 +3,8 @@ bootstrap confidence intervals. Uses the environment's own `score`, the same fun
 
 from __future__ import annotations
 
-import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,35 @@ from posttrain.rollout.episodes import episode_summary, run_episodes
 from posttrain.science.passk import majority_correct, summarize_eval
 
 EVAL_SEED = 0  # the held-out problem set is the same for every run seed, so runs are comparable
+DRAW_PATIENCE = 2000  # draws in a row without a new problem after which the split counts as exhausted
+
+
+def distinct_tasks(stream: Iterable[Any], n: int, patience: int = DRAW_PATIENCE) -> list[Any]:
+    """Up to `n` problems of `stream` that differ in content (question and answer): a generated split may hold
+    fewer distinct problems than asked (1-digit arithmetic has 12), and a repeat would count one problem twice.
+    Stops at `n`, at the end of a finite stream, or after `patience` draws in a row that bring nothing new."""
+    seen: set[tuple[str, str]] = set()
+    out: list[Any] = []
+    since_new = 0
+    for task in stream:
+        if len(out) >= n or since_new >= patience:
+            break
+        key = (repr(task.question), repr(task.answer))
+        if key in seen:
+            since_new += 1
+            continue
+        seen.add(key)
+        out.append(task)
+        since_new = 0
+    return out
+
+
+def shortfall_warning(env_name: str, split: str, requested: int, found: int) -> str | None:
+    """The line a run log or console shows when the split holds fewer distinct problems than asked, else None."""
+    if found >= requested:
+        return None
+    return (f"warning: eval on {env_name}/{split} asked for {requested} problems but only {found} distinct exist; "
+            f"evaluating those {found}")
 GENERATE_CHUNK = 512  # sequences per engine call: bounds KV-cache memory
 
 
@@ -38,7 +66,7 @@ def evaluate(engine, tokenizer, env, *, problems: int, samples: int, ks: Sequenc
              score=None, progress=None) -> dict[str, Any]:
     """`score(tasks, texts) -> list[Score]` defaults to the isolated scoring pool with default limits."""
     score = score or (lambda tasks, texts: score_many(env, tasks, texts))
-    tasks = list(itertools.islice(env.tasks(split, EVAL_SEED), problems))
+    tasks = distinct_tasks(env.tasks(split, EVAL_SEED), problems)
     prompts = [render_prompt(tokenizer, env.prompt(t), chat_template=chat_template, max_len=max_len) for t in tasks]
 
     def sample(rows: list, row_prompts: list, params: SamplingParams, done: int = 0) -> tuple[list, list]:
@@ -50,10 +78,12 @@ def evaluate(engine, tokenizer, env, *, problems: int, samples: int, ks: Sequenc
 
     _, greedy_scores = sample(tasks, prompts, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
     result: dict[str, Any] = {
-        "env": env.name, "split": split, "problems": len(tasks),
+        "env": env.name, "split": split, "problems": len(tasks), "problems_requested": problems,
         "answer_format": getattr(env, "answer_format", None),  # how answers were read (envs/base.py)
         "greedy_acc": sum(s.correct for s in greedy_scores) / max(1, len(tasks)),
     }
+    if warning := shortfall_warning(env.name, split, problems, len(tasks)):
+        result["warnings"] = [warning]
     if greedy_only:
         return result
     sampled, scores = sample([t for t in tasks for _ in range(samples)], [p for p in prompts for _ in range(samples)],

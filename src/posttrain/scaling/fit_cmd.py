@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,8 @@ def run_fit(
     result["plot"] = str(png)
     if as_json:
         print(json.dumps(result, indent=2))
+        for line in result["fit"]["warnings"]:  # also in the JSON; stderr keeps stdout parseable
+            print(f"warning: {line}", file=sys.stderr)
     else:
         _print_table(result)
     return result
@@ -169,6 +172,8 @@ def _print_table(result: dict[str, Any]) -> None:
     console.print(f"{fit['n_points']} points ({result['n_excluded_warmup']} excluded as warm-up), "
                   f"x in [{_fmt(fit['fitted_range'][0])}, {_fmt(fit['fitted_range'][1])}], rmse {_fmt(fit['rmse'])}")
     for fitted in (fit, (result["predictivity"] or {}).get("fit") or {}):
+        for line in fitted.get("warnings", []):  # science/fit.py bound_warnings
+            console.print(f"[yellow]warning:[/yellow] {escape(line)}{' (early-half fit)' if fitted is not fit else ''}")
         if fitted.get("at_bounds"):
             names = ", ".join(fitted["at_bounds"])
             console.print(f"[yellow]warning:[/yellow] not identified: the CI of {escape(names)} reaches the edge of "

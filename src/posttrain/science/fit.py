@@ -57,6 +57,8 @@ class FitResult:
     alpha: float = 0.05
     boot_params: np.ndarray = field(default_factory=lambda: np.empty((0, 0)), repr=False, compare=False)
     at_bounds: tuple[str, ...] = ()
+    box: dict[str, tuple[float, float]] = field(default_factory=dict, compare=False)  # free params' search box, raw C
+    warnings: tuple[str, ...] = ()  # bound_warnings(): point estimates at the box's edge, a midpoint outside the data
 
     @property
     def curve(self) -> CurveForm:
@@ -94,6 +96,7 @@ class FitResult:
             "rmse": float(self.rmse),
             "n_boot_ok": self.n_boot_ok,
             "at_bounds": list(self.at_bounds),
+            "warnings": list(self.warnings),
         }
 
 
@@ -250,11 +253,49 @@ def fit_curve(
         else:
             ci[p] = (params[p], params[p])
     boot_params = np.stack([boot[p] for p in cf.params], axis=1) if boot else np.empty((0, len(cf.params)))
+    # the box on the raw axis: each bound rescaled with the other parameters at their point values (power's D
+    # depends on b)
+    lo_n, hi_n = cf.bounds(prob.c, bounded)
+    natural = {p: float(v[0]) for p, v in prob.natural(theta[None, :]).items()}
+    box = {p: tuple(float(cf.rescale({**natural, p: b[cf.params.index(p)]}, C_ref)[p]) for b in (lo_n, hi_n))
+           for p in prob.free}
+    fitted_range = (float(C.min()), float(C.max()))
     return FitResult(
-        form=form, params=params, ci=ci, fitted_range=(float(C.min()), float(C.max())), n_points=int(C.size),
+        form=form, params=params, ci=ci, fitted_range=fitted_range, n_points=int(C.size),
         rmse=rmse, fixed=tuple(fixed), n_boot_ok=len(boot_theta), alpha=alpha, boot_params=boot_params,
-        at_bounds=_at_bounds(prob, theta, boot_theta, alpha),
+        at_bounds=_at_bounds(prob, theta, boot_theta, alpha), box=box,
+        warnings=tuple(bound_warnings(params, box, log_params=cf.log_params, midpoint=MIDPOINTS.get(form),
+                                      fitted_range=fitted_range)),
     )
+
+
+MIDPOINTS = {"sigmoid": "C_mid"}  # the compute of half the gain: a value outside the data is an extrapolation
+
+
+def bound_warnings(params: dict[str, float], box: dict[str, tuple[float, float]], *,
+                   log_params: Sequence[str] = (), midpoint: str | None = None,
+                   fitted_range: tuple[float, float] | None = None, rtol: float = 1e-3) -> list[str]:
+    """One line per fitted parameter whose point estimate lies within `rtol` of its box's width of a finite bound
+    (measured in log space for the log-scale parameters), and for a `midpoint` parameter outside `fitted_range`:
+    such a value says where the search stopped (or what the curve would do beyond the data), not what was measured.
+    `box[name] = (lo, hi)` for the free parameters only; a fixed parameter is never at a bound."""
+    out = []
+    for name, (lo, hi) in box.items():
+        value = params[name]
+        to = (lambda v: np.log(v) if v > 0 else -np.inf) if name in log_params else (lambda v: v)
+        width = to(hi) - to(lo)
+        if not np.isfinite(width):
+            width = 1.0 if name not in log_params else np.log(10.0)
+        for side, bound in (("lower", lo), ("upper", hi)):
+            if np.isfinite(to(bound)) and abs(to(value) - to(bound)) <= rtol * width:
+                out.append(f"{name} = {value:.4g} is at the {side} bound {bound:.4g} of its search box: the data do "
+                           "not determine it")
+    if midpoint is not None and fitted_range is not None and midpoint in params:
+        value, (c_lo, c_hi) = params[midpoint], fitted_range
+        if not c_lo <= value <= c_hi:
+            out.append(f"{midpoint} = {value:.4g} is outside the fitted data's range [{c_lo:.4g}, {c_hi:.4g}]: "
+                       "the midpoint is an extrapolation")
+    return out
 
 
 def _at_bounds(prob: _Problem, theta: np.ndarray, boot_theta: np.ndarray, alpha: float,
