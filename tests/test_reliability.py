@@ -2,6 +2,7 @@
 inputs, determinism."""
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -180,3 +181,20 @@ def test_a_step_that_trained_nothing_logs_no_entropy_or_ratios(tmp_path, hostile
     for r in rl:
         assert not {"pg/entropy", "pg/clip_frac", "pg/ratio_mean", "kl/value"} & set(r), r
     assert all("train/tokens_total" in r for r in rl)  # a running total, named as one
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_local_engines_logprobs_are_checked_against_the_learners_every_step(tmp_path, bf16):
+    """With the sampler's logprobs as PPO denominators (the local engine's default), a sampled row per
+    mismatch_check_every is recomputed by the learner and the gap logged, its FLOPs in the ledger. In fp32 the
+    engine and the learner compute the same numbers, so the gap is ~0; in bf16 it is measured, whatever it is."""
+    cfg = config(tmp_path, mismatch_check_every=4)
+    cfg = validate({**cfg.model_dump(mode="json"), "model": {"path": "tiny-test", "bf16": bf16}}, "test")
+    run(cfg)
+    rl = [r for r in rows(cfg.run_dir) if r.get("stage") == "rl" and "train/skipped_frac" in r]
+    assert rl and all(r["is/mismatch_rows"] == 4 for r in rl)  # 16 completions, 1 in 4
+    for r in rl:
+        assert 0 <= r["is/logprob_diff_mean"] <= r["is/logprob_diff_max"] and math.isfinite(r["is/mismatch_kl"])
+        if not bf16:
+            assert r["is/logprob_diff_max"] < 1e-3
+    assert rl[-1]["compute/mismatch_flops"] > 0

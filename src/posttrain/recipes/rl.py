@@ -227,6 +227,17 @@ def rl_batch(ctx: RunContext, kept: RolloutBatch, c: RLConfig, learner: Learner,
         metrics.update(mismatch_metrics(old_lp, sampler_lp, mask))
     else:  # the engine's logprobs: the learner's own only for fp32 shared weights (tests/test_engine.py)
         old_lp = sampler_lp
+        if c.mismatch_check_every:  # ... so how far they are from the learner's is measured on a few rows
+            rows = [i for i in range(len(seqs.prompts)) if (i + ctx.global_step) % c.mismatch_check_every == 0]
+            if rows:
+                checked, flops = learner.logprobs(Sequences([seqs.prompts[i] for i in rows],
+                                                            [seqs.completions[i] for i in rows]),
+                                                  temperature=c.temperature)
+                ctx.add_flops(mismatch=flops)
+                checked_lp = pad(checked)  # (len(rows), T') with T' <= T: the rows' own longest completion
+                width = checked_lp.shape[1]
+                metrics.update(mismatch_metrics(checked_lp, sampler_lp[rows][:, :width], mask[rows][:, :width]),
+                               **{"is/mismatch_rows": len(rows)})
     is_weights = IS_CORRECTIONS.get(c.is_correction)(old_lp, sampler_lp, mask, cap=c.is_cap)
     # The advantage estimator, through the credit assignment over an episode's turns (algos/credit.py).
     inputs = AdvantageInputs(rewards, kept.group_ids, mask, token_rewards=token_rewards, logprobs=sampler_lp,

@@ -158,6 +158,12 @@ class RLConfig(StageConfig):
                                       "exactly 0 (their gradient is exactly 0; normalisers still count them). "
                                       "Ignored when an entropy bonus or a KL loss term gives them a gradient; with "
                                       "a teacher KL term, only samples it does not cover (teacher_kl_mask) skip.")
+    mismatch_check_every: int = Field(16, ge=0, description="When old logprobs are the sampler's (not recomputed), "
+                                      "recompute the learner's logprobs for 1 completion in N every step and log "
+                                      "how far the engine's are from them (is/mismatch_kl, is/logprob_diff_mean "
+                                      "and _max, is/mismatch_rows; its FLOPs in compute/mismatch_flops): the PPO "
+                                      "denominators are the engine's, so their error is measured, not assumed. "
+                                      "0 = off.")
     recompute_old_logprobs: bool | None = Field(None, description="Recompute old logprobs with a learner forward "
                                                 "pass instead of using the sampler's (needed when the sampler's "
                                                 "numerics differ from the learner's: another engine, bf16 rollouts). "

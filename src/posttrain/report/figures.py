@@ -64,6 +64,7 @@ TRAINING_PANELS = [
     ("rollout/len_mean", "Response length", "tokens"),
     ("pg/clip_frac", "Clipped fraction (PPO ratio)", "fraction of tokens"),
     ("kl/value", "KL to reference", "nats / token"),
+    ("is/mismatch_kl", "Engine vs learner logprobs (k3 KL)", "nats / token"),
     ("episode/turns_mean", "Turns per episode (multi-turn)", "turns"),
     ("episode/tool_calls_mean", "Tool calls per episode", "calls"),
     ("episode/tool_errors_mean", "Tool errors per episode", "errors"),
