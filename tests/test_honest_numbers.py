@@ -127,3 +127,18 @@ def test_a_sigmoid_fit_still_rising_at_the_data_edge_warns_and_records_it():
         at_bound = np.isclose(value, lo, rtol=1e-2) or np.isclose(value, hi, rtol=1e-2)
         outside = name == "C_mid" and not fit.fitted_range[0] <= value <= fit.fitted_range[1]
         assert at_bound or outside, line
+
+
+def test_a_run_says_in_its_log_when_its_eval_has_fewer_distinct_problems_than_asked(tmp_path):
+    from posttrain.config import validate
+    from posttrain.runner import run
+
+    cfg = validate({"recipe": "sft", "name": "t", "output_dir": str(tmp_path), "threads": 1,
+                    "model": {"path": "tiny-test"}, "env": {"name": "arithmetic", "args": {"digits": 1}},
+                    "sft": {"steps": 1, "batch_size": 4, "micro_batch_size": 4},
+                    "eval": {"problems": 200, "samples": 1, "ks": [1], "max_new_tokens": 2, "at_start": False}},
+                   "test")
+    run(cfg)
+    result = json.loads((cfg.run_dir / "eval" / "sft.json").read_text())
+    assert result["problems"] < 200 and result["problems_requested"] == 200
+    assert f"only {result['problems']} distinct exist" in (cfg.run_dir / "run.log").read_text()

@@ -249,6 +249,9 @@ class RunContext:
         self.phase("eval", f"{e.problems} problems x {e.samples} samples")
         result = e(greedy_only=greedy_only)
         result.update({"tag": tag, "step": self.global_step, "stage": stage})
+        for warning in [*result.get("warnings", []),
+                        *(w for suite in result.get("suites", {}).values() for w in suite.get("warnings", []))]:
+            self.note(f"warning: {warning}")  # e.g. fewer distinct problems than asked
         if not greedy_only:
             write_eval(self.run_dir / "eval" / f"{tag}.json", result)
             self.evals[tag] = dict(headline_metrics(result))
