@@ -79,12 +79,3 @@ class AlwaysCorrect(Arithmetic):
 
     def score(self, task: Task, completion: str) -> Score:
         return Score(1.0, True)
-
-
-class AlwaysRight(Arithmetic):
-    """Every completion scores 1: every group has zero reward variance, so RL has nothing to train on."""
-
-    isolation = "inline"
-
-    def score(self, task: Task, completion: str) -> Score:
-        return Score(1.0, True)

@@ -97,7 +97,8 @@ def test_kdrl_anneals_beta_and_masks_correct_samples(tmp_path, teacher_dir, monk
     cfg = config(tmp_path, "kdrl-all-correct", teacher_dir, env="hostile_envs:AlwaysCorrect", preset="kdrl")
     run(cfg)
     train = [r for r in rows(cfg.run_dir) if "distill/coef" in r]
-    assert all(r["distill/masked_frac"] == 1.0 and r["distill/teacher_kl"] == 0.0 for r in train)
+    # the teacher KL is a mean over the tokens that trained: none did, so it is absent, not 0
+    assert all(r["distill/masked_frac"] == 1.0 and "distill/teacher_kl" not in r for r in train)
     assert all(r["train/skipped_frac"] == 1.0 for r in train)  # zero advantage, no teacher term: nothing to run
     cfg = config(tmp_path, "kdrl-unmasked", teacher_dir, env="hostile_envs:AlwaysCorrect", preset="kdrl",
                  teacher_kl_mask="all")

@@ -174,7 +174,7 @@ def test_one_metrics_reader_tolerates_only_a_cut_last_line(tmp_path):
 def test_a_step_that_trained_nothing_logs_no_entropy_or_ratios(tmp_path, hostile_path):
     """Means over the tokens that trained are absent, not 0, on a step where no token trained (the report would
     draw a 0 entropy as a collapse); the step itself is still logged with its skipped fraction."""
-    cfg = config(tmp_path, env="hostile_envs:AlwaysRight")  # group_filter "none": the groups reach the update
+    cfg = config(tmp_path, env="hostile_envs:AlwaysCorrect")  # group_filter "none": the groups reach the update
     run(cfg)
     rl = [r for r in rows(cfg.run_dir) if r.get("stage") == "rl" and "train/skipped_frac" in r]
     assert rl and all(r["train/skipped_frac"] == 1.0 for r in rl)
