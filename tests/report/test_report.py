@@ -200,3 +200,23 @@ def test_tag_colours_are_shared_between_runs(tmp_path):
     colours = tag_colors([a, b])
     assert list(colours) == ["base", "sft", "rl-step30", "rl"]
     assert len({str(c) for c in colours.values()}) == 4
+
+
+def test_a_comparison_shows_what_separates_the_runs_their_machines_timing_and_samples(tmp_path):
+    a = write_fake_run(tmp_path / "runs" / "a", seed=0)
+    b = write_fake_run(tmp_path / "runs" / "b", seed=1)
+    for d, precision, lora, staleness in ((a, "fp32", None, 0), (b, "bf16", {"r": 8}, 1)):
+        saved = json.loads((d / "config.json").read_text())
+        saved["config"].setdefault("model", {})["lora"] = lora
+        saved["config"].setdefault("rollout", {})["max_staleness"] = staleness
+        saved["config"].setdefault("rl", {})["some_new_knob"] = staleness  # not a key setting: listed all the same
+        (d / "config.json").write_text(json.dumps(saved))
+        summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
+        summary.update({"precision": precision, "cpu": "AMD EPYC", "peak_rss_mb": 512.0})
+        (d / "summary.json").write_text(json.dumps(summary))
+        (d / "samples.jsonl").write_text(json.dumps({"step": 5, "prompt": "1+1", "completion": f"answer-{precision}",
+                                                     "reward": 1.0}) + "\n")
+    text = _check_html(write_report([a, b], out_dir=tmp_path / "cmp"))
+    for shown in ("LoRA", "max staleness", "rl.some_new_knob", "precision (ran)", "bf16", "fp32",
+                  "peak memory (MB)", "median s / step", "answer-fp32", "answer-bf16"):
+        assert shown in text, shown

@@ -8,6 +8,7 @@ relative file name) next to its figures.
 from __future__ import annotations
 
 import html
+import itertools
 import json
 import re
 import time
@@ -19,6 +20,7 @@ from posttrain.errors import UserError
 from posttrain.outputs import check_output, write_atomic
 from posttrain.report import figures
 from posttrain.report.data import RunData, load_run, number, run_names
+from posttrain.rundir import diff_keys
 
 # (label, dotted config path, shown only when this stage is in the recipe)
 KEY_SETTINGS: list[tuple[str, str, str | None]] = [
@@ -45,7 +47,15 @@ KEY_SETTINGS: list[tuple[str, str, str | None]] = [
     ("max new tokens", "rl.max_new_tokens", "rl"),
     ("eval problems x samples", "eval.problems,eval.samples", None),
     ("eval ks", "eval.ks", None),
+    ("bf16 (asked)", "model.bf16", None),
+    ("LoRA", "model.lora", None),
+    ("engine", "rollout.engine", None),
+    ("max staleness", "rollout.max_staleness", None),
+    ("learner world size", "learner.world_size", None),
+    ("threads", "threads", None),
 ]
+# What each run measured about its machine (summary.json), shown under the settings: the numbers depend on them.
+MACHINE_ROWS = [("precision (ran)", "precision"), ("CPU", "cpu"), ("peak memory (MB)", "peak_rss_mb")]
 INTERMEDIATE_TAG = re.compile(r"-step\d+$")  # rl-step50: shown in the eval-over-steps figure, not the table
 
 CSS = """
@@ -190,8 +200,65 @@ def _config_table(runs: list[RunData]) -> str:
         differs = len(runs) > 1 and len(set(values)) > 1
         cells = "".join(f"<td>{_e(v)}</td>" for v in values)
         rows.append(f"<tr{' class=differs' if differs else ''}><th>{_e(label)}</th>{cells}</tr>")
+    shown = {p for _, paths, _ in KEY_SETTINGS for p in paths.split(",")}
+    for key in _other_differences(runs, shown):  # every other setting that separates the runs
+        values = [_fmt_setting(_get(r.config, key)) for r in runs]
+        rows.append(f"<tr class=differs><th><code>{_e(key)}</code></th>{''.join(f'<td>{_e(v)}</td>' for v in values)}</tr>")
+    for label, key in MACHINE_ROWS:
+        values = [_fmt_setting((r.summary or {}).get(key)) for r in runs]
+        if any(v != "—" for v in values):
+            differs = len(runs) > 1 and len(set(values)) > 1
+            rows.append(f"<tr{' class=differs' if differs else ''}><th>{_e(label)}</th>"
+                        + "".join(f"<td>{_e(v)}</td>" for v in values) + "</tr>")
+    step_times = [_median_step_s(r) for r in runs]
+    if any(t is not None for t in step_times):
+        rows.append("<tr><th>median s / step</th>" + "".join(
+            f"<td>{'—' if t is None else f'{t:.2f}'}</td>" for t in step_times) + "</tr>")
     note = "<p class='muted'>Highlighted rows differ between runs.</p>" if len(runs) > 1 else ""
     return f"<table><tr><th>setting</th>{head}</tr>{''.join(rows)}</table>{note}"
+
+
+def _other_differences(runs: list[RunData], shown: set[str]) -> list[str]:
+    """Dotted config keys, beyond the key settings, whose values differ between any two runs (output paths and
+    names aside: every run has its own)."""
+    if len(runs) < 2:
+        return []
+    keys: set[str] = set()
+    for other in runs[1:]:
+        keys |= set(diff_keys(runs[0].config, other.config))
+    return sorted(k for k in keys if k not in shown and k not in ("name", "output_dir"))
+
+
+def _median_step_s(run: RunData) -> float | None:
+    """The median wall time between consecutive training rows (a row per step), or None."""
+    times = [number(r.get("time/elapsed_s")) for r in run.rows if "train/lr" in r]
+    gaps = sorted(b - a for a, b in itertools.pairwise(times) if a is not None and b is not None and b > a)
+    return gaps[len(gaps) // 2] if gaps else None
+
+
+def _samples_section(runs: list[RunData], per_run: int = 3) -> str:
+    """A few completions from each run's last logged RL step (samples.jsonl), to read what the policy does."""
+    blocks = []
+    for run in runs:
+        path = run.path / "samples.jsonl"
+        if not path.is_file():
+            continue
+        rows = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+        if not rows:
+            continue
+        last = max(number(r.get("step")) or 0 for r in rows)
+        shown = [r for r in rows if (number(r.get("step")) or 0) == last][:per_run]
+        items = "".join(f"<li>reward {_fmt_num(r.get('reward'))}: <code>{_e(str(r.get('completion', ''))[:300])}"
+                        "</code></li>" for r in shown)
+        blocks.append(f"<p><b>{_e(run.name)}</b>, step {int(last)}:</p><ul>{items}</ul>")
+    return "".join(blocks) or "<p class='muted'>No samples.jsonl (only RL stages log samples).</p>"
 
 
 def _eval_rows(run: RunData) -> tuple[list[dict[str, Any]], str]:
@@ -316,6 +383,8 @@ def render_html(runs: list[RunData], plots: list[figures.Plot], rcolors: dict, *
 {_runs_table(runs, rcolors, out_dir)}
 <h2>Key settings</h2>
 {_config_table(runs)}
+<h2>Sample completions</h2>
+{_samples_section(runs)}
 <h2>Evaluation</h2>
 {_eval_table(runs)}
 {_adhoc_table(runs)}
