@@ -38,6 +38,8 @@ quickstart: $(STAMP)
 
 test: $(STAMP) $(VSTAMP)
 	$(BIN)/python -m pytest -m "not vllm" -n 2 --dist loadfile
+	POSTTRAIN_BF16=true $(BIN)/python -m pytest -m precision -n 2 --dist loadfile
+	POSTTRAIN_BF16=false $(BIN)/python -m pytest -m precision -n 2 --dist loadfile
 	$(VBIN)/python -m pytest -m vllm
 
 clean:

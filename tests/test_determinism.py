@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from posttrain.config import validate
 from posttrain.runner import run
 
+pytestmark = pytest.mark.precision  # bit-repeatable in bf16 autocast as in fp32: `make test` runs both
 
 def recipe(tmp_path, name: str, **rollout) -> object:
     return validate({

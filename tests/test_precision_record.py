@@ -43,3 +43,18 @@ def test_the_resolved_precision_is_recorded_with_its_reason(tmp_path, choice):
     assert all(0 < r["perf/rss_mb"] <= r["perf/peak_rss_mb"] + 1 for r in rows)
     log = (run_dir / "run.log").read_text()
     assert f"precision: {'bf16 autocast' if expected else 'fp32'} (model.bf16 = {choice}" in log
+
+
+def test_posttrain_bf16_forces_the_precision_of_every_recipe(monkeypatch):
+    from posttrain.config import validate
+    from posttrain.errors import UserError
+
+    raw = {"recipe": "sft", "model": {"path": "tiny-test", "bf16": "auto"}, "env": {"name": "arithmetic"}}
+    for value, expected in (("true", True), ("FALSE", False), ("auto", "auto"), ("1", True)):
+        monkeypatch.setenv("POSTTRAIN_BF16", value)
+        assert validate(raw).model.bf16 == expected
+    monkeypatch.setenv("POSTTRAIN_BF16", "maybe")
+    with pytest.raises(UserError, match="POSTTRAIN_BF16='maybe'"):
+        validate(raw)
+    monkeypatch.delenv("POSTTRAIN_BF16")
+    assert validate(raw).model.bf16 == "auto"

@@ -142,6 +142,7 @@ def without_time(rs):
     return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in rs]
 
 
+@pytest.mark.precision
 def test_same_recipe_and_seed_give_identical_metrics(tmp_path):
     a = config(tmp_path / "a", recipe=["sft", "rl"], kl_coef=0.05)
     b = config(tmp_path / "b", recipe=["sft", "rl"], kl_coef=0.05)

@@ -133,6 +133,7 @@ def _run_example(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.precision
 @pytest.mark.parametrize("example", ["custom_reward", "custom_dataset", "own_checkpoint", "multi_turn"])
 def test_examples_run_as_the_readme_says(example, tmp_path):
     """The README's commands, from a copy of the repository's examples/ (so the test leaves nothing behind)."""

@@ -53,7 +53,8 @@ class ModelConfig(Section):
         False, description="bf16 autocast for forward/backward and generation (fp32 master weights, fp32 logprobs and "
         "losses). About 1.5-6x faster on CPUs with bf16 matrix units (AMX, AVX512-BF16) and on GPUs, but ~40x "
         "SLOWER on CPUs without them (emulated). 'auto': on where the device has bf16 hardware, else fp32 (the "
-        "choice is written to run.log).")
+        "choice and why are written to run.log, config.json and summary.json). The environment variable "
+        "POSTTRAIN_BF16=true|false|auto overrides it for every recipe a process runs.")
     compile: bool = Field(False, description="torch.compile the learner's forward/backward (dynamic shapes). Costs "
                           "one compilation per run (about 1.5-3.5 min on a 2-core CPU), then made tiny-25m's RL "
                           "training pass ~1.6x faster (docs/performance.md): worth it for long runs, not for the "
@@ -452,9 +453,25 @@ def _first_error(err: ValidationError, prefix: str = "") -> tuple[str, str]:
     return key, msg
 
 
+# Forces model.bf16 for every recipe this process validates: to check a result in the other precision without
+# editing recipes (the test suite runs its precision-marked tests under both values).
+FORCE_BF16 = "POSTTRAIN_BF16"
+
+
+def _forced_bf16(raw: dict[str, Any]) -> dict[str, Any]:
+    value = os.environ.get(FORCE_BF16, "").strip().lower()
+    if not value:
+        return raw
+    choices = {"true": True, "1": True, "false": False, "0": False, "auto": "auto"}
+    if value not in choices:
+        raise UserError(f"{FORCE_BF16}={value!r}: expected true, false or auto")
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    return {**raw, "model": {**model, "bf16": choices[value]}}
+
+
 def validate(raw: dict[str, Any], source: str = "<recipe>") -> RunConfig:
     try:
-        return RunConfig.model_validate(copy.deepcopy(raw))
+        return RunConfig.model_validate(copy.deepcopy(_forced_bf16(raw)))
     except ValidationError as e:
         key, msg = _first_error(e)
         raise UserError(f"{source}: {key}: {msg}") from None
