@@ -49,7 +49,7 @@ def test_posttrain_bf16_forces_the_precision_of_every_recipe(monkeypatch):
     from posttrain.config import validate
     from posttrain.errors import UserError
 
-    raw = {"recipe": "sft", "model": {"path": "tiny-test", "bf16": "auto"}, "env": {"name": "arithmetic"}}
+    raw = {"recipe": "sft", "name": "t", "model": {"path": "tiny-test", "bf16": "auto"}, "env": {"name": "arithmetic"}}
     for value, expected in (("true", True), ("FALSE", False), ("auto", "auto"), ("1", True)):
         monkeypatch.setenv("POSTTRAIN_BF16", value)
         assert validate(raw).model.bf16 == expected
