@@ -161,14 +161,19 @@ def finished_summary(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | 
         raise UserError(f"{run_dir / 'summary.json'}: unreadable ({e}); start over with --fresh") from None
 
 
+def _write_saved(run_dir: Path, saved: dict[str, Any]) -> None:
+    """config.json, replaced whole (a crash leaves the old one)."""
+    tmp = run_dir / (CONFIG + ".tmp")
+    tmp.write_text(json.dumps(saved, indent=1))
+    tmp.replace(run_dir / CONFIG)
+
+
 def record_precision(run_dir: Path, requested: bool | str, bf16: bool, why: str) -> None:
     """Record on the latest start in config.json which precision `model.bf16` resolved to and why."""
     saved = read_saved(run_dir)
     saved["starts"][-1]["precision"] = {"requested": requested, "resolved": "bf16" if bf16 else "fp32", "why": why,
                                         **cpu_kind()}
-    tmp = run_dir / (CONFIG + ".tmp")
-    tmp.write_text(json.dumps(saved, indent=1))
-    tmp.replace(run_dir / CONFIG)
+    _write_saved(run_dir, saved)
 
 
 def record_stage(run_dir: Path, stage: str, *, resumed: bool) -> None:
@@ -176,9 +181,7 @@ def record_stage(run_dir: Path, stage: str, *, resumed: bool) -> None:
     saved = read_saved(run_dir)
     saved.setdefault("stages", []).append({"stage": stage, "resumed": resumed, "at": time.strftime("%Y-%m-%d %H:%M:%S"),
                                            **code_version()})
-    tmp = run_dir / (CONFIG + ".tmp")
-    tmp.write_text(json.dumps(saved, indent=1))
-    tmp.replace(run_dir / CONFIG)
+    _write_saved(run_dir, saved)
 
 
 def prepare(run_dir: Path, config: dict[str, Any], toml_text: str, *, fresh: bool) -> tuple[Path, str | None]:
@@ -206,9 +209,7 @@ def prepare(run_dir: Path, config: dict[str, Any], toml_text: str, *, fresh: boo
                                              f"{', uncommitted changes' if meta['dirty'] else ''})\n" + toml_text)
         saved = {"config": config, "meta": meta, "starts": [start]}
     (run_dir / MARKER).touch()
-    tmp = run_dir / (CONFIG + ".tmp")
-    tmp.write_text(json.dumps(saved, indent=1))
-    tmp.replace(run_dir / CONFIG)
+    _write_saved(run_dir, saved)
     return run_dir, note
 
 

@@ -84,20 +84,28 @@ def _closed_ancestor(path: str) -> str | None:
     return None
 
 
-def _drop_root_prefix() -> list[str]:
-    """For a root trainer: run bwrap through _bwrap_launcher.py as nobody (see the module docstring)."""
+@functools.cache
+def _drop_root_prefix() -> tuple[str, ...]:
+    """For a root trainer: run bwrap through _bwrap_launcher.py as nobody (see the module docstring). Computed
+    once per process: every sandboxed program's command line starts with it."""
     if os.geteuid() != 0:
-        return []
+        return ()
     dirs = _python_dirs()
     covers = sorted({c for d in dirs if (c := _closed_ancestor(d)) is not None})
     hidden = [d for d in dirs if any(d == c or d.startswith(c + "/") for c in covers)]
     source = (Path(__file__).with_name("_bwrap_launcher.py")).read_text()
-    return [os.path.realpath(sys.executable), "-I", "-S", "-c", source, json.dumps({"dirs": hidden, "covers": covers})]
+    return os.path.realpath(sys.executable), "-I", "-S", "-c", source, json.dumps({"dirs": hidden, "covers": covers})
 
 
 # Host-wide or root-only procfs files a sandbox has no business reading; covered with /dev/null where present.
 PROC_COVERED = ("keys", "key-users", "timer_list", "sched_debug", "kallsyms", "kcore", "kmsg", "slabinfo",
                 "vmallocinfo", "iomem", "ioports", "sysrq-trigger", "latency_stats", "timer_stats", "pagetypeinfo")
+
+
+@functools.cache
+def _proc_covers() -> tuple[str, ...]:
+    return tuple(a for name in PROC_COVERED if Path("/proc", name).exists()
+                 for a in ("--ro-bind", "/dev/null", f"/proc/{name}"))
 
 
 def _system_mounts() -> list[str]:
@@ -116,10 +124,8 @@ def _system_mounts() -> list[str]:
 
 def argv(binary: str, *, tmp_mb: int, seccomp_fd: int | None = None, info_fd: int | None = None) -> list[str]:
     """The bwrap command line up to (not including) the program to run."""
-    covered = [a for name in PROC_COVERED if Path("/proc", name).exists()
-               for a in ("--ro-bind", "/dev/null", f"/proc/{name}")]
     args = [*_drop_root_prefix(), binary, "--unshare-all", "--die-with-parent", "--new-session", *_system_mounts(),
-            "--proc", "/proc", "--dev", "/dev", *covered, "--remount-ro", "/proc", "--remount-ro", "/dev",
+            "--proc", "/proc", "--dev", "/dev", *_proc_covers(), "--remount-ro", "/proc", "--remount-ro", "/dev",
             "--size", str(tmp_mb * 1024 * 1024), "--tmpfs", "/tmp", "--remount-ro", "/",
             "--chdir", "/tmp", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--cap-drop", "ALL",
             "--hostname", "sandbox", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +19,13 @@ def memory_mb() -> dict[str, float]:
     """This process's memory for every metrics row: resident now and its peak so far (host RAM), and on a GPU the
     peak allocated by torch. Named perf/ like the other machine-dependent figures, which a comparison of two runs'
     numbers leaves out."""
-    import resource
-
     out = {"perf/peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB on Linux
     try:
         with open("/proc/self/statm") as f:
             out["perf/rss_mb"] = round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
     except (OSError, ValueError, IndexError):
         pass
-    import sys
-
-    torch = sys.modules.get("torch")
+    torch = sys.modules.get("torch")  # not imported here: metrics stay light
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         out["perf/cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
