@@ -205,7 +205,10 @@ def test_sigterm_stops_a_sweep_after_the_current_point_checkpoints(tmp_path):
 def test_sigterm_during_the_start_of_run_evaluation_is_logged(tmp_path):
     recipe = tmp_path / "t.toml"
     recipe.write_text(f'recipe = "sft"\nname = "t"\noutput_dir = "{tmp_path}"\n'
-                      + SFT.replace("problems = 2\nsamples = 1", "problems = 5000\nsamples = 8")
+                      # 3-digit sums: thousands of distinct eval problems (1-digit has 12, and an evaluation
+                      # counts each distinct problem once, so it would end before the signal arrives)
+                      + SFT.replace("digits = 1", "digits = 3").replace("problems = 2\nsamples = 1",
+                                                                        "problems = 5000\nsamples = 8")
                       .replace("max_new_tokens = 2\nat_start = false", "max_new_tokens = 16\nat_start = true")
                       + "[sft]\nsteps = 2\nbatch_size = 4\nmicro_batch_size = 4\n")
     proc = start("run", recipe)
