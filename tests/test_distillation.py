@@ -135,7 +135,7 @@ def test_distill_data_keeps_verified_teacher_answers_and_sft_trains_on_them(tmp_
 
     from rich.console import Console
 
-    from posttrain.evals.distill_data import distill_data
+    from posttrain.commands.distill_data import distill_data
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     out = tmp_path / "data" / "teacher.jsonl"
@@ -188,7 +188,7 @@ def offline_config(tmp_path, name, teacher, data, **stage):
 def test_offline_opd_caches_the_teacher_once_and_refuses_a_stale_cache(tmp_path, tiny_dir, teacher_dir):
     from rich.console import Console
 
-    from posttrain.evals.distill_data import distill_data
+    from posttrain.commands.distill_data import distill_data
 
     data = tmp_path / "student-samples.jsonl"
     meta = distill_data(str(tiny_dir), data, env="arithmetic", env_args=["digits=1"], prompts=16, samples=2, keep=2,

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from posttrain.commands.diversity import quality_filter
 from posttrain.data.diversity import (
     count_sketch,
     distinct_n,
@@ -21,7 +22,6 @@ from posttrain.data.diversity import (
     sketch,
     vendi_score,
 )
-from posttrain.data.diversity_cmd import quality_filter
 from posttrain.envs import make_env
 from posttrain.records import Task
 

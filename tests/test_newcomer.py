@@ -128,7 +128,7 @@ def test_eval_of_a_run_uses_its_protocol_and_keeps_every_result(finished):
 
 @pytest.mark.slow
 def test_fit_reads_a_finished_sft_rl_run_on_its_default_axis(finished):
-    from posttrain.scaling.fit_cmd import read_xy
+    from posttrain.commands.fit import read_xy
 
     _, run_dir, _ = finished
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -147,8 +147,8 @@ def write_metrics(run, pairs, stage="rl"):
 
 
 def test_fit_names_the_stage_column_when_x_repeats_and_writes_one_png_per_form(tmp_path):
+    from posttrain.commands.fit import run_fit
     from posttrain.errors import UserError
-    from posttrain.scaling.fit_cmd import run_fit
 
     write_metrics(tmp_path / "rep", [(1, 0.1), (2, 0.2), (2, 0.3)])
     with pytest.raises(UserError, match="does not increase.*--x compute/rl_flops"):
@@ -166,7 +166,7 @@ def test_fit_names_the_stage_column_when_x_repeats_and_writes_one_png_per_form(t
 def test_an_unidentified_fit_says_so(tmp_path, capsys):
     import numpy as np
 
-    from posttrain.scaling.fit_cmd import run_fit
+    from posttrain.commands.fit import run_fit
 
     run = tmp_path / "r"
     run.mkdir()

@@ -158,7 +158,7 @@ def fit(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Fit a compute -> performance curve with bootstrap CIs and an optional predictivity check."""
-    from posttrain.scaling.fit_cmd import run_fit
+    from posttrain.commands.fit import run_fit
 
     run_fit(run_dirs, x=x, y=y, form=form, fit_until=fit_until, exclude_frac=exclude_frac, out=out_png,
             as_json=as_json)
@@ -194,8 +194,8 @@ def distill_data_(
     """Sample a teacher on an environment's train split, keep its verified answers: SFT data for off-policy
     distillation (plus FILE.meta.json with the generation's FLOPs)."""
     _quiet_libraries()
+    from posttrain.commands.distill_data import distill_data
     from posttrain.envs.scoring import shutdown_pool
-    from posttrain.evals.distill_data import distill_data
 
     try:
         distill_data(teacher, output, env=env, env_args=env_arg or [], prompts=prompts, samples=samples, keep=keep,
@@ -230,7 +230,7 @@ def data_diversity(
     """G-Vendi of an SFT set (the Vendi score of its examples' normalised gradient features under a proxy
     model), beside n-gram baselines (distinct-1/2/3, the Vendi score of character-bigram counts)."""
     _quiet_libraries()
-    from posttrain.data.diversity_cmd import diversity
+    from posttrain.commands.diversity import diversity
 
     result = diversity(file, model=model, layers=layers, dim=dim, seed=seed, chat_template=chat_template,
                        console=err)
@@ -270,7 +270,7 @@ def data_select(
     gradient clusters with new tasks from the environment (Prismatic Synthesis). Prints its G-Vendi against a
     random subset of the file's rows of the same size."""
     _quiet_libraries()
-    from posttrain.data.diversity_cmd import select
+    from posttrain.commands.diversity import select
 
     r = select(file, output, n=n, how=filter_, env=env, env_args=env_arg or [], model=model, layers=layers,
                dim=dim, seed=seed, chat_template=chat_template, clusters=clusters, generate=generate, console=err,
@@ -316,7 +316,7 @@ def eval_(
         except ValueError:
             raise UserError(f"--k {k!r}: expected comma-separated integers like 1,8,64") from None
     _quiet_libraries()
-    from posttrain.evals.eval_cmd import run_eval
+    from posttrain.commands.eval import run_eval
 
     run_eval(target, env=env, env_args=env_arg or [], split=split, problems=problems, n=n, ks=ks,
              temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, bf16=bf16,

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from posttrain.commands.fit import run_fit
 from posttrain.errors import UserError
-from posttrain.scaling.fit_cmd import run_fit
 from posttrain.science.curves import sigmoid
 
 TRUE = {"R0": 0.2, "A": 0.6, "B": 1.8, "C_mid": 2500.0}

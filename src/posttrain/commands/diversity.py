@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from posttrain.commands.args import parse_env_args
 from posttrain.data.diversity import (
     GradientFeatures,
     distinct_n,
@@ -26,7 +27,6 @@ from posttrain.data.tables import read_rows
 from posttrain.envs import make_env
 from posttrain.envs.base import extract_answer
 from posttrain.errors import UserError
-from posttrain.evals.eval_cmd import parse_env_args
 from posttrain.models import load_model, load_tokenizer, resolve_model_path
 from posttrain.outputs import atomic_file, check_output
 from posttrain.records import Task

@@ -27,11 +27,12 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from posttrain.commands.args import parse_env_args
+from posttrain.commands.eval import check_temperature, resolve_target
 from posttrain.data.prompts import stop_token_ids
 from posttrain.envs import make_env
 from posttrain.envs.scoring import Scorer
 from posttrain.errors import UserError
-from posttrain.evals.eval_cmd import check_temperature, parse_env_args, resolve_target
 from posttrain.models import (
     attention_for,
     load_model,

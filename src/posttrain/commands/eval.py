@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from posttrain import rundir
-from posttrain.config import parse_override
+from posttrain.commands.args import parse_env_args
 from posttrain.data.prompts import stop_token_ids
 from posttrain.envs import make_env
 from posttrain.envs.base import SPLITS
@@ -49,14 +49,6 @@ from posttrain.rollout.local import LocalEngine
 
 DEFAULTS = {"problems": 200, "samples": 16, "ks": [1, 8], "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 32,
             "chat_template": True, "bf16": False}
-
-
-def parse_env_args(items: list[str]) -> dict[str, Any]:
-    args: dict[str, Any] = {}
-    for item in items:
-        key, value = parse_override(item)
-        args[".".join(key)] = value
-    return args
 
 
 def check_temperature(value: float, flag: str = "--temperature") -> None:
