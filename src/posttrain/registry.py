@@ -14,6 +14,19 @@ description can ride on the annotation: ``eps: Annotated[float, Field(gt=0, desc
 
 Out-of-tree entries. A name containing ":" is an import path, ``"package.module:function"`` or
 ``"path/to/file.py:function"``; it is imported on first use and needs no registration.
+
+Built-ins and plugins, found lazily (the one plugin idiom of posttrain; nothing imports every built-in up front):
+
+    Registry("environment", builtins={"arithmetic": "posttrain.envs.arithmetic:Arithmetic", ...},
+             entry_point_group="posttrain.envs")        # a table: each entry imported on first use
+    Registry("stage", builtin_modules=("posttrain.recipes.sft", ...),
+             entry_point_group="posttrain.stages")      # modules that register their entries when imported
+
+``builtins`` lists entries by name without importing them; ``builtin_modules`` are imported, once, on the first
+lookup of any kind (names, membership, get), so a listing is complete. An installed package adds entries through
+the entry-point group in the form of the registry's built-ins: ``name = "pkg.module:obj"`` for a table (looked up
+by name on each use, never imported for a listing), a module to import (``"pkg.module"``) where the built-ins are
+modules.
 """
 
 from __future__ import annotations
@@ -27,8 +40,9 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cache
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -150,20 +164,30 @@ def _watch_sigint(fired: list[bool]) -> Iterator[None]:
 
 
 class Registry(Generic[F]):
-    """Name -> entry for one kind of component. `kind` names it in error messages ("advantage")."""
+    """Name -> entry for one kind of component. `kind` names it in error messages ("advantage"); `builtins`,
+    `builtin_modules` and `entry_point_group` say where entries not registered in code are found (module
+    docstring)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, *, builtins: Mapping[str, str] | None = None,
+                 builtin_modules: Sequence[str] = (), entry_point_group: str | None = None) -> None:
         self.kind = kind
+        self.entry_point_group = entry_point_group
         self._entries: dict[str, F] = {}
         self._traits: dict[str, dict[str, Any]] = {}
+        self._builtins = dict(builtins or {})  # name -> "pkg.module:obj", imported on first use
+        self._modules = tuple(builtin_modules)
+        self._loaded = not self._modules  # every built-in module (and module plugin) imported
+        self._importing = False  # they are being imported, by the thread holding _lock
+        self._lock = threading.RLock()
 
-    def register(self, name: str, **traits: Any) -> Callable[[F], F]:
+    def register(self, name: str, *, replace: bool = False, **traits: Any) -> Callable[[F], F]:
         """Decorator: ``@ADVANTAGES.register("grpo", group_relative=True)``. A second entry under one name is a
-        bug, so it raises."""
+        bug, so it raises, unless `replace` (user code that may run twice, as a notebook cell does)."""
 
         def deco(entry: F) -> F:
-            if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} is already registered (by {self._entries[name]!r})")
+            if not replace and (name in self._entries or name in self._builtins):
+                raise ValueError(f"{self.kind} {name!r} is already registered "
+                                 f"(by {self._entries.get(name, self._builtins.get(name))!r})")
             self._entries[name] = entry
             self._traits[name] = dict(traits)
             return entry
@@ -171,14 +195,56 @@ class Registry(Generic[F]):
         return deco
 
     def get(self, name: str) -> F:
+        self._load()
         if name in self._entries:
             return self._entries[name]
+        if name in self._builtins:  # a built-in's import error is a bug: it propagates as it is
+            module, _, attr = self._builtins[name].partition(":")
+            entry = getattr(importlib.import_module(module), attr)
+            self._entries.setdefault(name, entry)
+            return self._entries[name]
+        plugin = next((ep for ep in self._plugins() if ep.name == name), None)
+        if plugin is not None:
+            try:
+                return plugin.load()
+            except Exception as e:
+                raise UserError(f"{self.kind} plugin {name!r} ({plugin.value}) cannot be imported: "
+                                f"{type(e).__name__}: {e}") from e
         if ":" in name:
             return import_object(name, what=self.kind)
         raise UserError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())} "
                         "(or an import path 'package.module:name')")
 
     __getitem__ = get
+
+    def _load(self) -> None:
+        """Import the built-in modules and the module plugins, once; each registers its own entries. A lookup made
+        while they import (by one of them) sees what is registered so far."""
+        if self._loaded:
+            return
+        with self._lock:  # another thread waits for a complete registry; the importing one passes (reentrant)
+            if self._loaded or self._importing:
+                return
+            self._importing = True
+            try:
+                for module in self._modules:
+                    importlib.import_module(module)
+                for ep in entry_points(group=self.entry_point_group) if self.entry_point_group else ():
+                    try:
+                        importlib.import_module(ep.value.partition(":")[0])
+                    except Exception as e:
+                        raise UserError(f"{self.kind} plugin {ep.name!r} ({ep.value}) cannot be imported: "
+                                        f"{type(e).__name__}: {e}") from e
+                self._loaded = True  # not after a failure: the next lookup tries again, and fails again, loudly
+            finally:
+                self._importing = False
+
+    def _plugins(self) -> list[EntryPoint]:
+        """The entry points that name entries (a table registry's), read afresh: installing a plugin needs no
+        restart of a long-lived process, and a lookup that a built-in answers never reads them."""
+        if self.entry_point_group is None or self._modules:
+            return []
+        return list(entry_points(group=self.entry_point_group))
 
     def call(self, name: str, *args: Any, shape: tuple[int, ...], **kwargs: Any) -> Any:
         """self.get(name)(*args, **kwargs) for an entry that returns a tensor. An import-path (user) entry is checked:
@@ -226,16 +292,18 @@ class Registry(Generic[F]):
             raise ConfigError(f"{key}.{field}", f"{first['msg']} ({self.kind} {name!r} takes: {takes})") from None
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        self._load()
+        return sorted(set(self._entries) | set(self._builtins) | {ep.name for ep in self._plugins()})
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        self._load()
+        return name in self._entries or name in self._builtins or any(ep.name == name for ep in self._plugins())
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.names())
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {self.names()})"

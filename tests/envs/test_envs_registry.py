@@ -7,6 +7,7 @@ import pytest
 from posttrain.envs import Environment, available_envs, describe_envs, make_env
 from posttrain.envs.registry import ENVIRONMENTS
 from posttrain.errors import UserError
+from posttrain.records import Task
 
 BUILTIN_NAMES = {"arithmetic", "strings", "countdown", "sorting", "reasoning_gym", "math", "jsonl", "code"}
 
@@ -53,11 +54,58 @@ def test_entry_point_environments_are_found_by_name(monkeypatch):
     """A user's package adds an environment through the `posttrain.envs` entry-point group."""
     from importlib.metadata import EntryPoint
 
+    import posttrain.registry
     from posttrain.envs import registry
 
     ep = EntryPoint(name="user_addition", value="posttrain.envs.arithmetic:Arithmetic", group="posttrain.envs")
-    monkeypatch.setattr(registry, "entry_points", lambda group: [ep] if group == "posttrain.envs" else [])
+    monkeypatch.setattr(posttrain.registry, "entry_points", lambda group: [ep] if group == "posttrain.envs" else [])
     env = registry.make_env("user_addition", {"digits": 2})
     task = next(env.tasks("train", 0))
     assert env.score(task, task.answer).correct
     assert "user_addition" in registry.available_envs()
+    broken = EntryPoint(name="broken", value="no_such_module_xyz:Env", group="posttrain.envs")
+    monkeypatch.setattr(posttrain.registry, "entry_points", lambda group: [broken])
+    with pytest.raises(UserError, match=r"environment plugin 'broken' \(no_such_module_xyz:Env\) cannot be imported"):
+        registry.make_env("broken")
+    assert dict(describe_envs())["broken"].startswith("(cannot load: ")
+
+
+def test_the_builtin_table_names_each_environment_and_imports_none_to_list_them():
+    """envs/registry.py BUILTINS is the one list of built-ins: every entry is the class of that name, and listing
+    the environments imports none of their modules (a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    from posttrain.envs.registry import BUILTINS
+
+    for name in BUILTINS:
+        assert ENVIRONMENTS.get(name).name == name
+    code = ("import sys; from posttrain.envs import available_envs; names = available_envs(); "
+            "print(sorted(m for m in sys.modules if m.startswith('posttrain.envs.') and m.rsplit('.', 1)[1] in "
+            "('arithmetic', 'code', 'countdown', 'jsonl', 'rgym', 'sorting', 'strings', 'retry', 'calculator', "
+            "'guess_number')), len(names))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "[]" and int(out[-1]) >= len(BUILTINS)
+
+
+def test_register_env_is_for_user_code_and_may_run_again():
+    from posttrain.envs import register_env
+
+    try:
+        for _ in range(2):  # a notebook cell run twice
+
+            @register_env("user_echo_test")
+            class Echo:
+                def tasks(self, split, seed):
+                    return iter([Task(id="0", question="q", answer="a", solution="a")])
+
+                def prompt(self, task):
+                    return task.question
+
+                def score(self, task, completion):
+                    raise NotImplementedError
+
+        assert Echo.name == "user_echo_test" and ENVIRONMENTS.get("user_echo_test") is Echo
+        assert make_env("user_echo_test").name == "user_echo_test"
+    finally:
+        del ENVIRONMENTS._entries["user_echo_test"]

@@ -15,7 +15,6 @@ from posttrain.envs.base import (
     split_of,
     user_prompt,
 )
-from posttrain.envs.registry import register_env
 from posttrain.records import Message, Score, Task
 
 
@@ -47,7 +46,6 @@ def worked_solution(a: int, op: str, b: int) -> str:
     return "\n".join([*lines, str(answer)])
 
 
-@register_env("arithmetic")
 class Arithmetic:
     """`a+b=` with an exact integer answer; difficulty = operand digits (int or [min, max]); ops from '+-*'."""
 

@@ -22,7 +22,6 @@ from typing import Any
 from posttrain.envs.arithmetic import Arithmetic
 from posttrain.envs.countdown import ExprError, evaluate
 from posttrain.envs.multiturn import Turn
-from posttrain.envs.registry import register_env
 from posttrain.records import Message, Task
 
 OPEN, CLOSE = "<calc>", "</calc>"
@@ -38,7 +37,6 @@ def tool_call(action: str) -> str | None:
     return action[start + len(OPEN):end] if end >= 0 else None
 
 
-@register_env("calculator")
 class Calculator:
     """Multi-turn tool use: arithmetic with a <calc>...</calc> tool (digits, ops, max_turns)."""
 

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 
 from posttrain.envs import bwrap
 from posttrain.envs.base import check_split, int_range, split_of, user_prompt
-from posttrain.envs.registry import register_env
 from posttrain.envs.sandbox import Limits, check_function
 from posttrain.records import Message, Score, Task
 
@@ -80,7 +79,6 @@ def _family(name: str, rng: random.Random, depth: int):
     raise ValueError(f"unknown code family {name!r}; known: {FAMILIES}")
 
 
-@register_env("code")
 class Code:
     """Write a tiny Python function f; scored by running it in the sandbox on hidden inputs."""
 

@@ -14,7 +14,6 @@ from collections import Counter
 from collections.abc import Iterator
 
 from posttrain.envs.base import check_split, final_line, int_range, split_of, user_prompt
-from posttrain.envs.registry import register_env
 from posttrain.records import Message, Score, Task
 
 _TOKEN = re.compile(r"\s*(\d+|[-+*/()])")
@@ -103,7 +102,6 @@ def _combine(a: tuple[int, str, int], op: str, b: tuple[int, str, int]) -> tuple
     return value, f"{left}{op}{right}", p
 
 
-@register_env("countdown")
 class Countdown:
     """Reach a target from given numbers with + - * / (each at most once); difficulty = how many numbers."""
 

@@ -20,11 +20,9 @@ from typing import Any
 
 from posttrain.envs.base import check_split, extract_answer, split_of
 from posttrain.envs.multiturn import Turn
-from posttrain.envs.registry import register_env
 from posttrain.records import Message, Task
 
 
-@register_env("guess_number")
 class GuessNumber:
     """Multi-turn: find a secret number from higher/lower feedback (1..hi, at most max_turns guesses)."""
 

@@ -24,7 +24,6 @@ from pathlib import Path
 
 from posttrain.data.tables import read_rows
 from posttrain.envs.base import ANSWER_FORMAT, check_split, extract_answer, split_of, user_prompt
-from posttrain.envs.registry import register_env
 from posttrain.errors import UserError
 from posttrain.records import Message, Score, Task
 
@@ -120,7 +119,6 @@ def parse_number(text: str) -> float | None:
     return float(found[-1]) if found else None
 
 
-@register_env("jsonl")
 class Jsonl:
     """Your own tasks from a file of {"prompt", "answer"} rows; verifier exact|normalized|numeric|math."""
 
@@ -177,7 +175,6 @@ def _math_solution(answer: str) -> str:
     return answer if _NUMBER.fullmatch(answer.strip()) or "\\boxed" in answer else f"\\boxed{{{answer}}}"
 
 
-@register_env("math")
 class Math:
     """Math word problems from a JSONL file, answers checked by math-verify under a hard timeout."""
 

@@ -23,13 +23,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from posttrain.envs.base import check_split
-from posttrain.envs.registry import make_env, register_env
+from posttrain.envs.registry import make_env
 from posttrain.records import Message, Score, Task
 
 ISOLATION_ORDER = ("inline", "thread", "process")  # a mixture scores as strictly as its strictest source
 
 
-@register_env("mixture")
 class Mixture:
     """Tasks from several environments by weight ([[env.sources]]), each scored by its own source."""
 

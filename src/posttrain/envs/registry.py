@@ -1,44 +1,59 @@
 """Find environments by registry name, by entry point (group `posttrain.envs`) or by import path `pkg.mod:Class`
-or `path/to/file.py:Class`."""
+or `path/to/file.py:Class`.
+
+The built-ins are a table of import paths (`BUILTINS`), each imported when a recipe first names it; an environment
+module does not register itself (its class names itself with `name = "..."`). User code registers with
+`@register_env("name")`; an installed package through an entry point `name = "pkg.module:Class"`.
+"""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from importlib.metadata import entry_points
 from typing import Any
 
 from posttrain.envs.base import Environment
 from posttrain.envs.multiturn import episode_rules, is_multi_turn
 from posttrain.errors import UserError
 from posttrain.records import Task
-from posttrain.registry import import_object
+from posttrain.registry import Registry, import_object
 
-ENVIRONMENTS: dict[str, Callable[..., Environment]] = {}
 ENTRY_POINT_GROUP = "posttrain.envs"
+# Adapters (reasoning_gym, math, jsonl, code) import their optional dependencies lazily, inside the class, so
+# importing any of these never needs an extra.
+BUILTINS = {
+    "arithmetic": "posttrain.envs.arithmetic:Arithmetic",
+    "calculator": "posttrain.envs.calculator:Calculator",
+    "code": "posttrain.envs.code:Code",
+    "countdown": "posttrain.envs.countdown:Countdown",
+    "guess_number": "posttrain.envs.guess_number:GuessNumber",
+    "jsonl": "posttrain.envs.jsonl:Jsonl",
+    "math": "posttrain.envs.jsonl:Math",
+    "mixture": "posttrain.envs.mixture:Mixture",
+    "reasoning_gym": "posttrain.envs.rgym:ReasoningGym",
+    "retry_with_feedback": "posttrain.envs.retry:RetryWithFeedback",
+    "sorting": "posttrain.envs.sorting:Sorting",
+    "strings": "posttrain.envs.strings:Strings",
+}
+ENVIRONMENTS: Registry[Callable[..., Environment]] = Registry("environment", builtins=BUILTINS,
+                                                              entry_point_group=ENTRY_POINT_GROUP)
 
 
 def register_env(name: str):
+    """Decorator for user code: ``@register_env("my_env")`` on a class or factory; it may run again (a notebook
+    cell), replacing the earlier entry."""
+
     def deco(cls):
-        ENVIRONMENTS[name] = cls
+        ENVIRONMENTS.register(name, replace=True)(cls)
         cls.name = name
         return cls
 
     return deco
 
 
-def _load_builtins() -> None:
-    # Imported for their @register_env side effect.
-    from posttrain.envs import builtin  # noqa: F401
-
-
 def _resolve(name: str) -> Callable[..., Environment]:
-    _load_builtins()
     if name in ENVIRONMENTS:
-        return ENVIRONMENTS[name]
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name == name:
-            return ep.load()
+        return ENVIRONMENTS.get(name)
     if ":" in name:  # 'pkg.module:Class' or 'path/to/file.py:Class'
         return import_object(name, what="env.name")
     raise UserError(f"env.name={name!r} is not a known environment; known: {', '.join(available_envs())} "
@@ -47,9 +62,7 @@ def _resolve(name: str) -> Callable[..., Environment]:
 
 
 def available_envs() -> list[str]:
-    _load_builtins()
-    names = set(ENVIRONMENTS) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
-    return sorted(names)
+    return ENVIRONMENTS.names()
 
 
 def describe_envs() -> list[tuple[str, str]]:

@@ -13,11 +13,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from posttrain.envs.multiturn import Turn, is_multi_turn
-from posttrain.envs.registry import make_env, register_env
+from posttrain.envs.registry import make_env
 from posttrain.records import Message, Task
 
 
-@register_env("retry_with_feedback")
 class RetryWithFeedback:
     """Multi-turn: a single-turn environment with "try again" feedback (env, args, max_turns, decay, feedback)."""
 

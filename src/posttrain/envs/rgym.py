@@ -22,7 +22,6 @@ from typing import Any
 
 from posttrain.envs.base import check_split, split_of, user_prompt
 from posttrain.envs.jsonl import shuffled
-from posttrain.envs.registry import register_env
 from posttrain.errors import MissingExtraError
 from posttrain.records import Message, Score, Task
 
@@ -41,7 +40,6 @@ def _difficulty(metadata: dict[str, Any]) -> int:
     return d if isinstance(d, int) and not isinstance(d, bool) else 0
 
 
-@register_env("reasoning_gym")
 class ReasoningGym:
     """Any reasoning-gym dataset by name (args: dataset, size, seed, threshold, dataset config kwargs)."""
 

@@ -8,13 +8,11 @@ import re
 from collections.abc import Iterator
 
 from posttrain.envs.base import check_split, final_line, int_range, split_of, user_prompt
-from posttrain.envs.registry import register_env
 from posttrain.records import Message, Score, Task
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-@register_env("sorting")
 class Sorting:
     """Sort integers or words (order asc/desc/both); difficulty = list length; answer is space-separated."""
 

@@ -10,7 +10,6 @@ import random
 from collections.abc import Callable, Iterator
 
 from posttrain.envs.base import check_split, exact_score, int_range, split_of, user_prompt
-from posttrain.envs.registry import register_env
 from posttrain.records import Message, Score, Task
 
 OPS: dict[str, Callable[[str], str]] = {
@@ -26,7 +25,6 @@ OPS: dict[str, Callable[[str], str]] = {
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-@register_env("strings")
 class Strings:
     """Compose string ops (reverse, sort, rotl, rotr, dup, upper, swapcase, devowel); difficulty = depth."""
 
