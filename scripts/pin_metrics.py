@@ -33,7 +33,7 @@ def run_recipe(out: Path) -> Path:
     env = {**os.environ, **KERNEL_ENV}
     env.pop("POSTTRAIN_BF16", None)  # the forced-precision passes of `make test` must not reach this run
     cmd = [sys.executable, "-m", "posttrain.cli", "run", str(RECIPE), "--set", f"output_dir={out}", "--fresh"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"the pinned run failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return out / "pinned"
