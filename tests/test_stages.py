@@ -35,7 +35,7 @@ def test_a_plugin_stage_is_one_registration_and_gets_its_own_section(tmp_path):
         seen.append((cfg.steps, resume))
         ctx.global_step += cfg.steps
         ctx.engine.update_weights({}, ctx.global_step)
-        ctx.checkpoint(stage_index=ctx.stage_index, stage_step=cfg.steps, stage_done=True, learner=None)
+        ctx.checkpoint(stage_step=cfg.steps, stage_done=True, learner=None)
 
     try:
         cfg = validate({"recipe": ["count_test"], "name": "c", "output_dir": str(tmp_path), "threads": 1,

@@ -28,7 +28,7 @@ from posttrain.config import RunConfig, to_toml
 from posttrain.data.prompts import context_length, stop_token_ids
 from posttrain.envs import make_env
 from posttrain.envs.scoring import Scorer, shutdown_pool
-from posttrain.errors import RunStopped, Terminated
+from posttrain.errors import RunStopped, Terminated, UserError
 from posttrain.evals.evaluate import Evaluator
 from posttrain.models import (
     attention_for,
@@ -43,10 +43,16 @@ from posttrain.models.lora import attach_lora, is_lora, merged_copy
 from posttrain.models.lora import describe as lora_counts
 from posttrain.rollout.base import RolloutEngine, build_engine
 from posttrain.runtime.context import RunContext
-from posttrain.stages import StageResume, load_stages
+from posttrain.stages import Stage, StageResume, StageState, load_stages
 from posttrain.tracking.metrics import MetricsLog, memory_mb, truncate_metrics
 from posttrain.tracking.samples import SampleLog
-from posttrain.train.checkpoint import latest_checkpoint, load_state, save_model_dir, set_rng_state
+from posttrain.train.checkpoint import (
+    STATE_FILE,
+    latest_checkpoint,
+    load_state,
+    save_model_dir,
+    set_rng_state,
+)
 from posttrain.train.learner import FrozenModel
 
 
@@ -163,13 +169,14 @@ def _run(cfg: RunConfig, *, fresh: bool, console: Console, stop: StopOnSigterm) 
             if state and (i < state.stage_index or (i == state.stage_index and state.stage_done)):
                 continue
             ctx.stop_if_requested()
-            resume = None
+            stage, resume = stages.get(name), None
             if state and state.stage_index == i:
                 set_rng_state(state.rng)
-                resume = StageResume(stage_step=state.stage_step, learner=state.learner, state=state.stage)
+                resume = StageResume(stage_step=state.stage_step, learner=state.learner,
+                                     state=_stage_state(stage, state.stage, ckpt))
             ctx.stage, ctx.stage_index = name, i
             rundir.record_stage(run_dir, name, resumed=resume is not None)
-            stages.get(name).run(ctx, cfg.section(name), resume)
+            stage.run(ctx, cfg.section(name), resume)
             state = None
         final = run_dir / "final"
         tmp = run_dir / ".tmp-final"
@@ -197,6 +204,15 @@ def _run(cfg: RunConfig, *, fresh: bool, console: Console, stop: StopOnSigterm) 
         ctx.close_learner()
         engine.close()
         shutdown_pool()
+
+
+def _stage_state(stage: Stage, saved: dict[str, Any], ckpt: Path) -> StageState:
+    """A checkpoint's `stage` table read back into the stage's state class; a table that does not fit it (a
+    hand-edited checkpoint, another version's) is one line naming the file."""
+    try:
+        return stage.state.from_dict(saved)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{ckpt / STATE_FILE}: stage: not the state of stage {stage.name!r}: {e}") from None
 
 
 def rollout_engine_factory(cfg: RunConfig, model: Any, tokenizer: Any, *, bf16: bool,

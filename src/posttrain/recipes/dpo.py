@@ -33,8 +33,9 @@ from posttrain.errors import ConfigError
 from posttrain.records import SamplingParams
 from posttrain.rollout.collect import PromptRenderer, collect, describe_samples, generation_flops
 from posttrain.runtime.context import RunContext
-from posttrain.stages import StageResume, register_stage
-from posttrain.train.learner import ForwardOut, FrozenModel, Learner, Sequences
+from posttrain.runtime.loop import StageLoop
+from posttrain.stages import StageResume, StageState, register_stage
+from posttrain.train.learner import ForwardOut, FrozenModel, Learner, Sequences, StepResult
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "presets" / "dpo"
 
@@ -131,21 +132,28 @@ class PreferenceLoss:
         return per_pair.sum() / self.pairs, metrics
 
 
-@register_stage("dpo", DPOConfig)
+@dataclass(frozen=True)
+class DPOState(StageState):
+    cursor: int  # pairs read from the data file
+    sampler: dict[str, Any]  # the task sampler of online pairs
+    reference: dict[str, Any] | None  # the reference's weights (None: a reference-free loss)
+
+
+@register_stage("dpo", DPOConfig, state=DPOState)
 def run(ctx: RunContext, c: DPOConfig, resume: StageResume | None) -> None:
     tok = ctx.tokenizer
-    learner = ctx.learner(c, total_updates=c.steps)
+    loop = StageLoop(ctx, c, resume, steps=c.steps)
+    learner = loop.learner
     # The reference is the policy as the stage found it (a reference-free loss such as SimPO has none).
     reference = learner.frozen_copy() if PREFERENCE_LOSSES.trait(c.loss, "needs_reference", True) else None
     env = ctx.training_env(c.env_args)
     sampler = SAMPLERS.get(c.sampler)(env, ctx.seed, **c.sampler_args)
-    start, cursor = 0, 0
+    cursor = 0
     if resume:
-        learner.load_state_dict(resume.learner)
-        start, cursor = resume.stage_step, resume.state["cursor"]
-        sampler.load_state_dict(resume.state["sampler"])
+        cursor = resume.state.cursor
+        sampler.load_state_dict(resume.state.sampler)
         if reference is not None:
-            reference.load_weights(resume.state["reference"])
+            reference.load_weights(resume.state.reference)
     if c.data_path:
         stream = itertools.islice(file_pairs(Path(c.data_path), tok, seed=ctx.seed, chat_template=ctx.chat_template,
                                              max_len=ctx.max_len, columns=c.data_columns), cursor, None)
@@ -157,7 +165,10 @@ def run(ctx: RunContext, c: DPOConfig, resume: StageResume | None) -> None:
                           sampling=SamplingParams(temperature=c.temperature, top_p=c.top_p,
                                                   max_new_tokens=c.max_new_tokens))
 
-    for step in ctx.progress(range(start, c.steps), total=c.steps, completed=start, description="dpo"):
+    def state() -> DPOState:
+        return DPOState(cursor, sampler.state_dict(), reference.state_dict() if reference is not None else None)
+
+    for step in loop.steps():
         t_step = time.time()
         metrics: dict[str, float] = {}
         # 1. pairs: the next ones from the file, or the best and worst of each sampled group ---------------------
@@ -169,22 +180,18 @@ def run(ctx: RunContext, c: DPOConfig, resume: StageResume | None) -> None:
             pairs = online_pairs(ctx, next(batches), c, learner, metrics)
         # 2-3. reference logprobs, then one update over every pair -------------------------------------------------
         if pairs:
-            metrics.update(train_on_pairs(ctx, learner, reference, pairs, c, where=f"dpo step {step + 1}"))
+            result, pair_metrics = train_on_pairs(ctx, learner, reference, pairs, c, where=f"dpo step {step + 1}")
+            metrics.update(pair_metrics)
+            loop.trained(result)
         else:
             ctx.note(f"dpo step {step + 1}: no group had two different rewards, so no pair; no update")
-        ctx.global_step += 1
-        ctx.engine.update_weights(learner.weights(), ctx.global_step)
+            loop.trained()
+        loop.publish()  # online pairs sample from the new weights
         # 4. log, evaluate, checkpoint ------------------------------------------------------------------------------
         metrics.update({"dpo/pairs": len(pairs), "time/step_s": time.time() - t_step, "train/examples_seen": cursor})
         ctx.status(f"loss {metrics.get('dpo/loss', float('nan')):.3f}")
-        ctx.write_metrics("dpo", metrics)
-        if c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < c.steps:
-            ctx.evaluate(f"dpo-step{step + 1}", stage="dpo")
-        if ctx.due(step + 1) and step + 1 < c.steps:
-            save(ctx, step + 1, False, learner, cursor, sampler, reference)
-            ctx.stop_if_requested()
-    ctx.evaluate("dpo", stage="dpo")
-    save(ctx, c.steps, True, learner, cursor, sampler, reference)
+        loop.end_step(metrics, state(), eval_every=c.eval_every)
+    loop.end_stage(state())
 
 
 def online_pairs(ctx: RunContext, rollouts, c: DPOConfig, learner: Learner, metrics: dict) -> list[Pair]:
@@ -203,7 +210,7 @@ def online_pairs(ctx: RunContext, rollouts, c: DPOConfig, learner: Learner, metr
 
 
 def train_on_pairs(ctx: RunContext, learner: Learner, reference: FrozenModel | None, pairs: list[Pair],
-                   c: DPOConfig, *, where: str) -> dict[str, float]:
+                   c: DPOConfig, *, where: str) -> tuple[StepResult, dict[str, float]]:
     seqs = Sequences([p.prompt for p in pairs for _ in range(2)],
                      [answer for p in pairs for answer in (p.chosen, p.rejected)])
     ref, metrics = None, {}
@@ -218,21 +225,10 @@ def train_on_pairs(ctx: RunContext, learner: Learner, reference: FrozenModel | N
     t0 = time.time()
     loss = PreferenceLoss(c.loss, c.loss_args, ref, torch.tensor([len(x) for x in seqs.completions]), len(pairs))
     result = learner.train_step(seqs, loss, keep_together=torch.arange(len(seqs)) // 2, where=where)
-    if result.skipped:
-        ctx.note(result.skipped + "; update skipped")
-    ctx.add_flops(train=result.flops)
-    ctx.add(**{"train/tokens_total": result.tokens})
     n, m = len(pairs), result.metrics
-    return {**metrics, "dpo/loss": result.loss, "dpo/chosen_reward": m["chosen_reward"] / n,
+    return result, {**metrics, "dpo/loss": result.loss, "dpo/chosen_reward": m["chosen_reward"] / n,
             "dpo/rejected_reward": m["rejected_reward"] / n,
             "dpo/reward_margin": (m["chosen_reward"] - m["rejected_reward"]) / n,
             "dpo/accuracy": m["accuracy"] / n, "dpo/chosen_logp": m["chosen_logp"] / n,
             "dpo/rejected_logp": m["rejected_logp"] / n, "train/grad_norm": result.grad_norm, "train/lr": result.lr,
             "time/train_s": time.time() - t0}
-
-
-def save(ctx: RunContext, stage_step: int, done: bool, learner: Learner, cursor: int, sampler,
-         reference: FrozenModel | None) -> None:
-    ctx.checkpoint(stage_index=ctx.stage_index, stage_step=stage_step, stage_done=done, learner=learner.state_dict(),
-                   stage_state={"cursor": cursor, "sampler": sampler.state_dict(),
-                                "reference": reference.state_dict() if reference is not None else None})

@@ -28,7 +28,8 @@ from posttrain.config import StageConfig
 from posttrain.data.prompts import completion_ids, render_prompt
 from posttrain.data.sft import Example, fitting, read_pairs
 from posttrain.runtime.context import RunContext
-from posttrain.stages import StageResume, register_stage
+from posttrain.runtime.loop import StageLoop
+from posttrain.stages import Cursor, StageResume, register_stage
 from posttrain.train.learner import ForwardOut, Sequences
 from posttrain.train.teacher_cache import teacher_logprobs
 
@@ -75,10 +76,10 @@ class OfflineOPDLoss:
         return surrogate, {"k2": k2, "reverse_kl": float(gap.sum()) / max(self.tokens, 1)}
 
 
-@register_stage("opd_offline", OfflineOPDConfig)
+@register_stage("opd_offline", OfflineOPDConfig, state=Cursor)
 def run(ctx: RunContext, c: OfflineOPDConfig, resume: StageResume | None) -> None:
     tok = ctx.tokenizer
-    learner = ctx.learner(c, total_updates=c.steps)
+    loop = StageLoop(ctx, c, resume, steps=c.steps)
     rows = [fitting(Example(render_prompt(tok, p, chat_template=ctx.chat_template, max_len=ctx.max_len),
                             completion_ids(tok, text, chat_template=ctx.chat_template)), ctx.max_len, where)
             for where, p, text in read_pairs(Path(c.data_path), c.data_columns, section="opd_offline")]
@@ -92,12 +93,9 @@ def run(ctx: RunContext, c: OfflineOPDConfig, resume: StageResume | None) -> Non
         ctx.add_flops(teacher=flops)
         ctx.note(f"opd_offline: teacher logprobs of {len(rows)} samples {'computed' if built else 'read'} "
                  f"({cache}, {flops:.3g} FLOPs, {time.time() - t0:.1f} s)")
-    start, cursor = (resume.stage_step, resume.state["cursor"]) if resume else (0, 0)
-    if resume:
-        learner.load_state_dict(resume.learner)
+    cursor = resume.state.cursor if resume else 0
     order = itertools.islice(epochs(len(rows), ctx.seed), cursor, None)
-
-    for step in ctx.progress(range(start, c.steps), total=c.steps, completed=start, description="opd_offline"):
+    for step in loop.steps():
         t_step = time.time()
         ids = list(itertools.islice(order, c.batch_size))
         cursor += len(ids)
@@ -108,29 +106,14 @@ def run(ctx: RunContext, c: OfflineOPDConfig, resume: StageResume | None) -> Non
             padded[j, : len(teacher[i])] = teacher[i]
         ctx.phase("train", f"forward/backward over {len(ids)} samples")
         tokens = sum(len(x) for x in batch.completions)
-        result = learner.train_step(batch, OfflineOPDLoss(padded, tokens, c.coef), temperature=c.temperature,
-                                    where=f"opd_offline step {step + 1}")
-        if result.skipped:
-            ctx.note(result.skipped + "; update skipped")
-        ctx.global_step += 1
-        ctx.add_flops(train=result.flops)
-        ctx.add(**{"train/tokens_total": result.tokens})
+        result = loop.learner.train_step(batch, OfflineOPDLoss(padded, tokens, c.coef), temperature=c.temperature,
+                                         where=f"opd_offline step {step + 1}")
+        loop.trained(result)
         ctx.status(f"k2 {result.metrics['k2']:.3f}")
-        ctx.write_metrics("opd_offline", {"distill/k2": result.metrics["k2"],
-                                          "distill/reverse_kl": result.metrics["reverse_kl"],
-                                          "train/grad_norm": result.grad_norm, "train/lr": result.lr,
-                                          "train/examples_seen": cursor, "time/step_s": time.time() - t_step})
-        if c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < c.steps:
-            ctx.engine.update_weights(learner.weights(), ctx.global_step)
-            ctx.evaluate(f"opd_offline-step{step + 1}", stage="opd_offline")
-        if ctx.due(step + 1) and step + 1 < c.steps:
-            ctx.checkpoint(stage_index=ctx.stage_index, stage_step=step + 1, stage_done=False,
-                           learner=learner.state_dict(), stage_state={"cursor": cursor})
-            ctx.stop_if_requested()
-    ctx.engine.update_weights(learner.weights(), ctx.global_step)
-    ctx.evaluate("opd_offline", stage="opd_offline")
-    ctx.checkpoint(stage_index=ctx.stage_index, stage_step=c.steps, stage_done=True, learner=learner.state_dict(),
-                   stage_state={"cursor": cursor})
+        loop.end_step({"distill/k2": result.metrics["k2"], "distill/reverse_kl": result.metrics["reverse_kl"],
+                       "train/grad_norm": result.grad_norm, "train/lr": result.lr, "train/examples_seen": cursor,
+                       "time/step_s": time.time() - t_step}, Cursor(cursor), eval_every=c.eval_every)
+    loop.end_stage(Cursor(cursor))
 
 
 def epochs(n: int, seed: int):

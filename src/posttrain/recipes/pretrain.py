@@ -28,7 +28,8 @@ from posttrain.data.jsonl import json_objects
 from posttrain.errors import UserError
 from posttrain.recipes.sft import SFTLoss
 from posttrain.runtime.context import RunContext
-from posttrain.stages import StageResume, register_stage
+from posttrain.runtime.loop import StageLoop
+from posttrain.stages import Cursor, StageResume, register_stage
 from posttrain.train.learner import Sequences
 
 HELD_OUT_DOCS = 200  # documents of a file kept out of training for the held-out loss
@@ -165,47 +166,27 @@ def held_out_nll(learner, held_out: Sequences) -> float:
     return -float(sum(x.sum() for x in lp)) / sum(len(x) for x in lp)
 
 
-@register_stage("pretrain", PretrainConfig)
+@register_stage("pretrain", PretrainConfig, state=Cursor)
 def run(ctx: RunContext, c: PretrainConfig, resume: StageResume | None) -> None:
-    steps = c.steps()
     if ctx.max_len is not None and c.seq_len > ctx.max_len:
         raise UserError(f"pretrain.seq_len = {c.seq_len} exceeds the model's context of {ctx.max_len} tokens")
-    learner = ctx.learner(c, total_updates=steps)
-    start, cursor = 0, 0
-    if resume:
-        learner.load_state_dict(resume.learner)
-        start, cursor = resume.stage_step, resume.state["cursor"]
+    loop = StageLoop(ctx, c, resume, steps=c.steps())
+    cursor = resume.state.cursor if resume else 0
     stream, held_out = corpus(ctx, c, cursor)
-
-    def held_out_loss() -> float:
-        return held_out_nll(learner, held_out)
-
-    step = start
-    for step in ctx.progress(range(start, steps), total=steps, completed=start, description="pretrain"):
+    for step in loop.steps():
         t0 = time.time()
         ctx.phase("data", f"{c.batch_size} packed sequences of {c.seq_len} tokens")
         batch = list(itertools.islice(stream, c.batch_size))
         cursor += len(batch)
         ctx.phase("train", f"forward/backward over {len(batch)} x {c.seq_len} tokens")
-        result = learner.train_step(as_sequences(batch), SFTLoss(len(batch) * (c.seq_len - 1)),
-                                    where=f"pretrain step {step + 1}")
-        if result.skipped:
-            ctx.note(result.skipped + "; update skipped")
-        ctx.global_step += 1
-        ctx.add_flops(train=result.flops)
-        ctx.add(**{"train/tokens_total": result.tokens})
+        result = loop.learner.train_step(as_sequences(batch), SFTLoss(len(batch) * (c.seq_len - 1)),
+                                         where=f"pretrain step {step + 1}")
+        loop.trained(result)
         metrics = {"pretrain/loss": result.loss, "pretrain/ppl": math.exp(min(result.loss, 50.0)),
                    "train/lr": result.lr, "train/grad_norm": result.grad_norm, "time/step_s": time.time() - t0}
-        if c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < steps:
-            metrics["pretrain/eval_loss"] = held_out_loss()
+        if c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < loop.total:
+            metrics["pretrain/eval_loss"] = held_out_nll(loop.learner, held_out)
         ctx.status(f"loss {result.loss:.3f}")
-        ctx.write_metrics("pretrain", metrics)
-        if ctx.due(step + 1) and step + 1 < steps:
-            ctx.checkpoint(stage_index=ctx.stage_index, stage_step=step + 1, stage_done=False,
-                           learner=learner.state_dict(), stage_state={"cursor": cursor})
-            ctx.stop_if_requested()
-    ctx.write_metrics("pretrain", {"pretrain/eval_loss": held_out_loss()})
-    ctx.engine.update_weights(learner.weights(), ctx.global_step)
-    ctx.evaluate("pretrain", stage="pretrain")
-    ctx.checkpoint(stage_index=ctx.stage_index, stage_step=step + 1, stage_done=True, learner=learner.state_dict(),
-                   stage_state={"cursor": cursor})
+        loop.end_step(metrics, Cursor(cursor))
+    ctx.write_metrics("pretrain", {"pretrain/eval_loss": held_out_nll(loop.learner, held_out)})
+    loop.end_stage(Cursor(cursor))

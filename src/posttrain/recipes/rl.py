@@ -20,9 +20,9 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -57,9 +57,10 @@ from posttrain.rollout.collect import (
     generation_flops,
     per_source,
 )
-from posttrain.rollout.producer import Rollouts, staleness
+from posttrain.rollout.producer import staleness
 from posttrain.runtime.context import RunContext
-from posttrain.stages import StageResume, register_stage
+from posttrain.runtime.loop import StageLoop
+from posttrain.stages import StageResume, StageState, register_stage
 from posttrain.tracking.ledger import FlopModel
 from posttrain.train.learner import ForwardOut, FrozenModel, Learner, Sequences, StepResult
 
@@ -89,23 +90,50 @@ class RLBatch:
     teacher_rows: Tensor | None = None  # (B,) 1 on the samples that carry the teacher KL term (teacher_kl_mask)
 
 
-@register_stage("rl", RLConfig)
+@dataclass(frozen=True)
+class RLSaved(StageState):
+    """What an RL checkpoint holds besides the learner."""
+
+    rl: RLState
+    sampler: dict[str, Any]  # the task sampler as of the last step trained (an asynchronous producer is ahead)
+    reference: dict[str, Any] | None  # the reference's weights, when a KL term exists
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "rl": asdict(self.rl)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RLSaved:
+        saved = super().from_dict(data)
+        return replace(saved, rl=RLState(**saved.rl))
+
+
+class UpdateAt(NamedTuple):
+    step: int  # the stage step (0-based)
+    seed: int  # of the mini-batch split
+
+
+@register_stage("rl", RLConfig, state=RLSaved)
 def run(ctx: RunContext, c: RLConfig, resume: StageResume | None) -> None:
     if c.preset and c.preset_overrides and not resume:
         ctx.note(f"rl.preset = {c.preset}, with the recipe overriding: {'; '.join(c.preset_overrides)}")
     env = ctx.training_env(c.env_args)
-    learner = ctx.learner(c, total_updates=c.steps * c.epochs * c.mini_batches)
+    sampler = SAMPLERS.get(c.sampler)(env, ctx.seed, **c.sampler_args)
+    loop = StageLoop(ctx, c, resume, steps=c.steps, updates=c.steps * c.epochs * c.mini_batches,
+                     on_saved=lambda saved, done: write_prompt_history(ctx.run_dir, saved.sampler, sampler, done))
+    learner = loop.learner
     # The reference exists only when a KL term does; it starts as the policy at the start of the stage.
     reference = learner.frozen_copy() if c.kl_coef > 0 else None
-    sampler = SAMPLERS.get(c.sampler)(env, ctx.seed, **c.sampler_args)
-    state, start = RLState(loss_args=dict(c.policy_loss_args)), 0
+    state = RLState(loss_args=dict(c.policy_loss_args))
     if resume:
-        start, state = resume.stage_step, RLState(**resume.state["rl"])
-        learner.load_state_dict(resume.learner)
-        sampler.load_state_dict(resume.state["sampler"])
+        state = resume.state.rl
+        sampler.load_state_dict(resume.state.sampler)
         if reference is not None:
-            reference.load_weights(resume.state["reference"])
+            reference.load_weights(resume.state.reference)
     sampler_state = copy.deepcopy(sampler.state_dict())  # before a producer thread starts moving it
+
+    def saved() -> RLSaved:
+        return RLSaved(state, sampler_state, reference.state_dict() if reference is not None else None)
+
     # In step with training, or (rollout.max_staleness = k > 0) up to k steps ahead of it (rollout/producer.py).
     batches = ctx.rollouts(lambda engine: collect(
         engine, sampler, ctx.scorer.with_env(env), PromptRenderer(env, ctx.tokenizer, ctx.chat_template, ctx.max_len),
@@ -116,52 +144,50 @@ def run(ctx: RunContext, c: RLConfig, resume: StageResume | None) -> None:
     try:
         if not resume and c.eval_every:  # the curve's first point: the policy RL starts from, at zero RL compute
             ctx.add(**{"compute/rl_flops": 0.0})
-            ctx.evaluate("rl-step0", stage="rl")
-        # the sampler as of the last step trained (an asynchronous producer has moved it further)
-        sampler_state = train(ctx, c, batches, learner, sampler_state, state, reference, start)
+            loop.evaluate("rl-step0")
+        for step in loop.steps():
+            t_step = time.time()
+            # 1-3. pick prompts, sample groups, score, filter groups ----------------------------------------------
+            rollouts = next(batches)
+            ctx.record_samples(rollouts.seen, c.log_samples)
+            metrics = rollout_metrics(ctx, rollouts, learner.flop_model, t_generate=time.time() - t_step)
+            results: list[tuple[StepResult, Tensor]] = []
+            if len(rollouts.kept):
+                # 4-5. rewards, reference / old logprobs, IS weights, advantages ------------------------------------
+                t0 = time.time()
+                ctx.phase("logprobs", "reference / old-policy forward passes")
+                batch, batch_metrics = rl_batch(ctx, rollouts.kept, c, learner, reference)
+                metrics.update(batch_metrics, **{"time/logprob_s": time.time() - t0})
+                # 6. update: epochs x mini-batches of whole groups, each one Learner.train_step ------------------
+                t0 = time.time()
+                ctx.phase("train", f"{c.epochs} epoch(s) x {c.mini_batches} mini-batch(es) over "
+                          f"{len(batch.seqs)} completions")
+                results = update(learner, batch, c, state.loss_args,
+                                 UpdateAt(step, seed=ctx.seed * 1_000_003 + ctx.global_step))
+                metrics.update(train_metrics(results, batch, c, state.loss_args, t_train=time.time() - t0))
+                if c.teacher_kl_coef:
+                    metrics["distill/coef"] = c.teacher_coef(step)  # KDRL's annealed β
+            loop.trained(*(r for r, _ in results))
+            # 7. controllers between steps ---------------------------------------------------------------------
+            if c.entropy_target is not None and "pg/entropy" in metrics:  # measured only on a step that trained
+                adapt_to_entropy(ctx, state, c, metrics["pg/entropy"])
+            # 8. the engines sample from the new weights; log, evaluate, reset the reference, checkpoint ----------
+            t0 = time.time()  # a sharded learner gathers its weights here (train/learner_group.py)
+            loop.publish()
+            batches.post_weights(learner.weights(), ctx.global_step)
+            metrics["time/weight_sync_s"] = time.time() - t0
+            sampler_state = rollouts.sampler_state
+            metrics["time/step_s"] = time.time() - t_step
+            ctx.status(f"reward {metrics['rollout/reward_mean']:.3f}")
+            evaluation = loop.log(metrics, eval_every=c.eval_every)
+            if evaluation is not None:
+                state.val_history.append((loop.stage_step, evaluation.get("mean@n", {}).get(
+                    "mean", evaluation["greedy_acc"])))
+            reset_reference(loop, c, state, reference)
+            loop.checkpoint(saved())
     finally:
         batches.close()
-    ctx.evaluate("rl", stage="rl")
-    save(ctx, c.steps, True, learner, sampler_state, state, reference, sampler)
-
-
-def train(ctx: RunContext, c: RLConfig, batches: Rollouts, learner: Learner, sampler_state: dict, state: RLState,
-          reference: FrozenModel | None, start: int) -> dict:
-    """Steps start..c.steps. -> the task sampler's state after the last of them."""
-    for step in ctx.progress(range(start, c.steps), total=c.steps, completed=start, description="rl"):
-        t_step = time.time()
-        # 1-3. pick prompts, sample groups, score, filter groups ------------------------------------------------
-        rollouts = next(batches)
-        ctx.record_samples(rollouts.seen, c.log_samples)
-        metrics = rollout_metrics(ctx, rollouts, learner.flop_model, t_generate=time.time() - t_step)
-        if len(rollouts.kept):
-            # 4-5. rewards, reference / old logprobs, IS weights, advantages --------------------------------------
-            t0 = time.time()
-            ctx.phase("logprobs", "reference / old-policy forward passes")
-            batch, batch_metrics = rl_batch(ctx, rollouts.kept, c, learner, reference)
-            metrics.update(batch_metrics, **{"time/logprob_s": time.time() - t0})
-            # 6. update: epochs x mini-batches of whole groups, each one Learner.train_step --------------------
-            t0 = time.time()
-            ctx.phase("train", f"{c.epochs} epoch(s) x {c.mini_batches} mini-batch(es) over {len(batch.seqs)} "
-                      "completions")
-            teacher_coef = c.teacher_coef(step)  # KDRL's annealed β (0 without a teacher term)
-            results = update(learner, batch, c, state.loss_args, seed=ctx.seed * 1_000_003 + ctx.global_step,
-                             where=f"rl step {step + 1}", teacher_coef=teacher_coef)
-            metrics.update(train_metrics(ctx, results, batch, c, state, t_train=time.time() - t0))
-            if c.teacher_kl_coef:
-                metrics["distill/coef"] = teacher_coef
-        ctx.global_step += 1
-        # 7. controllers between steps ---------------------------------------------------------------------------
-        if c.entropy_target is not None and "pg/entropy" in metrics:  # measured only on a step that trained
-            adapt_to_entropy(ctx, state, c, metrics["pg/entropy"])
-        # 8. the engines sample from the new weights; log, evaluate, reset, checkpoint ----------------------------
-        t0 = time.time()  # a sharded learner gathers its weights here (train/learner_group.py)
-        ctx.engine.update_weights(learner.weights(), ctx.global_step)
-        batches.post_weights(learner.weights(), ctx.global_step)
-        metrics["time/weight_sync_s"] = time.time() - t0
-        sampler_state = rollouts.sampler_state
-        end_step(ctx, c, step + 1, metrics, t_step, learner, sampler_state, state, reference)
-    return sampler_state
+    loop.end_stage(saved())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -303,14 +329,15 @@ class RLLoss:
         return loss, metrics
 
 
-def update(learner: Learner, batch: RLBatch, c: RLConfig, loss_args: dict[str, Any], *, seed: int,
-           where: str, teacher_coef: float = 0.0) -> list[tuple[StepResult, Tensor]]:
+def update(learner: Learner, batch: RLBatch, c: RLConfig, loss_args: dict[str, Any],
+           at: UpdateAt) -> list[tuple[StepResult, Tensor]]:
     """epochs x mini-batches of whole groups, one optimizer update each; global normalisers per mini-batch.
     -> (result, rows forwarded) per update."""
     # A sample whose advantage is exactly 0 contributes exactly 0 to every policy loss and its gradient, so
     # unless a KL-in-loss or entropy term gives it one, or the teacher term covers it, its forward/backward is
     # skipped. The normalisers still count its tokens, so the loss and the update are unchanged (up to float
     # summation order).
+    teacher_coef = c.teacher_coef(at.step)  # KDRL's annealed β (0 without a teacher term)
     per_sample_terms = c.entropy_coef != 0 or (batch.ref_logprobs is not None and c.kl_placement == "loss")
     zero = (batch.advantages * batch.mask == 0).all(-1)
     if teacher_coef != 0 and batch.teacher_rows is not None:  # KDRL's mask may leave a sample without the term
@@ -318,7 +345,7 @@ def update(learner: Learner, batch: RLBatch, c: RLConfig, loss_args: dict[str, A
     skippable = zero if c.skip_zero_advantage and not per_sample_terms else torch.zeros_like(zero)
     results = []
     for epoch in range(c.epochs):
-        for rows in split_groups(batch.group_ids, c.mini_batches, seed=seed + epoch):
+        for rows in split_groups(batch.group_ids, c.mini_batches, seed=at.seed + epoch):
             norm, group_tokens = normalisers_for(batch.mask[rows], batch.group_ids[rows], c.max_new_tokens)
             tokens = torch.zeros(len(batch.seqs), dtype=group_tokens.dtype).index_copy_(0, rows, group_tokens)
             loss = RLLoss(batch, norm, tokens, c.policy_loss, loss_args, c.aggregation, c.kl_estimator,
@@ -326,17 +353,12 @@ def update(learner: Learner, batch: RLBatch, c: RLConfig, loss_args: dict[str, A
                           teacher_coef)
             trained = rows[~skippable[rows]]
             results.append((learner.train_step(batch.seqs, loss, rows=trained, temperature=c.temperature,
-                                               with_entropy=True, where=where), trained))
+                                               with_entropy=True, where=f"rl step {at.step + 1}"), trained))
     return results
 
 
-def train_metrics(ctx: RunContext, results: list[tuple[StepResult, Tensor]], batch: RLBatch, c: RLConfig,
-                  state: RLState, *, t_train: float) -> dict[str, float]:
-    for r, _ in results:
-        if r.skipped:
-            ctx.note(r.skipped + "; update skipped")
-    ctx.add_flops(train=sum(r.flops for r, _ in results))
-    ctx.add(**{"train/tokens_total": sum(r.tokens for r, _ in results)})
+def train_metrics(results: list[tuple[StepResult, Tensor]], batch: RLBatch, c: RLConfig,
+                  loss_args: dict[str, Any], *, t_train: float) -> dict[str, float]:
     sums = {k: sum(r.metrics.get(k, 0.0) for r, _ in results)
             for k in ("clip_frac", "ratio", "entropy", "kl", "teacher_kl")}
     trained_tokens = sum(r.tokens for r, _ in results)
@@ -353,7 +375,7 @@ def train_metrics(ctx: RunContext, results: list[tuple[StepResult, Tensor]], bat
             "pg/entropy": sums["entropy"] / denom, "kl/value": sums["kl"] / denom,
             **({"distill/teacher_kl": sums["teacher_kl"] / denom} if c.teacher_kl_coef else {})} if trained_tokens
            else {}),
-        **{f"pg/{k}": v for k, v in state.loss_args.items() if isinstance(v, float)},
+        **{f"pg/{k}": v for k, v in loss_args.items() if isinstance(v, float)},
         "time/train_s": t_train,
         "perf/train_tokens_per_s": sum(len(seqs.prompts[i]) + len(seqs.completions[i]) for i in trained)
         / max(t_train, 1e-9),
@@ -371,43 +393,19 @@ def adapt_to_entropy(ctx: RunContext, state: RLState, c: RLConfig, entropy: floa
         state.loss_args[name] = new
 
 
-def end_step(ctx: RunContext, c: RLConfig, stage_step: int, metrics: dict, t_step: float, learner: Learner,
-             sampler_state: dict, state: RLState, reference: FrozenModel | None) -> None:
-    """Log the step, then what is scheduled at it: evaluation, reference reset, checkpoint. Runs after every
-    step, including one whose groups were all degenerate (no update), so the schedule never skips a point."""
-    metrics["time/step_s"] = time.time() - t_step
-    ctx.status(f"reward {metrics['rollout/reward_mean']:.3f}")
-    ctx.write_metrics("rl", metrics)
-    if c.eval_every and stage_step % c.eval_every == 0 and stage_step < c.steps:
-        result = ctx.evaluate(f"rl-step{stage_step}", stage="rl")
-        state.val_history.append((stage_step, result.get("mean@n", {}).get("mean", result["greedy_acc"])))
-    if reference is not None and should_reset_reference(stage_step, state.last_reset, state.val_history,
-                                                        every=c.ref_reset_every, patience=c.ref_reset_patience):
-        reference.load_weights(learner.weights())
-        state.last_reset = stage_step
-        if c.ref_reset_optimizer:
-            learner.reset_optimizer()
-        ctx.note(f"rl step {stage_step}: reference policy reset to the current policy"
-                 + (" (optimizer state cleared)" if c.ref_reset_optimizer else ""))
-        ctx.write_metrics("rl", {"ctrl/ref_reset": 1})
-    if ctx.due(stage_step) and stage_step < c.steps:
-        save(ctx, stage_step, False, learner, sampler_state, state, reference)
-        ctx.stop_if_requested()
-
-
-def save(ctx: RunContext, stage_step: int, done: bool, learner: Learner, sampler_state: dict, state: RLState,
-         reference: FrozenModel | None, sampler: TaskSampler | None = None) -> None:
-    """sampler_state: the task sampler as of the last trained step (an asynchronous producer is ahead of it)."""
-    stage_state = {"rl": asdict(state), "sampler": sampler_state,
-                   "reference": reference.state_dict() if reference is not None else None}
-    ctx.checkpoint(stage_index=ctx.stage_index, stage_step=stage_step, stage_done=done,
-                   learner=learner.state_dict(), stage_state=stage_state)
-    if "history" in sampler_state:  # the built-in samplers' layout
-        history = PromptHistory()
-        history.load_state_dict(sampler_state["history"])
-        write_prompt_history(ctx.run_dir, history.rows())
-    elif sampler is not None:
-        write_prompt_history(ctx.run_dir, sampler.history.rows())
+def reset_reference(loop: StageLoop, c: RLConfig, state: RLState, reference: FrozenModel | None) -> None:
+    """Reset the reference to the current policy when its schedule (or the held-out plateau) says so."""
+    step = loop.stage_step
+    if reference is None or not should_reset_reference(step, state.last_reset, state.val_history,
+                                                       every=c.ref_reset_every, patience=c.ref_reset_patience):
+        return
+    reference.load_weights(loop.learner.weights())
+    state.last_reset = step
+    if c.ref_reset_optimizer:
+        loop.learner.reset_optimizer()
+    loop.ctx.note(f"rl step {step}: reference policy reset to the current policy"
+                  + (" (optimizer state cleared)" if c.ref_reset_optimizer else ""))
+    loop.ctx.write_metrics("rl", {"ctrl/ref_reset": 1})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -442,9 +440,18 @@ def split_groups(group_ids: Tensor, parts: int, *, seed: int) -> list[Tensor]:
     return [torch.isin(group_ids, g).nonzero().squeeze(-1) for g in groups.tensor_split(min(parts, len(groups)))]
 
 
-def write_prompt_history(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+def write_prompt_history(run_dir: Path, sampler_state: dict[str, Any], sampler: TaskSampler, done: bool) -> None:
+    """prompts.jsonl beside each checkpoint: from the saved sampler state (the built-in samplers' layout, as of
+    the last step trained), or at the stage's end from a sampler of another layout."""
+    if "history" in sampler_state:
+        history = PromptHistory()
+        history.load_state_dict(sampler_state["history"])
+    elif done:
+        history = sampler.history
+    else:
+        return
     tmp = run_dir / "prompts.jsonl.tmp"
     with tmp.open("w") as f:
-        for h in rows:
+        for h in history.rows():
             f.write(json.dumps(h) + "\n")
     tmp.replace(run_dir / "prompts.jsonl")

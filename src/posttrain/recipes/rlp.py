@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import torch
 from pydantic import Field, model_validator
@@ -31,7 +32,8 @@ from posttrain.recipes.pretrain import CorpusConfig, corpus, held_out_nll
 from posttrain.recipes.rl import pad
 from posttrain.records import SamplingParams
 from posttrain.runtime.context import RunContext
-from posttrain.stages import StageResume, register_stage
+from posttrain.runtime.loop import StageLoop
+from posttrain.stages import StageResume, StageState, register_stage
 from posttrain.train.learner import ForwardOut, Sequences
 
 
@@ -62,21 +64,26 @@ class RLPConfig(CorpusConfig):
         return self
 
 
-@register_stage("rlp", RLPConfig)
+@dataclass(frozen=True)
+class RLPState(StageState):
+    cursor: int  # packed sequences consumed
+    ema: dict[str, Any]  # the EMA baseline's weights
+
+
+@register_stage("rlp", RLPConfig, state=RLPState)
 def run(ctx: RunContext, c: RLPConfig, resume: StageResume | None) -> None:
     if ctx.max_len is not None and c.seq_len + c.thought_tokens > ctx.max_len:
         raise UserError(f"rlp.seq_len + rlp.thought_tokens = {c.seq_len + c.thought_tokens} exceeds the model's "
                         f"context of {ctx.max_len} tokens")
-    learner = ctx.learner(c, total_updates=c.steps)
+    loop = StageLoop(ctx, c, resume, steps=c.steps)
+    learner = loop.learner
     ema = learner.frozen_copy()  # φ starts as the policy the stage starts from
-    start, cursor = 0, 0
+    cursor = 0
     if resume:
-        learner.load_state_dict(resume.learner)
-        ema.load_weights(resume.state["ema"])
-        start, cursor = resume.stage_step, resume.state["cursor"]
+        ema.load_weights(resume.state.ema)
+        cursor = resume.state.cursor
     stream, held_out = corpus(ctx, c, cursor)
-    step = start
-    for step in ctx.progress(range(start, c.steps), total=c.steps, completed=start, description="rlp"):
+    for step in loop.steps():
         t0 = time.time()
         # 1. positions: one per packed sequence, at a seeded offset (a resumed run picks the same ones)
         ctx.phase("data", f"{c.positions_per_step} positions")
@@ -115,16 +122,14 @@ def run(ctx: RunContext, c: RLPConfig, resume: StageResume | None) -> None:
         loss = ThoughtLoss(old, advantages[:, None].expand(-1, width).contiguous(), mask, norm, group_tokens,
                            c.clip_eps)
         result = learner.train_step(rows, loss, temperature=c.temperature, where=f"rlp step {step + 1}")
-        if result.skipped:
-            ctx.note(result.skipped + "; update skipped")
         ema_update_(ema.state_dict(), learner.weights(), c.ema_decay)
-        ctx.global_step += 1
-        ctx.engine.update_weights(learner.weights(), ctx.global_step)
-        # 5. the ledger, the log, the checkpoint
+        # 5. the ledger (generation, the no-grad passes, then the update), the new weights to the engine, the log
         gen = sum(learner.flop_model.prefill(len(x)) for x in contexts) + sum(
             learner.flop_model.decode_steps(len(p), len(t.token_ids)) for p, t in zip(prompts, thoughts, strict=True))
-        ctx.add_flops(generate=gen, old=old_flops + drift_flops, ref=ema_flops, train=result.flops)
-        ctx.add(**{"train/tokens_total": result.tokens, "rlp/positions": len(docs)})
+        ctx.add_flops(generate=gen, old=old_flops + drift_flops, ref=ema_flops)
+        loop.trained(result)
+        ctx.add(**{"rlp/positions": len(docs)})
+        loop.publish()
         metrics = {"rlp/info_gain": float(rewards.mean()), "rlp/info_gain_std": float(rewards.std()),
                    "rlp/drift_gain": float(information_gain(pad(drift_lp), pad(ema_lp), pad(
                        [[1.0] * len(t) for t in targets])).mean()),
@@ -135,15 +140,9 @@ def run(ctx: RunContext, c: RLPConfig, resume: StageResume | None) -> None:
         if c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < c.steps:
             metrics["rlp/eval_loss"] = held_out_nll(learner, held_out)
         ctx.status(f"info gain {metrics['rlp/info_gain']:+.3f}")
-        ctx.write_metrics("rlp", metrics)
-        if ctx.due(step + 1) and step + 1 < c.steps:
-            ctx.checkpoint(stage_index=ctx.stage_index, stage_step=step + 1, stage_done=False,
-                           learner=learner.state_dict(), stage_state={"cursor": cursor, "ema": ema.state_dict()})
-            ctx.stop_if_requested()
+        loop.end_step(metrics, RLPState(cursor, ema.state_dict()))
     ctx.write_metrics("rlp", {"rlp/eval_loss": held_out_nll(learner, held_out)})
-    ctx.evaluate("rlp", stage="rlp")
-    ctx.checkpoint(stage_index=ctx.stage_index, stage_step=step + 1, stage_done=True, learner=learner.state_dict(),
-                   stage_state={"cursor": cursor, "ema": ema.state_dict()})
+    loop.end_stage(RLPState(cursor, ema.state_dict()))
 
 
 class ThoughtLoss:

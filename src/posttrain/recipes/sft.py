@@ -22,7 +22,8 @@ from posttrain.config import StageConfig
 from posttrain.data.sft import env_examples, file_examples, length_order
 from posttrain.errors import UserError
 from posttrain.runtime.context import RunContext
-from posttrain.stages import StageResume, register_stage
+from posttrain.runtime.loop import StageLoop
+from posttrain.stages import Cursor, StageResume, register_stage
 from posttrain.train.learner import ForwardOut, Sequences
 
 
@@ -60,21 +61,17 @@ class SFTLoss:
         return nll / max(self.total_tokens, 1), {}
 
 
-@register_stage("sft", SFTConfig)
+@register_stage("sft", SFTConfig, state=Cursor)
 def run(ctx: RunContext, c: SFTConfig, resume: StageResume | None) -> None:
-    tok = ctx.tokenizer
-    learner = ctx.learner(c, total_updates=c.steps)
-    start, cursor = 0, 0
-    if resume:
-        learner.load_state_dict(resume.learner)
-        start, cursor = resume.stage_step, resume.state["cursor"]
-    source = (file_examples(Path(c.data_path), tok, seed=ctx.seed, chat_template=ctx.chat_template,
+    loop = StageLoop(ctx, c, resume, steps=c.steps)
+    cursor = resume.state.cursor if resume else 0
+    source = (file_examples(Path(c.data_path), ctx.tokenizer, seed=ctx.seed, chat_template=ctx.chat_template,
                             max_len=ctx.max_len, columns=c.data_columns) if c.data_path else
-              env_examples(ctx.training_env(c.env_args), tok, seed=ctx.seed, chat_template=ctx.chat_template,
+              env_examples(ctx.training_env(c.env_args), ctx.tokenizer, seed=ctx.seed, chat_template=ctx.chat_template,
                            max_len=ctx.max_len))
     stream = itertools.islice(source, cursor, None)  # the data cursor: examples already consumed
-    step, stop = start, False
-    for step in ctx.progress(range(start, c.steps), total=c.steps, completed=start, description="sft"):
+    reached = False
+    for step in loop.steps():
         t0 = time.time()
         ctx.phase("data", f"{c.batch_size} examples from {c.data_path if c.data_path else ctx.env.name}")
         batch = list(itertools.islice(stream, c.batch_size))
@@ -82,42 +79,36 @@ def run(ctx: RunContext, c: SFTConfig, resume: StageResume | None) -> None:
             raise UserError(f"sft: no training examples left at step {step + 1} (the environment "
                             f"{ctx.env.name!r} yields no train-split tasks)")
         cursor += len(batch)
-        seqs = Sequences([e.prompt for e in batch], [e.completion for e in batch])
         ctx.phase("train", f"forward/backward over {len(batch)} sequences")
-        result = learner.train_step(seqs, SFTLoss(sum(len(e.completion) for e in batch)),
-                                    rows=torch.tensor(length_order(batch)), where=f"sft step {step + 1}")
-        if result.skipped:
-            ctx.note(result.skipped + "; update skipped")
-        ctx.global_step += 1
-        ctx.add_flops(train=result.flops)
-        ctx.add(**{"train/tokens_total": result.tokens})
+        result = loop.learner.train_step(Sequences([e.prompt for e in batch], [e.completion for e in batch]),
+                                         SFTLoss(sum(len(e.completion) for e in batch)),
+                                         rows=torch.tensor(length_order(batch)), where=f"sft step {step + 1}")
+        loop.trained(result)
         metrics = {"sft/loss": result.loss, "train/lr": result.lr, "train/grad_norm": result.grad_norm,
                    "time/step_s": time.time() - t0, "train/examples_seen": cursor}
         ctx.status(f"loss {result.loss:.3f}")
-        stop = False
         if c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < c.steps:
-            ctx.engine.update_weights(learner.weights(), ctx.global_step)
-            if c.eval_sampled:  # its row goes to metrics.jsonl before this step's (same step number)
-                acc = ctx.evaluate(f"sft-step{step + 1}", stage="sft")["greedy_acc"]
-            else:
-                acc = ctx.evaluate("sft-periodic", stage="sft", greedy_only=True, log=False)["greedy_acc"]
-            metrics["eval/greedy_acc"] = acc
-            ctx.note(f"sft step {step + 1}: loss {result.loss:.3f}, held-out greedy accuracy {acc:.3f}")
-            stop = c.stop_at_accuracy is not None and acc >= c.stop_at_accuracy
-        ctx.write_metrics("sft", metrics)
-        if stop:
+            reached = periodic_eval(loop, c, metrics)  # before the step's row: its accuracy is in the row
+        loop.log(metrics)
+        if reached:
             ctx.note(f"sft: accuracy reached {c.stop_at_accuracy} at step {step + 1}; stopping the stage")
             break
-        if ctx.due(step + 1) and step + 1 < c.steps:
-            ctx.checkpoint(stage_index=ctx.stage_index, stage_step=step + 1, stage_done=False,
-                           learner=learner.state_dict(), stage_state={"cursor": cursor})
-            ctx.stop_if_requested()
-    ctx.engine.update_weights(learner.weights(), ctx.global_step)
-    final = ctx.evaluate("sft", stage="sft")
-    if c.stop_at_accuracy is not None and not stop and final["greedy_acc"] < c.stop_at_accuracy:
+        loop.checkpoint(Cursor(cursor))
+    final = loop.end_stage(Cursor(cursor))
+    if c.stop_at_accuracy is not None and not reached and final["greedy_acc"] < c.stop_at_accuracy:
         # The target exists so that the next stage starts from a model that sometimes succeeds: say it did not.
         ctx.note(f"warning: sft used all {c.steps} steps without reaching stop_at_accuracy = {c.stop_at_accuracy} "
                  f"(held-out greedy accuracy {final['greedy_acc']:.3f}); the next stage starts from a model that "
                  "rarely solves a task (another seed, more steps or another lr may get past the plateau)")
-    ctx.checkpoint(stage_index=ctx.stage_index, stage_step=step + 1, stage_done=True, learner=learner.state_dict(),
-                   stage_state={"cursor": cursor})
+
+
+def periodic_eval(loop: StageLoop, c: SFTConfig, metrics: dict) -> bool:
+    """The held-out greedy accuracy into the step's metrics (a full evaluation with eval_sampled, its row logged
+    before the step's) -> whether it reached stop_at_accuracy."""
+    if c.eval_sampled:
+        acc = loop.evaluate(f"sft-step{loop.stage_step}")["greedy_acc"]
+    else:
+        acc = loop.evaluate("sft-periodic", greedy_only=True, log=False)["greedy_acc"]
+    metrics["eval/greedy_acc"] = acc
+    loop.ctx.note(f"sft step {loop.stage_step}: loss {metrics['sft/loss']:.3f}, held-out greedy accuracy {acc:.3f}")
+    return c.stop_at_accuracy is not None and acc >= c.stop_at_accuracy

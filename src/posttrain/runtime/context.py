@@ -203,9 +203,10 @@ class RunContext:
             bar.update(self._task, status=escape(text))
 
     # -- checkpoints --------------------------------------------------------------------------------------------
-    def checkpoint(self, *, stage_index: int, stage_step: int, stage_done: bool, learner: dict[str, Any] | None,
+    def checkpoint(self, *, stage_step: int, stage_done: bool, learner: dict[str, Any] | None,
                    stage_state: dict[str, Any] | None = None) -> Path:
-        state = TrainerState(global_step=self.global_step, stage_index=stage_index, stage_step=stage_step,
+        """A checkpoint of the running stage (runtime/loop.py writes the stages' own)."""
+        state = TrainerState(global_step=self.global_step, stage_index=self.stage_index, stage_step=stage_step,
                              stage_done=stage_done, learner=learner, stage=stage_state or {}, rng=rng_state(),
                              totals=dict(self.totals), elapsed_s=self.elapsed(), evals=self.evals,
                              metrics_offset=self.log.offset())

@@ -1,0 +1,108 @@
+"""The loop every stage shares: its Learner and resume, the progress bar, the end of a step (the ledger of what
+trained, the policy's version, the metric row, the scheduled evaluation, the checkpoint, a requested stop) and
+the end of the stage (the final evaluation and checkpoint). A stage's file holds only its method:
+
+    loop = StageLoop(ctx, c, resume, steps=c.steps)
+    cursor = resume.state.cursor if resume else 0
+    for step in loop.steps():
+        result = loop.learner.train_step(...)              # the method
+        loop.trained(result)                               # skipped-update notes, the train ledger, global_step += 1
+        loop.end_step(metrics, Cursor(cursor), eval_every=c.eval_every)
+    loop.end_stage(Cursor(cursor))                         # final evaluation, final checkpoint
+
+`end_step` is `log` (the row, then the evaluation scheduled at this step) followed by `checkpoint` (when due, then
+a requested stop ends the run); a stage that acts between the two (RL's reference reset) calls them apart. The
+weights reach the rollout engine through `publish`, which every evaluation calls first and which does nothing
+when the engine already holds this version; a stage that samples calls it after each update.
+
+A stage's resumable state is a frozen `StageState` dataclass of plain data (a data cursor, a sampler's state,
+reference weights), registered with the stage (`register_stage(name, Config, state=...)`): the runner reads it
+back from the checkpoint into that class and hands it to the stage as `resume.state`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from posttrain.runtime.context import RunContext
+from posttrain.stages import StageResume, StageState
+from posttrain.train.learner import Learner, StepResult
+
+
+class StageLoop:
+    """One stage's steps around its method (module docstring). `steps`: the stage's step count; `updates`: the
+    optimizer updates it will take (the learning-rate schedule's length; default one per step); `on_saved(state,
+    done)` runs after each checkpoint of the stage (RL writes prompts.jsonl there)."""
+
+    def __init__(self, ctx: RunContext, c: Any, resume: StageResume | None, *, steps: int,
+                 updates: int | None = None, on_saved: Callable[[Any, bool], None] | None = None) -> None:
+        self.ctx, self.name, self.total, self.on_saved = ctx, ctx.stage, steps, on_saved
+        self.learner: Learner = ctx.learner(c, total_updates=updates if updates is not None else steps)
+        self.start = self.stage_step = resume.stage_step if resume else 0
+        if resume:
+            self.learner.load_state_dict(resume.learner)
+
+    def steps(self) -> Iterator[int]:
+        """The stage's steps still to run (0-based), under a progress bar; `stage_step` is the running one's
+        number (1-based), and after the loop the steps done (fewer than `steps` when the stage breaks out)."""
+        bar = self.ctx.progress(range(self.start, self.total), total=self.total, completed=self.start,
+                                description=self.name)
+        try:
+            for step in bar:
+                self.stage_step = step + 1
+                self.ctx.phase("step", f"{self.name} step {self.stage_step}")  # a fault point of every stage
+                yield step
+        finally:
+            bar.close()  # a stage that breaks out leaves the bar at the step it reached
+
+    def trained(self, *results: StepResult) -> None:
+        """The step's optimizer updates are done (none: nothing trained): note the skipped ones, count their work
+        and tokens, and advance the policy's version (the run's global step)."""
+        for r in results:
+            if r.skipped:
+                self.ctx.note(r.skipped + "; update skipped")
+        if results:
+            self.ctx.add_flops(train=sum(r.flops for r in results))
+            self.ctx.add(**{"train/tokens_total": sum(r.tokens for r in results)})
+        self.ctx.global_step += 1
+
+    def publish(self) -> None:
+        """The learner's weights to the rollout engine, unless it already samples from this version."""
+        if self.ctx.engine.version != self.ctx.global_step:
+            self.ctx.engine.update_weights(self.learner.weights(), self.ctx.global_step)
+
+    def evaluate(self, tag: str, **how: Any) -> dict[str, Any]:
+        """ctx.evaluate on the current weights (published first); `how`: greedy_only, log."""
+        self.publish()
+        return self.ctx.evaluate(tag, stage=self.name, **how)
+
+    def log(self, metrics: dict[str, Any], *, eval_every: int = 0) -> dict[str, Any] | None:
+        """Write the step's metric row, then the evaluation scheduled at this step, if any (every `eval_every`
+        steps, not at the last: end_stage evaluates there) -> its result."""
+        self.ctx.write_metrics(self.name, metrics)
+        if eval_every and self.stage_step % eval_every == 0 and self.stage_step < self.total:
+            return self.evaluate(f"{self.name}-step{self.stage_step}")
+        return None
+
+    def checkpoint(self, state: StageState) -> None:
+        """The checkpoint scheduled at this step (or a requested stop's), then the stop, if one was requested."""
+        if self.ctx.due(self.stage_step) and self.stage_step < self.total:
+            self._save(state, done=False)
+            self.ctx.stop_if_requested()
+
+    def end_step(self, metrics: dict[str, Any], state: StageState, *, eval_every: int = 0) -> None:
+        self.log(metrics, eval_every=eval_every)
+        self.checkpoint(state)
+
+    def end_stage(self, state: StageState, *, evaluate: bool = True) -> dict[str, Any] | None:
+        """The stage's final evaluation (tag = the stage's name) and its final checkpoint -> the evaluation."""
+        result = self.evaluate(self.name) if evaluate else None
+        self._save(state, done=True)
+        return result
+
+    def _save(self, state: StageState, *, done: bool) -> None:
+        self.ctx.checkpoint(stage_step=self.stage_step, stage_done=done, learner=self.learner.state_dict(),
+                            stage_state=state.to_dict())
+        if self.on_saved is not None:
+            self.on_saved(state, done)
