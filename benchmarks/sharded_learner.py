@@ -45,8 +45,8 @@ def batch(prompts: int, group: int, prompt_len: int, completion_len: int, vocab:
 
 def measure(preset: str, world_size: int, cores: int, args: argparse.Namespace) -> dict:
     from posttrain.models import load_model, resolve_model_path
-    from posttrain.recipes.sft import SFTLoss
     from posttrain.train.learner_group import LearnerSpec, LocalRanks, launch_group
+    from posttrain.train.losses import SFTLoss
 
     policy = load_model(resolve_model_path(preset, seed=0)).float()
     seqs = batch(args.prompts, args.group, args.prompt_len, args.completion_len, policy.config.vocab_size)

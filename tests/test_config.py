@@ -87,9 +87,9 @@ def test_preset_supplies_defaults_and_recipe_keys_win(tmp_path):
 
 
 def test_every_preset_validates():
-    from posttrain.recipes.rl_config import PRESET_DIR
+    from posttrain import presets
 
-    names = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+    names = presets.names("rl")
     assert names == sorted(["grpo", "dr_grpo", "dapo", "prorl", "gspo", "cispo", "rloo", "reinforce_pp",
                             "scalerl", "opd", "kdrl"])
     from posttrain.algos import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES

@@ -10,9 +10,9 @@ import torch
 from test_crash_resume import metrics, posttrain_run  # tests/ is on sys.path under pytest
 from transformers import AutoModelForCausalLM
 
+from posttrain import presets
 from posttrain.config import validate
 from posttrain.errors import UserError
-from posttrain.recipes.dpo import PRESET_DIR
 from posttrain.runner import run
 
 PAIRS = [("1+1=", "2", "3"), ("2+2=", "4", "5"), ("3+1=", "4", "7"), ("2+5=", "7", "1")]
@@ -107,7 +107,7 @@ def test_a_step_without_pairs_skips_the_update(tmp_path, monkeypatch, tiny_dir):
     assert all(torch.equal(t, after[n]) for n, t in before.items())
 
 
-@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
+@pytest.mark.parametrize("preset", presets.names("dpo"))
 def test_every_preset_runs(tmp_path, preset):
     cfg = config(tmp_path, preset, data_path=str(pair_file(tmp_path)), preset=preset, steps=2)
     assert cfg.section("dpo").loss == preset
@@ -122,7 +122,7 @@ def test_presets_merge_with_the_recipe(tmp_path):
     assert d.loss == "simpo" and d.loss_args == {"beta": 2.0, "gamma": 0.3}
     d = config(tmp_path, "x", preset="simpo", loss="ipo").section("dpo")
     assert d.loss == "ipo" and d.loss_args == {"beta": 0.1}  # another loss: the preset's table does not apply
-    assert sorted(p.stem for p in PRESET_DIR.glob("*.toml")) == ["cdpo", "dpo", "ipo", "simpo"]
+    assert presets.names("dpo") == ["cdpo", "dpo", "ipo", "simpo"]
 
 
 RECIPE = """

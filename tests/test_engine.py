@@ -165,9 +165,9 @@ def test_bf16_speedups_agree_with_the_fp32_path_within_tolerance(tiny):
 
 
 def test_a_copying_engine_goes_stale_without_sync_and_matches_the_learner_after_it(tiny):
-    from posttrain.recipes.sft import SFTLoss
     from posttrain.rollout import build_engine
     from posttrain.train.learner import Learner, Sequences
+    from posttrain.train.losses import SFTLoss
 
     model, tok = tiny
     engine = build_engine("local", model, tok, weights="copy", version=0)

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from posttrain.errors import UserError
-from posttrain.recipes.sft import SFTLoss
 from posttrain.train.learner import ForwardOut, Learner, Sequences, micro_batches
+from posttrain.train.losses import SFTLoss
 
 SEQS = Sequences([[5, 6, 7], [5, 6, 7], [9, 10]], [[11, 12], [13], [14, 15, 16]])
 

@@ -11,10 +11,10 @@ from test_crash_resume import metrics, posttrain_run  # tests/ is on sys.path un
 
 from posttrain.config import LoraConfig
 from posttrain.data.prompts import render_prompt
-from posttrain.recipes.sft import SFTLoss
 from posttrain.records import SamplingParams
 from posttrain.train.forward import completion_logprobs, pack
 from posttrain.train.learner import Learner, Sequences
+from posttrain.train.losses import SFTLoss
 
 pytest.importorskip("peft", reason="the lora extra is part of `make test`")
 

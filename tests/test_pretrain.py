@@ -11,8 +11,10 @@ from resume_helpers import crash_after, metric_rows_without_time
 from transformers import AutoModelForCausalLM
 
 from posttrain.config import validate
+from posttrain.data.corpus import file_documents, pack_tokens
 from posttrain.errors import UserError
-from posttrain.recipes.pretrain import PretrainConfig, as_sequences, file_documents, pack_tokens
+from posttrain.recipes.corpus import as_sequences
+from posttrain.recipes.pretrain import PretrainConfig
 from posttrain.runner import run
 
 
@@ -89,7 +91,7 @@ def test_pretraining_resumes_exactly(tmp_path):
 
 
 def test_the_environment_corpus_mixes_reasoning_traces_and_distractors_at_their_fractions():
-    from posttrain.recipes.pretrain import mixed_documents
+    from posttrain.data.corpus import mixed_documents
 
     plain = (f"{i}+1={i + 1}" for i in range(10**6))
     traces = (f"{i}+1=\nworked\n{i + 1}" for i in range(10**6))

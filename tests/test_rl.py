@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from posttrain import presets
 from posttrain.config import validate
-from posttrain.recipes.rl_config import PRESET_DIR
 from posttrain.runner import run
 
 REQUIRED_METRICS = [
@@ -57,7 +57,7 @@ def test_rl_steps_change_every_parameter_and_log_every_metric(tmp_path, tiny_dir
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
+@pytest.mark.parametrize("preset", presets.names("rl"))
 def test_every_preset_runs_a_few_steps(tmp_path, preset):
     # opd and kdrl distil from a teacher: the tiny preset itself will do for running (tests/test_distillation.py)
     cfg = rl_config(tmp_path, name=preset, preset=preset, steps=2,

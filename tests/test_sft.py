@@ -9,8 +9,8 @@ import torch
 from posttrain.data.sft import Example, env_examples, length_order, read_pairs
 from posttrain.envs import make_env
 from posttrain.errors import UserError
-from posttrain.recipes.sft import SFTLoss
 from posttrain.train.learner import Learner, Sequences
+from posttrain.train.losses import SFTLoss
 
 
 def batch_of(tok, n=12):

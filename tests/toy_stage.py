@@ -8,10 +8,10 @@ from pydantic import Field
 
 from posttrain.config import StageConfig
 from posttrain.data.sft import env_examples
-from posttrain.recipes.sft import SFTLoss
 from posttrain.runtime.loop import StageLoop
 from posttrain.stages import Cursor, register_stage
 from posttrain.train.learner import Sequences
+from posttrain.train.losses import SFTLoss
 
 
 class PromptLMConfig(StageConfig):

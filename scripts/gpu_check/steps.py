@@ -127,8 +127,8 @@ def sharded(spec: dict, numbers: Numbers) -> str:
     from sharded_learner import batch  # benchmarks/: the synthetic RL-shaped batch
 
     from posttrain.models import load_model, resolve_model_path
-    from posttrain.recipes.sft import SFTLoss
     from posttrain.train.learner import Learner
+    from posttrain.train.losses import SFTLoss
     from posttrain.train.sharding import DataParallel, full_state_dict, load_learner, save_learner, shard
 
     device = torch.device(spec["device"])

@@ -22,11 +22,30 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from posttrain.data.jsonl import MAX_ROW_BYTES, check_row, json_objects
 from posttrain.errors import MissingExtraError, UserError
 
 DATASET_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".arrow": "arrow"}
 Rows = Iterator[tuple[str, int, dict[str, Any]]]
+FORMATS = ("a .jsonl file, or through Hugging Face datasets a .parquet/.csv/.json file or a save_to_disk directory "
+           "(relative to the recipe file)")
+
+
+def data_path_field(rows: str, *, unset: str | None) -> Any:
+    """The `data_path` key of a stage that reads a data file: `rows` says what a row holds, `unset` what the stage
+    does without a file (None: the key is required)."""
+    if unset is None:
+        return Field(description=f"{rows}: {FORMATS}.")
+    return Field(None, description=f"{rows}: {FORMATS}. Unset: {unset}")
+
+
+def data_columns_field(names: str, example: str) -> Any:
+    """The `data_columns` key beside it: the file's column names for posttrain's (`names`)."""
+    return Field(default_factory=dict, description=f"The file's column names for {names}, e.g. {example}.")
+
+
 _PARQUET_BATCH = 64  # rows decoded at a time: memory stays near 64 rows, each capped at MAX_ROW_BYTES
 _PARQUET_DECODE_BYTES = 64 * MAX_ROW_BYTES  # a column chunk the metadata proves over the cap is refused unread above
 _JSON_CHUNK = 1 << 16

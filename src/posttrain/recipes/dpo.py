@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import itertools
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field, model_validator
@@ -29,7 +28,9 @@ from posttrain.algos import PREFERENCE_LOSSES, PreferenceInputs, best_and_worst
 from posttrain.config import StageConfig
 from posttrain.data.preference import Pair, file_pairs
 from posttrain.data.samplers import SAMPLERS
+from posttrain.data.tables import data_columns_field, data_path_field
 from posttrain.errors import ConfigError
+from posttrain.presets import PresetKeys
 from posttrain.records import SamplingParams
 from posttrain.rollout.collect import PromptRenderer, collect, describe_samples, generation_flops
 from posttrain.runtime.context import RunContext
@@ -37,11 +38,12 @@ from posttrain.runtime.loop import StageLoop
 from posttrain.stages import StageResume, StageState, register_stage
 from posttrain.train.learner import ForwardOut, FrozenModel, Learner, Sequences, StepResult
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "presets" / "dpo"
 
-
-class DPOConfig(StageConfig):
+class DPOConfig(StageConfig, PresetKeys):
     """The preference-optimisation stage (plus the optimizer keys shared with [sft] and [rl])."""
+
+    preset_section: ClassVar[str] = "dpo"
+    preset_entry_tables: ClassVar[dict[str, str]] = {"loss": "loss_args"}
 
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
     preset: str | None = Field(None, description="A named loss (dpo, ipo, simpo, cdpo): a TOML file in "
@@ -53,12 +55,10 @@ class DPOConfig(StageConfig):
     steps: int = Field(100, gt=0, description="Optimizer steps (one batch of pairs each).")
     micro_batch_size: int = Field(64, gt=0, description="Sequences per forward/backward (per device; a pair is "
                                   "two, never split).")
-    data_path: str | None = Field(None, description="Preference pairs: rows of prompt, chosen and rejected "
-                                  "strings in a .jsonl/.parquet/.csv/.json file or a save_to_disk directory "
-                                  "(relative to the recipe file). Unset: pairs are built online from the "
-                                  "policy's samples, scored by the environment.")
-    data_columns: dict[str, str] = Field(default_factory=dict, description="The file's column names for prompt, "
-                                         "chosen and rejected, e.g. {chosen = \"better\"}.")
+    data_path: str | None = data_path_field("Preference pairs: rows of prompt, chosen and rejected strings",
+                                            unset="pairs are built online from the policy's samples, scored by "
+                                            "the environment.")
+    data_columns: dict[str, str] = data_columns_field("prompt, chosen and rejected", '{chosen = "better"}')
     pairs_per_step: int = Field(32, gt=0, description="From a file: pairs per optimizer step (global).")
     prompts_per_step: int = Field(32, gt=0, description="Online: prompts sampled per step; each gives at most "
                                   "one pair.")
@@ -72,24 +72,6 @@ class DPOConfig(StageConfig):
     sampler_args: dict[str, Any] = Field(default_factory=dict, description="Hyperparameters of the sampler.")
     eval_every: int = Field(0, ge=0, description="Held-out evaluation every N steps (0 = only at the end).")
     log_samples: int = Field(4, ge=0, description="Online: completions per step written to samples.jsonl.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _preset(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or not data.get("preset"):
-            return data
-        path = PRESET_DIR / f"{data['preset']}.toml"
-        if not path.is_file():
-            known = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
-            raise ConfigError("dpo.preset", f"{data['preset']!r} is not a known preset; known: {', '.join(known)}")
-        with path.open("rb") as f:
-            preset = tomllib.load(f)
-        merged = {**preset, **data}
-        if data.get("loss", preset["loss"]) == preset["loss"]:  # the same loss: its table merges key by key
-            merged["loss_args"] = {**preset.get("loss_args", {}), **data.get("loss_args", {})}
-        elif "loss_args" not in data:
-            merged.pop("loss_args", None)
-        return merged
 
     @model_validator(mode="after")
     def _loss_entry(self) -> DPOConfig:

@@ -27,6 +27,7 @@ from torch import Tensor
 from posttrain.config import StageConfig
 from posttrain.data.prompts import completion_ids, render_prompt
 from posttrain.data.sft import Example, fitting, read_pairs
+from posttrain.data.tables import data_columns_field, data_path_field
 from posttrain.runtime.context import RunContext
 from posttrain.runtime.loop import StageLoop
 from posttrain.stages import Cursor, StageResume, register_stage
@@ -38,10 +39,9 @@ class OfflineOPDConfig(StageConfig):
     """Offline distillation from [teacher] on a fixed sample file (plus the optimizer keys of [sft])."""
 
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
-    data_path: str = Field(description="The fixed samples: rows of prompt and completion (any format sft.data_path "
-                           "reads), e.g. the student's own from `posttrain distill-data STUDENT --keep-failed`.")
-    data_columns: dict[str, str] = Field(default_factory=dict, description="The file's column names for prompt "
-                                         "and completion.")
+    data_path: str = data_path_field("The fixed samples: rows of prompt and completion, e.g. the student's own "
+                                     "from `posttrain distill-data STUDENT --keep-failed`", unset=None)
+    data_columns: dict[str, str] = data_columns_field("prompt and completion", '{prompt = "question"}')
     steps: int = Field(100, gt=0, description="Optimizer steps.")
     batch_size: int = Field(64, gt=0, description="Rows per optimizer step (global).")
     micro_batch_size: int = Field(64, gt=0, description="Rows per forward/backward (per device).")

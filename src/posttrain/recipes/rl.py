@@ -5,7 +5,7 @@
 
 Which method runs is decided only by `[rl]` keys naming registry entries (advantage, policy_loss, aggregation,
 kl_estimator, is_correction, group_filter, sampler) and their hyperparameter tables; presets in
-posttrain/presets/*.toml are sets of those keys. Nothing below branches on a method's name. Distillation is the
+posttrain/presets/rl/*.toml are sets of those keys. Nothing below branches on a method's name. Distillation is the
 same loop with a [teacher]: on-policy distillation is the `reverse_kl` advantage (preset opd), KDRL a teacher KL
 term beside GRPO's (teacher_kl_coef; preset kdrl).
 
@@ -63,6 +63,7 @@ from posttrain.runtime.loop import StageLoop
 from posttrain.stages import StageResume, StageState, register_stage
 from posttrain.tracking.ledger import FlopModel
 from posttrain.train.learner import ForwardOut, FrozenModel, Learner, Sequences, StepResult
+from posttrain.train.losses import pad
 
 
 @dataclass
@@ -114,8 +115,6 @@ class UpdateAt(NamedTuple):
 
 @register_stage("rl", RLConfig, state=RLSaved)
 def run(ctx: RunContext, c: RLConfig, resume: StageResume | None) -> None:
-    if c.preset and c.preset_overrides and not resume:
-        ctx.note(f"rl.preset = {c.preset}, with the recipe overriding: {'; '.join(c.preset_overrides)}")
     env = ctx.training_env(c.env_args)
     sampler = SAMPLERS.get(c.sampler)(env, ctx.seed, **c.sampler_args)
     loop = StageLoop(ctx, c, resume, steps=c.steps, updates=c.steps * c.epochs * c.mini_batches,
@@ -420,16 +419,6 @@ def train_mask(completions: list, *, mask_truncated: bool = False) -> Tensor:
     if mask_truncated:
         mask = mask * torch.tensor([x.finish_reason != "length" for x in completions]).float()[:, None]
     return mask
-
-
-def pad(rows: list[list[float]] | list[Tensor], width: int | None = None) -> Tensor:
-    """Right-pad ragged rows with zeros into a (B, T) float tensor (T = the longest row, or `width`)."""
-    width = width or max(1, max(len(r) for r in rows))
-    out = torch.zeros((len(rows), width))
-    for i, r in enumerate(rows):
-        if len(r):
-            out[i, : min(len(r), width)] = torch.as_tensor(r, dtype=torch.float)[:width]
-    return out
 
 
 def split_groups(group_ids: Tensor, parts: int, *, seed: int) -> list[Tensor]:

@@ -1,4 +1,4 @@
-"""The [rl] section: RLConfig, its presets (posttrain/presets/*.toml) and the checks that run at load time.
+"""The [rl] section: RLConfig, its presets (posttrain/presets/rl/*.toml) and the checks that run at load time.
 
 Method choices are registry names with their hyperparameter tables; a preset is a set of such keys. Every check
 here runs when the recipe is loaded, not when the RL stage starts (possibly after a long SFT stage).
@@ -6,9 +6,7 @@ here runs when the recipe is loaded, not when the RL stage starts (possibly afte
 
 from __future__ import annotations
 
-import tomllib
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -25,8 +23,8 @@ from posttrain.algos.credit import CREDIT
 from posttrain.config import StageConfig
 from posttrain.data.samplers import SAMPLERS
 from posttrain.errors import ConfigError
+from posttrain.presets import PresetKeys
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
 # Keys that became per-entry hyperparameters; a recipe that still sets one gets told where it went.
 MOVED = {"eps_low": "rl.policy_loss_args", "eps_high": "rl.policy_loss_args", "dual_clip": "rl.policy_loss_args",
          "adv_eps": "rl.advantage_args (as eps)"}
@@ -35,53 +33,17 @@ ENTRY_KEYS = {"advantage": "advantage_args", "policy_loss": "policy_loss_args", 
               "credit": "credit_args"}
 
 
-def load_preset(name: str) -> dict[str, Any]:
-    path = PRESET_DIR / f"{name}.toml"
-    if not path.is_file():
-        known = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
-        raise ConfigError("rl.preset", f"{name!r} is not a known preset; known: {', '.join(known)}")
-    with path.open("rb") as f:
-        return tomllib.load(f)
-
-
-def preset_overrides(preset: dict[str, Any], section: dict[str, Any]) -> list[str]:
-    """The recipe's keys that differ from the preset's: 'group_filter: dynamic_sampling -> zero_variance'."""
-    out = []
-    for key, value in section.items():
-        if key in ("preset", "preset_overrides") or key not in preset:
-            continue
-        if isinstance(value, dict) and isinstance(preset[key], dict):
-            out += [f"{key}.{k}: {preset[key].get(k)!r} -> {v!r}" for k, v in value.items()
-                    if k in preset[key] and preset[key][k] != v]
-        elif value != preset[key]:
-            out.append(f"{key}: {preset[key]!r} -> {value!r}")
-    return out
-
-
-def merge_preset(preset: dict[str, Any], section: dict[str, Any]) -> dict[str, Any]:
-    """The recipe's keys over the preset's. A hyperparameter table merges key by key while the recipe keeps the
-    preset's entry; a recipe that picks another entry drops the preset's table for it (it would not fit)."""
-    merged = {**preset, **section}
-    for entry, table in ENTRY_KEYS.items():
-        if table in preset and table in section and merged.get(entry) == preset.get(entry):
-            merged[table] = {**preset[table], **section[table]}
-        elif table in preset and table not in section and merged.get(entry) != preset.get(entry):
-            del merged[table]
-    return merged
-
-
-class RLConfig(StageConfig):
+class RLConfig(StageConfig, PresetKeys):
     """The RL stage. Method choices are registry names with their hyperparameter tables; `preset` fills them
-    from a named method (posttrain/presets/*.toml)."""
+    from a named method (posttrain/presets/rl/*.toml)."""
+
+    preset_section: ClassVar[str] = "rl"
+    preset_entry_tables: ClassVar[dict[str, str]] = ENTRY_KEYS
 
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
     preset: str | None = Field(None, description="A named method (grpo, dr_grpo, dapo, prorl, gspo, cispo, rloo, "
-                               "reinforce_pp, scalerl; with a [teacher]: opd, kdrl): a TOML file in posttrain/presets whose keys become the "
+                               "reinforce_pp, scalerl; with a [teacher]: opd, kdrl): a TOML file in posttrain/presets/rl whose keys become the "
                                "defaults of this section; keys set here override it.")
-    preset_overrides: list[str] = Field(default_factory=list, description="Written by posttrain, not read: the "
-                                        "keys this recipe sets to something other than its preset's value (the run "
-                                        "log names them at start), so a run labelled with a preset says where it "
-                                        "departs from it.")
     steps: int = Field(200, gt=0, description="RL steps (one rollout batch each).")
     prompts_per_step: int = Field(32, gt=0, description="Distinct prompts per step (global).")
     group_size: int = Field(8, gt=0, description="Completions sampled per prompt.")
@@ -176,7 +138,7 @@ class RLConfig(StageConfig):
 
     @model_validator(mode="before")
     @classmethod
-    def _preset_and_moved_keys(cls, data: Any) -> Any:
+    def _moved_keys(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
         for key, where in MOVED.items():
@@ -186,10 +148,6 @@ class RLConfig(StageConfig):
         for key, new in RENAMED.items():
             if key in data:
                 raise ConfigError(f"rl.{key}", f"renamed to {new}")
-        data = {k: v for k, v in data.items() if k != "preset_overrides"}  # recomputed, never taken as input
-        if data.get("preset"):
-            preset = load_preset(data["preset"])
-            data = {**merge_preset(preset, data), "preset_overrides": preset_overrides(preset, data)}
         return data
 
     @model_validator(mode="after")

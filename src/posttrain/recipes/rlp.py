@@ -28,13 +28,13 @@ from pydantic import Field, model_validator
 from posttrain.algos import AGGREGATIONS, POLICY_LOSSES, PolicyLossInputs, normalisers_for
 from posttrain.algos.rlp import ema_update_, information_gain, loo_advantages, relative_distance, thought_mask
 from posttrain.errors import UserError
-from posttrain.recipes.pretrain import CorpusConfig, corpus, held_out_nll
-from posttrain.recipes.rl import pad
+from posttrain.recipes.corpus import CorpusConfig, corpus
 from posttrain.records import SamplingParams
 from posttrain.runtime.context import RunContext
 from posttrain.runtime.loop import StageLoop
 from posttrain.stages import StageResume, StageState, register_stage
 from posttrain.train.learner import ForwardOut, Sequences
+from posttrain.train.losses import held_out_nll, pad
 
 
 class RLPConfig(CorpusConfig):

@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from pydantic import Field
-from torch import Tensor
 
 from posttrain.config import StageConfig
 from posttrain.data.sft import env_examples, file_examples, length_order
+from posttrain.data.tables import data_columns_field, data_path_field
 from posttrain.errors import UserError
 from posttrain.runtime.context import RunContext
 from posttrain.runtime.loop import StageLoop
 from posttrain.stages import Cursor, StageResume, register_stage
-from posttrain.train.learner import ForwardOut, Sequences
+from posttrain.train.learner import Sequences
+from posttrain.train.losses import SFTLoss
 
 
 class SFTConfig(StageConfig):
@@ -35,12 +35,10 @@ class SFTConfig(StageConfig):
     batch_size: int = Field(128, gt=0, description="Sequences per optimizer step (global).")
     micro_batch_size: int = Field(128, gt=0, description="Sequences per forward/backward (per device); only "
                                   "memory and speed depend on it, not the loss.")
-    data_path: str | None = Field(None, description="Rows of prompt and completion: a .jsonl file, or through "
-                                  "Hugging Face datasets a .parquet/.csv/.json file or a save_to_disk directory "
-                                  "(relative to the recipe file). When unset, the environment's gold solutions "
-                                  "on its train split are the data.")
-    data_columns: dict[str, str] = Field(default_factory=dict, description="The file's column names for prompt "
-                                         "and completion, e.g. {prompt = \"question\", completion = \"response\"}.")
+    data_path: str | None = data_path_field("Rows of prompt and completion", unset="the environment's gold "
+                                            "solutions on its train split are the data.")
+    data_columns: dict[str, str] = data_columns_field("prompt and completion",
+                                                      '{prompt = "question", completion = "response"}')
     eval_every: int = Field(0, ge=0, description="Greedy held-out accuracy every N steps (0 = only at the end).")
     eval_sampled: bool = Field(False, description="Make the periodic evaluations full ones (greedy, pass@k, "
                                "mean@n logged to metrics.jsonl, eval/sft-stepN.json), as RL's are: a compute "
@@ -48,17 +46,6 @@ class SFTConfig(StageConfig):
     stop_at_accuracy: float | None = Field(None, gt=0, le=1, description="Stop early once the periodic greedy "
                                            "held-out accuracy reaches this (a more reliable warm-up than a fixed "
                                            "step count on tasks that are learned in a sudden jump).")
-
-
-@dataclass(frozen=True)
-class SFTLoss:
-    """Summed negative log-likelihood of the completion tokens / the batch's completion tokens."""
-
-    total_tokens: int
-
-    def __call__(self, out: ForwardOut) -> tuple[Tensor, dict[str, float]]:
-        nll = -torch.where(out.mask.bool(), out.logprobs, torch.zeros_like(out.logprobs)).sum()
-        return nll / max(self.total_tokens, 1), {}
 
 
 @register_stage("sft", SFTConfig, state=Cursor)

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from posttrain.presets import PresetKeys
 from posttrain.runtime.context import RunContext
 from posttrain.stages import StageResume, StageState
 from posttrain.train.learner import Learner, StepResult
@@ -38,6 +39,8 @@ class StageLoop:
     def __init__(self, ctx: RunContext, c: Any, resume: StageResume | None, *, steps: int,
                  updates: int | None = None, on_saved: Callable[[Any, bool], None] | None = None) -> None:
         self.ctx, self.name, self.total, self.on_saved = ctx, ctx.stage, steps, on_saved
+        if isinstance(c, PresetKeys) and c.preset and c.preset_overrides and not resume:
+            ctx.note(f"{self.name}.preset = {c.preset}, with the recipe overriding: {'; '.join(c.preset_overrides)}")
         self.learner: Learner = ctx.learner(c, total_updates=updates if updates is not None else steps)
         self.start = self.stage_step = resume.stage_step if resume else 0
         if resume:
