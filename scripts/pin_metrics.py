@@ -51,7 +51,8 @@ def numbers(run_dir: Path) -> dict:
         digest.update(weights[name].contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
     return {
         "metrics": [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in rows],
-        "samples": [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()],
+        "samples": [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+        if (run_dir / "samples.jsonl").exists() else [],
         "evals": {p.stem: {k: v for k, v in json.loads(p.read_text()).items() if not k.startswith("time")}
                   for p in sorted((run_dir / "eval").glob("*.json"))},
         "final_weights_sha256": digest.hexdigest(),
