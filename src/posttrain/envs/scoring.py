@@ -22,31 +22,26 @@ not declare one), overridable per call:
   process  for third-party verifiers (reasoning-gym): persistent worker processes, reused across calls, killed
            and replaced on timeout. Nothing blocks past timeout_s (plus process start-up, which is not counted).
            Costs a pickle round trip per sample and needs a picklable env.
+The three strategies and the process pool are envs/pool.py; this module says what a well-formed return is and
+what stands in for a failed call. `shutdown_pool` (re-exported from there) kills the pool's workers.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import math
 import numbers
-import pickle
-import queue
-import select
-import threading
-import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
-from posttrain.envs._worker import READY, Worker, WorkerDied
+from posttrain.envs.pool import (
+    call_many,
+    shutdown_pool,  # noqa: F401 - re-exported: the CLI, the runner and tests import it here
+)
+from posttrain.envs.pool import describe as _describe
 from posttrain.errors import UserError
 from posttrain.records import Score, Task
-from posttrain.registry import load_user_file, user_files
-
-ISOLATIONS = ("inline", "thread", "process")
 
 
 def failure(reason: str, detail: str = "", reward: float = 0.0) -> Score:
@@ -74,10 +69,6 @@ def checked(result: Any, failure_reward: float = 0.0) -> Score:
 def _short(value: Any) -> str:
     text = repr(value) if not isinstance(value, int) or value.bit_length() < 200 else f"<int of {len(str(value))} digits>"
     return text[:100]
-
-
-def _describe(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"
 
 
 def score_many(env: Any, tasks: Sequence[Task], completions: Sequence[str], *, timeout_s: float = 10.0,
@@ -154,204 +145,6 @@ def checked_turn(result: Any, env_name: str = "?", max_observation_chars: int | 
     if done is result.done and correct is result.correct and info is result.info and type(r) is float:
         return result
     return replace(result, reward=float(r), done=done, correct=correct, info=info)
-
-
-def call_many(env: Any, method: str, calls: Sequence[tuple], *, timeout_s: float, workers: int,
-              isolation: str | None, check: Callable[[Any], Any], fail: Callable[[str, str], Any]) -> list[Any]:
-    """env.<method>(*calls[i]) for every i under the env's isolation; `check` vets a return, `fail(reason,
-    detail)` stands in for a call that failed."""
-    # An env that does not declare how trustworthy its verifier is gets worker processes: nothing it does can
-    # block the run past timeout_s. Only the env's own class counts: a user subclass of a built-in does not
-    # inherit the built-in's "inline" (its new score() is not the trusted one) unless it says so itself.
-    mode = isolation or vars(type(env)).get("isolation") or getattr(env, "__dict__", {}).get("isolation") or "process"
-    if mode not in ISOLATIONS:
-        raise ValueError(f"isolation must be one of {ISOLATIONS}, got {mode!r} (env {getattr(env, 'name', env)!r})")
-    if workers < 1 or timeout_s <= 0:
-        raise ValueError(f"{method} calls need workers >= 1 and timeout_s > 0, got {workers}, {timeout_s}")
-    if not calls:
-        return []
-    if mode == "inline":
-        return [_call_inline(getattr(env, method), args, timeout_s, check, fail) for args in calls]
-    if mode == "thread":
-        return _call_threads(getattr(env, method), calls, timeout_s, workers, check, fail)
-    with _POOL_LOCK:  # one batch at a time owns the shared worker processes
-        return _call_processes(env, method, calls, timeout_s, workers, check, fail)
-
-
-def _call_inline(fn: Callable[..., Any], args: tuple, timeout_s: float, check, fail) -> Any:
-    start = time.perf_counter()
-    try:
-        result = fn(*args)
-    except (Exception, SystemExit) as e:  # noqa: BLE001 - a verifier bug (sys.exit too) costs its sample, not the run
-        return fail("exception", _describe(e))
-    elapsed = time.perf_counter() - start
-    if elapsed > timeout_s:
-        return fail("timeout", f"inline call took {elapsed:.2f}s > {timeout_s:g}s (it could not be interrupted; "
-                    "give the env isolation='process')")
-    return check(result)
-
-
-def _call_threads(fn, calls, timeout_s, workers, check, fail) -> list[Any]:
-    """One daemon thread per call, at most `workers` counted as running; a thread past its deadline stops
-    being counted (it is abandoned, still running) so the rest of the batch proceeds."""
-    results: list[Any] = [None] * len(calls)
-    done: queue.Queue[tuple[int, Any, BaseException | None]] = queue.Queue()
-
-    def run(i: int) -> None:
-        try:
-            done.put((i, fn(*calls[i]), None))
-        except BaseException as e:  # noqa: BLE001
-            done.put((i, None, e))
-
-    todo, running = deque(range(len(calls))), {}  # running: index -> deadline
-    while todo or running:
-        while todo and len(running) < workers:
-            i = todo.popleft()
-            running[i] = time.monotonic() + timeout_s
-            threading.Thread(target=run, args=(i,), daemon=True, name=f"call-{i}").start()
-        try:
-            i, result, err = done.get(timeout=max(0.0, min(running.values()) - time.monotonic()))
-            if i in running:  # else it already timed out; its late answer is ignored
-                del running[i]
-                results[i] = fail("exception", _describe(err)) if err is not None else check(result)
-        except queue.Empty:
-            pass
-        now = time.monotonic()
-        for i in [i for i, deadline in running.items() if now >= deadline]:
-            del running[i]
-            results[i] = fail("timeout", f"no result within {timeout_s:g}s (thread abandoned)")
-    return results
-
-
-# ----- process isolation -------------------------------------------------------------------------------------
-
-_POOL: list[Worker] = []
-_POOL_LOCK = threading.Lock()
-_POOL_TARGET = "posttrain.envs.scoring:_worker_handle"
-_WORKER_ENVS: dict[str, Any] = {}  # inside a worker process: the env it holds, by key
-_REQUEST_IDS = itertools.count()
-
-
-def _worker_handle(msg: tuple) -> Any:
-    """Runs inside a pool worker: ("env", key, pickled env, user files) loads an env; ("call", key, request id,
-    method, args) calls env.<method>(*args), and the reply carries the request id, so a late reply can never be
-    taken for another call's."""
-    if msg[0] == "env":
-        for module_key, path in msg[3].items():  # an env class from a user's file.py: load the file first
-            load_user_file(module_key, Path(path))
-        _WORKER_ENVS.clear()
-        _WORKER_ENVS[msg[1]] = pickle.loads(msg[2])
-        return None
-    env = _WORKER_ENVS[msg[1]]
-    return msg[2], getattr(env, msg[3])(*msg[4])
-
-
-def _call_processes(env, method, calls, timeout_s, workers, check, fail_result) -> list[Any]:
-    try:
-        blob = pickle.dumps(env, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as e:  # noqa: BLE001 - any pickling failure is the same user-fixable problem
-        raise UserError(f"environment {getattr(env, 'name', type(env).__name__)!r} is scored in worker processes "
-                        f"(isolation = 'process', the default for environments that do not declare one) and "
-                        f"cannot be pickled: {type(e).__name__}: {e}. Make it picklable, or declare "
-                        "`isolation = 'thread'` (or 'inline' for a trusted, fast verifier) on its class") from None
-    key = hashlib.sha1(blob).hexdigest()
-    while len(_POOL) < workers:
-        _POOL.append(Worker(_POOL_TARGET))
-    pool = _POOL[:workers]
-    results: list[Any] = [None] * len(calls)
-    request_ids: dict[Worker, int] = {}
-    todo: deque[int] = deque(range(len(calls)))
-    busy: dict[Worker, tuple[Any, float]] = {}  # worker -> (sample index | "start" | "env", deadline)
-    fatal: str | None = None  # the env cannot be loaded in a worker: fail every remaining sample
-
-    def give_work(w: Worker) -> None:
-        now = time.monotonic()
-        if not w.alive:
-            w.start()
-            busy[w] = ("start", now + w.startup_timeout_s)
-        elif w.state != key:
-            w.send(("env", key, blob, user_files()))
-            busy[w] = ("env", now + w.startup_timeout_s)
-        else:
-            i = todo.popleft()
-            request_ids[w] = request_id = next(_REQUEST_IDS)
-            w.send(("call", key, request_id, method, calls[i]))
-            busy[w] = (i, now + timeout_s)
-
-    def finish(w: Worker, job: Any, reply: Any) -> None:
-        nonlocal fatal
-        del busy[w]
-        if job == "start":
-            return
-        ok = isinstance(reply, tuple) and reply[0] == "ok"
-        if job == "env":
-            if ok:
-                w.state = key
-            else:
-                fatal = f"cannot load env in a worker: {reply[1]}: {reply[2]}"
-        elif ok:
-            request_id, value = reply[1]
-            if request_id != request_ids.get(w):  # a reply to another call's request: not this sample's
-                results[job] = fail_result("crash", "worker answered a stale request")
-                w.kill()
-                return
-            results[job] = check(value)
-        else:
-            results[job] = fail_result("exception", f"{reply[1]}: {reply[2]}")
-
-    def fail(w: Worker, job: Any, reason: str, detail: str) -> None:
-        nonlocal fatal
-        busy.pop(w, None)
-        w.kill()
-        if isinstance(job, int):
-            results[job] = fail_result(reason, detail)
-        else:
-            fatal = f"worker {job} failed: {detail}"
-
-    try:
-        while fatal is None and (todo or busy):
-            for w in pool:
-                if w not in busy and todo:
-                    try:
-                        give_work(w)
-                    except WorkerDied as e:
-                        fail(w, "start", "worker", str(e))
-            if not busy:
-                continue
-            wait = max(0.0, min(d for _, d in busy.values()) - time.monotonic())
-            readable = select.select([w.fileno() for w in busy], [], [], wait)[0]
-            for w in [w for w in list(busy) if w.fileno() in readable]:
-                job = busy[w][0]
-                try:
-                    reply = w.poll()
-                except WorkerDied as e:
-                    fail(w, job, "crash", f"worker died in {method}(): {e}")
-                    continue
-                if reply is not None and (job == "start") == (reply == READY):
-                    finish(w, job, reply)
-            now = time.monotonic()
-            for w, (job, deadline) in list(busy.items()):
-                if now >= deadline:
-                    fail(w, job, "timeout", f"no result within {timeout_s:g}s (worker killed)" if isinstance(job, int)
-                         else f"no {job} handshake within {w.startup_timeout_s:g}s")
-    finally:  # an exception mid-batch leaves no worker holding a request a later call could read
-        if fatal is None:
-            for w in [w for w, (job, _) in busy.items() if isinstance(job, int)]:
-                w.kill()
-    if fatal is not None:
-        for w in list(busy):
-            w.kill()
-        for i, r in enumerate(results):
-            if r is None:
-                results[i] = fail_result("worker", fatal)
-    return results
-
-
-def shutdown_pool() -> None:
-    """Kill the process-isolation workers (they are also killed at interpreter exit)."""
-    for w in _POOL:
-        w.kill()
-    _POOL.clear()
 
 
 # ----- summaries for logging ----------------------------------------------------------------------------------
