@@ -7,7 +7,7 @@
 
 One actor per rank, all in one placement group (a bundle of cpus_per_rank CPUs and gpus_per_rank GPUs each, packed
 onto as few nodes as fit), so the ranks start together or not at all. Each actor is a LearnerRank
-(train/learner_group.py), the same object a local rank process serves; rank 0 gives its node's address for the
+(train/ranks.py), the same object a local rank process serves; rank 0 gives its node's address for the
 process group. The controller reaches them through `call_each`, as it reaches local processes.
 """
 
@@ -27,7 +27,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from posttrain.config import DistributedConfig
 from posttrain.dist.ray_engine import start_ray
 from posttrain.errors import UserError
-from posttrain.train.learner_group import LearnerRank, RankError
+from posttrain.train.ranks import LearnerRank, RankError
 
 PLACEMENT_TIMEOUT_S = 120.0
 
