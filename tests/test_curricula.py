@@ -33,6 +33,17 @@ def feed(sampler, tasks, rates, step):
     sampler.observe([outcome(t, rates[t.id]) for t in tasks], step=step)
 
 
+def test_the_curricula_register_on_the_first_lookup_not_at_import():
+    # data/samplers.py no longer imports data/curricula.py (which imports it back): the registry imports it
+    import subprocess
+    import sys
+
+    code = ("import sys; from posttrain.data.samplers import SAMPLERS; "
+            "print('posttrain.data.curricula' in sys.modules, SAMPLERS.names())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False ['dump', 'no_positive_resampling', 'pcl', 'pools', 'uniform']"
+
+
 def test_pools_draw_by_ratio_from_the_pools_their_pass_rates_put_them_in():
     s = SAMPLERS.get("pools")(TableEnv(10), 0, window=1, ratios={"new": 0.5, "learnable": 0.5})
     first = s.next(4)

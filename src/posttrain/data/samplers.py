@@ -49,7 +49,9 @@ class TaskSampler(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-SAMPLERS: Registry[Any] = Registry("task sampler")
+# "uniform" is below; the curricula (data/curricula.py, built on the classes here) register themselves when their
+# module is imported, which the registry does on its first lookup.
+SAMPLERS: Registry[Any] = Registry("task sampler", builtin_modules=("posttrain.data.curricula",))
 
 
 class PromptHistory:
@@ -145,5 +147,3 @@ class UniformSampler:
         self._consumed = state["consumed"]
         self.history.load_state_dict(state["history"])
 
-
-import posttrain.data.curricula  # noqa: F401  (registers the curricula; they build on the classes above)
