@@ -202,6 +202,14 @@ def test_the_cycle_check_sees_cycles_and_skips_what_does_not_run_at_import():
     assert package_of("posttrain.data.samplers") == "posttrain.data" and package_of("posttrain.cli") == "posttrain.cli"
 
 
+def test_ruff_lints_the_dist_package():
+    # ruff's default exclude list skips every directory named "dist"; pyproject.toml anchors it to the root's
+    import tomllib
+
+    exclude = tomllib.loads((SRC.parents[1] / "pyproject.toml").read_text())["tool"]["ruff"]["exclude"]
+    assert "dist" not in exclude and "./dist" in exclude
+
+
 def test_the_graph_is_checked_at_all():
     # guards against a broken walk that would make the tests above vacuous
     found = modules()
