@@ -284,6 +284,27 @@ def data_select(
               markup=False, highlight=False)
 
 
+models_app = typer.Typer(no_args_is_help=True, help="Model tools: convert a GGUF file into a Hugging Face "
+                         "checkpoint directory.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("convert")
+def models_convert(
+    gguf_file: Annotated[Path, typer.Argument(help="A GGUF file (llama.cpp's format), quantized or not.")],
+    out_dir: Annotated[Path, typer.Argument(help="New directory for the checkpoint (must not exist, or be empty); "
+                                            "written whole or not at all.")],
+) -> None:
+    """Convert a GGUF file into a Hugging Face checkpoint directory that `model.path` and `posttrain eval` take:
+    fp32 safetensors (quantized tensors dequantized: the rounded weights, not the original checkpoint's), the
+    tokenizer with the file's chat template, the generation config, and conversion.json. Needs the `models`
+    extra (gguf, accelerate)."""
+    _quiet_libraries()
+    from posttrain.commands.models import convert
+
+    convert(gguf_file, out_dir, console=out)
+
+
 @app.command("eval")
 def eval_(
     target: Annotated[str, typer.Argument(help="A run directory (its final model, with the run's own eval "

@@ -37,9 +37,11 @@ from posttrain.errors import UserError
 from posttrain.evals.evaluate import evaluate
 from posttrain.models import (
     PRESETS,
+    SOURCES,
     attention_for,
     load_model,
     load_tokenizer,
+    model_note,
     resolve_bf16,
     resolve_device,
     resolve_model_path,
@@ -58,12 +60,14 @@ def check_temperature(value: float, flag: str = "--temperature") -> None:
 
 
 def resolve_target(target: str) -> tuple[str, Path | None, dict[str, Any]]:
-    """-> (model path or preset name, the run directory it belongs to or None, that run's config or {})."""
-    if target in PRESETS:
+    """-> (model path, preset or model source name, the run directory it belongs to or None, that run's config or
+    {})."""
+    if target in PRESETS or target in SOURCES:
         return target, None, {}
     path = Path(target).expanduser()
     if not path.exists():
-        raise UserError(f"{target}: no such directory, and not a preset ({', '.join(PRESETS)})")
+        raise UserError(f"{target}: no such directory, and not a preset ({', '.join(PRESETS)}) or a model source "
+                        f"({', '.join(SOURCES)})")
     if rundir.is_run_dir(path):  # a run directory: its final model
         final = path / "final"
         if not (final / "config.json").is_file():
@@ -126,6 +130,8 @@ def run_eval(target: str, *, env: str | None, env_args: list[str], split: str, p
     source = f"the protocol of {run_dir}" if run_dir else "the defaults"
     console.print(f"evaluating {path} on {p['env']}/{split}: {p['problems']} problems x {p['samples']} samples "
                   f"(unset options from {source})", markup=False, highlight=False)
+    if (note := model_note(path)) is not None:  # weights converted from a quantized GGUF (models/gguf.py)
+        console.print(f"note: {note}", markup=False, highlight=False)
     with _progress(console, total) as advance:
         result = evaluate(engine, tokenizer, environment, problems=p["problems"], samples=p["samples"], ks=p["ks"],
                           temperature=p["temperature"], top_p=p["top_p"], max_new_tokens=p["max_new_tokens"],

@@ -9,16 +9,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from posttrain.errors import UserError
 from posttrain.models.presets import PRESETS, ensure_preset
+from posttrain.models.sources import SOURCES, ensure_source
 
 
 def resolve_model_path(path: str, seed: int = 0, *, key: str = "model.path") -> Path:
-    """A preset name becomes its (built) cache dir; anything else must be a local HF checkpoint directory. `key`
-    names the recipe key in errors."""
+    """A preset name becomes its (built) cache dir, a model source's name (models/sources.py) its downloaded and
+    converted cache dir; anything else must be a local HF checkpoint directory. `key` names the recipe key in
+    errors."""
     if path in PRESETS:
         return ensure_preset(path, seed)
+    if path in SOURCES:
+        return ensure_source(path)
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise UserError(f"{key}={path!r}: not a directory and not a preset ({', '.join(PRESETS)})")
+        raise UserError(f"{key}={path!r}: not a directory and not a preset ({', '.join(PRESETS)}) or model "
+                        f"source ({', '.join(SOURCES)})")
     if not (p / "config.json").is_file():
         raise UserError(f"{key}={path!r}: no config.json in that directory (not a Hugging Face checkpoint)")
     return p

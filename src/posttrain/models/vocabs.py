@@ -84,7 +84,7 @@ def tokenizer_dir(name: str) -> Path:
     try:
         import gguf  # noqa: F401 - transformers' GGUF loader needs it, and says so less plainly
     except ImportError:
-        raise MissingExtraError("reading a GGUF vocabulary needs the gguf package: pip install gguf") from None
+        raise MissingExtraError("gguf", "models") from None
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
