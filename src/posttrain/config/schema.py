@@ -150,6 +150,10 @@ class StageConfig(OptimConfig):
         "100M-parameter model with a 152k vocabulary peaks at 3.4 GB), 16384 on GPU; null: rows only. Only memory "
         "and speed depend on it, not the loss.")
 
+    def updates_per_step(self) -> int:
+        """Optimizer updates in one step of the stage (the learning-rate schedule's length is steps x this)."""
+        return 1
+
     def token_budget(self, device_type: str) -> int | None:
         """micro_batch_tokens with 'auto' resolved for the device the learner runs on."""
         if self.micro_batch_tokens == "auto":

@@ -117,7 +117,7 @@ class UpdateAt(NamedTuple):
 def run(ctx: RunContext, c: RLConfig, resume: StageResume | None) -> None:
     env = ctx.training_env(c.env_args)
     sampler = SAMPLERS.get(c.sampler)(env, ctx.seed, **c.sampler_args)
-    loop = StageLoop(ctx, c, resume, steps=c.steps, updates=c.steps * c.epochs * c.mini_batches,
+    loop = StageLoop(ctx, c, resume, steps=c.steps,
                      on_saved=lambda saved, done: write_prompt_history(ctx.run_dir, saved.sampler, sampler, done))
     learner = loop.learner
     # The reference exists only when a KL term does; it starts as the policy at the start of the stage.

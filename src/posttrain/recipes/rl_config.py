@@ -181,6 +181,9 @@ class RLConfig(StageConfig, PresetKeys):
                               f"{', '.join(self.policy_loss_args) or 'none'}")
         return self
 
+    def updates_per_step(self) -> int:
+        return self.epochs * self.mini_batches
+
     def teacher_keys(self) -> list[str]:
         """The keys of this section that use the teacher (the recipe must then have a [teacher])."""
         keys = ["advantage"] if ADVANTAGES.trait(self.advantage, "needs_teacher") else []

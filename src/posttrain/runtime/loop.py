@@ -28,20 +28,21 @@ from typing import Any
 from posttrain.presets import PresetKeys
 from posttrain.runtime.context import RunContext
 from posttrain.stages import StageResume, StageState
-from posttrain.train.learner import Learner, StepResult
+from posttrain.train.learner import StepResult
+from posttrain.train.protocol import LearnerLike
 
 
 class StageLoop:
-    """One stage's steps around its method (module docstring). `steps`: the stage's step count; `updates`: the
-    optimizer updates it will take (the learning-rate schedule's length; default one per step); `on_saved(state,
-    done)` runs after each checkpoint of the stage (RL writes prompts.jsonl there)."""
+    """One stage's steps around its method (module docstring). `c`: the stage's section (its optimizer keys and
+    `updates_per_step`); `steps`: the stage's step count; `on_saved(state, done)` runs after each checkpoint of the
+    stage (RL writes prompts.jsonl there)."""
 
     def __init__(self, ctx: RunContext, c: Any, resume: StageResume | None, *, steps: int,
-                 updates: int | None = None, on_saved: Callable[[Any, bool], None] | None = None) -> None:
+                 on_saved: Callable[[Any, bool], None] | None = None) -> None:
         self.ctx, self.name, self.total, self.on_saved = ctx, ctx.stage, steps, on_saved
         if isinstance(c, PresetKeys) and c.preset and c.preset_overrides and not resume:
             ctx.note(f"{self.name}.preset = {c.preset}, with the recipe overriding: {'; '.join(c.preset_overrides)}")
-        self.learner: Learner = ctx.learner(c, total_updates=updates if updates is not None else steps)
+        self.learner: LearnerLike = ctx.learner(c, total_updates=steps * c.updates_per_step())
         self.start = self.stage_step = resume.stage_step if resume else 0
         if resume:
             self.learner.load_state_dict(resume.learner)
