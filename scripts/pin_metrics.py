@@ -6,8 +6,8 @@ checked-in tests/pinned/sft_rl_tiny.json, bit for bit.
 
 What is compared: metrics.jsonl less wall times, throughput and memory (`time/*`, `perf/*`), samples.jsonl, every
 evaluation JSON and a hash of the final weights. Exact equality needs the same kernels: the run is fp32 on 2
-threads with the CPU kernels capped at AVX2 (ATen's dispatch and oneDNN), so an AVX2-only CPU and one with
-AVX-512 run the same instructions (docs/reliability.md, "Determinism").
+threads with the CPU kernels capped at AVX2 (ATen's dispatch, oneDNN and MKL's reproducible AVX2 branch), so an
+AVX2-only CPU and one with AVX-512 run the same instructions (docs/reliability.md, "Determinism").
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "tests" / "pinned" / "sft_rl_tiny.toml"
 PINNED = RECIPE.with_suffix(".json")
 # The kernels every machine kind can run the same way (see the module docstring).
-KERNEL_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2"}
+KERNEL_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2,STRICT",
+              "OMP_NUM_THREADS": "2"}
 
 
 def run_recipe(out: Path) -> Path:

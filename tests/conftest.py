@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+import posttrain  # noqa: F401  (sets MKL_CBWR before any test runs a torch product: posttrain/kernels.py)
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two workers on a 2-core machine: one thread each, here and in every `posttrain run` they
     # start (runner.intra_op_threads reads OMP_NUM_THREADS), so they share the cores instead of oversubscribing

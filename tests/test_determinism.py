@@ -4,6 +4,9 @@ metrics.jsonl, samples and final weights (docs/reliability.md, "Determinism"). T
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -45,3 +48,14 @@ def test_a_60_step_rl_run_repeats_bit_for_bit(tmp_path, rollout):
     assert (a.run_dir / "samples.jsonl").read_bytes() == (b.run_dir / "samples.jsonl").read_bytes()
     wa, wb = load_file(a.run_dir / "final" / "model.safetensors"), load_file(b.run_dir / "final" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_fp32_batched_products_give_the_same_bits_at_any_memory_alignment_once_posttrain_is_imported():
+    """The cause of the long-run drift (posttrain/kernels.py): MKL's fp32 batched GEMM rounded by the alignment
+    of its operands, so two processes' engines gave logprobs differing in the last bit at some late step. A fresh
+    process that imports posttrain (as `posttrain run` does) gets alignment-independent products, MKL_CBWR unset
+    or not; the runner would otherwise write a warning to run.log."""
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    code = "import posttrain.kernels as k; print(k.alignment_sensitive())"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

@@ -23,7 +23,7 @@ from typing import Any, Self
 import torch
 from rich.console import Console
 
-from posttrain import integrity, rundir
+from posttrain import integrity, kernels, rundir
 from posttrain.config import RunConfig, to_toml
 from posttrain.data.prompts import context_length, stop_token_ids
 from posttrain.envs import make_env
@@ -41,6 +41,7 @@ from posttrain.models import (
 )
 from posttrain.models.lora import attach_lora, is_lora, merged_copy
 from posttrain.models.lora import describe as lora_counts
+from posttrain.models.sources import model_note
 from posttrain.rollout.base import RolloutEngine, build_engine
 from posttrain.runtime.context import RunContext
 from posttrain.stages import Stage, StageResume, StageState, load_stages
@@ -139,6 +140,12 @@ def _run(cfg: RunConfig, *, fresh: bool, console: Console, stop: StopOnSigterm) 
                      activation_checkpointing=cfg.learner.activation_checkpointing,
                      launch_learner=learner_launcher(cfg, run_dir))
     ctx.note(f"precision: {'bf16 autocast' if bf16 else 'fp32'} ({precision_why})")
+    if (origin := model_note(resolve_model_path(cfg.model.path, cfg.seed))) is not None:  # converted from a GGUF
+        ctx.note(f"model: {origin}")
+    if kernels.alignment_sensitive():  # posttrain/kernels.py: the cause of the long-run drift of issue 36
+        ctx.note(f"warning: this process's fp32 matrix products round by memory alignment (MKL_CBWR="
+                 f"{os.environ.get('MKL_CBWR')!r}, or a torch product ran before posttrain was imported): fp32 runs "
+                 "will not repeat bit for bit; set MKL_CBWR=AUTO,STRICT before the first torch product")
     if note:
         ctx.note(note)
     if getattr(env, "warning", None):  # an environment's own caveat (e.g. a weaker code sandbox chosen by name)
