@@ -97,10 +97,12 @@ def _run(cfg: RunConfig, *, fresh: bool, console: Console, stop: StopOnSigterm) 
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     state = load_state(ckpt, stages=len(cfg.recipe)) if ckpt else None
     truncate_metrics(run_dir, state.metrics_offset if state else 0)
-    model_dir = ckpt or resolve_model_path(cfg.model.path, cfg.seed)
+    # The recipe's model.path, where it is loaded: at the start, and under a LoRA checkpoint (which holds the adapter
+    # only) on resume. A full checkpoint needs nothing else.
+    source_dir = resolve_model_path(cfg.model.path, cfg.seed) if cfg.model.lora or not ckpt else None
+    model_dir = ckpt or source_dir
     device = resolve_device(cfg.model.device)
-    # A LoRA checkpoint holds the adapter only: the base is the recipe's model.path, loaded again.
-    base_dir = resolve_model_path(cfg.model.path, cfg.seed) if cfg.model.lora else model_dir
+    base_dir = source_dir if cfg.model.lora else model_dir
     model = load_model(base_dir, attention=attention_for(device, cfg.model.attention))
     if cfg.model.lora:
         model = attach_lora(model, cfg.model.lora, adapter_dir=ckpt)
@@ -140,7 +142,7 @@ def _run(cfg: RunConfig, *, fresh: bool, console: Console, stop: StopOnSigterm) 
                      activation_checkpointing=cfg.learner.activation_checkpointing,
                      launch_learner=learner_launcher(cfg, run_dir))
     ctx.note(f"precision: {'bf16 autocast' if bf16 else 'fp32'} ({precision_why})")
-    if (origin := model_note(resolve_model_path(cfg.model.path, cfg.seed))) is not None:  # converted from a GGUF
+    if source_dir is not None and (origin := model_note(source_dir)) is not None:  # converted from a GGUF
         ctx.note(f"model: {origin}")
     if kernels.alignment_sensitive():  # posttrain/kernels.py: the cause of the long-run drift of issue 36
         ctx.note(f"warning: this process's fp32 matrix products round by memory alignment (MKL_CBWR="

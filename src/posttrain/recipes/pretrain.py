@@ -60,7 +60,7 @@ def run(ctx: RunContext, c: PretrainConfig, resume: StageResume | None) -> None:
         loop.trained(result)
         metrics = {"pretrain/loss": result.loss, "pretrain/ppl": math.exp(min(result.loss, 50.0)),
                    "train/lr": result.lr, "train/grad_norm": result.grad_norm, "time/step_s": time.time() - t0}
-        if c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < loop.total:
+        if loop.scheduled(c.eval_every):
             metrics["pretrain/eval_loss"] = held_out_nll(loop.learner, held_out)
         ctx.status(f"loss {result.loss:.3f}")
         loop.end_step(metrics, Cursor(cursor))

@@ -137,7 +137,7 @@ def run(ctx: RunContext, c: RLPConfig, resume: StageResume | None) -> None:
                    "rlp/ema_lag": relative_distance(ema.state_dict(), learner.weights()),
                    "pg/loss": result.loss, "pg/clip_frac": result.metrics.get("clip_frac", 0.0) / max(1, result.tokens),
                    "train/lr": result.lr, "train/grad_norm": result.grad_norm, "time/step_s": time.time() - t0}
-        if c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < c.steps:
+        if loop.scheduled(c.eval_every):
             metrics["rlp/eval_loss"] = held_out_nll(learner, held_out)
         ctx.status(f"info gain {metrics['rlp/info_gain']:+.3f}")
         loop.end_step(metrics, RLPState(cursor, ema.state_dict()))

@@ -74,7 +74,7 @@ def run(ctx: RunContext, c: SFTConfig, resume: StageResume | None) -> None:
         metrics = {"sft/loss": result.loss, "train/lr": result.lr, "train/grad_norm": result.grad_norm,
                    "time/step_s": time.time() - t0, "train/examples_seen": cursor}
         ctx.status(f"loss {result.loss:.3f}")
-        if c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < c.steps:
+        if loop.scheduled(c.eval_every):
             reached = periodic_eval(loop, c, metrics)  # before the step's row: its accuracy is in the row
         loop.log(metrics)
         if reached:

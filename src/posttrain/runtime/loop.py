@@ -81,13 +81,15 @@ class StageLoop:
         self.publish()
         return self.ctx.evaluate(tag, stage=self.name, **how)
 
+    def scheduled(self, every: int) -> bool:
+        """Whether something done every `every` steps (0: never) falls on this step; never on the stage's last
+        step, where end_stage evaluates."""
+        return every > 0 and self.stage_step % every == 0 and self.stage_step < self.total
+
     def log(self, metrics: dict[str, Any], *, eval_every: int = 0) -> dict[str, Any] | None:
-        """Write the step's metric row, then the evaluation scheduled at this step, if any (every `eval_every`
-        steps, not at the last: end_stage evaluates there) -> its result."""
+        """Write the step's metric row, then the evaluation scheduled at this step, if any -> its result."""
         self.ctx.write_metrics(self.name, metrics)
-        if eval_every and self.stage_step % eval_every == 0 and self.stage_step < self.total:
-            return self.evaluate(f"{self.name}-step{self.stage_step}")
-        return None
+        return self.evaluate(f"{self.name}-step{self.stage_step}") if self.scheduled(eval_every) else None
 
     def checkpoint(self, state: StageState) -> None:
         """The checkpoint scheduled at this step (or a requested stop's), then the stop, if one was requested."""
@@ -99,9 +101,9 @@ class StageLoop:
         self.log(metrics, eval_every=eval_every)
         self.checkpoint(state)
 
-    def end_stage(self, state: StageState, *, evaluate: bool = True) -> dict[str, Any] | None:
+    def end_stage(self, state: StageState) -> dict[str, Any]:
         """The stage's final evaluation (tag = the stage's name) and its final checkpoint -> the evaluation."""
-        result = self.evaluate(self.name) if evaluate else None
+        result = self.evaluate(self.name)
         self._save(state, done=True)
         return result
 
