@@ -57,6 +57,43 @@ def test_eval_with_enough_problems_gives_no_warning_and_distinct_tasks_stops_at_
     assert result["problems"] == result["problems_requested"] == 40 and "warnings" not in result
 
 
+def test_eval_reports_the_mean_reward_and_a_custom_rewards_numeric_diagnostics():
+    """A shaped reward is a number of its own beside pass@1 (reward_mean), and the numeric fields a reward puts in
+    `info` are averaged (eval/info/<key>); booleans, strings and fields some samples lack are not."""
+    from posttrain.evals.evaluate import headline_metrics
+
+    env = make_env("arithmetic", {"digits": 3})
+    calls = iter(range(10_000))
+
+    def score(tasks, texts):  # every other sample is right with 2 extra characters: reward 1 - 0.1
+        out = []
+        for _ in tasks:
+            i = next(calls)
+            right = i % 2 == 0
+            info = {"extra_chars": 2 if right else 0, "checked": True, "got": "x"} | ({"only_right": 1} if right else {})
+            out.append(Score(0.9 if right else 0.0, right, info))
+        return out
+
+    result = evaluate(_Engine(), _Tokenizer(), env, problems=5, samples=4, ks=[1], temperature=1.0, top_p=1.0,
+                      max_new_tokens=4, seed=0, chat_template=False, score=score)
+    assert result["mean@n"]["mean"] == pytest.approx(0.5)
+    assert result["reward_mean"]["mean"] == pytest.approx(0.45)  # 0.5 x 0.9
+    assert result["info"] == {"extra_chars": pytest.approx(1.0)}
+    headline = headline_metrics(result)
+    assert headline["eval/reward_mean"] == pytest.approx(0.45) and headline["eval/info/extra_chars"] == 1.0
+
+
+def test_the_summary_table_shows_reward_mean_only_where_it_is_not_the_verdict():
+    from posttrain.cli import summary_rows
+
+    plain = {"sft": {"eval/pass@1": 0.5, "eval/mean@n": 0.5, "eval/reward_mean": 0.5},
+             "rl": {"eval/pass@1": 0.7, "eval/mean@n": 0.7, "eval/reward_mean": 0.7}}
+    assert summary_rows(plain)[0] == ["pass@1"]
+    shaped = {**plain, "rl": {"eval/pass@1": 0.7, "eval/mean@n": 0.7, "eval/reward_mean": 0.6}}
+    columns, rows = summary_rows(shaped)
+    assert columns == ["pass@1", "reward_mean"] and rows[1] == ("rl", ["0.700", "0.600"])
+
+
 def test_distinct_tasks_dedups_by_content_and_ends_with_a_finite_stream():
     t = SimpleNamespace
     stream = [t(question="q1", answer="1"), t(question="q1", answer="1"), t(question="q1", answer="2"),
@@ -141,4 +178,5 @@ def test_a_run_says_in_its_log_when_its_eval_has_fewer_distinct_problems_than_as
     run(cfg)
     result = json.loads((cfg.run_dir / "eval" / "sft.json").read_text())
     assert result["problems"] < 200 and result["problems_requested"] == 200
-    assert f"only {result['problems']} distinct exist" in (cfg.run_dir / "run.log").read_text()
+    log = (cfg.run_dir / "run.log").read_text()
+    assert f"only {result['problems']} distinct exist" in log and "warning: warning:" not in log

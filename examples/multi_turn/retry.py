@@ -1,16 +1,17 @@
-"""A multi-turn environment in a few lines: additions where a wrong answer hears "Wrong, try again." and gets
-another turn, three in all. The reward halves with every extra try, so RL prefers a right first answer."""
+"""A multi-turn environment in a few lines: sort a short list of digits, and a wrong answer hears "Wrong, try
+again." and gets another turn, three in all. The reward halves with every extra try, so RL prefers a right first
+answer."""
 
-from posttrain.envs.arithmetic import Arithmetic
 from posttrain.envs.multiturn import Turn
+from posttrain.envs.sorting import Sorting
 
 
-class RetryArithmetic:
-    name = "retry_arithmetic"
+class RetrySorting:
+    name = "retry_sorting"
     max_turns = 3
 
-    def __init__(self, digits: int = 2):
-        self.inner = Arithmetic(digits=digits)  # its tasks, prompts and verifier
+    def __init__(self, length: int | list[int] = (3, 5), max_value: int = 9):
+        self.inner = Sorting(length=length, max_value=max_value)  # its tasks, prompts and verifier
 
     def tasks(self, split, seed):
         return self.inner.tasks(split, seed)

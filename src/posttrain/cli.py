@@ -81,7 +81,8 @@ def run(
 
 def summary_rows(evals: dict[str, dict]) -> tuple[list[str], list[tuple[str, list[str]]]]:
     """(metric columns, rows) of the summary table: greedy accuracy, pass@k by k, maj@n; mean@n is left out (it is
-    pass@1 by definition), and an evaluation equal to the one before it (the same model evaluated again at a
+    pass@1 by definition), so is reward_mean where every evaluation's equals its mean@n (a plain 0/1 verifier's
+    reward), and an evaluation equal to the one before it (the same model evaluated again at a
     stage boundary, e.g. rl-step0 after sft) is merged into its row ("sft = rl-step0")."""
     import re
 
@@ -89,7 +90,9 @@ def summary_rows(evals: dict[str, dict]) -> tuple[list[str], list[tuple[str, lis
         k = re.fullmatch(r"eval/pass@(\d+)", m)
         return (1, int(k.group(1)), m) if k else ((0, 0, m) if m == "eval/greedy_acc" else (2, 0, m))
 
-    metrics = sorted({k for v in evals.values() for k in v if k != "eval/mean@n"}, key=order)
+    plain_reward = all(v.get("eval/reward_mean") == v.get("eval/mean@n") for v in evals.values())
+    hidden = {"eval/mean@n", *(["eval/reward_mean"] if plain_reward else [])}
+    metrics = sorted({k for v in evals.values() for k in v if k not in hidden}, key=order)
     rows: list[tuple[str, list[str]]] = []
     previous: dict | None = None
     for tag, values in evals.items():

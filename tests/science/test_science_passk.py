@@ -168,3 +168,14 @@ def test_summarize_eval_without_majority_and_errors():
         summarize_eval([problems[0], {"id": "b", "difficulty": 1, "n": 4, "c": 1}], ks=[8])
     with pytest.raises(ValueError, match="'b' lacks 'majority_correct'"):
         summarize_eval([{**problems[0], "majority_correct": True}, problems[1]], ks=[1])
+    with pytest.raises(ValueError, match="'b' lacks 'reward_mean'"):
+        summarize_eval([{**problems[0], "reward_mean": 0.5}, problems[1]], ks=[1])
+
+
+def test_summarize_eval_averages_a_shaped_reward_per_problem_then_over_problems():
+    problems = [{"id": "a", "difficulty": 1, "n": 4, "c": 2, "reward_mean": 0.3},
+                {"id": "b", "difficulty": 1, "n": 4, "c": 4, "reward_mean": -0.1}]
+    out = summarize_eval(problems, ks=[1])
+    assert out["reward_mean"]["mean"] == pytest.approx(0.1)
+    assert out["reward_mean"]["ci_low"] <= 0.1 <= out["reward_mean"]["ci_high"]
+    assert out["by_difficulty"]["1"]["reward_mean"] == pytest.approx(0.1)

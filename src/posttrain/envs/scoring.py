@@ -177,6 +177,22 @@ class ScoreErrors:
         return f"{self.failed}/{self.total} failed ({parts})"
 
 
+# info keys the episode and reward-control summaries already report under their own names
+SUMMARIZED_ELSEWHERE = frozenset({"turns", "tool_calls", "tool_errors", "verifier_reward"})
+
+
+def info_means(scores: Sequence[Score]) -> dict[str, float]:
+    """The mean of every numeric `info` field that all scores carry: a custom reward's own diagnostics (e.g. the
+    characters it penalised), logged as rollout/info/<key> and eval/info/<key>. Booleans and keys missing from some
+    scores are skipped: a mean over part of the samples would read as one over all."""
+    if not scores:
+        return {}
+    keys = set.intersection(*(set(s.info) for s in scores)) - SUMMARIZED_ELSEWHERE
+    numeric = [k for k in sorted(keys)
+               if all(isinstance(s.info[k], int | float) and not isinstance(s.info[k], bool) for s in scores)]
+    return {k: sum(float(s.info[k]) for s in scores) / len(scores) for k in numeric}
+
+
 # ----- the scorer a run uses ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

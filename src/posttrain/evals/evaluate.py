@@ -11,7 +11,7 @@ from typing import Any
 
 from posttrain.data.prompts import render_prompt
 from posttrain.envs.multiturn import is_multi_turn
-from posttrain.envs.scoring import score_many
+from posttrain.envs.scoring import info_means, score_many
 from posttrain.records import SamplingParams
 from posttrain.rollout.episodes import episode_summary, run_episodes
 from posttrain.science.passk import majority_correct, summarize_eval
@@ -98,10 +98,15 @@ def evaluate(engine, tokenizer, env, *, problems: int, samples: int, ks: Sequenc
         rows.append({"id": task.id, "difficulty": task.difficulty, "n": samples, "c": int(sum(correct)),
                      "greedy_correct": greedy_scores[i].correct,
                      "majority_correct": majority_correct([t.strip() for t in texts[block]], correct),
-                     "example": texts[block][0][:200]})
+                     "example": texts[block][0][:200],
+                     # what RL maximises: the verdict's 0/1 for a plain verifier (then equal to mean@n), a number of
+                     # its own for a shaped or custom reward (a length penalty, a reward halved per retry)
+                     "reward_mean": sum(float(s.reward) for s in scores[block]) / samples})
     result.update(summarize_eval(rows, ks, seed=seed))
     if any("source" in t.meta for t in tasks):  # a mixture ([[env.sources]]): accuracy of each source's problems
         result["by_source"] = by_source(tasks, rows)
+    if means := info_means(scores):  # a custom reward's numeric diagnostics, averaged over the samples
+        result["info"] = means
     if summary := episode_summary(sampled, scores):  # multi-turn: turns, tool calls, ... of the sampled episodes
         result["episode"] = summary
     result.update({"samples": samples, "ks": list(ks), "temperature": temperature, "top_p": top_p,
@@ -166,6 +171,7 @@ def headline_metrics(result: dict[str, Any]) -> dict[str, float]:
     for label, suite in result.get("suites", {}).items():
         out.update({f"eval/{label}/{k[5:]}": v for k, v in headline_metrics(suite).items()})
     out.update({f"eval/episode/{k}": v for k, v in result.get("episode", {}).items()})
+    out.update({f"eval/info/{k}": v for k, v in result.get("info", {}).items()})
     for source, acc in result.get("by_source", {}).items():
         out.update({f"eval/by_source/{source}/{k}": v for k, v in acc.items()})
     return out

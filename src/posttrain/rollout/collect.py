@@ -22,7 +22,7 @@ from posttrain.algos import GROUP_FILTERS, group_has_variance
 from posttrain.data.prompts import render_prompt
 from posttrain.data.samplers import GroupOutcome, TaskSampler
 from posttrain.envs.multiturn import is_multi_turn
-from posttrain.envs.scoring import Scorer
+from posttrain.envs.scoring import Scorer, info_means
 from posttrain.records import Completion, SamplingParams, Score, Task
 from posttrain.rollout.base import RolloutEngine
 from posttrain.rollout.episodes import episode_summary, run_episodes
@@ -191,6 +191,7 @@ def describe_samples(batch: RolloutBatch) -> dict[str, float]:
     return {
         **controlled,
         **episode_metrics(batch),
+        **{f"rollout/info/{k}": v for k, v in info_means(batch.scores).items()},
         "rollout/reward_mean": float(rewards.mean()),
         "rollout/reward_std": float(rewards.std()) if n > 1 else 0.0,
         "rollout/pass_rate": sum(s.correct for s in batch.scores) / n,

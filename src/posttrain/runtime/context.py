@@ -252,7 +252,7 @@ class RunContext:
         result.update({"tag": tag, "step": self.global_step, "stage": stage})
         for warning in [*result.get("warnings", []),
                         *(w for suite in result.get("suites", {}).values() for w in suite.get("warnings", []))]:
-            self.note(f"warning: {warning}")  # e.g. fewer distinct problems than asked
+            self.note(warning)  # e.g. fewer distinct problems than asked (it says "warning: " itself)
         if not greedy_only:
             write_eval(self.run_dir / "eval" / f"{tag}.json", result)
             self.evals[tag] = dict(headline_metrics(result))

@@ -125,7 +125,8 @@ def summarize_eval(problems: list[dict], ks: Sequence[int], *, n_boot: int = 100
     """Aggregate per-problem sample counts into pass@k / mean@n / maj@n with 95% bootstrap CIs over problems.
 
     problems: dicts with "id", "difficulty", "n" (samples), "c" (correct samples) and optionally
-    "majority_correct" (bool). maj@n is reported only when every problem has it.
+    "majority_correct" (bool) and "reward_mean" (the mean reward of its samples, for a reward that is not the 0/1
+    verdict). maj@n and reward_mean are reported only when every problem has them.
     Returns (JSON-serialisable):
         {"n_problems": P,
          "pass@1": {"mean", "ci_low", "ci_high"}, "pass@8": {...}, ...,
@@ -146,12 +147,9 @@ def summarize_eval(problems: list[dict], ks: Sequence[int], *, n_boot: int = 100
     c = np.array([p["c"] for p in problems])
     per_problem: dict[str, np.ndarray] = {f"pass@{k}": pass_at_k_many(n, c, k) for k in ks}
     per_problem["mean@n"] = np.asarray(mean_at_n(n, c), dtype=np.float64).reshape(-1)
-    has_maj = ["majority_correct" in p for p in problems]
-    if all(has_maj):
-        per_problem["maj@n"] = np.array([float(bool(p["majority_correct"])) for p in problems])
-    elif any(has_maj):
-        first = problems[has_maj.index(False)]["id"]
-        raise ValueError(f"summarize_eval: problem {first!r} lacks 'majority_correct' while others have it")
+    for key, name in (("majority_correct", "maj@n"), ("reward_mean", "reward_mean")):
+        if (column := optional_column(problems, key)) is not None:
+            per_problem[name] = column
 
     out: dict[str, Any] = {"n_problems": len(problems)}
     for name, vals in per_problem.items():
@@ -164,6 +162,18 @@ def summarize_eval(problems: list[dict], ks: Sequence[int], *, n_boot: int = 100
         by_diff[d]["count"] = int(rows.sum())
     out["by_difficulty"] = by_diff
     return out
+
+
+def optional_column(problems: list[dict], key: str) -> np.ndarray | None:
+    """The per-problem values of an optional key as floats, None when no problem has it; some but not all is an
+    error (a metric over part of the problems would read as one over all)."""
+    has = [key in p for p in problems]
+    if not any(has):
+        return None
+    if not all(has):
+        raise ValueError(f"summarize_eval: problem {problems[has.index(False)]['id']!r} lacks {key!r} while others "
+                         "have it")
+    return np.array([float(p[key]) for p in problems])
 
 
 def difficulty_order(d: str) -> tuple[int, float, str]:
