@@ -80,7 +80,8 @@ def final_line(completion: str) -> str:
 _BOXED = re.compile(r"\\boxed\s*\{")
 _ANSWER_IS = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*", re.IGNORECASE)
 ANSWER_FORMAT = ("the content of the last \\boxed{...}; else what follows the last 'answer is' / 'Answer:'; else "
-                 "the last non-empty line; then without surrounding ** / __ / $ / backticks and a trailing period")
+                 "the last non-empty line; then without surrounding ** / __ / $ / backticks and a trailing period; "
+                 "a numeric answer also counts as the last number written there ('55 + 69 = 124')")
 
 
 def extract_answer(completion: str) -> str:
@@ -102,6 +103,33 @@ def extract_answer(completion: str) -> str:
 
 
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+# A number as prose writes it, standing on its own: not glued to letters or brackets ('l7', '14}c' and 'x2' hold
+# none), and with a sign only where it cannot be an operator ('5-3' ends in 3; '= -2' and '(-2)' in -2).
+_WRITTEN_NUMBER = re.compile(r"(?<![\w.}\]])(?:(?<![\w)\]])[-+])?(?:\d+(?:\.\d+)?|\.\d+)(?![\w{}\[(]|\.\d)")
+
+
+def last_number(text: str) -> str | None:
+    """The last number written in the text, thousands separators removed, or None: what a chat model's sentence
+    answers ('55 + 69 = 124', '8 + 3 equals 11.', 'It costs $1,234' give '124', '11', '1234')."""
+    found = _WRITTEN_NUMBER.findall(_THOUSANDS.sub("", text))
+    return found[-1].removeprefix("+") if found else None
+
+
+def is_number(text: str) -> bool:
+    return bool(_NUMBER.fullmatch(str(text).strip()))
+
+
+def answer_matches(got: str, want: str) -> bool:
+    """An extracted answer (extract_answer) against the reference: equal strings; and for a numeric reference, the
+    answer's last number equal to it as a number, so the forms chat models write ('55 + 69 = 124', 'so the total
+    is 11 apples') count while '12' against '124' does not. Every built-in exact verifier decides by this."""
+    if got == want:
+        return True
+    if not is_number(want):
+        return False
+    number = last_number(got)
+    return number is not None and float(number) == float(want)
 
 
 def answer_parses(env: object, task: Task, completion: str) -> bool:
@@ -132,7 +160,7 @@ def user_prompt(task: Task, hint: str | None = None) -> list[Message]:
 
 
 def exact_score(task: Task, completion: str) -> Score:
-    """1.0 when the completion's answer (extract_answer) equals the task's answer string exactly."""
+    """1.0 when the completion's answer (extract_answer) equals the task's answer (answer_matches)."""
     got = extract_answer(completion)
-    ok = got == task.answer
+    ok = answer_matches(got, task.answer)
     return Score(reward=1.0 if ok else 0.0, correct=ok, info={} if ok else {"got": got[:50]})

@@ -23,7 +23,15 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from posttrain.data.tables import read_rows
-from posttrain.envs.base import ANSWER_FORMAT, check_split, extract_answer, split_of, user_prompt
+from posttrain.envs.base import (
+    ANSWER_FORMAT,
+    answer_matches,
+    check_split,
+    extract_answer,
+    last_number,
+    split_of,
+    user_prompt,
+)
 from posttrain.errors import UserError
 from posttrain.records import Message, Score, Task
 
@@ -114,9 +122,9 @@ _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 def parse_number(text: str) -> float | None:
-    """The last number in the text (commas between digits removed), or None."""
-    found = _NUMBER.findall(re.sub(r"(?<=\d),(?=\d{3})", "", text))
-    return float(found[-1]) if found else None
+    """The last number in the text (envs/base.py last_number), or None."""
+    number = last_number(text)
+    return None if number is None else float(number)
 
 
 class Jsonl:
@@ -166,7 +174,10 @@ class Jsonl:
         n = max(1, len(answer.strip().splitlines()))
         got = extract_answer(completion) if n == 1 else _last_lines(completion, n)
         want = "\n".join(line.strip() for line in answer.strip().splitlines())
-        ok = _normalize(got) == _normalize(want) if self.verifier == "normalized" else got == want
+        if self.verifier == "normalized":
+            ok = _normalize(got) == _normalize(want)
+        else:
+            ok = answer_matches(got, want) if n == 1 else got == want
         return Score(1.0 if ok else 0.0, ok, {} if ok else {"got": got[:50]})
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from posttrain.envs.base import Environment
 from posttrain.envs.multiturn import episode_rules, is_multi_turn
+from posttrain.envs.prompting import PROMPT_ARGS, Instructed
 from posttrain.errors import UserError
 from posttrain.records import Task
 from posttrain.registry import Registry, import_object
@@ -94,6 +95,8 @@ def make_env(name: str, args: dict[str, Any] | None = None) -> Environment:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):  # a callable without a signature (some builtins): pass the args as given
         params = {"kwargs": inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)}
+    # hint and system_prompt are every environment's (envs/prompting.py); one whose constructor takes hint uses its own
+    instruction = {k: args.pop(k) for k in PROMPT_ARGS if k in args and k not in params}
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(args) - set(params))
         if unknown:
@@ -106,6 +109,11 @@ def make_env(name: str, args: dict[str, Any] | None = None) -> Environment:
         raise
     except Exception as e:  # the user's constructor failed: a one-line error naming it, not a traceback
         raise UserError(f"env.name={name!r}: building it raised {type(e).__name__}: {e}") from e
+    if instruction:
+        try:
+            env = Instructed(env, **instruction)
+        except ValueError as e:
+            raise UserError(f"env.args for {name!r}: {e}") from e
     if not isinstance(getattr(env, "name", None), str):  # an import-path class need not name itself
         try:
             env.name = name

@@ -5,7 +5,9 @@
 The dataset is generated offline with `size` items from its own `seed`; `tasks(split, seed)` is a finite
 pass over the items whose question falls in `split` (split_of on the question text), in an order fixed by the
 seed. The completion's answer is the text inside <answer>...</answer> when the tags are there (reasoning-gym's
-convention), else the whole stripped completion. reward = score_answer's score (reasoning-gym gives partial
+convention), else the best-scoring of the whole stripped completion, extract_answer's reading of it and that
+reading's last number (what chat models write: '8 + 3 equals 11.'). `hint` is appended to every prompt (e.g. "Give
+only the final answer."). reward = score_answer's score (reasoning-gym gives partial
 credit on some datasets, e.g. spell_backward and countdown's 0.01 for a well-formed wrong answer);
 correct = score >= threshold (default 1.0, with a 1e-9 slack).
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from posttrain.envs.base import check_split, split_of, user_prompt
+from posttrain.envs.base import check_split, extract_answer, last_number, split_of, user_prompt
 from posttrain.envs.jsonl import shuffled
 from posttrain.errors import MissingExtraError
 from posttrain.records import Message, Score, Task
@@ -46,7 +48,8 @@ class ReasoningGym:
     name = "reasoning_gym"
     isolation = "process"
 
-    def __init__(self, dataset: str, size: int = 1000, seed: int = 0, threshold: float = 1.0, **config: Any):
+    def __init__(self, dataset: str, size: int = 1000, seed: int = 0, threshold: float = 1.0,
+                 hint: str | None = None, **config: Any):
         rg = _reasoning_gym()
         known = sorted(rg.factory.DATASETS)
         if dataset not in known:
@@ -54,13 +57,14 @@ class ReasoningGym:
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size!r}")
         self.dataset, self.size, self.seed, self.threshold, self.config = dataset, size, seed, threshold, config
+        self.hint = hint
         self._ds = rg.create_dataset(dataset, size=size, seed=seed, **config)
         self._tasks: dict[str, list[Task]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled as its arguments (the dataset object can be megabytes); a worker rebuilds it."""
         return {"dataset": self.dataset, "size": self.size, "seed": self.seed, "threshold": self.threshold,
-                **self.config}
+                "hint": self.hint, **self.config}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
@@ -83,14 +87,21 @@ class ReasoningGym:
         return shuffled(self._all_tasks()[split], split, seed, f"rg:{self.dataset}:{self.seed}")
 
     def prompt(self, task: Task) -> list[Message]:
-        return user_prompt(task)
+        return user_prompt(task, self.hint)
 
     def score(self, task: Task, completion: str) -> Score:
-        answer = completion.strip()
+        """reasoning-gym's own score_answer on the completion's answer: inside <answer> tags when it has them
+        (reasoning-gym's format), else the best of the whole completion, the answer as extract_answer reads it
+        ('8 + 3 equals 11.' -> the line; '\\boxed{11}' -> 11) and that answer's last number (-> '11'), so the
+        sentences chat models write are read the way every built-in verifier reads them."""
         if "<answer>" in completion:
-            from reasoning_gym.utils import extract_answer
+            from reasoning_gym.utils import extract_answer as tagged
 
-            answer = extract_answer(completion) or ""
-        reward = float(self._ds.score_answer(answer, task.meta["entry"]))
+            candidates = [tagged(completion) or ""]
+        else:
+            said = extract_answer(completion)
+            candidates = list(dict.fromkeys([completion.strip(), said, last_number(said) or said]))
+        scored = [(float(self._ds.score_answer(answer, task.meta["entry"])), answer) for answer in candidates]
+        reward, answer = max(scored, key=lambda x: x[0])
         ok = reward >= self.threshold - 1e-9
         return Score(reward, ok, {} if ok else {"got": answer[:50]})
