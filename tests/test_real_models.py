@@ -68,6 +68,42 @@ def test_llama3_raw_text_has_bos_and_ends_with_eos():
     assert stop_token_ids(tok, chat_template=False) == {END_OF_TEXT}
 
 
+def test_a_llama3_tokenizer_that_does_not_add_its_bos_still_starts_raw_text_with_it(tmp_path):
+    """A Llama-3 tokenizer as transformers converts it from a GGUF file carries <|begin_of_text|> but may not add
+    it; the model was trained with it first, so raw-text prompts get it anyway (data/prompts.py FAMILY_BOS)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = load_tokenizer(resolve_model_path("llama3-tiny"), require_chat_template=False)
+    bare = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, bos_token="<|begin_of_text|>",
+                                   eos_token="<|end_of_text|>")
+    bare.backend_tokenizer.post_processor = None  # no template adding BOS: what the GGUF route gives
+    assert bare("a", add_special_tokens=True).input_ids[:1] != [BEGIN_OF_TEXT]
+    assert bos_id(bare) == BEGIN_OF_TEXT
+    assert render_prompt(bare, "1+2=", chat_template=False)[0] == BEGIN_OF_TEXT
+
+
+@pytest.mark.parametrize("preset", ["qwen2-tiny", "llama3-tiny"])
+def test_the_run_log_says_what_the_tokenizer_does(preset, tmp_path):
+    """One run.log line and config.json fields: stop tokens, the token SFT targets end with, BOS or not."""
+    chat = preset == "qwen2-tiny"
+    cfg = validate({"recipe": "sft", "name": "t", "output_dir": str(tmp_path), "threads": 1,
+                    "model": {"path": preset, "chat_template": chat}, "env": {"name": "arithmetic", "args": {"digits": 1}},
+                    "sft": {"steps": 1, "batch_size": 2, "micro_batch_size": 2},
+                    "eval": {"problems": 2, "samples": 1, "ks": [1], "max_new_tokens": 2, "at_start": False}})
+    run(cfg)
+    log = (cfg.run_dir / "run.log").read_text()
+    tokens = json.loads((cfg.run_dir / "config.json").read_text())["starts"][-1]["tokenizer"]
+    if chat:  # Qwen2 ChatML: stops on <|endoftext|> and <|im_end|>, targets end the turn, the template opens it
+        assert "tokenizer: generation stops on <|endoftext|> (151643), <|im_end|> (151645); SFT targets end with " \
+               "<|im_end|> (151645); prompts start with no BOS (chat template)" in log
+        assert tokens["prompt_bos"] is None and tokens["sft_target_end"] == {"id": IM_END, "token": "<|im_end|>"}
+    else:  # Llama-3 raw text: EOS ends both, BOS first
+        assert "tokenizer: generation stops on <|end_of_text|> (128001); SFT targets end with <|end_of_text|> " \
+               "(128001); prompts start with BOS <|begin_of_text|> (128000) (raw text)" in log
+        assert tokens["prompt_bos"] == {"id": BEGIN_OF_TEXT, "token": "<|begin_of_text|>"}
+    assert [t["id"] for t in tokens["stop_tokens"]] == ([ENDOFTEXT, IM_END] if chat else [END_OF_TEXT])
+
+
 @pytest.mark.parametrize("preset", ["qwen2-tiny", "llama3-tiny"])
 def test_engine_logprobs_match_the_learner_on_real_architectures(preset):
     """The engine contract on Qwen2 with tied embeddings and Llama with untied ones, through the chunked head

@@ -71,6 +71,17 @@ def test_smollm2_is_built_from_the_pinned_wheel_with_its_chat_format(smollm2_dir
     own = tok.decode(render_prompt(tok, [{"role": "system", "content": "Be brief."},
                                          {"role": "user", "content": "Hi"}]))
     assert own == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    from posttrain.data.prompts import tokenizer_line, tokenizer_summary
+    from posttrain.envs import make_env
+
+    line = tokenizer_line(tokenizer_summary(tok, stop_token_ids(tok, model.generation_config), chat_template=True))
+    assert line == ("tokenizer: generation stops on <|im_end|> (2); SFT targets end with <|im_end|> (2); prompts "
+                    "start with no BOS (chat template)")
+    env = make_env("arithmetic", {"digits": 2, "system_prompt": "", "hint": "Give only the number."})
+    task = next(iter(env.tasks("eval", 0)))  # an empty system prompt replaces the template's default one
+    assert tok.decode(render_prompt(tok, env.prompt(task))) == (
+        f"<|im_start|>system\n<|im_end|>\n<|im_start|>user\n{task.question}\nGive only the number.<|im_end|>\n"
+        "<|im_start|>assistant\n")
 
     c = model.config
     assert type(model).__name__ == "LlamaForCausalLM" and c.num_hidden_layers == 30 and c.hidden_size == 576

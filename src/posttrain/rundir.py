@@ -176,6 +176,13 @@ def record_precision(run_dir: Path, requested: bool | str, bf16: bool, why: str)
     _write_saved(run_dir, saved)
 
 
+def record_tokenizer(run_dir: Path, summary: dict[str, Any]) -> None:
+    """Record on the latest start in config.json what the tokenizer does (data/prompts.py tokenizer_summary)."""
+    saved = read_saved(run_dir)
+    saved["starts"][-1]["tokenizer"] = summary
+    _write_saved(run_dir, saved)
+
+
 def record_stage(run_dir: Path, stage: str, *, resumed: bool) -> None:
     """Append to config.json which code ran a stage (a stage resumed after an upgrade shows the new version)."""
     saved = read_saved(run_dir)

@@ -25,7 +25,7 @@ from rich.console import Console
 
 from posttrain import integrity, kernels, rundir
 from posttrain.config import RunConfig, to_toml
-from posttrain.data.prompts import context_length, stop_token_ids
+from posttrain.data.prompts import context_length, stop_token_ids, tokenizer_line, tokenizer_summary
 from posttrain.envs import make_env
 from posttrain.envs.scoring import Scorer, shutdown_pool
 from posttrain.errors import RunStopped, Terminated, UserError
@@ -113,6 +113,8 @@ def _run(cfg: RunConfig, *, fresh: bool, console: Console, stop: StopOnSigterm) 
     bf16, precision_why = explain_bf16(cfg.model.bf16, device)
     rundir.record_precision(run_dir, cfg.model.bf16, bf16, precision_why)
     stop_ids = stop_token_ids(tokenizer, model.generation_config, chat_template=cfg.model.chat_template)
+    tokens = tokenizer_summary(tokenizer, stop_ids, chat_template=cfg.model.chat_template)
+    rundir.record_tokenizer(run_dir, tokens)
     engine = build_engine(cfg.rollout.engine, model, tokenizer, weights=cfg.rollout.weights, bf16=bf16, version=step,
                           stop_ids=stop_ids, engine_args=cfg.rollout.engine_args)
     teacher = load_teacher(cfg, tokenizer, device, bf16) if cfg.uses_teacher() else None
@@ -142,6 +144,7 @@ def _run(cfg: RunConfig, *, fresh: bool, console: Console, stop: StopOnSigterm) 
                      activation_checkpointing=cfg.learner.activation_checkpointing,
                      launch_learner=learner_launcher(cfg, run_dir))
     ctx.note(f"precision: {'bf16 autocast' if bf16 else 'fp32'} ({precision_why})")
+    ctx.note(tokenizer_line(tokens))
     if source_dir is not None and (origin := model_note(source_dir)) is not None:  # converted from a GGUF
         ctx.note(f"model: {origin}")
     if kernels.alignment_sensitive():  # posttrain/kernels.py: the cause of the long-run drift of issue 36

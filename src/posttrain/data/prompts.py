@@ -77,12 +77,21 @@ def completion_ids(tokenizer, text: str, *, chat_template: bool = True) -> list[
     return tokenizer(text, add_special_tokens=False).input_ids + [end if end is not None else tokenizer.eos_token_id]
 
 
+# BOS tokens of model families trained with BOS before every document (Llama-3, Llama-2/Mistral, Gemma): a tokenizer
+# converted from a GGUF file may carry the token but not the flag that adds it, and such a model degrades without it
+FAMILY_BOS = frozenset({"<|begin_of_text|>", "<s>", "<bos>"})
+
+
 @functools.lru_cache(maxsize=16)
 def bos_id(tokenizer) -> int | None:
-    """The BOS id if the tokenizer puts one before ordinary text (add_special_tokens=True), else None."""
+    """The BOS id that raw text starts with: the tokenizer's when it puts one before ordinary text
+    (add_special_tokens=True) or when its BOS is one of FAMILY_BOS whatever its flag says, else None (SmolLM2's and
+    Qwen2's released tokenizers add none)."""
     bos = tokenizer.bos_token_id
     if bos is None:
         return None
+    if getattr(tokenizer, "bos_token", None) in FAMILY_BOS:
+        return bos
     ids = tokenizer("a", add_special_tokens=True).input_ids
     return bos if ids[:1] == [bos] else None
 
@@ -139,6 +148,34 @@ def stop_token_ids(tokenizer, generation_config=None, *, chat_template: bool = T
     if chat_template:
         ids.add(end_of_turn_id(tokenizer))
     return {i for i in ids if i is not None}
+
+
+def tokenizer_summary(tokenizer, stop_ids: set[int], *, chat_template: bool) -> dict:
+    """What the run's tokenizer does at the edges of a completion, for run.log and config.json: the tokens that
+    end generation, the token SFT targets end with, and the token prompts start with (None: no BOS)."""
+    def named(i: int | None) -> dict | None:
+        return None if i is None else {"id": int(i), "token": tokenizer.convert_ids_to_tokens(int(i))}
+
+    end = end_of_turn_id(tokenizer) if chat_template else None
+    ids = render_prompt(tokenizer, [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}],
+                        chat_template=chat_template)
+    bos = tokenizer.bos_token_id
+    # a BOS starts the prompt once; a "BOS" that opens every turn (SmolLM2's <|im_start|>) is the template's own
+    starts_with_bos = bos is not None and ids[:1] == [bos] and ids.count(bos) == 1
+    return {"chat_template": chat_template, "stop_tokens": [named(i) for i in sorted(stop_ids)],
+            "sft_target_end": named(end if end is not None else tokenizer.eos_token_id),
+            "prompt_bos": named(bos) if starts_with_bos else None}
+
+
+def tokenizer_line(summary: dict) -> str:
+    """One line of tokenizer_summary: 'tokenizer: generation stops on <|im_end|> (2), ...'."""
+    def show(t: dict) -> str:
+        return f"{t['token']} ({t['id']})"
+
+    bos = summary["prompt_bos"]
+    return (f"tokenizer: generation stops on {', '.join(show(t) for t in summary['stop_tokens'])}; SFT targets end "
+            f"with {show(summary['sft_target_end'])}; prompts start with "
+            f"{'BOS ' + show(bos) if bos else 'no BOS'} ({'chat template' if summary['chat_template'] else 'raw text'})")
 
 
 def context_length(model) -> int | None:
