@@ -11,6 +11,7 @@ from test_crash_resume import metrics, posttrain_run  # tests/ is on sys.path un
 from transformers import AutoModelForCausalLM
 
 from posttrain import presets
+from posttrain.algos import PREFERENCE_LOSSES
 from posttrain.config import validate
 from posttrain.errors import UserError
 from posttrain.runner import run
@@ -114,7 +115,8 @@ def test_every_preset_runs(tmp_path, preset):
     run(cfg)
     train = [r for r in rows(cfg.run_dir) if "dpo/loss" in r]
     assert len(train) == 2 and all(math.isfinite(r["dpo/loss"]) for r in train)
-    assert ("compute/ref_flops" in rows(cfg.run_dir)[-1]) == (preset != "simpo")  # SimPO has no reference
+    # SimPO and ORPO have no reference model, so no reference forward passes in the ledger
+    assert ("compute/ref_flops" in rows(cfg.run_dir)[-1]) == PREFERENCE_LOSSES.trait(preset, "needs_reference")
 
 
 def test_presets_merge_with_the_recipe(tmp_path):
@@ -122,7 +124,7 @@ def test_presets_merge_with_the_recipe(tmp_path):
     assert d.loss == "simpo" and d.loss_args == {"beta": 2.0, "gamma": 0.3}
     d = config(tmp_path, "x", preset="simpo", loss="ipo").section("dpo")
     assert d.loss == "ipo" and d.loss_args == {"beta": 0.1}  # another loss: the preset's table does not apply
-    assert presets.names("dpo") == ["cdpo", "dpo", "ipo", "simpo"]
+    assert presets.names("dpo") == ["cdpo", "dpo", "ipo", "orpo", "simpo"]
 
 
 RECIPE = """

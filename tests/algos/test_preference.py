@@ -47,6 +47,33 @@ def test_loss_values_and_gradients_by_hand(name, args, value, d_chosen):
     assert set(metrics) == {"chosen_reward", "rejected_reward"}
 
 
+def test_orpo_value_and_gradient_by_hand():
+    """chosen: log p = -2 over 4 tokens (ℓ_w = -0.5), rejected: -6 over 3 (ℓ_l = -2); λ = 0.25.
+    loss = 0.5 + λ log(1 + e^-z), z = [ℓ_w - log(1 - e^ℓ_w)] - [ℓ_l - log(1 - e^ℓ_l)];
+    d/d(chosen sum) = (1/4) [-1 - λ σ(-z) / (1 - e^ℓ_w)], d/d(rejected sum) = (1/3) λ σ(-z) / (1 - e^ℓ_l)."""
+    c = torch.tensor([-2.0], dtype=D, requires_grad=True)
+    r = torch.tensor([-6.0], dtype=D, requires_grad=True)
+    x = PreferenceInputs(c, r, torch.tensor([4.0], dtype=D), torch.tensor([3.0], dtype=D))
+    lw, ll, lam = -0.5, -2.0, 0.25
+    z = (lw - math.log(1 - math.exp(lw))) - (ll - math.log(1 - math.exp(ll)))
+    loss, metrics = PREFERENCE_LOSSES.get("orpo")(x, lam=lam)
+    assert float(loss.detach()) == pytest.approx(0.5 + lam * math.log1p(math.exp(-z)), rel=1e-12)
+    loss.sum().backward()
+    assert float(c.grad) == pytest.approx((-1 - lam * sigmoid(-z) / (1 - math.exp(lw))) / 4, rel=1e-12)
+    assert float(r.grad) == pytest.approx(lam * sigmoid(-z) / (1 - math.exp(ll)) / 3, rel=1e-12)
+    assert float(metrics["chosen_reward"]) == pytest.approx(lam * lw)
+    assert not PREFERENCE_LOSSES.trait("orpo", "needs_reference")
+
+
+def test_orpo_without_its_odds_term_is_the_chosen_answers_mean_nll_and_stays_finite_near_certainty():
+    x = PreferenceInputs(torch.tensor([-3.0, -1e-9]), torch.tensor([-1.0, -4.0]), torch.tensor([3.0, 2.0]),
+                         torch.tensor([2.0, 2.0]))
+    loss, _ = PREFERENCE_LOSSES.get("orpo")(x, lam=0.0)
+    assert_close(loss, torch.tensor([1.0, 5e-10]))
+    loss, _ = PREFERENCE_LOSSES.get("orpo")(x, lam=1.0)
+    assert torch.isfinite(loss).all()
+
+
 def test_implicit_rewards():
     x, _, _ = inputs()
     _, m = PREFERENCE_LOSSES.get("dpo")(x, beta=0.5)

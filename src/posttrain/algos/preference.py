@@ -69,8 +69,10 @@ def dpo(x: PreferenceInputs, *, beta: Beta = 0.1) -> tuple[Tensor, dict[str, Ten
 def cdpo(x: PreferenceInputs, *, beta: Beta = 0.1,
          label_smoothing: Annotated[float, Field(ge=0, lt=0.5, description="ε: the assumed probability that a "
                                                  "pair's label is flipped")] = 0.1) -> tuple[Tensor, dict[str, Tensor]]:
-    """Conservative DPO (Mitchell, "A note on DPO with noisy preferences", 2023; TRL label_smoothing):
-    -(1 - ε) log σ(β h) - ε log σ(-β h). ε = 0 is DPO."""
+    """Conservative DPO (Mitchell, "A note on DPO with noisy preferences", 2023): -(1 - ε) log σ(β h) - ε log σ(-β h),
+    DPO against labels smoothed by ε; ε = 0 is DPO. Not TRL 1.16's `label_smoothing`, which feeds its `robust` loss
+    (robust DPO, Chowdhury et al., arXiv 2403.00409: [-(1 - ε) log σ(β h) + ε log σ(-β h)] / (1 - 2ε), an unbiased
+    estimate of the clean-label loss), a different function of h."""
     c, r = x.log_ratios()
     h = beta * (c - r)
     return -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h), _rewards(beta * c, beta * r)
@@ -95,6 +97,26 @@ def simpo(x: PreferenceInputs, *, beta: Annotated[float, Field(gt=0, description
     c = beta * x.chosen_logps / x.chosen_tokens.clamp(min=1)
     r = beta * x.rejected_logps / x.rejected_tokens.clamp(min=1)
     return -F.logsigmoid(c - r - gamma), _rewards(c, r)
+
+
+def log_odds(mean_logp: Tensor) -> Tensor:
+    """log(p / (1 - p)) of p = exp(mean token log-likelihood), computed as a - log(-expm1(a)) so that p near 1
+    stays finite; a is capped just below 0 (p = 1 would have infinite odds)."""
+    a = mean_logp.clamp(max=-1e-6)
+    return a - torch.log(-torch.expm1(a))
+
+
+@PREFERENCE_LOSSES.register("orpo", needs_reference=False)
+def orpo(x: PreferenceInputs, *, lam: Annotated[float, Field(ge=0, description="weight λ of the odds-ratio term "
+                                                              "beside the chosen answer's NLL")] = 0.1
+         ) -> tuple[Tensor, dict[str, Tensor]]:
+    """ORPO (Hong et al., arXiv 2403.07691, eqs. 6-7): SFT and preference in one loss, no reference model:
+    -ℓ_w + λ (-log σ(log odds(y_w) - log odds(y_l))), with ℓ = the answer's mean token log-likelihood and
+    odds(y) = P(y) / (1 - P(y)), P(y) = exp(ℓ). The NLL is averaged per pair here (TRL averages it over the batch's
+    tokens, which weights long answers more). Implicit reward λ ℓ, as TRL's."""
+    c = x.chosen_logps / x.chosen_tokens.clamp(min=1)
+    r = x.rejected_logps / x.rejected_tokens.clamp(min=1)
+    return -c - lam * F.logsigmoid(log_odds(c) - log_odds(r)), _rewards(lam * c, lam * r)
 
 
 def best_and_worst(rewards: Tensor, group_ids: Tensor) -> list[tuple[int, int]]:

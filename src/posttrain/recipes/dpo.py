@@ -46,7 +46,7 @@ class DPOConfig(StageConfig, PresetKeys):
     preset_entry_tables: ClassVar[dict[str, str]] = {"loss": "loss_args"}
 
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
-    preset: str | None = Field(None, description="A named loss (dpo, ipo, simpo, cdpo): a TOML file in "
+    preset: str | None = Field(None, description="A named loss (dpo, ipo, simpo, cdpo, orpo): a TOML file in "
                                "posttrain/presets/dpo whose keys become this section's defaults.")
     loss: str = Field("dpo", description="Preference loss (registry algos.PREFERENCE_LOSSES: dpo, cdpo, ipo, "
                       "simpo), or an import path 'pkg.module:function'.")
