@@ -26,6 +26,7 @@ BUILTINS = {
     "arithmetic": "posttrain.envs.arithmetic:Arithmetic",
     "calculator": "posttrain.envs.calculator:Calculator",
     "code": "posttrain.envs.code:Code",
+    "humaneval": "posttrain.envs.humaneval:HumanEval",
     "countdown": "posttrain.envs.countdown:Countdown",
     "guess_number": "posttrain.envs.guess_number:GuessNumber",
     "jsonl": "posttrain.envs.jsonl:Jsonl",
