@@ -58,11 +58,13 @@ def test_eval_with_enough_problems_gives_no_warning_and_distinct_tasks_stops_at_
 
 
 def test_eval_reports_the_mean_reward_and_a_custom_rewards_numeric_diagnostics():
-    """A shaped reward is a number of its own beside pass@1 (reward_mean), and the numeric fields a reward puts in
-    `info` are averaged (eval/info/<key>); booleans, strings and fields some samples lack are not."""
+    """A shaped reward is a number of its own beside pass@1 (reward_mean), and the info fields an environment
+    declares as metrics (info_metrics) are averaged over the samples that carry a number there (eval/info/<key>);
+    undeclared fields, booleans and strings are not."""
     from posttrain.evals.evaluate import headline_metrics
 
     env = make_env("arithmetic", {"digits": 3})
+    env.info_metrics = ("extra_chars", "only_right", "checked", "got", "never")
     calls = iter(range(10_000))
 
     def score(tasks, texts):  # every other sample is right with 2 extra characters: reward 1 - 0.1
@@ -78,7 +80,10 @@ def test_eval_reports_the_mean_reward_and_a_custom_rewards_numeric_diagnostics()
                       max_new_tokens=4, seed=0, chat_template=False, score=score)
     assert result["mean@n"]["mean"] == pytest.approx(0.5)
     assert result["reward_mean"]["mean"] == pytest.approx(0.45)  # 0.5 x 0.9
-    assert result["info"] == {"extra_chars": pytest.approx(1.0)}
+    assert result["info"] == {"extra_chars": pytest.approx(1.0), "only_right": 1.0}  # only_right: over its carriers
+    env.info_metrics = ()
+    assert "info" not in evaluate(_Engine(), _Tokenizer(), env, problems=5, samples=4, ks=[1], temperature=1.0,
+                                  top_p=1.0, max_new_tokens=4, seed=0, chat_template=False, score=score)
     headline = headline_metrics(result)
     assert headline["eval/reward_mean"] == pytest.approx(0.45) and headline["eval/info/extra_chars"] == 1.0
 

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from posttrain import presets
 from posttrain.config import validate
+from posttrain.errors import UserError
 from posttrain.runner import run
 
 REQUIRED_METRICS = [
@@ -111,6 +112,19 @@ def test_entropy_controller_and_reference_reset_act_and_are_logged(tmp_path):
     assert log.count("eps_high") == 2  # 0.2 -> 0.25 -> 0.3, then clamped at the bound: no further change
     resets = [r for r in rows(cfg.run_dir) if r.get("ctrl/ref_reset") == 1]
     assert len(resets) == 1 and "reference policy reset" in log and "optimizer state cleared" in log
+
+
+def test_kl_triggered_reference_reset_fires_on_exactly_the_steps_whose_kl_passed_the_threshold(tmp_path):
+    """ProRL's trigger (rl.ref_reset_kl): a reset is logged at a step if and only if that step's measured KL to the
+    reference (kl/value) exceeded the threshold. lr 1e-2 with an entropy bonus moves the policy off the
+    reference in one step, so at least one step passes it."""
+    cfg = rl_config(tmp_path, steps=4, kl_coef=0.1, kl_estimator="k2", entropy_coef=0.01, ref_reset_kl=1e-6)
+    run(cfg)
+    kl = {r["step"]: r["kl/value"] for r in rows(cfg.run_dir) if "kl/value" in r}
+    resets = {r["step"] for r in rows(cfg.run_dir) if r.get("ctrl/ref_reset") == 1}
+    assert len(kl) == 4 and resets and resets == {step for step, value in kl.items() if value > 1e-6}
+    with pytest.raises(UserError, match="rl.ref_reset_kl: resets the reference policy"):
+        rl_config(tmp_path, ref_reset_kl=0.1)  # no KL term, so no reference to reset
 
 
 @pytest.mark.slow

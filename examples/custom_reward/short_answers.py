@@ -12,6 +12,8 @@ from posttrain.envs.arithmetic import Arithmetic
 
 
 class ShortAnswers(Arithmetic):
+    info_metrics = ("extra_chars",)  # averaged into the run's metrics: rollout/info/extra_chars, eval/info/extra_chars
+
     def tasks(self, split, seed):
         for task in super().tasks(split, seed):  # the same problems; only the demonstration's wording changes
             echoed = random.Random(task.id).random() < 0.5

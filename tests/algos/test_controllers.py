@@ -31,7 +31,14 @@ def test_periodic_reset():
     assert not should_reset_reference(199, 0, [], every=200)
     assert should_reset_reference(200, 0, [], every=200)
     assert not should_reset_reference(350, 200, [], every=200)
-    assert not should_reset_reference(10_000, 0, [])  # both rules off
+    assert not should_reset_reference(10_000, 0, [])  # every rule off
+
+
+def test_kl_trigger_resets_only_above_its_threshold_and_only_when_measured():
+    assert should_reset_reference(5, 0, [], kl=0.21, max_kl=0.2)
+    assert not should_reset_reference(5, 0, [], kl=0.2, max_kl=0.2)  # at the threshold: not above it
+    assert not should_reset_reference(5, 0, [], kl=None, max_kl=0.2)  # no KL measured this step
+    assert not should_reset_reference(5, 0, [], kl=9.0)  # the rule is off at max_kl = 0
 
 
 HISTORY = [(0, 0.30), (50, 0.40), (100, 0.45), (150, 0.44), (200, 0.45), (250, 0.452), (300, 0.50)]

@@ -48,3 +48,22 @@ def test_rl_split_keeps_train_and_eval_problems_apart():
     assert train and held_out and not train & held_out and len(train | held_out) == 164
     with pytest.raises(Exception, match="eval_fraction"):
         make_env("humaneval", {"eval_fraction": 0.0})
+
+
+def test_posttrain_eval_runs_humaneval_on_a_model_and_records_the_protocol(tmp_path):
+    """The benchmark from the command line, as a user types it; a tiny random model scores 0, the programs it
+    writes fail as programs (not as verifier errors), and the JSON says how answers were read."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "he.json"
+    proc = subprocess.run([sys.executable, "-m", "posttrain.cli", "eval", "tiny-test", "--env", "humaneval",
+                           "--problems", "3", "--n", "2", "--k", "1,2", "--max-new-tokens", "6", "--temperature",
+                           "0.8", "--no-bf16", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["env"] == "humaneval" and result["problems"] == 3 and result["score_errors"] == 0
+    assert [p["id"] for p in result["per_problem"]] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    assert "check(candidate)" in result["answer_format"] and result["temperature"] == 0.8

@@ -29,10 +29,13 @@ def adapt_in_band(value: float, entropy: float, *, target_low: float, target_hig
 
 
 def should_reset_reference(step: int, last_reset_step: int, val_history: Sequence[tuple[int, float]], *,
-                           every: int = 0, patience: int = 0, min_delta: float = 0.0) -> bool:
+                           every: int = 0, patience: int = 0, min_delta: float = 0.0, kl: float | None = None,
+                           max_kl: float = 0.0) -> bool:
     """Whether to hard-reset π_ref (and the optimizer) to the current policy, ProRL §2.3.1.
 
-    Two rules, each off at 0:
+    Three rules, each off at 0:
+    - ``max_kl``: the step's measured KL to the reference (``kl``; None when not measured) exceeds it: the KL
+      penalty has grown to dominate the loss, which is when ProRL resets.
     - ``every``: a fixed period, step - last_reset_step >= every (ProRL v2 resets every ~200-500 steps).
     - ``patience``: validation stagnation (ProRL v1). ``val_history`` holds (step, held-out reward). Among
       evaluations at steps >= last_reset_step, the first is the baseline; each later one that does not beat
@@ -41,6 +44,8 @@ def should_reset_reference(step: int, last_reset_step: int, val_history: Sequenc
     """
     if step < last_reset_step:
         raise ValueError(f"step {step} is before the last reset at step {last_reset_step}")
+    if max_kl > 0 and kl is not None and kl > max_kl:
+        return True
     if every > 0 and step - last_reset_step >= every:
         return True
     if patience <= 0:

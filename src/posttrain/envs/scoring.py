@@ -177,20 +177,18 @@ class ScoreErrors:
         return f"{self.failed}/{self.total} failed ({parts})"
 
 
-# info keys the episode and reward-control summaries already report under their own names
-SUMMARIZED_ELSEWHERE = frozenset({"turns", "tool_calls", "tool_errors", "verifier_reward"})
-
-
-def info_means(scores: Sequence[Score]) -> dict[str, float]:
-    """The mean of every numeric `info` field that all scores carry: a custom reward's own diagnostics (e.g. the
-    characters it penalised), logged as rollout/info/<key> and eval/info/<key>. Booleans and keys missing from some
-    scores are skipped: a mean over part of the samples would read as one over all."""
-    if not scores:
-        return {}
-    keys = set.intersection(*(set(s.info) for s in scores)) - SUMMARIZED_ELSEWHERE
-    numeric = [k for k in sorted(keys)
-               if all(isinstance(s.info[k], int | float) and not isinstance(s.info[k], bool) for s in scores)]
-    return {k: sum(float(s.info[k]) for s in scores) / len(scores) for k in numeric}
+def info_means(scores: Sequence[Score], keys: Sequence[str]) -> dict[str, float]:
+    """The mean of each numeric `info` field an environment declares as a metric (its `info_metrics` attribute:
+    a custom reward's own diagnostics, e.g. the characters it penalised), logged as rollout/info/<key> and
+    eval/info/<key>. The mean is over the scores that carry a number under the key (a verifier failure carries
+    none); a key no score carries is left out."""
+    out = {}
+    for key in keys:
+        values = [float(s.info[key]) for s in scores
+                  if isinstance(s.info.get(key), int | float) and not isinstance(s.info.get(key), bool)]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out
 
 
 # ----- the scorer a run uses ----------------------------------------------------------------------------------

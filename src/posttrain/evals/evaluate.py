@@ -105,7 +105,7 @@ def evaluate(engine, tokenizer, env, *, problems: int, samples: int, ks: Sequenc
     result.update(summarize_eval(rows, ks, seed=seed))
     if any("source" in t.meta for t in tasks):  # a mixture ([[env.sources]]): accuracy of each source's problems
         result["by_source"] = by_source(tasks, rows)
-    if means := info_means(scores):  # a custom reward's numeric diagnostics, averaged over the samples
+    if means := info_means(scores, getattr(env, "info_metrics", ())):  # a reward's declared diagnostics
         result["info"] = means
     if summary := episode_summary(sampled, scores):  # multi-turn: turns, tool calls, ... of the sampled episodes
         result["episode"] = summary

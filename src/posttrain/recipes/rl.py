@@ -182,7 +182,7 @@ def run(ctx: RunContext, c: RLConfig, resume: StageResume | None) -> None:
             if evaluation is not None:
                 state.val_history.append((loop.stage_step, evaluation.get("mean@n", {}).get(
                     "mean", evaluation["greedy_acc"])))
-            reset_reference(loop, c, state, reference)
+            reset_reference(loop, c, state, reference, kl=metrics.get("kl/value"))
             loop.checkpoint(saved())
     finally:
         batches.close()
@@ -202,7 +202,8 @@ def rollout_metrics(ctx: RunContext, rollouts: StepRollouts, flops: FlopModel, *
     ctx.add_flops(generate=gen_flops)
     ctx.add(**{"compute/wasted_flops": gen_flops - generation_flops(flops, kept),
                "rollout/tokens": sum(len(x.token_ids) for x in seen.completions)})
-    metrics = {**describe_samples(seen), **per_source(seen), **rollouts.sampler_metrics}
+    metrics = {**describe_samples(seen, getattr(ctx.env, "info_metrics", ())), **per_source(seen),
+               **rollouts.sampler_metrics}
     if seen.completions:  # policy versions between sampler and learner: 0 in step, at most max_staleness ahead
         lag = staleness(seen.completions, ctx.global_step)
         if max(lag) > ctx.max_staleness or min(lag) < 0:
@@ -392,11 +393,14 @@ def adapt_to_entropy(ctx: RunContext, state: RLState, c: RLConfig, entropy: floa
         state.loss_args[name] = new
 
 
-def reset_reference(loop: StageLoop, c: RLConfig, state: RLState, reference: FrozenModel | None) -> None:
-    """Reset the reference to the current policy when its schedule (or the held-out plateau) says so."""
+def reset_reference(loop: StageLoop, c: RLConfig, state: RLState, reference: FrozenModel | None, *,
+                    kl: float | None) -> None:
+    """Reset the reference to the current policy when its schedule, the held-out plateau or the step's KL to it
+    (`kl`, None when not measured) says so."""
     step = loop.stage_step
     if reference is None or not should_reset_reference(step, state.last_reset, state.val_history,
-                                                       every=c.ref_reset_every, patience=c.ref_reset_patience):
+                                                       every=c.ref_reset_every, patience=c.ref_reset_patience,
+                                                       kl=kl, max_kl=c.ref_reset_kl):
         return
     reference.load_weights(loop.learner.weights())
     state.last_reset = step

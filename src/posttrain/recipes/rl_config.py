@@ -114,6 +114,8 @@ class RLConfig(StageConfig, PresetKeys):
                                  "steps (ProRL; 0 = never).")
     ref_reset_patience: int = Field(0, ge=0, description="Also reset when held-out reward has not improved for "
                                     "this many evaluations (0 = off).")
+    ref_reset_kl: float = Field(0.0, ge=0, description="Also reset when a step's measured KL to the reference "
+                                "(kl/value, measured where kl_coef > 0) exceeds this (ProRL's trigger; 0 = off).")
     ref_reset_optimizer: bool = Field(False, description="Re-initialise the optimizer state on a reference reset.")
     eval_every: int = Field(0, ge=0, description="Held-out evaluation every N RL steps (0 = only at the end).")
     skip_zero_advantage: bool = Field(True, description="Skip the forward/backward of samples whose advantage is "
@@ -179,6 +181,10 @@ class RLConfig(StageConfig, PresetKeys):
             raise ConfigError("rl.entropy_adapt_arg", f"the entropy controller adapts {self.entropy_adapt_arg!r}, "
                               f"but policy loss {self.policy_loss!r} has no such hyperparameter; it has: "
                               f"{', '.join(self.policy_loss_args) or 'none'}")
+        if (self.ref_reset_every or self.ref_reset_patience or self.ref_reset_kl) and self.kl_coef <= 0:
+            key = next(k for k in ("ref_reset_every", "ref_reset_patience", "ref_reset_kl") if getattr(self, k))
+            raise ConfigError(f"rl.{key}", "resets the reference policy, which exists only with a KL term: set "
+                              "rl.kl_coef > 0, or remove it")
         return self
 
     def updates_per_step(self) -> int:

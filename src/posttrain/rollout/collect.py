@@ -12,7 +12,7 @@ the seam an asynchronous producer replaces: the RL step only ever calls `next(ba
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -179,8 +179,9 @@ def policy_turns(completion: Completion) -> list[tuple[int, int]]:
     return runs
 
 
-def describe_samples(batch: RolloutBatch) -> dict[str, float]:
-    """Statistics of everything sampled this step (before group filtering)."""
+def describe_samples(batch: RolloutBatch, info_keys: Sequence[str] = ()) -> dict[str, float]:
+    """Statistics of everything sampled this step (before group filtering); `info_keys`: the environment's
+    info_metrics, averaged as rollout/info/<key>."""
     if not len(batch):
         return {"rollout/reward_mean": 0.0, "rollout/pass_rate": 0.0, "rollout/len_mean": 0.0,
                 "rollout/truncated_frac": 0.0, "rollout/effective_groups_frac": 0.0, "rollout/samples": 0}
@@ -191,7 +192,7 @@ def describe_samples(batch: RolloutBatch) -> dict[str, float]:
     return {
         **controlled,
         **episode_metrics(batch),
-        **{f"rollout/info/{k}": v for k, v in info_means(batch.scores).items()},
+        **{f"rollout/info/{k}": v for k, v in info_means(batch.scores, info_keys).items()},
         "rollout/reward_mean": float(rewards.mean()),
         "rollout/reward_std": float(rewards.std()) if n > 1 else 0.0,
         "rollout/pass_rate": sum(s.correct for s in batch.scores) / n,
