@@ -51,14 +51,15 @@ def test_rl_split_keeps_train_and_eval_problems_apart():
 
 
 def test_posttrain_eval_runs_humaneval_on_a_model_and_records_the_protocol(tmp_path):
-    """The benchmark from the command line, as a user types it; a tiny random model scores 0, the programs it
-    writes fail as programs (not as verifier errors), and the JSON says how answers were read."""
+    """The benchmark from the command line, as a user types it (qwen2-tiny: a BPE vocabulary and a context that
+    holds the prompts): the programs a tiny random model writes fail as programs, not as verifier errors, and the
+    JSON says how answers were read."""
     import json
     import subprocess
     import sys
 
     out = tmp_path / "he.json"
-    proc = subprocess.run([sys.executable, "-m", "posttrain.cli", "eval", "tiny-test", "--env", "humaneval",
+    proc = subprocess.run([sys.executable, "-m", "posttrain.cli", "eval", "qwen2-tiny", "--env", "humaneval",
                            "--problems", "3", "--n", "2", "--k", "1,2", "--max-new-tokens", "6", "--temperature",
                            "0.8", "--no-bf16", "--out", str(out)], capture_output=True, text=True, timeout=600,
                           check=False)
