@@ -15,12 +15,11 @@ from safetensors.torch import load_file
 from posttrain.config import validate
 from posttrain.runner import run
 
-pytestmark = pytest.mark.precision  # bit-repeatable in bf16 autocast as in fp32: `make test` runs both
 
-def recipe(tmp_path, name: str, **rollout) -> object:
+def recipe(tmp_path, name: str, bf16: bool, **rollout) -> object:
     return validate({
         "recipe": "rl", "name": name, "output_dir": str(tmp_path), "seed": 3, "threads": 2,
-        "model": {"path": "tiny-test"}, "env": {"name": "arithmetic", "args": {"digits": 1}},
+        "model": {"path": "tiny-test", "bf16": bf16}, "env": {"name": "arithmetic", "args": {"digits": 1}},
         "rl": {"steps": 60, "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 4, "eval_every": 30},
         "rollout": rollout,
         "eval": {"problems": 8, "samples": 2, "ks": [1, 2], "max_new_tokens": 4, "at_start": False},
@@ -34,9 +33,14 @@ def numbers(run_dir) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in rows]
 
 
-@pytest.mark.parametrize("rollout", [{}, {"max_staleness": 1}], ids=["sync", "async"])
-def test_a_60_step_rl_run_repeats_bit_for_bit(tmp_path, rollout):
-    a, b = recipe(tmp_path, "a", **rollout), recipe(tmp_path, "b", **rollout)
+# Each case pins its precision (a forced POSTTRAIN_BF16 would override the recipe). Asynchronous RL in bf16 autocast
+# is not among them: its learner trains while the engine's thread generates, and on 2026-12-07 one of four such
+# pairs differed in the 6th digit of a step's grad norm (docs/reliability.md, "What does not repeat").
+@pytest.mark.parametrize(("rollout", "bf16"), [({}, False), ({}, True), ({"max_staleness": 1}, False)],
+                         ids=["sync-fp32", "sync-bf16", "async-fp32"])
+def test_a_60_step_rl_run_repeats_bit_for_bit(tmp_path, monkeypatch, rollout, bf16):
+    monkeypatch.delenv("POSTTRAIN_BF16", raising=False)
+    a, b = recipe(tmp_path, "a", bf16, **rollout), recipe(tmp_path, "b", bf16, **rollout)
     run(a)
     run(b)
     rows_a, rows_b = numbers(a.run_dir), numbers(b.run_dir)
