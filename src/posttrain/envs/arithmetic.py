@@ -53,10 +53,7 @@ class Arithmetic:
     isolation = "inline"
     answer_format = ANSWER_FORMAT + "; an echoed question ('12+34=46') counts as its answer"
 
-    def __init__(self, digits: int | list[int] = 3, ops: str = "+", worked: bool = False, hint: str | None = None):
-        """hint: a format instruction appended to every prompt, e.g. "Answer with the number only." (for an
-        instruct model; the built-in tiny models learn the bare format from SFT)."""
-        self.hint = hint
+    def __init__(self, digits: int | list[int] = 3, ops: str = "+", worked: bool = False):
         self.digits = int_range(digits, "digits")
         if not ops or set(ops) - set("+-*"):
             raise ValueError(f"ops must be a non-empty string of '+', '-', '*', got {ops!r}")
@@ -79,7 +76,7 @@ class Arithmetic:
             yield Task(id=question, question=question, answer=answer, solution=solution, difficulty=d)
 
     def prompt(self, task: Task) -> list[Message]:
-        return user_prompt(task, self.hint)
+        return user_prompt(task)
 
     def easier(self, task: Task) -> Task | None:
         """The rescue variant of a task the policy never solves (data/curricula.py): each operand one digit

@@ -153,10 +153,10 @@ def _clean(text: str) -> str:
     return text[:-1].rstrip() if text.endswith(".") and not text.endswith("..") else text
 
 
-def user_prompt(task: Task, hint: str | None = None) -> list[Message]:
-    """The task's question as the user turn, with a format instruction appended when given (for instruct models,
-    which answer in sentences unless told; the tiny built-in models learn the bare format by SFT instead)."""
-    return [{"role": "user", "content": task.question if not hint else f"{task.question}\n{hint}"}]
+def user_prompt(task: Task) -> list[Message]:
+    """The task's question as the user turn (a format instruction for instruct models is `hint`, which every
+    environment takes: envs/prompting.py)."""
+    return [{"role": "user", "content": task.question}]
 
 
 def exact_score(task: Task, completion: str) -> Score:

@@ -22,6 +22,7 @@ from typing import Any
 from posttrain.envs.arithmetic import Arithmetic
 from posttrain.envs.countdown import ExprError, evaluate
 from posttrain.envs.multiturn import Turn
+from posttrain.envs.prompting import instruct
 from posttrain.records import Message, Task
 
 OPEN, CLOSE = "<calc>", "</calc>"
@@ -46,7 +47,8 @@ class Calculator:
 
     def __init__(self, digits: int | list[int] = 4, ops: str = "+", max_turns: int = 3, hint: bool = True,
                  call_cost: float = 0.0, demo_tool_rate: float = 0.5):
-        self.inner = Arithmetic(digits=digits, ops=ops, hint=HINT if hint else None)
+        self.inner = Arithmetic(digits=digits, ops=ops)
+        self.hint = HINT if hint else None
         if max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {max_turns}")
         if not 0 <= demo_tool_rate <= 1:
@@ -57,7 +59,7 @@ class Calculator:
         return self.inner.tasks(split, seed)
 
     def prompt(self, task: Task) -> list[Message]:
-        return self.inner.prompt(task)
+        return instruct(self.inner.prompt(task), self.hint, system_prompt=None)
 
     def reset(self, task: Task) -> dict[str, Any]:
         return {"turn": 0}

@@ -109,10 +109,7 @@ class Countdown:
     isolation = "inline"
 
     def __init__(self, count: int | list[int] = (3, 4), max_number: int = 20, ops: str = "+-*/",
-                 max_target: int = 999, hint: str | None = None):
-        """hint: a format instruction appended to every prompt (for an instruct model), e.g. "Answer with the
-        expression only." """
-        self.hint = hint
+                 max_target: int = 999):
         self.count = int_range(count, "count", minimum=2)
         if not ops or set(ops) - set("+-*/"):
             raise ValueError(f"ops must be a non-empty string of '+-*/', got {ops!r}")
@@ -154,7 +151,7 @@ class Countdown:
                        difficulty=len(nums), meta={"numbers": nums, "target": target})
 
     def prompt(self, task: Task) -> list[Message]:
-        return user_prompt(task, self.hint)
+        return user_prompt(task)
 
     def score(self, task: Task, completion: str) -> Score:
         """Correct when the final line (text before any '=') evaluates to the target using given numbers only."""

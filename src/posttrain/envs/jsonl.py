@@ -134,10 +134,8 @@ class Jsonl:
     isolation = "inline"  # the math verifier enforces its own hard timeout in a worker process
 
     def __init__(self, path: str, verifier: str = "exact", tolerance: float = 1e-6, timeout_s: float = 5.0,
-                 hint: str | None = None, columns: dict[str, str] | None = None):
-        """hint: a format instruction appended to every prompt (e.g. "Put the final answer in \\boxed{}.").
-        columns: the file's names for prompt, answer, solution, difficulty, id, split."""
-        self.hint = hint
+                 columns: dict[str, str] | None = None):
+        """columns: the file's names for prompt, answer, solution, difficulty, id, split."""
         self.answer_format = ("math-verify on the whole completion" if verifier == "math" else
                               f"{verifier}: single-line answers: {ANSWER_FORMAT}; multi-line answers: the last lines")
         if verifier not in VERIFIERS:
@@ -159,7 +157,7 @@ class Jsonl:
         return shuffled(self._by_split[split], split, seed, self._salt)
 
     def prompt(self, task: Task) -> list[Message]:
-        return user_prompt(task, self.hint)
+        return user_prompt(task)
 
     def score(self, task: Task, completion: str) -> Score:
         answer: str = task.answer
@@ -192,9 +190,8 @@ class Math:
     name = "math"
     isolation = "inline"
 
-    def __init__(self, path: str, timeout_s: float = 5.0, hint: str | None = None,
-                 columns: dict[str, str] | None = None):
-        self._data = Jsonl(path, verifier="math", timeout_s=timeout_s, hint=hint, columns=columns)
+    def __init__(self, path: str, timeout_s: float = 5.0, columns: dict[str, str] | None = None):
+        self._data = Jsonl(path, verifier="math", timeout_s=timeout_s, columns=columns)
         self.answer_format = self._data.answer_format
 
     def tasks(self, split: str, seed: int) -> Iterator[Task]:

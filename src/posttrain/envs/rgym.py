@@ -6,10 +6,10 @@ The dataset is generated offline with `size` items from its own `seed`; `tasks(s
 pass over the items whose question falls in `split` (split_of on the question text), in an order fixed by the
 seed. The completion's answer is the text inside <answer>...</answer> when the tags are there (reasoning-gym's
 convention), else the best-scoring of the whole stripped completion, extract_answer's reading of it and that
-reading's last number (what chat models write: '8 + 3 equals 11.'). `hint` is appended to every prompt (e.g. "Give
-only the final answer."). reward = score_answer's score (reasoning-gym gives partial
-credit on some datasets, e.g. spell_backward and countdown's 0.01 for a well-formed wrong answer);
-correct = score >= threshold (default 1.0, with a 1e-9 slack).
+reading's last number (what chat models write: '8 + 3 equals 11.'). A format instruction for every prompt is
+the `hint` every environment takes (envs/prompting.py, e.g. "Give only the final answer."). reward =
+score_answer's score (reasoning-gym gives partial credit on some datasets, e.g. spell_backward and countdown's
+0.01 for a well-formed wrong answer); correct = score >= threshold (default 1.0, with a 1e-9 slack).
 
 Caveat: five datasets accept many valid answers and score their own stored answer 0 (boxnet, graph_color,
 propositional_logic, rubiks_cube, rush_hour, measured with reasoning-gym 0.1.25), so their `solution` is not a
@@ -49,7 +49,7 @@ class ReasoningGym:
     isolation = "process"
 
     def __init__(self, dataset: str, size: int = 1000, seed: int = 0, threshold: float = 1.0,
-                 hint: str | None = None, **config: Any):
+                 **config: Any):
         rg = _reasoning_gym()
         known = sorted(rg.factory.DATASETS)
         if dataset not in known:
@@ -57,14 +57,13 @@ class ReasoningGym:
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size!r}")
         self.dataset, self.size, self.seed, self.threshold, self.config = dataset, size, seed, threshold, config
-        self.hint = hint
         self._ds = rg.create_dataset(dataset, size=size, seed=seed, **config)
         self._tasks: dict[str, list[Task]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled as its arguments (the dataset object can be megabytes); a worker rebuilds it."""
         return {"dataset": self.dataset, "size": self.size, "seed": self.seed, "threshold": self.threshold,
-                "hint": self.hint, **self.config}
+                **self.config}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
@@ -87,7 +86,7 @@ class ReasoningGym:
         return shuffled(self._all_tasks()[split], split, seed, f"rg:{self.dataset}:{self.seed}")
 
     def prompt(self, task: Task) -> list[Message]:
-        return user_prompt(task, self.hint)
+        return user_prompt(task)
 
     def score(self, task: Task, completion: str) -> Score:
         """reasoning-gym's own score_answer on the completion's answer: inside <answer> tags when it has them
