@@ -13,9 +13,8 @@ import random
 import re
 from collections.abc import Callable, Iterator
 
-from posttrain.envs import bwrap
 from posttrain.envs.base import check_split, int_range, split_of, user_prompt
-from posttrain.envs.sandbox import Limits, check_function
+from posttrain.envs.sandbox import check_function, environment_limits
 from posttrain.records import Message, Score, Task
 
 _FENCE = re.compile(r"```[ \t]*[\w+-]*[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
@@ -97,15 +96,8 @@ class Code:
         if cases < 1:
             raise ValueError(f"cases must be >= 1, got {cases!r}")
         self.n_cases = cases
-        self.limits = Limits(timeout_s=timeout_s, memory_mb=memory_mb, sandbox=sandbox)
-        if sandbox == "bwrap":
-            ok, why = bwrap.available()
-            if not ok:
-                raise ValueError(f"the code sandbox needs bubblewrap: {why}; where namespaces cannot be had, choose "
-                                 "the weaker sandbox by name: sandbox = \"weak\"")
-        self.warning = (None if sandbox == "bwrap" else "code environment: sandbox = \"weak\": model-written "
-                        "programs run WITHOUT namespaces (same uid as the trainer, its files readable); only "
-                        "rlimits and an audit hook contain them")
+        self.limits, self.warning = environment_limits("code environment", timeout_s=timeout_s,
+                                                       memory_mb=memory_mb, sandbox=sandbox)
 
     def tasks(self, split: str, seed: int) -> Iterator[Task]:
         check_split(split)

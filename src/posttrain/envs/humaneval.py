@@ -29,10 +29,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from posttrain.envs import bwrap
 from posttrain.envs.base import check_split, split_of
 from posttrain.envs.code import extract_code
-from posttrain.envs.sandbox import Limits, run_asserts
+from posttrain.envs.sandbox import environment_limits, run_asserts
 from posttrain.errors import MissingExtraError
 from posttrain.records import Message, Score, Task
 
@@ -84,15 +83,9 @@ class HumanEval:
             raise ValueError(f"eval_fraction must be in (0, 1], got {eval_fraction!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if sandbox == "bwrap":
-            ok, why = bwrap.available()
-            if not ok:
-                raise ValueError(f"HumanEval's sandbox needs bubblewrap: {why}; where namespaces cannot be had, "
-                                 "choose the weaker sandbox by name: sandbox = \"weak\"")
         self.eval_fraction, self.mode = eval_fraction, mode
-        self.limits = Limits(timeout_s=timeout_s, memory_mb=memory_mb, sandbox=sandbox)
-        self.warning = (None if sandbox == "bwrap" else "humaneval: sandbox = \"weak\": model-written programs run "
-                        "WITHOUT namespaces (same uid as the trainer); only rlimits and an audit hook contain them")
+        self.limits, self.warning = environment_limits("humaneval", timeout_s=timeout_s, memory_mb=memory_mb,
+                                                       sandbox=sandbox)
         self._tasks: dict[str, list[Task]] = {"train": [], "eval": []}
         for p in read_problems():
             split = "eval" if eval_fraction == 1 else split_of(p["task_id"], eval_fraction)

@@ -82,6 +82,20 @@ class Limits:
             raise ValueError(f"sandbox must be one of {SANDBOXES}, got {self.sandbox!r}")
 
 
+def environment_limits(env: str, *, timeout_s: float, memory_mb: int, sandbox: str) -> tuple[Limits, str | None]:
+    """An environment's sandbox limits and the warning its run log carries (None for bwrap). bwrap must be
+    usable here: otherwise a ValueError naming the fallback a user may choose by name ("weak")."""
+    limits = Limits(timeout_s=timeout_s, memory_mb=memory_mb, sandbox=sandbox)
+    if sandbox == "bwrap":
+        ok, why = bwrap.available()
+        if not ok:
+            raise ValueError(f"{env}: the code sandbox needs bubblewrap: {why}; where namespaces cannot be had, "
+                             "choose the weaker sandbox by name: sandbox = \"weak\"")
+        return limits, None
+    return limits, (f"{env}: sandbox = \"weak\": model-written programs run WITHOUT namespaces (same uid as the "
+                    "trainer, its files readable); only rlimits and an audit hook contain them")
+
+
 @dataclass(frozen=True)
 class RunResult:
     """error is None on a clean run, else one of: timeout, memory, output_limit, file_limit, forbidden, syntax,
