@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sized
+from pathlib import Path
 
 from posttrain.records import Message, Score, Task
 
@@ -65,3 +66,48 @@ def hang(msg: object) -> None:
 
 def fast(msg: object) -> tuple[bool, str]:
     return True, "fast"
+
+
+def runner_processes() -> list[str]:
+    """Processes still running the sandbox's runner script (none may outlive a scoring call). Under pytest-xdist
+    another worker may be scoring at the same moment: runners descended from another worker are its own, not
+    this test's; a runner that escaped its scoring call (orphaned, or reparented to init) still counts."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"def _main():" in cmd and b"report_fd" in cmd and not _descends_from_another_worker(int(d.name)):
+                out.append(d.name)
+    return out
+
+
+def _parent(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")), 0)
+
+
+def _descends_from_another_worker(pid: int) -> bool:
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return False
+    controller, me = os.getppid(), os.getpid()
+    while pid > 1:
+        parent = _parent(pid)
+        if parent == controller:  # pid is a child of xdist's controller: a worker
+            return pid != me
+        pid = parent
+    return False
+
+
+def settled(look: Callable[[], Sized], *, within_s: float = 60.0) -> Sized:
+    """What `look` finds once it finds nothing, or at the deadline: leftovers of a concurrent test's call (another
+    xdist worker's) go when that call ends; a leak stays."""
+    deadline = time.monotonic() + within_s
+    while (found := look()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found

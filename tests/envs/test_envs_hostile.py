@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from envs_helpers import runner_processes, settled
 
 import posttrain.envs.sandbox as sandbox_module
 from posttrain.envs import make_env
@@ -30,20 +31,6 @@ TASK = Task(id="double", question="Write f(x) returning x*2.", answer=[("f(3)", 
             solution="def f(x):\n    return x*2")
 # The program defines f as correct only when `won` is True at the end of the attack.
 TAIL = "\ndef f(x):\n    return x * 2 if won else -1\n"
-
-
-def runner_processes() -> list[str]:
-    """Processes still running the sandbox's runner script (none may outlive a scoring call)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"def _main():" in cmd and b"report_fd" in cmd:
-                out.append(d.name)
-    return out
 
 
 def score(program: str, tmp_path: Path):
@@ -65,9 +52,11 @@ def _host_state(tmp_path, monkeypatch):
     yield
     assert hashlib.sha256(package.read_bytes()).hexdigest() == before, "the package source changed"
     assert decoy.read_text() == SECRET
-    new = {n for n in set(os.listdir("/tmp")) - host_tmp if "pwn" in n or "posttrain-sandbox" in n}
+    # Another xdist worker's scoring call may own a sandbox directory or runner at this moment; it is gone when
+    # that call ends, while what an attack left behind stays.
+    new = settled(lambda: {n for n in set(os.listdir("/tmp")) - host_tmp if "pwn" in n or "posttrain-sandbox" in n})
     assert not new, f"files appeared in the host's /tmp: {new}"
-    assert runner_processes() == [], "a sandboxed process outlived its scoring call"
+    assert settled(runner_processes) == [], "a sandboxed process outlived its scoring call"
 
 
 ATTACKS = {
@@ -178,11 +167,12 @@ def test_an_honest_program_still_passes():
     assert (s.reward, s.correct) == (1.0, True)
 
 
-def test_without_namespaces_the_weaker_sandbox_must_be_chosen_by_name(monkeypatch):
+@pytest.mark.parametrize("name", ["code", "humaneval"])
+def test_without_namespaces_the_weaker_sandbox_must_be_chosen_by_name(monkeypatch, name):
     from posttrain.envs import bwrap
 
     monkeypatch.setattr(bwrap, "available", lambda: (False, "no user namespaces (test)"))
-    with pytest.raises(Exception, match='sandbox = "weak"'):
-        make_env("code", {})
-    env = make_env("code", {"sandbox": "weak"})
-    assert "WITHOUT namespaces" in env.warning
+    with pytest.raises(Exception, match=f'{name}.*no user namespaces.*sandbox = "weak"'):
+        make_env(name, {})
+    env = make_env(name, {"sandbox": "weak"})
+    assert env.warning.startswith(name) and "WITHOUT namespaces" in env.warning

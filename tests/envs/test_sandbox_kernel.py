@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from envs_helpers import runner_processes, settled
 
 from posttrain.envs import bwrap, sandbox, seccomp
 
@@ -257,13 +258,4 @@ def test_a_non_root_trainer_gets_the_same_sandbox():
 def test_a_run_cut_at_its_time_limit_leaves_no_process_behind():
     r = sandbox.run_python("import time\ntime.sleep(60)", limits=sandbox.Limits(timeout_s=1))
     assert r.error == "timeout"
-    leftover = [d.name for d in Path("/proc").iterdir() if d.name.isdigit() and _is_runner(d)]
-    assert leftover == []
-
-
-def _is_runner(d: Path) -> bool:
-    try:
-        cmd = (d / "cmdline").read_bytes()
-    except OSError:
-        return False
-    return b"def _main():" in cmd and b"report_fd" in cmd
+    assert settled(runner_processes, within_s=10) == []
