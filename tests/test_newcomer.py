@@ -212,18 +212,18 @@ def test_a_stage_that_stops_early_leaves_its_bar_at_the_step_it_reached(tmp_path
 
     from rich.console import Console
 
-    from posttrain.runtime.context import RunContext
+    from posttrain.runtime.services import Services
+    from posttrain.runtime.state import RunState
 
     buf = io.StringIO()
-    ctx = RunContext(run_dir=tmp_path, policy=None, tokenizer=None, env=None, env_name="", env_args={}, engine=None,
-                     scorer=None, evaluator=None, log=None, console=Console(file=buf, force_terminal=True, width=120))
-    for step in ctx.progress(range(10), total=10, description="sft"):
-        ctx.status("loss 0.1")
+    say = Services(tmp_path, Console(file=buf, force_terminal=True, width=120), RunState())
+    for step in say.progress(range(10), total=10, description="sft"):
+        say.status("loss 0.1")
         if step == 3:
             break
     text = buf.getvalue()
     assert "stopped at 4/10" in text
-    ctx.heartbeat.close()
+    say.heartbeat.close()
 
 
 def test_no_library_noise_in_a_run(finished):

@@ -33,8 +33,8 @@ def test_a_plugin_stage_is_one_registration_and_gets_its_own_section(tmp_path):
     @register_stage("count_test", CountConfig)
     def run(ctx, cfg, resume):
         seen.append((cfg.steps, resume))
-        ctx.global_step += cfg.steps
-        ctx.engine.update_weights({}, ctx.global_step)
+        ctx.state.global_step += cfg.steps
+        ctx.parts.engine.update_weights({}, ctx.state.global_step)
         ctx.checkpoint(stage_step=cfg.steps, stage_done=True, learner=None)
 
     try:

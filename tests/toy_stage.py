@@ -26,8 +26,9 @@ class PromptLMConfig(StageConfig):
 def run(ctx, c, resume):
     loop = StageLoop(ctx, c, resume, steps=c.steps)
     cursor = resume.state.cursor if resume else 0
-    questions = itertools.islice(env_examples(ctx.env, ctx.tokenizer, seed=ctx.seed, chat_template=False,
-                                              max_len=ctx.max_len), cursor, None)
+    parts = ctx.parts
+    questions = itertools.islice(env_examples(parts.env, parts.tokenizer, seed=parts.seed, chat_template=False,
+                                              max_len=parts.max_len), cursor, None)
     for _ in loop.steps():
         batch = [e.prompt for e in itertools.islice(questions, c.batch_size)]
         cursor += len(batch)

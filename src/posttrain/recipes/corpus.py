@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from posttrain.config import StageConfig
 from posttrain.data.corpus import env_documents, file_documents, mixed_documents, pack_tokens
-from posttrain.runtime.context import RunContext
+from posttrain.runtime.parts import RunParts
 from posttrain.train.learner import Sequences
 
 HELD_OUT_DOCS = 200  # documents of a file kept out of training for the held-out loss
@@ -51,19 +51,19 @@ def as_sequences(packed: list[list[int]]) -> Sequences:
     return Sequences([s[:1] for s in packed], [s[1:] for s in packed])
 
 
-def corpus(ctx: RunContext, c: CorpusConfig, cursor: int) -> tuple[Iterator[list[int]], Sequences]:
+def corpus(parts: RunParts, c: CorpusConfig, cursor: int) -> tuple[Iterator[list[int]], Sequences]:
     """(the training stream of packed sequences from the `cursor`-th on, the held-out sequences)."""
     if c.data_path:
         docs = file_documents(Path(c.data_path))
         train_docs: Iterable[str] = itertools.chain.from_iterable(itertools.repeat(docs[:-HELD_OUT_DOCS] or docs))
         held_docs: Iterable[str] = itertools.cycle(docs[-HELD_OUT_DOCS:])
     else:
-        train_docs, held_docs = env_documents(ctx.training_env(c.env_args), "train", ctx.seed), env_documents(
-            ctx.env, "eval", 0)
+        train_docs = env_documents(parts.training_env(c.env_args), "train", parts.seed)
+        held_docs = env_documents(parts.env, "eval", 0)
         if c.reasoning_fraction or c.distractor_fraction:
-            traces = env_documents(ctx.training_env({**c.env_args, **c.reasoning_args}), "train", ctx.seed + 1)
+            traces = env_documents(parts.training_env({**c.env_args, **c.reasoning_args}), "train", parts.seed + 1)
             train_docs = mixed_documents(train_docs, traces, reasoning_fraction=c.reasoning_fraction,
-                                         distractor_fraction=c.distractor_fraction, seed=ctx.seed)
-    stream = itertools.islice(pack_tokens(train_docs, ctx.tokenizer, c.seq_len), cursor, None)
-    held_out = list(itertools.islice(pack_tokens(held_docs, ctx.tokenizer, c.seq_len), c.eval_sequences))
+                                         distractor_fraction=c.distractor_fraction, seed=parts.seed)
+    stream = itertools.islice(pack_tokens(train_docs, parts.tokenizer, c.seq_len), cursor, None)
+    held_out = list(itertools.islice(pack_tokens(held_docs, parts.tokenizer, c.seq_len), c.eval_sequences))
     return stream, as_sequences(held_out)

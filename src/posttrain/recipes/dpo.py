@@ -32,10 +32,19 @@ from posttrain.data.tables import data_columns_field, data_path_field
 from posttrain.errors import ConfigError
 from posttrain.presets import PresetKeys
 from posttrain.records import SamplingParams
-from posttrain.rollout.collect import PromptRenderer, collect, describe_samples, generation_flops
+from posttrain.rollout.collect import (
+    PromptRenderer,
+    StepRollouts,
+    collect,
+    describe_samples,
+    generation_flops,
+)
 from posttrain.runtime.context import RunContext
+from posttrain.runtime.ledger import Measured
 from posttrain.runtime.loop import StageLoop
+from posttrain.runtime.services import Services
 from posttrain.stages import StageResume, StageState, register_stage
+from posttrain.tracking.ledger import FlopModel
 from posttrain.train.learner import ForwardOut, FrozenModel, Learner, Sequences, StepResult
 
 
@@ -123,13 +132,14 @@ class DPOState(StageState):
 
 @register_stage("dpo", DPOConfig, state=DPOState)
 def run(ctx: RunContext, c: DPOConfig, resume: StageResume | None) -> None:
-    tok = ctx.tokenizer
+    parts, say = ctx.parts, ctx.services
+    tok = parts.tokenizer
     loop = StageLoop(ctx, c, resume, steps=c.steps)
     learner = loop.learner
     # The reference is the policy as the stage found it (a reference-free loss such as SimPO has none).
     reference = learner.frozen_copy() if PREFERENCE_LOSSES.trait(c.loss, "needs_reference", True) else None
-    env = ctx.training_env(c.env_args)
-    sampler = SAMPLERS.get(c.sampler)(env, ctx.seed, **c.sampler_args)
+    env = parts.training_env(c.env_args)
+    sampler = SAMPLERS.get(c.sampler)(env, parts.seed, **c.sampler_args)
     cursor = 0
     if resume:
         cursor = resume.state.cursor
@@ -137,13 +147,14 @@ def run(ctx: RunContext, c: DPOConfig, resume: StageResume | None) -> None:
         if reference is not None:
             reference.load_weights(resume.state.reference)
     if c.data_path:
-        stream = itertools.islice(file_pairs(Path(c.data_path), tok, seed=ctx.seed, chat_template=ctx.chat_template,
-                                             max_len=ctx.max_len, columns=c.data_columns), cursor, None)
+        stream = itertools.islice(file_pairs(Path(c.data_path), tok, seed=parts.seed, chat_template=parts.chat_template,
+                                             max_len=parts.max_len, columns=c.data_columns), cursor, None)
     else:
-        batches = collect(ctx.engine, sampler, ctx.scorer.with_env(env),
-                          PromptRenderer(env, tok, ctx.chat_template, ctx.max_len), prompts_per_step=c.prompts_per_step,
-                          group_size=c.group_size, group_filter="zero_variance", max_refill_rounds=0, seed=ctx.seed,
-                          first_step=ctx.global_step, heartbeat=ctx.heartbeat,
+        batches = collect(parts.engine, sampler, parts.scorer.with_env(env),
+                          PromptRenderer(env, tok, parts.chat_template, parts.max_len),
+                          prompts_per_step=c.prompts_per_step, group_size=c.group_size, group_filter="zero_variance",
+                          max_refill_rounds=0, seed=parts.seed, first_step=ctx.state.global_step,
+                          heartbeat=say.heartbeat,
                           sampling=SamplingParams(temperature=c.temperature, top_p=c.top_p,
                                                   max_new_tokens=c.max_new_tokens))
 
@@ -155,62 +166,62 @@ def run(ctx: RunContext, c: DPOConfig, resume: StageResume | None) -> None:
         metrics: dict[str, float] = {}
         # 1. pairs: the next ones from the file, or the best and worst of each sampled group ---------------------
         if c.data_path:
-            ctx.phase("data", f"{c.pairs_per_step} pairs from {c.data_path}")
+            say.phase("data", f"{c.pairs_per_step} pairs from {c.data_path}")
             pairs = list(itertools.islice(stream, c.pairs_per_step))
             cursor += len(pairs)
         else:
-            pairs = online_pairs(ctx, next(batches), c, learner, metrics)
+            rollouts = next(batches)
+            ctx.record_samples(rollouts.seen, c.log_samples)
+            pairs, measured = online_pairs(rollouts, learner.flop_model)
+            metrics.update(loop.account(measured))
         # 2-3. reference logprobs, then one update over every pair -------------------------------------------------
         if pairs:
-            result, pair_metrics = train_on_pairs(ctx, learner, reference, pairs, c, where=f"dpo step {step + 1}")
-            metrics.update(pair_metrics)
+            result, measured = train_on_pairs(say, learner, reference, pairs, c, where=f"dpo step {step + 1}")
+            metrics.update(loop.account(measured))
             loop.trained(result)
         else:
-            ctx.note(f"dpo step {step + 1}: no group had two different rewards, so no pair; no update")
+            say.note(f"dpo step {step + 1}: no group had two different rewards, so no pair; no update")
             loop.trained()
         loop.publish()  # online pairs sample from the new weights
         # 4. log, evaluate, checkpoint ------------------------------------------------------------------------------
         metrics.update({"dpo/pairs": len(pairs), "time/step_s": time.time() - t_step, "train/examples_seen": cursor})
-        ctx.status(f"loss {metrics.get('dpo/loss', float('nan')):.3f}")
+        say.status(f"loss {metrics.get('dpo/loss', float('nan')):.3f}")
         loop.end_step(metrics, state(), eval_every=c.eval_every)
     loop.end_stage(state())
 
 
-def online_pairs(ctx: RunContext, rollouts, c: DPOConfig, learner: Learner, metrics: dict) -> list[Pair]:
-    """The kept groups' (best, worst) samples as pairs; the generation counts in the compute ledger."""
-    for note in rollouts.notes:
-        ctx.note(note)
+def online_pairs(rollouts: StepRollouts, flops: FlopModel) -> tuple[list[Pair], Measured]:
+    """The kept groups' (best, worst) samples as pairs, and the generation's work for the compute ledger."""
     seen, kept = rollouts.seen, rollouts.kept
-    ctx.record_samples(seen, c.log_samples)
-    gen = generation_flops(learner.flop_model, seen)
-    ctx.add_flops(generate=gen)
-    ctx.add(**{"compute/wasted_flops": gen - generation_flops(learner.flop_model, kept),
-               "rollout/tokens": sum(len(x.token_ids) for x in seen.completions)})
-    metrics.update(describe_samples(seen))
+    gen = generation_flops(flops, seen)
+    measured = Measured(describe_samples(seen), flops={"generate": gen}, notes=list(rollouts.notes),
+                        counters={"compute/wasted_flops": gen - generation_flops(flops, kept),
+                                  "rollout/tokens": sum(len(x.token_ids) for x in seen.completions)})
     return [Pair(kept.prompts[w], list(kept.completions[w].token_ids), list(kept.completions[l].token_ids))
-            for w, l in best_and_worst(kept.rewards(), kept.group_ids)]
+            for w, l in best_and_worst(kept.rewards(), kept.group_ids)], measured
 
 
-def train_on_pairs(ctx: RunContext, learner: Learner, reference: FrozenModel | None, pairs: list[Pair],
-                   c: DPOConfig, *, where: str) -> tuple[StepResult, dict[str, float]]:
+def train_on_pairs(say: Services, learner: Learner, reference: FrozenModel | None, pairs: list[Pair],
+                   c: DPOConfig, *, where: str) -> tuple[StepResult, Measured]:
     seqs = Sequences([p.prompt for p in pairs for _ in range(2)],
                      [answer for p in pairs for answer in (p.chosen, p.rejected)])
-    ref, metrics = None, {}
+    ref, measured = None, Measured()
     if reference is not None:
         t0 = time.time()
-        ctx.phase("logprobs", f"reference pass over {len(seqs)} answers")
-        lps, flops = reference.logprobs(seqs)
+        say.phase("logprobs", f"reference pass over {len(seqs)} answers")
+        lps, measured.flops["ref"] = reference.logprobs(seqs)
         ref = torch.stack([lp.sum() for lp in lps])
-        ctx.add_flops(ref=flops)
-        metrics["time/ref_s"] = time.time() - t0
-    ctx.phase("train", f"one update over {len(pairs)} pairs")
+        measured.metrics["time/ref_s"] = time.time() - t0
+    say.phase("train", f"one update over {len(pairs)} pairs")
     t0 = time.time()
     loss = PreferenceLoss(c.loss, c.loss_args, ref, torch.tensor([len(x) for x in seqs.completions]), len(pairs))
     result = learner.train_step(seqs, loss, keep_together=torch.arange(len(seqs)) // 2, where=where)
     n, m = len(pairs), result.metrics
-    return result, {**metrics, "dpo/loss": result.loss, "dpo/chosen_reward": m["chosen_reward"] / n,
-            "dpo/rejected_reward": m["rejected_reward"] / n,
-            "dpo/reward_margin": (m["chosen_reward"] - m["rejected_reward"]) / n,
-            "dpo/accuracy": m["accuracy"] / n, "dpo/chosen_logp": m["chosen_logp"] / n,
-            "dpo/rejected_logp": m["rejected_logp"] / n, "train/grad_norm": result.grad_norm, "train/lr": result.lr,
-            "time/train_s": time.time() - t0}
+    measured.metrics.update({
+        "dpo/loss": result.loss, "dpo/chosen_reward": m["chosen_reward"] / n,
+        "dpo/rejected_reward": m["rejected_reward"] / n,
+        "dpo/reward_margin": (m["chosen_reward"] - m["rejected_reward"]) / n,
+        "dpo/accuracy": m["accuracy"] / n, "dpo/chosen_logp": m["chosen_logp"] / n,
+        "dpo/rejected_logp": m["rejected_logp"] / n, "train/grad_norm": result.grad_norm, "train/lr": result.lr,
+        "time/train_s": time.time() - t0})
+    return result, measured

@@ -29,6 +29,7 @@ from posttrain.data.prompts import completion_ids, render_prompt
 from posttrain.data.sft import Example, fitting, read_pairs
 from posttrain.data.tables import data_columns_field, data_path_field
 from posttrain.runtime.context import RunContext
+from posttrain.runtime.ledger import Measured
 from posttrain.runtime.loop import StageLoop
 from posttrain.stages import Cursor, StageResume, register_stage
 from posttrain.train.learner import ForwardOut, Sequences
@@ -78,23 +79,24 @@ class OfflineOPDLoss:
 
 @register_stage("opd_offline", OfflineOPDConfig, state=Cursor)
 def run(ctx: RunContext, c: OfflineOPDConfig, resume: StageResume | None) -> None:
-    tok = ctx.tokenizer
+    parts, say = ctx.parts, ctx.services
+    tok = parts.tokenizer
     loop = StageLoop(ctx, c, resume, steps=c.steps)
-    rows = [fitting(Example(render_prompt(tok, p, chat_template=ctx.chat_template, max_len=ctx.max_len),
-                            completion_ids(tok, text, chat_template=ctx.chat_template)), ctx.max_len, where)
+    rows = [fitting(Example(render_prompt(tok, p, chat_template=parts.chat_template, max_len=parts.max_len),
+                            completion_ids(tok, text, chat_template=parts.chat_template)), parts.max_len, where)
             for where, p, text in read_pairs(Path(c.data_path), c.data_columns, section="opd_offline")]
     seqs = Sequences([r.prompt for r in rows], [r.completion for r in rows])
-    cache = Path(c.cache_path) if c.cache_path else ctx.run_dir / "teacher_cache.pt"
+    cache = Path(c.cache_path) if c.cache_path else parts.run_dir / "teacher_cache.pt"
     t0 = time.time()
-    ctx.phase("teacher-cache", f"teacher logprobs of {len(rows)} samples ({cache})")
-    teacher, flops, built = teacher_logprobs(cache, ctx.teacher, seqs, samples_file=Path(c.data_path),
+    say.phase("teacher-cache", f"teacher logprobs of {len(rows)} samples ({cache})")
+    teacher, flops, built = teacher_logprobs(cache, parts.teacher, seqs, samples_file=Path(c.data_path),
                                              temperature=c.temperature)
     if not resume:  # the cache's cost is this run's work whether it was computed now or reused
-        ctx.add_flops(teacher=flops)
-        ctx.note(f"opd_offline: teacher logprobs of {len(rows)} samples {'computed' if built else 'read'} "
-                 f"({cache}, {flops:.3g} FLOPs, {time.time() - t0:.1f} s)")
+        note = (f"opd_offline: teacher logprobs of {len(rows)} samples {'computed' if built else 'read'} ({cache}, "
+                f"{flops:.3g} FLOPs, {time.time() - t0:.1f} s)")
+        loop.account(Measured(flops={"teacher": flops}, notes=[note]))
     cursor = resume.state.cursor if resume else 0
-    order = itertools.islice(epochs(len(rows), ctx.seed), cursor, None)
+    order = itertools.islice(epochs(len(rows), parts.seed), cursor, None)
     for step in loop.steps():
         t_step = time.time()
         ids = list(itertools.islice(order, c.batch_size))
@@ -104,12 +106,12 @@ def run(ctx: RunContext, c: OfflineOPDConfig, resume: StageResume | None) -> Non
         padded = torch.zeros(len(ids), width)
         for j, i in enumerate(ids):
             padded[j, : len(teacher[i])] = teacher[i]
-        ctx.phase("train", f"forward/backward over {len(ids)} samples")
+        say.phase("train", f"forward/backward over {len(ids)} samples")
         tokens = sum(len(x) for x in batch.completions)
         result = loop.learner.train_step(batch, OfflineOPDLoss(padded, tokens, c.coef), temperature=c.temperature,
                                          where=f"opd_offline step {step + 1}")
         loop.trained(result)
-        ctx.status(f"k2 {result.metrics['k2']:.3f}")
+        say.status(f"k2 {result.metrics['k2']:.3f}")
         loop.end_step({"distill/k2": result.metrics["k2"], "distill/reverse_kl": result.metrics["reverse_kl"],
                        "train/grad_norm": result.grad_norm, "train/lr": result.lr, "train/examples_seen": cursor,
                        "time/step_s": time.time() - t_step}, Cursor(cursor), eval_every=c.eval_every)

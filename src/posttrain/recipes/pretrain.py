@@ -44,17 +44,18 @@ class PretrainConfig(CorpusConfig):
 
 @register_stage("pretrain", PretrainConfig, state=Cursor)
 def run(ctx: RunContext, c: PretrainConfig, resume: StageResume | None) -> None:
-    if ctx.max_len is not None and c.seq_len > ctx.max_len:
-        raise UserError(f"pretrain.seq_len = {c.seq_len} exceeds the model's context of {ctx.max_len} tokens")
+    parts, say = ctx.parts, ctx.services
+    if parts.max_len is not None and c.seq_len > parts.max_len:
+        raise UserError(f"pretrain.seq_len = {c.seq_len} exceeds the model's context of {parts.max_len} tokens")
     loop = StageLoop(ctx, c, resume, steps=c.steps())
     cursor = resume.state.cursor if resume else 0
-    stream, held_out = corpus(ctx, c, cursor)
+    stream, held_out = corpus(parts, c, cursor)
     for step in loop.steps():
         t0 = time.time()
-        ctx.phase("data", f"{c.batch_size} packed sequences of {c.seq_len} tokens")
+        say.phase("data", f"{c.batch_size} packed sequences of {c.seq_len} tokens")
         batch = list(itertools.islice(stream, c.batch_size))
         cursor += len(batch)
-        ctx.phase("train", f"forward/backward over {len(batch)} x {c.seq_len} tokens")
+        say.phase("train", f"forward/backward over {len(batch)} x {c.seq_len} tokens")
         result = loop.learner.train_step(as_sequences(batch), SFTLoss(len(batch) * (c.seq_len - 1)),
                                          where=f"pretrain step {step + 1}")
         loop.trained(result)
@@ -62,7 +63,7 @@ def run(ctx: RunContext, c: PretrainConfig, resume: StageResume | None) -> None:
                    "train/lr": result.lr, "train/grad_norm": result.grad_norm, "time/step_s": time.time() - t0}
         if loop.scheduled(c.eval_every):
             metrics["pretrain/eval_loss"] = held_out_nll(loop.learner, held_out)
-        ctx.status(f"loss {result.loss:.3f}")
+        say.status(f"loss {result.loss:.3f}")
         loop.end_step(metrics, Cursor(cursor))
     ctx.write_metrics("pretrain", {"pretrain/eval_loss": held_out_nll(loop.learner, held_out)})
     loop.end_stage(Cursor(cursor))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -59,11 +60,13 @@ from posttrain.rollout.collect import (
 )
 from posttrain.rollout.producer import staleness
 from posttrain.runtime.context import RunContext
+from posttrain.runtime.ledger import Measured
 from posttrain.runtime.loop import StageLoop
 from posttrain.stages import StageResume, StageState, register_stage
 from posttrain.tracking.ledger import FlopModel
 from posttrain.train.learner import ForwardOut, FrozenModel, Learner, Sequences, StepResult
 from posttrain.train.losses import pad
+from posttrain.train.protocol import LearnerLike
 
 
 @dataclass
@@ -113,15 +116,28 @@ class UpdateAt(NamedTuple):
     seed: int  # of the mini-batch split
 
 
+class StepModels(NamedTuple):
+    """The models an RL step reads logprobs from, and where π_θold comes from."""
+
+    learner: LearnerLike
+    reference: FrozenModel | None  # π_ref, when a KL term exists
+    teacher: FrozenModel | None  # when the stage distils (a teacher advantage or the KDRL term)
+    recompute_old: bool  # π_θold is the learner's recomputation, not the sampler's logprobs
+
+
 @register_stage("rl", RLConfig, state=RLSaved)
 def run(ctx: RunContext, c: RLConfig, resume: StageResume | None) -> None:
-    env = ctx.training_env(c.env_args)
-    sampler = SAMPLERS.get(c.sampler)(env, ctx.seed, **c.sampler_args)
+    parts, say = ctx.parts, ctx.services
+    env = parts.training_env(c.env_args)
+    sampler = SAMPLERS.get(c.sampler)(env, parts.seed, **c.sampler_args)
     loop = StageLoop(ctx, c, resume, steps=c.steps,
-                     on_saved=lambda saved, done: write_prompt_history(ctx.run_dir, saved.sampler, sampler, done))
+                     on_saved=lambda saved, done: write_prompt_history(parts.run_dir, saved.sampler, sampler, done))
     learner = loop.learner
     # The reference exists only when a KL term does; it starts as the policy at the start of the stage.
     reference = learner.frozen_copy() if c.kl_coef > 0 else None
+    models = StepModels(learner, reference, parts.teacher if c.teacher_keys() else None,
+                        recompute_old=(c.recompute_old_logprobs if c.recompute_old_logprobs is not None
+                                       else parts.foreign_sampler))
     state = RLState(loss_args=dict(c.policy_loss_args))
     if resume:
         state = resume.state.rl
@@ -135,49 +151,54 @@ def run(ctx: RunContext, c: RLConfig, resume: StageResume | None) -> None:
 
     # In step with training, or (rollout.max_staleness = k > 0) up to k steps ahead of it (rollout/producer.py).
     batches = ctx.rollouts(lambda engine: collect(
-        engine, sampler, ctx.scorer.with_env(env), PromptRenderer(env, ctx.tokenizer, ctx.chat_template, ctx.max_len),
+        engine, sampler, parts.scorer.with_env(env),
+        PromptRenderer(env, parts.tokenizer, parts.chat_template, parts.max_len),
         prompts_per_step=c.prompts_per_step, group_size=c.group_size, group_filter=c.group_filter,
-        max_refill_rounds=c.max_refill_rounds, seed=ctx.seed, first_step=ctx.global_step,
+        max_refill_rounds=c.max_refill_rounds, seed=parts.seed, first_step=ctx.state.global_step,
         sampling=SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                                max_new_tokens=c.max_new_tokens), heartbeat=ctx.heartbeat))
+                                max_new_tokens=c.max_new_tokens), heartbeat=say.heartbeat))
+    info_keys = getattr(parts.env, "info_metrics", ())
     try:
         if not resume and c.eval_every:  # the curve's first point: the policy RL starts from, at zero RL compute
-            ctx.add(**{"compute/rl_flops": 0.0})
+            loop.account(Measured(counters={"compute/rl_flops": 0.0}))
             loop.evaluate("rl-step0")
         for step in loop.steps():
-            t_step = time.time()
+            version, t_step = ctx.state.global_step, time.time()
             # 1-3. pick prompts, sample groups, score, filter groups ----------------------------------------------
             rollouts = next(batches)
             ctx.record_samples(rollouts.seen, c.log_samples)
-            metrics = rollout_metrics(ctx, rollouts, learner.flop_model, t_generate=time.time() - t_step)
+            t_generate = time.time() - t_step
+            metrics = loop.account(rollout_metrics(rollouts, learner.flop_model, info_keys, version,
+                                                   parts.max_staleness))
+            metrics.update({"time/generate_s": t_generate}, **speed("gen", rollouts.seen.completions, t_generate))
             results: list[tuple[StepResult, Tensor]] = []
             if len(rollouts.kept):
                 # 4-5. rewards, reference / old logprobs, IS weights, advantages ------------------------------------
                 t0 = time.time()
-                ctx.phase("logprobs", "reference / old-policy forward passes")
-                batch, batch_metrics = rl_batch(ctx, rollouts.kept, c, learner, reference)
-                metrics.update(batch_metrics, **{"time/logprob_s": time.time() - t0})
+                say.phase("logprobs", "reference / old-policy forward passes")
+                batch, measured = rl_batch(rollouts.kept, c, models, version)
+                metrics.update(loop.account(measured), **{"time/logprob_s": time.time() - t0})
                 # 6. update: epochs x mini-batches of whole groups, each one Learner.train_step ------------------
                 t0 = time.time()
-                ctx.phase("train", f"{c.epochs} epoch(s) x {c.mini_batches} mini-batch(es) over "
+                say.phase("train", f"{c.epochs} epoch(s) x {c.mini_batches} mini-batch(es) over "
                           f"{len(batch.seqs)} completions")
                 results = update(learner, batch, c, state.loss_args,
-                                 UpdateAt(step, seed=ctx.seed * 1_000_003 + ctx.global_step))
+                                 UpdateAt(step, seed=parts.seed * 1_000_003 + version))
                 metrics.update(train_metrics(results, batch, c, state.loss_args, t_train=time.time() - t0))
                 if c.teacher_kl_coef:
                     metrics["distill/coef"] = c.teacher_coef(step)  # KDRL's annealed β
             loop.trained(*(r for r, _ in results))
             # 7. controllers between steps ---------------------------------------------------------------------
             if c.entropy_target is not None and "pg/entropy" in metrics:  # measured only on a step that trained
-                adapt_to_entropy(ctx, state, c, metrics["pg/entropy"])
+                loop.account(adapt_to_entropy(state, c, metrics["pg/entropy"]))
             # 8. the engines sample from the new weights; log, evaluate, reset the reference, checkpoint ----------
             t0 = time.time()  # a sharded learner gathers its weights here (train/learner_group.py)
             loop.publish()
-            batches.post_weights(learner.weights(), ctx.global_step)
+            batches.post_weights(learner.weights(), ctx.state.global_step)
             metrics["time/weight_sync_s"] = time.time() - t0
             sampler_state = rollouts.sampler_state
             metrics["time/step_s"] = time.time() - t_step
-            ctx.status(f"reward {metrics['rollout/reward_mean']:.3f}")
+            say.status(f"reward {metrics['rollout/reward_mean']:.3f}")
             evaluation = loop.log(metrics, eval_every=c.eval_every)
             if evaluation is not None:
                 state.val_history.append((loop.stage_step, evaluation.get("mean@n", {}).get(
@@ -190,37 +211,33 @@ def run(ctx: RunContext, c: RLConfig, resume: StageResume | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The step's parts, in the order the loop above calls them.
+# The step's parts, in the order the loop above calls them. Each returns what it measured (runtime/ledger.py).
 
 
-def rollout_metrics(ctx: RunContext, rollouts: StepRollouts, flops: FlopModel, *, t_generate: float) -> dict:
-    """Count the generation work (all of it, and the part spent on filtered-out groups) and describe the samples."""
-    for note in rollouts.notes:
-        ctx.note(note)
+def rollout_metrics(rollouts: StepRollouts, flops: FlopModel, info_keys: Iterable[str], version: int,
+                    max_staleness: int) -> Measured:
+    """The generation work (all of it, and the part spent on filtered-out groups) and a description of the samples
+    of the policy at `version`."""
     seen, kept = rollouts.seen, rollouts.kept
     gen_flops = generation_flops(flops, seen)
-    ctx.add_flops(generate=gen_flops)
-    ctx.add(**{"compute/wasted_flops": gen_flops - generation_flops(flops, kept),
-               "rollout/tokens": sum(len(x.token_ids) for x in seen.completions)})
-    metrics = {**describe_samples(seen, getattr(ctx.env, "info_metrics", ())), **per_source(seen),
-               **rollouts.sampler_metrics}
+    tokens = sum(len(x.token_ids) for x in seen.completions)
+    metrics = {**describe_samples(seen, info_keys), **per_source(seen), **rollouts.sampler_metrics}
     if seen.completions:  # policy versions between sampler and learner: 0 in step, at most max_staleness ahead
-        lag = staleness(seen.completions, ctx.global_step)
-        if max(lag) > ctx.max_staleness or min(lag) < 0:
-            raise RuntimeError(f"rl step {ctx.global_step + 1}: samples of policy versions "
+        lag = staleness(seen.completions, version)
+        if max(lag) > max_staleness or min(lag) < 0:
+            raise RuntimeError(f"rl step {version + 1}: samples of policy versions "
                                f"{sorted({c.policy_version for c in seen.completions})} trained at version "
-                               f"{ctx.global_step}, outside rollout.max_staleness = {ctx.max_staleness}")
+                               f"{version}, outside rollout.max_staleness = {max_staleness}")
         metrics.update({"rollout/staleness_mean": sum(lag) / len(lag), "rollout/staleness_max": max(lag)})
-    metrics.update({"rollout/refill_rounds": rollouts.rounds - 1, "rollout/kept_samples": len(kept),
-                    "time/generate_s": t_generate,
-                    "perf/gen_tokens_per_s": sum(len(x.token_ids) for x in seen.completions) / max(t_generate, 1e-9)})
-    return metrics
+    metrics.update({"rollout/refill_rounds": rollouts.rounds - 1, "rollout/kept_samples": len(kept)})
+    return Measured(metrics, flops={"generate": gen_flops}, notes=list(rollouts.notes),
+                    counters={"compute/wasted_flops": gen_flops - generation_flops(flops, kept),
+                              "rollout/tokens": tokens})
 
 
-def rl_batch(ctx: RunContext, kept: RolloutBatch, c: RLConfig, learner: Learner,
-             reference: FrozenModel | None) -> tuple[RLBatch, dict[str, float]]:
+def rl_batch(kept: RolloutBatch, c: RLConfig, models: StepModels, version: int) -> tuple[RLBatch, Measured]:
     """Masks, shaped rewards, the reference and old-policy logprobs this configuration needs, IS weights and
-    advantages, for the samples that train."""
+    advantages, for the samples that train (sampled at policy `version`)."""
     seqs = Sequences(kept.prompts, [list(x.token_ids) for x in kept.completions])
     mask = train_mask(kept.completions, mask_truncated=c.mask_truncated)
     sampler_lp = pad([list(x.logprobs) for x in kept.completions])  # (B, T)
@@ -228,42 +245,38 @@ def rl_batch(ctx: RunContext, kept: RolloutBatch, c: RLConfig, learner: Learner,
     if c.overlong_cache > 0:
         lengths = torch.tensor([len(x) for x in seqs.completions])
         rewards = rewards + overlong_penalty(lengths, max_len=c.max_new_tokens, cache=c.overlong_cache)
-    metrics: dict[str, float] = {}
+    out = Measured()
     ref_lp = token_rewards = teacher_lp = teacher_rows = None
-    if ctx.teacher is not None and c.teacher_keys():  # the teacher scores the same tokens (distillation)
+    if models.teacher is not None:  # the teacher scores the same tokens (distillation)
         t0 = time.time()
-        teacher, flops = ctx.teacher.logprobs(seqs, temperature=c.temperature)
+        teacher, out.flops["teacher"] = models.teacher.logprobs(seqs, temperature=c.temperature)
         teacher_lp = pad(teacher)
-        ctx.add_flops(teacher=flops)
         teacher_rows = distill_row_mask(torch.tensor([s.correct for s in kept.scores]), c.teacher_kl_mask)
         valid = mask.bool()
-        metrics.update({"time/teacher_s": time.time() - t0,  # k1 on the samples: the reverse KL OPD minimises
-                        "distill/reverse_kl": float((sampler_lp - teacher_lp)[valid].mean()) if valid.any() else 0.0,
-                        "distill/masked_frac": 1 - float(teacher_rows.mean())})
-    if reference is not None:
-        ref, flops = reference.logprobs(seqs, temperature=c.temperature)
+        out.metrics.update({"time/teacher_s": time.time() - t0,  # k1 on the samples: the reverse KL OPD minimises
+                            "distill/reverse_kl": float((sampler_lp - teacher_lp)[valid].mean()) if valid.any()
+                            else 0.0, "distill/masked_frac": 1 - float(teacher_rows.mean())})
+    if models.reference is not None:
+        ref, out.flops["ref"] = models.reference.logprobs(seqs, temperature=c.temperature)
         ref_lp = pad(ref)
-        ctx.add_flops(ref=flops)
         if c.kl_placement == "reward":  # -beta * KL_t of the sampling policy to the reference, per token
             token_rewards = -c.kl_coef * KL_ESTIMATORS.get(c.kl_estimator)(sampler_lp, ref_lp) * mask
-    if c.recompute_old_logprobs if c.recompute_old_logprobs is not None else ctx.foreign_sampler:
-        old, flops = learner.logprobs(seqs, temperature=c.temperature)
+    if models.recompute_old:
+        old, out.flops["old"] = models.learner.logprobs(seqs, temperature=c.temperature)
         old_lp = pad(old)
-        ctx.add_flops(old=flops)
-        metrics.update(mismatch_metrics(old_lp, sampler_lp, mask))
+        out.metrics.update(mismatch_metrics(old_lp, sampler_lp, mask))
     else:  # the engine's logprobs: the learner's own only for fp32 shared weights (tests/test_engine.py)
         old_lp = sampler_lp
         if c.mismatch_check_every:  # ... so how far they are from the learner's is measured on a few rows
-            rows = [i for i in range(len(seqs.prompts)) if (i + ctx.global_step) % c.mismatch_check_every == 0]
+            rows = [i for i in range(len(seqs.prompts)) if (i + version) % c.mismatch_check_every == 0]
             if rows:
-                checked, flops = learner.logprobs(Sequences([seqs.prompts[i] for i in rows],
-                                                            [seqs.completions[i] for i in rows]),
-                                                  temperature=c.temperature)
-                ctx.add_flops(mismatch=flops)
+                checked, out.flops["mismatch"] = models.learner.logprobs(
+                    Sequences([seqs.prompts[i] for i in rows], [seqs.completions[i] for i in rows]),
+                    temperature=c.temperature)
                 checked_lp = pad(checked)  # (len(rows), T') with T' <= T: the rows' own longest completion
                 width = checked_lp.shape[1]
-                metrics.update(mismatch_metrics(checked_lp, sampler_lp[rows][:, :width], mask[rows][:, :width]),
-                               **{"is/mismatch_rows": len(rows)})
+                out.metrics.update(mismatch_metrics(checked_lp, sampler_lp[rows][:, :width], mask[rows][:, :width]),
+                                   **{"is/mismatch_rows": len(rows)})
     is_weights = IS_CORRECTIONS.get(c.is_correction)(old_lp, sampler_lp, mask, cap=c.is_cap)
     # The advantage estimator, through the credit assignment over an episode's turns (algos/credit.py).
     inputs = AdvantageInputs(rewards, kept.group_ids, mask, token_rewards=token_rewards, logprobs=sampler_lp,
@@ -274,12 +287,12 @@ def rl_batch(ctx: RunContext, kept: RolloutBatch, c: RLConfig, learner: Learner,
                                 mask.shape[1])),
         estimator(c.advantage, **c.advantage_args), **c.credit_args)
     valid = mask.bool()
-    metrics.update({"is/weight_max": float((is_weights * mask).max()),
-                    "is/ess": float(effective_sample_size(is_weights, mask)),
-                    "rollout/adv_abs_mean": float(advantages[valid].abs().mean()) if valid.any() else 0.0})
+    out.metrics.update({"is/weight_max": float((is_weights * mask).max()),
+                        "is/ess": float(effective_sample_size(is_weights, mask)),
+                        "rollout/adv_abs_mean": float(advantages[valid].abs().mean()) if valid.any() else 0.0})
     batch = RLBatch(seqs, kept.group_ids, mask, sampler_lp, old_lp, ref_lp, is_weights, advantages, teacher_lp,
                     teacher_rows)
-    return batch, metrics
+    return batch, out
 
 
 @dataclass(frozen=True)
@@ -382,15 +395,16 @@ def train_metrics(results: list[tuple[StepResult, Tensor]], batch: RLBatch, c: R
     }
 
 
-def adapt_to_entropy(ctx: RunContext, state: RLState, c: RLConfig, entropy: float) -> None:
-    """ProRL-style band controller on the policy loss hyperparameter `entropy_adapt_arg`."""
+def adapt_to_entropy(state: RLState, c: RLConfig, entropy: float) -> Measured:
+    """ProRL-style band controller on the policy loss hyperparameter `entropy_adapt_arg` -> a note when it moved."""
     name = c.entropy_adapt_arg
     old = state.loss_args[name]
     new = adapt_in_band(old, entropy, target_low=c.entropy_target[0], target_high=c.entropy_target[1],
                         step_size=c.entropy_adapt_step, lo=c.entropy_adapt_bounds[0], hi=c.entropy_adapt_bounds[1])
-    if new != old:
-        ctx.note(f"entropy {entropy:.3f} outside {list(c.entropy_target)}: {name} {old:.3f} -> {new:.3f}")
-        state.loss_args[name] = new
+    if new == old:
+        return Measured()
+    state.loss_args[name] = new
+    return Measured(notes=[f"entropy {entropy:.3f} outside {list(c.entropy_target)}: {name} {old:.3f} -> {new:.3f}"])
 
 
 def reset_reference(loop: StageLoop, c: RLConfig, state: RLState, reference: FrozenModel | None, *,
@@ -406,8 +420,8 @@ def reset_reference(loop: StageLoop, c: RLConfig, state: RLState, reference: Fro
     state.last_reset = step
     if c.ref_reset_optimizer:
         loop.learner.reset_optimizer()
-    loop.ctx.note(f"rl step {step}: reference policy reset to the current policy"
-                  + (" (optimizer state cleared)" if c.ref_reset_optimizer else ""))
+    loop.account(Measured(notes=[f"rl step {step}: reference policy reset to the current policy"
+                                 + (" (optimizer state cleared)" if c.ref_reset_optimizer else "")]))
     loop.ctx.write_metrics("rl", {"ctrl/ref_reset": 1})
 
 
@@ -423,6 +437,11 @@ def train_mask(completions: list, *, mask_truncated: bool = False) -> Tensor:
     if mask_truncated:
         mask = mask * torch.tensor([x.finish_reason != "length" for x in completions]).float()[:, None]
     return mask
+
+
+def speed(kind: str, completions: list, seconds: float) -> dict[str, float]:
+    """perf/<kind>_tokens_per_s: the completions' tokens over the seconds they took."""
+    return {f"perf/{kind}_tokens_per_s": sum(len(x.token_ids) for x in completions) / max(seconds, 1e-9)}
 
 
 def split_groups(group_ids: Tensor, parts: int, *, seed: int) -> list[Tensor]:

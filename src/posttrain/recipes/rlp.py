@@ -31,6 +31,7 @@ from posttrain.errors import UserError
 from posttrain.recipes.corpus import CorpusConfig, corpus
 from posttrain.records import SamplingParams
 from posttrain.runtime.context import RunContext
+from posttrain.runtime.ledger import Measured
 from posttrain.runtime.loop import StageLoop
 from posttrain.stages import StageResume, StageState, register_stage
 from posttrain.train.learner import ForwardOut, Sequences
@@ -72,9 +73,10 @@ class RLPState(StageState):
 
 @register_stage("rlp", RLPConfig, state=RLPState)
 def run(ctx: RunContext, c: RLPConfig, resume: StageResume | None) -> None:
-    if ctx.max_len is not None and c.seq_len + c.thought_tokens > ctx.max_len:
+    parts, say = ctx.parts, ctx.services
+    if parts.max_len is not None and c.seq_len + c.thought_tokens > parts.max_len:
         raise UserError(f"rlp.seq_len + rlp.thought_tokens = {c.seq_len + c.thought_tokens} exceeds the model's "
-                        f"context of {ctx.max_len} tokens")
+                        f"context of {parts.max_len} tokens")
     loop = StageLoop(ctx, c, resume, steps=c.steps)
     learner = loop.learner
     ema = learner.frozen_copy()  # φ starts as the policy the stage starts from
@@ -82,27 +84,28 @@ def run(ctx: RunContext, c: RLPConfig, resume: StageResume | None) -> None:
     if resume:
         ema.load_weights(resume.state.ema)
         cursor = resume.state.cursor
-    stream, held_out = corpus(ctx, c, cursor)
+    stream, held_out = corpus(parts, c, cursor)
     for step in loop.steps():
         t0 = time.time()
         # 1. positions: one per packed sequence, at a seeded offset (a resumed run picks the same ones)
-        ctx.phase("data", f"{c.positions_per_step} positions")
+        say.phase("data", f"{c.positions_per_step} positions")
         docs = list(itertools.islice(stream, c.positions_per_step))
         cursor += len(docs)
-        g = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.global_step)
+        seed = parts.seed * 1_000_003 + ctx.state.global_step
+        g = torch.Generator().manual_seed(seed)
         cuts = torch.randint(c.min_context, c.seq_len - c.target_tokens + 1, (len(docs),), generator=g).tolist()
         contexts = [d[:t] for d, t in zip(docs, cuts, strict=True)]
         targets = [d[t: t + c.target_tokens] for d, t in zip(docs, cuts, strict=True)]
         # 2. G thoughts per position
-        ctx.phase("generate", f"{len(docs)} x {c.group_size} thoughts of up to {c.thought_tokens} tokens")
+        say.phase("generate", f"{len(docs)} x {c.group_size} thoughts of up to {c.thought_tokens} tokens")
         prompts = [x for x in contexts for _ in range(c.group_size)]
-        thoughts = ctx.engine.generate(prompts, SamplingParams(
-            temperature=c.temperature, max_new_tokens=c.thought_tokens, seed=ctx.seed * 1_000_003 + ctx.global_step))
+        thoughts = parts.engine.generate(prompts, SamplingParams(temperature=c.temperature,
+                                                                 max_new_tokens=c.thought_tokens, seed=seed))
         group_ids = torch.arange(len(docs)).repeat_interleave(c.group_size)
         rows = Sequences(prompts, [list(t.token_ids) + targets[int(i)] for t, i in zip(thoughts, group_ids,
                                                                                        strict=True)])
         # 3. rewards: the policy with the thought vs the EMA without it
-        ctx.phase("logprobs", "policy [context | thought | next tokens], EMA [context | next tokens]")
+        say.phase("logprobs", "policy [context | thought | next tokens], EMA [context | next tokens]")
         policy_lp, old_flops = learner.logprobs(rows, temperature=1.0)
         ema_lp, ema_flops = ema.logprobs(Sequences(contexts, targets))
         drift_lp, drift_flops = learner.logprobs(Sequences(contexts, targets))
@@ -113,7 +116,7 @@ def run(ctx: RunContext, c: RLPConfig, resume: StageResume | None) -> None:
         rewards = information_gain(with_thought, baseline, target_mask)
         advantages = loo_advantages(rewards, group_ids)
         # 4. one update through the thought tokens only
-        ctx.phase("train", f"clipped surrogate over {int(lens.sum())} thought tokens")
+        say.phase("train", f"clipped surrogate over {int(lens.sum())} thought tokens")
         width = max(len(x) for x in rows.completions)
         mask = thought_mask(lens, width)
         old = pad(policy_lp, width) if c.temperature == 1.0 else pad(
@@ -126,9 +129,9 @@ def run(ctx: RunContext, c: RLPConfig, resume: StageResume | None) -> None:
         # 5. the ledger (generation, the no-grad passes, then the update), the new weights to the engine, the log
         gen = sum(learner.flop_model.prefill(len(x)) for x in contexts) + sum(
             learner.flop_model.decode_steps(len(p), len(t.token_ids)) for p, t in zip(prompts, thoughts, strict=True))
-        ctx.add_flops(generate=gen, old=old_flops + drift_flops, ref=ema_flops)
+        loop.account(Measured(flops={"generate": gen, "old": old_flops + drift_flops, "ref": ema_flops}))
         loop.trained(result)
-        ctx.add(**{"rlp/positions": len(docs)})
+        loop.account(Measured(counters={"rlp/positions": len(docs)}))
         loop.publish()
         metrics = {"rlp/info_gain": float(rewards.mean()), "rlp/info_gain_std": float(rewards.std()),
                    "rlp/drift_gain": float(information_gain(pad(drift_lp), pad(ema_lp), pad(
@@ -139,7 +142,7 @@ def run(ctx: RunContext, c: RLPConfig, resume: StageResume | None) -> None:
                    "train/lr": result.lr, "train/grad_norm": result.grad_norm, "time/step_s": time.time() - t0}
         if loop.scheduled(c.eval_every):
             metrics["rlp/eval_loss"] = held_out_nll(learner, held_out)
-        ctx.status(f"info gain {metrics['rlp/info_gain']:+.3f}")
+        say.status(f"info gain {metrics['rlp/info_gain']:+.3f}")
         loop.end_step(metrics, RLPState(cursor, ema.state_dict()))
     ctx.write_metrics("rlp", {"rlp/eval_loss": held_out_nll(learner, held_out)})
     loop.end_stage(RLPState(cursor, ema.state_dict()))

@@ -50,41 +50,41 @@ class SFTConfig(StageConfig):
 
 @register_stage("sft", SFTConfig, state=Cursor)
 def run(ctx: RunContext, c: SFTConfig, resume: StageResume | None) -> None:
+    parts, say = ctx.parts, ctx.services
     loop = StageLoop(ctx, c, resume, steps=c.steps)
     cursor = resume.state.cursor if resume else 0
-    source = (file_examples(Path(c.data_path), ctx.tokenizer, seed=ctx.seed, chat_template=ctx.chat_template,
-                            max_len=ctx.max_len, columns=c.data_columns) if c.data_path else
-              env_examples(ctx.training_env(c.env_args), ctx.tokenizer, seed=ctx.seed, chat_template=ctx.chat_template,
-                           max_len=ctx.max_len))
+    rendering = {"seed": parts.seed, "chat_template": parts.chat_template, "max_len": parts.max_len}
+    source = (file_examples(Path(c.data_path), parts.tokenizer, columns=c.data_columns, **rendering) if c.data_path
+              else env_examples(parts.training_env(c.env_args), parts.tokenizer, **rendering))
     stream = itertools.islice(source, cursor, None)  # the data cursor: examples already consumed
     reached = False
     for step in loop.steps():
         t0 = time.time()
-        ctx.phase("data", f"{c.batch_size} examples from {c.data_path if c.data_path else ctx.env.name}")
+        say.phase("data", f"{c.batch_size} examples from {c.data_path if c.data_path else parts.env.name}")
         batch = list(itertools.islice(stream, c.batch_size))
         if not batch:
             raise UserError(f"sft: no training examples left at step {step + 1} (the environment "
-                            f"{ctx.env.name!r} yields no train-split tasks)")
+                            f"{parts.env.name!r} yields no train-split tasks)")
         cursor += len(batch)
-        ctx.phase("train", f"forward/backward over {len(batch)} sequences")
+        say.phase("train", f"forward/backward over {len(batch)} sequences")
         result = loop.learner.train_step(Sequences([e.prompt for e in batch], [e.completion for e in batch]),
                                          SFTLoss(sum(len(e.completion) for e in batch)),
                                          rows=torch.tensor(length_order(batch)), where=f"sft step {step + 1}")
         loop.trained(result)
         metrics = {"sft/loss": result.loss, "train/lr": result.lr, "train/grad_norm": result.grad_norm,
                    "time/step_s": time.time() - t0, "train/examples_seen": cursor}
-        ctx.status(f"loss {result.loss:.3f}")
+        say.status(f"loss {result.loss:.3f}")
         if loop.scheduled(c.eval_every):
             reached = periodic_eval(loop, c, metrics)  # before the step's row: its accuracy is in the row
         loop.log(metrics)
         if reached:
-            ctx.note(f"sft: accuracy reached {c.stop_at_accuracy} at step {step + 1}; stopping the stage")
+            say.note(f"sft: accuracy reached {c.stop_at_accuracy} at step {step + 1}; stopping the stage")
             break
         loop.checkpoint(Cursor(cursor))
     final = loop.end_stage(Cursor(cursor))
     if c.stop_at_accuracy is not None and not reached and final["greedy_acc"] < c.stop_at_accuracy:
         # The target exists so that the next stage starts from a model that sometimes succeeds: say it did not.
-        ctx.note(f"warning: sft used all {c.steps} steps without reaching stop_at_accuracy = {c.stop_at_accuracy} "
+        say.note(f"warning: sft used all {c.steps} steps without reaching stop_at_accuracy = {c.stop_at_accuracy} "
                  f"(held-out greedy accuracy {final['greedy_acc']:.3f}); the next stage starts from a model that "
                  "rarely solves a task (another seed, more steps or another lr may get past the plateau)")
 
@@ -97,5 +97,6 @@ def periodic_eval(loop: StageLoop, c: SFTConfig, metrics: dict) -> bool:
     else:
         acc = loop.evaluate("sft-periodic", greedy_only=True, log=False)["greedy_acc"]
     metrics["eval/greedy_acc"] = acc
-    loop.ctx.note(f"sft step {loop.stage_step}: loss {metrics['sft/loss']:.3f}, held-out greedy accuracy {acc:.3f}")
+    loop.ctx.services.note(f"sft step {loop.stage_step}: loss {metrics['sft/loss']:.3f}, held-out greedy accuracy "
+                           f"{acc:.3f}")
     return c.stop_at_accuracy is not None and acc >= c.stop_at_accuracy

@@ -10,6 +10,9 @@ the end of the stage (the final evaluation and checkpoint). A stage's file holds
         loop.end_step(metrics, Cursor(cursor), eval_every=c.eval_every)
     loop.end_stage(Cursor(cursor))                         # final evaluation, final checkpoint
 
+A step helper returns what it measured (a `runtime/ledger.py` Measured: metrics, FLOPs by kind, counters, notes)
+instead of writing into the run; `loop.account(measured)` counts it once and hands back its metrics.
+
 `end_step` is `log` (the row, then the evaluation scheduled at this step) followed by `checkpoint` (when due, then
 a requested stop ends the run); a stage that acts between the two (RL's reference reset) calls them apart. The
 weights reach the rollout engine through `publish`, which every evaluation calls first and which does nothing
@@ -27,6 +30,7 @@ from typing import Any
 
 from posttrain.presets import PresetKeys
 from posttrain.runtime.context import RunContext
+from posttrain.runtime.ledger import Measured
 from posttrain.stages import StageResume, StageState
 from posttrain.train.learner import StepResult
 from posttrain.train.protocol import LearnerLike
@@ -39,9 +43,10 @@ class StageLoop:
 
     def __init__(self, ctx: RunContext, c: Any, resume: StageResume | None, *, steps: int,
                  on_saved: Callable[[Any, bool], None] | None = None) -> None:
-        self.ctx, self.name, self.total, self.on_saved = ctx, ctx.stage, steps, on_saved
+        self.ctx, self.name, self.total, self.on_saved = ctx, ctx.state.stage, steps, on_saved
         if isinstance(c, PresetKeys) and c.preset and c.preset_overrides and not resume:
-            ctx.note(f"{self.name}.preset = {c.preset}, with the recipe overriding: {'; '.join(c.preset_overrides)}")
+            ctx.services.note(f"{self.name}.preset = {c.preset}, with the recipe overriding: "
+                              f"{'; '.join(c.preset_overrides)}")
         self.learner: LearnerLike = ctx.learner(c, total_updates=steps * c.updates_per_step())
         self.start = self.stage_step = resume.stage_step if resume else 0
         if resume:
@@ -50,12 +55,12 @@ class StageLoop:
     def steps(self) -> Iterator[int]:
         """The stage's steps still to run (0-based), under a progress bar; `stage_step` is the running one's
         number (1-based), and after the loop the steps done (fewer than `steps` when the stage breaks out)."""
-        bar = self.ctx.progress(range(self.start, self.total), total=self.total, completed=self.start,
+        bar = self.ctx.services.progress(range(self.start, self.total), total=self.total, completed=self.start,
                                 description=self.name)
         try:
             for step in bar:
                 self.stage_step = step + 1
-                self.ctx.phase("step", f"{self.name} step {self.stage_step}")  # a fault point of every stage
+                self.ctx.services.phase("step", f"{self.name} step {self.stage_step}")  # every stage's fault point
                 yield step
         finally:
             bar.close()  # a stage that breaks out leaves the bar at the step it reached
@@ -63,18 +68,26 @@ class StageLoop:
     def trained(self, *results: StepResult) -> None:
         """The step's optimizer updates are done (none: nothing trained): note the skipped ones, count their work
         and tokens, and advance the policy's version (the run's global step)."""
-        for r in results:
-            if r.skipped:
-                self.ctx.note(r.skipped + "; update skipped")
+        self.account(Measured(notes=[r.skipped + "; update skipped" for r in results if r.skipped]))
         if results:
-            self.ctx.add_flops(train=sum(r.flops for r in results))
-            self.ctx.add(**{"train/tokens_total": sum(r.tokens for r in results)})
-        self.ctx.global_step += 1
+            self.account(Measured(flops={"train": sum(r.flops for r in results)},
+                                  counters={"train/tokens_total": sum(r.tokens for r in results)}))
+        self.ctx.state.global_step += 1
+
+    def account(self, measured: Measured) -> dict[str, Any]:
+        """What a part of the step measured, counted once: its notes to run.log, its work and counters to the
+        ledger -> its metrics, for the step's row."""
+        for note in measured.notes:
+            self.ctx.services.note(note)
+        self.ctx.ledger.add_flops(self.name, **measured.flops)
+        self.ctx.ledger.add(**measured.counters)
+        return measured.metrics
 
     def publish(self) -> None:
         """The learner's weights to the rollout engine, unless it already samples from this version."""
-        if self.ctx.engine.version != self.ctx.global_step:
-            self.ctx.engine.update_weights(self.learner.weights(), self.ctx.global_step)
+        engine, version = self.ctx.parts.engine, self.ctx.state.global_step
+        if engine.version != version:
+            engine.update_weights(self.learner.weights(), version)
 
     def evaluate(self, tag: str, **how: Any) -> dict[str, Any]:
         """ctx.evaluate on the current weights (published first); `how`: greedy_only, log."""

@@ -5,7 +5,7 @@
     result = group.train_step(seqs, loss_fn)                    # the Learner's interface, unchanged
     engine.update_weights(group.weights(), version)
 
-A recipe gets one with `[learner] world_size = N` (runner.learner_launcher; the ranks and their local processes
+A recipe gets one with `[learner] world_size = N` (compose.learner_launcher; the ranks and their local processes
 are train/ranks.py, Ray actors dist/ray_learner.py). One detail makes the ranks agree: every forward pass is a collective (FSDP gathers
 each block's weights in it), so every rank must run as many passes, in the same order, each step. Micro-batches
 are dealt out with zero-weighted passes for a rank that has one fewer, and a sharded learner gives every batch its
