@@ -4,7 +4,7 @@
 # once, timed, one line per step, and writes OUT_DIR/results.json and OUT_DIR/gpu_check.log.
 #
 #   scripts/gpu_check.sh OUT_DIR [--model DIR]     # on a GPU machine; DIR: a local SmolLM2-135M-Instruct
-#   scripts/gpu_check.sh OUT_DIR --dry-run         # on a CPU, toy sizes (what tests/test_gpu_check.py runs)
+#   scripts/gpu_check.sh OUT_DIR --dry-run         # on a CPU, toy sizes (what tests/e2e/test_gpu_check.py runs)
 #   scripts/gpu_check.sh --wheels [DIR]            # here, with a network: the wheels (CPython 3.12, manylinux
 #                                                  # x86-64) of the dependencies the device image lacks, into DIR (.whl)
 #

@@ -1,4 +1,4 @@
-"""A pytest plugin (`-p device_plugin`, scripts/gpu_check on PYTHONPATH) that runs tests/test_engine_contract.py
+"""A pytest plugin (`-p device_plugin`, scripts/gpu_check on PYTHONPATH) that runs tests/rollout/test_engine_contract.py
 with its models on GPU_CHECK_DEVICE (e.g. "cuda"), unchanged otherwise: the test module's `build_model` is
 wrapped so that the model it returns sits on that device, and with it the Learner and the local engine that the
 test builds from it. With GPU_CHECK_DEVICE unset or "cpu" it does nothing."""

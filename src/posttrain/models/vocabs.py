@@ -11,7 +11,7 @@ use them.
 What the conversion needs to match the released tokenizers: Llama-3's puts <|begin_of_text|> before every text
 (its post-processor; the GGUF has only the id) and has 128,256 entries (the converter adds an `<|endoftext|>`
 at 128,256, removed here). Qwen2's needs nothing: its chat template (ChatML) and its 151,936 entries are in the
-file. tests/test_real_models.py checks both against llama.cpp's test cases.
+file. tests/models/test_real_models.py checks both against llama.cpp's test cases.
 """
 
 from __future__ import annotations

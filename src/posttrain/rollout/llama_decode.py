@@ -5,7 +5,7 @@ HF path (tiny-25m, batch 128) showed ~45% of decode time in `torch.cat` growing 
 (O(T^2) copying) and ~10% in mask construction and cache bookkeeping. Here the cache is written in place into
 buffers sized for the whole generation, and each layer runs the model's own modules (norms, projections, rotary
 embedding, MLP) in the same order as the HF forward, so the numbers are the same up to float rounding
-(tests/test_engine.py checks the logprobs against a teacher-forced forward).
+(tests/rollout/test_engine.py checks the logprobs against a teacher-forced forward).
 
 Only for architectures whose layer structure is exactly Llama's; anything else uses the generic path in hf.py.
 """

@@ -6,7 +6,7 @@ samples from whatever weights it was last given by `update_weights`; every Compl
 
 Exactness: the logprobs it reports are `log_softmax(logits / T)` of the same model on the same tokens with the
 same left-padded layout the learner uses (train/forward.py), so in fp32 they match a teacher-forced forward pass
-to ~1e-5 (tests/test_engine.py). With bf16 autocast they differ by bf16 rounding; use is_correction or
+to ~1e-5 (tests/rollout/test_engine.py). With bf16 autocast they differ by bf16 rounding; use is_correction or
 recompute_old_logprobs then.
 
 Speed (the RL step is mostly generation on CPU):

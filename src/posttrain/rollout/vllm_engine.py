@@ -9,7 +9,7 @@ own copy of the model, loaded from a directory the policy is saved to at start) 
 
 What it reports, and the traps it handles:
 - logprobs: vLLM's `processed_logprobs` mode, the log-softmax of the temperature-scaled logits: the local engine's
-  meaning, and what the learner recomputes (tests/test_engine_contract.py). With top_k / top_p set, vLLM's
+  meaning, and what the learner recomputes (tests/rollout/test_engine_contract.py). With top_k / top_p set, vLLM's
   processed logprobs are of the truncated distribution it samples from, not the full one; recompute them with
   `rl.recompute_old_logprobs = true` then.
 - tied embeddings: a checkpoint of a tied model has no `lm_head.weight`, and vLLM's CPU lm_head is a separate

@@ -5,7 +5,7 @@ then says what the run is doing and since when (readable from another shell), an
 phase that has made no progress for `stall_timeout_s`, naming the phase and what it was waiting on.
 
 `POSTTRAIN_FAULT=<phase>:<global step>` makes the process SIGKILL itself on entering that phase at that step.
-It exists so the crash-resume tests can kill a run at an exact point (tests/test_crash_resume.py).
+It exists so the crash-resume tests can kill a run at an exact point (tests/e2e/test_crash_resume.py).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ Causal masking. A token at position i (1-based) of a causal sequence attends to 
 of length T has mean context (T + 1) / 2 (`causal`). That is the useful work, the work a causal flash kernel
 does, and the count that makes prefill + decode add up to the same attention as one pass over the sequence. A
 dense kernel (eager attention, torch's CPU SDPA) computes the full T x T square and masks half of it; torch's
-FlopCounterMode counts that full square (context = T). tests/test_ledger.py checks both: with context = T the
+FlopCounterMode counts that full square (context = T). tests/tracking/test_ledger.py checks both: with context = T the
 ledger equals FlopCounterMode's matmul count exactly.
 
 Generation with a KV cache (rollout/local.py): one prefill over the P prompt tokens (causal, logits only at the last

@@ -7,13 +7,13 @@ Shared prefixes. An RL batch holds each prompt G times (one per sample of its gr
 prompt once, and `completion_outputs` runs the prompt forward once per distinct prompt, then the completions of all
 its samples on top of that prompt's keys/values (the KV cache, gathered per row, with gradients flowing back
 through it). The logits, the loss and the gradients are those of the plain pass over G full copies (up to float
-summation order; tests/test_forward.py), at 1/G of the prompt tokens' work. The same trick the sampler uses
+summation order; tests/train/test_forward.py), at 1/G of the prompt tokens' work. The same trick the sampler uses
 for generation (rollout/local.py), applied to the learner.
 
 Large vocabularies. With a 150k vocabulary the (B, T, V) logits, not the model, fill the memory (B=256, T=512:
 80 GB in fp32). Past CHUNKED_HEAD_MIN_VOCAB the logprobs come from the last hidden states through
 algos/logprobs.py head_logprobs, a chunk of rows at a time, for the real completion tokens only; same values and
-gradients (tests/test_forward.py).
+gradients (tests/train/test_forward.py).
 """
 
 from __future__ import annotations

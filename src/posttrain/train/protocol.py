@@ -4,7 +4,7 @@
     def update(learner: LearnerLike, ...) -> StepResult:
         return learner.train_step(seqs, loss_fn, rows=rows, temperature=c.temperature)
 
-Structural (typing.Protocol): neither class inherits from it; tests/test_learner_protocol.py checks that every
+Structural (typing.Protocol): neither class inherits from it; tests/train/test_learner_protocol.py checks that every
 member exists on both with a compatible signature. A member goes here only when a stage (recipes/, runtime/loop.py)
 uses it; what only the runner or a benchmark asks of a group (peak_memory, close) stays off it.
 """

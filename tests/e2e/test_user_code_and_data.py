@@ -13,7 +13,7 @@ import pytest
 from posttrain.config import load_recipe, resolve_paths
 from posttrain.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_recipe_paths_resolve_against_the_recipe_file(tmp_path, monkeypatch):

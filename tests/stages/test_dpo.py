@@ -85,7 +85,7 @@ def test_pair_file_errors_name_the_line(tmp_path):
 
 
 def test_online_pairs_come_from_scored_groups(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "helpers"))
     cfg = config(tmp_path, "online", env="hostile_envs:ParityReward", steps=2)
     run(cfg)
     train = [r for r in rows(cfg.run_dir) if r.get("stage") == "dpo" and "dpo/pairs" in r]
@@ -98,7 +98,7 @@ def test_online_pairs_come_from_scored_groups(tmp_path, monkeypatch):
 
 
 def test_a_step_without_pairs_skips_the_update(tmp_path, monkeypatch, tiny_dir):
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "helpers"))
     cfg = config(tmp_path, "none", env="hostile_envs:AlwaysCorrect", steps=1)
     run(cfg)
     assert [r["dpo/pairs"] for r in rows(cfg.run_dir) if "dpo/pairs" in r] == [0]
@@ -166,10 +166,10 @@ keep_last_n = 2
 
 @pytest.mark.slow
 def test_sigkill_in_distillation_and_dpo_then_resume_matches_an_uninterrupted_run(tmp_path):
-    """The crash test of tests/test_crash_resume.py on an OPD stage (teacher) and an online DPO stage (reference,
+    """The crash test of tests/e2e/test_crash_resume.py on an OPD stage (teacher) and an online DPO stage (reference,
     sampler): global steps 3-4 are OPD, 5-8 DPO."""
     recipe = tmp_path / "crash.toml"
-    recipe.write_text(RECIPE.replace("HOSTILE", str(Path(__file__).parent / "hostile_envs.py")))
+    recipe.write_text(RECIPE.replace("HOSTILE", str(Path(__file__).parents[1] / "helpers" / "hostile_envs.py")))
     done = posttrain_run(recipe, tmp_path / "reference")
     assert done.returncode == 0, done.stderr
     expected = metrics(tmp_path / "reference" / "crash")

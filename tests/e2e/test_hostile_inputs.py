@@ -10,15 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_recipes import tiny_recipe, write_recipe
 
 from posttrain.config import load_recipe, validate
 from posttrain.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = {"recipe": "sft", "name": "t", "threads": 1, "model": {"path": "tiny-test"},
-        "env": {"name": "arithmetic", "args": {"digits": 1}},
-        "sft": {"steps": 2, "batch_size": 4, "micro_batch_size": 4},
-        "eval": {"problems": 2, "samples": 1, "ks": [1], "max_new_tokens": 2, "at_start": False}}
+ROOT = Path(__file__).resolve().parents[2]
+TINY = tiny_recipe()
 
 
 def posttrain(*args, cwd=ROOT):
@@ -165,11 +163,8 @@ def test_damaged_run_directories(tmp_path):
     from posttrain.runner import run
 
     run(cfg)
-    recipe = tmp_path / "t.toml"
-    recipe.write_text(f'recipe = "sft"\nname = "t"\noutput_dir = "{tmp_path}"\nthreads = 1\n[model]\n'
-                      'path = "tiny-test"\n[env]\nname = "arithmetic"\nargs = {digits = 1}\n[sft]\nsteps = 2\n'
-                      'batch_size = 4\nmicro_batch_size = 4\n[eval]\nproblems = 2\nsamples = 1\nks = [1]\n'
-                      'max_new_tokens = 2\nat_start = false\n[checkpoint]\nevery = 1\nkeep_last_n = 5\n')
+    recipe = write_recipe(tmp_path / "t.toml", tiny_recipe(output_dir=str(tmp_path),
+                                                           checkpoint={"every": 1, "keep_last_n": 5}))
     run_dir = tmp_path / "t"
     # a truncated model file in the checkpoint a resume would load
     (run_dir / "DONE").unlink()

@@ -1,4 +1,4 @@
-"""The sharded learner's side of tests/test_sharding.py: one function that each of the gloo ranks runs, and the
+"""The sharded learner's side of tests/train/test_sharding.py: one function that each of the gloo ranks runs, and the
 single-process run it is compared with. Both train the same model on the same batch with the same loss."""
 
 from __future__ import annotations

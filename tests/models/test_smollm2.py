@@ -23,7 +23,7 @@ from posttrain.errors import UserError
 from posttrain.models.gguf import conversion_of, convert_gguf
 from posttrain.models.sources import SOURCES, ensure_source, model_note, source_gguf
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NAME = "smollm2-135m-instruct"
 IM_START, IM_END, ENDOFTEXT = 1, 2, 0
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"

@@ -25,7 +25,7 @@ from posttrain.data.diversity import (
 from posttrain.envs import make_env
 from posttrain.records import Task
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_vendi_of_identical_items_is_one_and_of_orthogonal_items_is_n():

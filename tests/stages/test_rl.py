@@ -60,7 +60,7 @@ def test_rl_steps_change_every_parameter_and_log_every_metric(tmp_path, tiny_dir
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", presets.names("rl"))
 def test_every_preset_runs_a_few_steps(tmp_path, preset):
-    # opd and kdrl distil from a teacher: the tiny preset itself will do for running (tests/test_distillation.py)
+    # opd and kdrl distil from a teacher: the tiny preset itself will do for running (tests/stages/test_distillation.py)
     cfg = rl_config(tmp_path, name=preset, preset=preset, steps=2,
                     teacher="tiny-test" if preset in ("opd", "kdrl") else None)
     summary = run(cfg)
@@ -81,7 +81,7 @@ def test_stage_env_args_change_training_tasks_but_not_evaluation(tmp_path):
 
 @pytest.mark.parametrize("extra", [{}, {"mini_batches": 2, "epochs": 2, "aggregation": "seq_mean_token_mean"}])
 def test_skipping_zero_advantage_samples_does_not_change_the_update(tmp_path, monkeypatch, extra):
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "helpers"))
     finals = []
     for skip in (True, False):
         cfg = validate({**rl_config(tmp_path, name=f"skip{skip}").model_dump(mode="json"),

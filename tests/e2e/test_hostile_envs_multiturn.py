@@ -32,7 +32,7 @@ from posttrain.errors import UserError
 from posttrain.records import Completion, SamplingParams, Score
 from posttrain.rollout.episodes import episode_summary, observation_tokens, run_episodes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HANG_S = 3600  # far past any test's wall time: an episode that returns at all was cut at its timeout
 
 

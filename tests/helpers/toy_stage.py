@@ -1,6 +1,6 @@
 """A test-only stage: a new stage is this one file, its method and nothing of the skeleton (runtime/loop.py has
 that). It trains next-token prediction on the environment's questions, a language-modelling warm-up on prompts;
-tests/test_stage_contract.py holds it to the same crash-resume contract as the built-in stages."""
+tests/stages/test_stage_contract.py holds it to the same crash-resume contract as the built-in stages."""
 
 import itertools
 

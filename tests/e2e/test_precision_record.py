@@ -11,20 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_recipes import tiny_recipe, write_recipe
 
 from posttrain.models import bf16_is_fast
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("choice", ["auto", "true", "false"])
 def test_the_resolved_precision_is_recorded_with_its_reason(tmp_path, choice):
-    value = f'"{choice}"' if choice == "auto" else choice
-    recipe = tmp_path / "t.toml"
-    recipe.write_text(f'recipe = "sft"\nname = "t"\noutput_dir = "{tmp_path}"\nthreads = 1\n[model]\n'
-                      f'path = "tiny-test"\nbf16 = {value}\n[env]\nname = "arithmetic"\nargs = {{digits = 1}}\n'
-                      '[sft]\nsteps = 2\nbatch_size = 4\nmicro_batch_size = 4\n[eval]\nproblems = 2\nsamples = 1\n'
-                      'ks = [1]\nmax_new_tokens = 2\nat_start = false\n')
+    bf16 = {"auto": "auto", "true": True, "false": False}[choice]
+    recipe = write_recipe(tmp_path / "t.toml", tiny_recipe(output_dir=str(tmp_path), model={"bf16": bf16}))
     proc = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(recipe)], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr

@@ -2,7 +2,7 @@
 with the project's own pieces (file_pairs, FrozenModel.logprobs, PREFERENCE_LOSSES). The per-step `dpo/*` metrics
 see 32 pairs each under a moving policy; this sees all of them under the final one.
 
-    python tests/preference_check.py RUN_DIR PAIRS.jsonl     # one JSON line; β from the run's config.toml
+    python tests/helpers/preference_check.py RUN_DIR PAIRS.jsonl     # one JSON line; β from the run's config.toml
 """
 
 from __future__ import annotations

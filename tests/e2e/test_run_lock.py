@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_recipes import tiny_recipe, write_recipe
 
 from posttrain import rundir
 from posttrain.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HOLD = ("import sys, time\nfrom pathlib import Path\nfrom posttrain.rundir import owned\n"
         "with owned(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(600)\n")
 
@@ -51,12 +52,8 @@ def test_the_lock_lives_beside_the_directory_so_fresh_cannot_drop_it(tmp_path):
 
 
 def _recipe(tmp_path: Path, steps: int) -> Path:
-    recipe = tmp_path / "t.toml"
-    recipe.write_text(f'recipe = "sft"\nname = "t"\noutput_dir = "{tmp_path}"\nthreads = 1\n[model]\n'
-                      'path = "tiny-test"\n[env]\nname = "arithmetic"\nargs = {digits = 1}\n'
-                      f'[sft]\nsteps = {steps}\nbatch_size = 4\nmicro_batch_size = 4\n[eval]\nproblems = 2\n'
-                      'samples = 1\nks = [1]\nmax_new_tokens = 2\nat_start = false\n[checkpoint]\nevery = 0\n')
-    return recipe
+    return write_recipe(tmp_path / "t.toml", tiny_recipe(output_dir=str(tmp_path), sft={"steps": steps},
+                                                         checkpoint={"every": 0}))
 
 
 def _wait_for_training(run_dir: Path, proc: subprocess.Popen) -> None:

@@ -17,7 +17,7 @@ from posttrain.tracking.heartbeat import Heartbeat
 from posttrain.train.checkpoint import list_checkpoints, load_state
 from posttrain.train.guards import UpdateGuard
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parents[1] / "helpers"  # the test helpers
 
 
 def config(tmp_path, name="r", recipe="rl", env="arithmetic", env_extra=None, **rl):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--set", "model.path=tiny-test", "--set", "model.bf16=false", "--set", "eval.problems=4",
         "--set", "eval.samples=2", "--set", "eval.ks=[1, 2]", "--set", "threads=1"]
 

@@ -17,22 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_recipes import tiny_recipe, write_recipe
 
 from posttrain.config import validate
 from posttrain.errors import UserError
 from posttrain.train.checkpoint import STATE_FILE, TrainerState, load_state, rng_state, save_checkpoint
 from posttrain.train.safe_load import load_plain
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = {"recipe": "sft", "name": "t", "threads": 1, "model": {"path": "tiny-test"},
-        "env": {"name": "arithmetic", "args": {"digits": 1}},
-        "sft": {"steps": 2, "batch_size": 4, "micro_batch_size": 4},
-        "eval": {"problems": 2, "samples": 1, "ks": [1], "max_new_tokens": 2, "at_start": False},
-        "checkpoint": {"every": 1, "keep_last_n": 5}}
-RECIPE = ('recipe = "sft"\nname = "t"\noutput_dir = "{out}"\nthreads = 1\n[model]\npath = "tiny-test"\n[env]\n'
-          'name = "arithmetic"\nargs = {{digits = 1}}\n[sft]\nsteps = 2\nbatch_size = 4\nmicro_batch_size = 4\n'
-          '[eval]\nproblems = 2\nsamples = 1\nks = [1]\nmax_new_tokens = 2\nat_start = false\n[checkpoint]\n'
-          'every = 1\nkeep_last_n = 5\n')
+ROOT = Path(__file__).resolve().parents[2]
+TINY = tiny_recipe(checkpoint={"every": 1, "keep_last_n": 5})
 
 
 class Payload:
@@ -85,8 +78,7 @@ def resumable(tmp_path):
 
     run(validate({**TINY, "output_dir": str(tmp_path)}, "test"))
     (tmp_path / "t" / "DONE").unlink()
-    recipe = tmp_path / "t.toml"
-    recipe.write_text(RECIPE.format(out=tmp_path))
+    recipe = write_recipe(tmp_path / "t.toml", {**TINY, "output_dir": str(tmp_path)})
     return recipe, tmp_path / "t" / "checkpoints" / "step_2"
 
 

@@ -13,7 +13,7 @@ from posttrain.errors import UserError
 from posttrain.scaling.sweep import load_sweep, run_sweep
 from posttrain.scaling.sweep_results import aggregate, iso_compute
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 BASE = """
 recipe = "sft"

@@ -6,7 +6,7 @@ import pytest
 from posttrain.config import load_recipe, to_toml, validate
 from posttrain.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path, text):

@@ -87,7 +87,7 @@ def test_opd_pulls_the_student_towards_the_teacher(tmp_path, tiny_dir, teacher_d
 def test_kdrl_anneals_beta_and_masks_correct_samples(tmp_path, teacher_dir, monkeypatch):
     from pathlib import Path
 
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "helpers"))
     cfg = config(tmp_path, "kdrl", teacher_dir, preset="kdrl", steps=3)
     run(cfg)
     train = [r for r in rows(cfg.run_dir) if "distill/coef" in r]
@@ -137,7 +137,7 @@ def test_distill_data_keeps_verified_teacher_answers_and_sft_trains_on_them(tmp_
 
     from posttrain.commands.distill_data import distill_data
 
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "helpers"))
     out = tmp_path / "data" / "teacher.jsonl"
     meta = distill_data(str(tiny_dir), out, env="hostile_envs:ParityReward", env_args=["digits=3"], prompts=40,
                         samples=4, keep=2, temperature=1.0, max_new_tokens=6, seed=0, chat_template=None,

@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 from posttrain.stages import load_stages
 from posttrain.train.checkpoint import latest_checkpoint, load_state
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # `posttrain run` with the test-only stage registered first, as an installed plugin would be
-CLI = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import toy_stage; from posttrain.cli import main; main()"
+HELPERS = Path(__file__).parents[1] / "helpers"
+CLI = f"import sys; sys.path.insert(0, {str(HELPERS)!r}); import toy_stage; from posttrain.cli import main; main()"
 
 # The smallest settings that exercise each built-in stage's state (reference weights, sampler, cursor, EMA); a
 # stage not listed runs its defaults with steps = 2.
@@ -96,7 +97,7 @@ def assert_equal(want: Any, got: Any, where: str = "") -> None:
 
 
 @pytest.mark.slow
-# Every registered stage, and the test-only plugin stage that the runs below register (tests/toy_stage.py; not in
+# Every registered stage, and the test-only plugin stage that the runs below register (tests/helpers/toy_stage.py; not in
 # this process, whose registry other tests read)
 @pytest.mark.parametrize("stage", [*load_stages().names(), "toy_prompt_lm"])
 def test_sigkill_at_the_second_step_then_resume_equals_an_uninterrupted_run(stage, tmp_path):

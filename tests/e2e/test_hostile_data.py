@@ -14,7 +14,7 @@ import pytest
 from posttrain.data.jsonl import MAX_ROW_BYTES
 from posttrain.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIG = "x" * (MAX_ROW_BYTES + 1)
 ROWS = [{"prompt": "1+1=", "answer": "2"}, {"prompt": BIG, "answer": "3"}, {"prompt": "2+2=", "answer": "4"}]
 

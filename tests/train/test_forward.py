@@ -62,7 +62,7 @@ def test_shared_prefixes_in_bf16_stay_within_the_bf16_tolerance(tiny_dir):
     plain = pack(prompts, comps, 0, share_prefixes=False)
     lp32, _ = completion_logprobs(model, plain)
     lp16, _ = completion_logprobs(model, pack(prompts, comps, 0), bf16=True)
-    assert ((lp32 - lp16).abs() * plain.mask).max() < 0.1  # BF16_LOGPROB_TOL of tests/test_engine.py
+    assert ((lp32 - lp16).abs() * plain.mask).max() < 0.1  # BF16_LOGPROB_TOL of tests/rollout/test_engine.py
 
 
 @pytest.mark.parametrize("share", [False, True])
