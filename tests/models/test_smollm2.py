@@ -133,6 +133,39 @@ def test_posttrain_eval_takes_the_model_by_name(smollm2_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_lora_rl_steps_on_smollm2_train_on_what_the_engine_sampled(smollm2_dir, tmp_path):
+    """2 RL steps with LoRA on the real weights, fp32: every sampled row of each step is scored again by the learner
+    (rl.mismatch_check_every = 1), and its logprobs of the engine's tokens must equal the sampler's to within 1e-3
+    nats per token, before the first update (the adapter is zero) and after it (the engine samples through the
+    trained adapter). The adapter trains: final/adapter holds non-zero B matrices (PEFT starts them at zero)."""
+    from safetensors.torch import load_file
+
+    from posttrain.config import validate
+    from posttrain.runner import run
+
+    cfg = validate({
+        "recipe": "rl", "name": "lora", "output_dir": str(tmp_path), "seed": 0, "threads": 1,
+        "model": {"path": str(smollm2_dir), "bf16": False, "lora": {"r": 8, "alpha": 16}},
+        "env": {"name": "arithmetic", "args": {"digits": 1, "hint": "Give only the number.", "system_prompt": ""}},
+        # an entropy bonus gives every sample a gradient, so the adapter trains whatever the rewards were
+        "rl": {"steps": 2, "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 8, "entropy_coef": 0.01,
+               "mismatch_check_every": 1},
+        "eval": {"problems": 2, "samples": 1, "ks": [1], "max_new_tokens": 4, "at_start": False},
+    }, "test")
+    run(cfg)
+    run_dir = tmp_path / "lora"
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r.get("stage") == "rl" and "is/mismatch_rows" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert r["is/mismatch_rows"] == 4  # 2 prompts x 2 samples, every one checked
+        assert 0 <= r["is/logprob_diff_mean"] <= r["is/logprob_diff_max"] < 1e-3, r
+    assert "model.lora: " in (run_dir / "run.log").read_text()
+    adapter = load_file(run_dir / "final" / "adapter" / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in adapter.items())
+
+
+@pytest.mark.slow
 def test_models_convert_writes_the_same_checkpoint_as_the_source(smollm2_dir, tmp_path):
     from safetensors.torch import load_file
 
