@@ -93,11 +93,11 @@ def test_importing_the_package_fills_every_registry():
     # at least the entries the presets and the docs name (a new entry needs no edit here)
     assert {"dr_grpo", "grpo", "grpo_batch_std", "reinforce_pp", "reinforce_pp_baseline", "rloo"} <= set(
         algos.ADVANTAGES.names())
-    assert {"cispo", "gspo", "ppo_clip", "reinforce"} <= set(algos.POLICY_LOSSES.names())
+    assert {"cispo", "clip_cov", "gspo", "kl_cov", "ppo_clip", "reinforce"} <= set(algos.POLICY_LOSSES.names())
     assert {"k1", "k2", "k3"} <= set(algos.KL_ESTIMATORS.names())
     assert {"constant", "prompt_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_mean"} <= set(
         algos.AGGREGATIONS.names())
     assert {"mask", "none", "seq_mask", "seq_tis", "tis"} <= set(algos.IS_CORRECTIONS.names())
     assert {"dynamic_sampling", "none", "zero_variance"} <= set(algos.GROUP_FILTERS.names())
-    with pytest.raises(UserError, match="unknown policy loss 'ppo'; known: cispo, gspo, ppo_clip, reinforce"):
+    with pytest.raises(UserError, match="unknown policy loss 'ppo'; known: cispo, clip_cov, gspo, kl_cov, ppo_clip, reinforce"):
         algos.POLICY_LOSSES.get("ppo")

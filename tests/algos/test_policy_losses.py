@@ -154,7 +154,7 @@ def test_gspo_equals_ppo_clip_when_token_ratios_are_constant_per_sequence():
         assert_close(mg[key], mp[key], msg=key)
 
 
-@pytest.mark.parametrize("name", ["ppo_clip", "gspo", "cispo", "reinforce"])
+@pytest.mark.parametrize("name", ["ppo_clip", "gspo", "cispo", "reinforce", "kl_cov"])
 def test_on_policy_gradient_is_minus_a_times_is_weight_for_every_loss(name):
     """On-policy (old = sg(logp)) nothing is clipped, so every loss has the policy gradient -A * w per token:
     in particular cispo and ppo_clip agree."""
@@ -166,12 +166,12 @@ def test_on_policy_gradient_is_minus_a_times_is_weight_for_every_loss(name):
     loss, m = loss_fn(name, lp, lp.detach(), adv, mask, is_weights=w, eps_low=0.2, eps_high=0.28,
                       **CISPO_DAPO)
     loss.sum().backward()
-    assert_close(lp.grad, -adv * w * mask)
-    assert float(m["clip_frac"].sum()) == 0.0
+    assert_close(lp.grad, -adv * w * mask)  # kl_cov's |logp - logp_old| has zero gradient at 0
+    assert float(m["clip_frac"].sum()) == (1.0 if name == "kl_cov" else 0.0)  # kl_cov reports its leashed token
     assert_close(m["ratio"], mask)
 
 
-@pytest.mark.parametrize("name", ["ppo_clip", "gspo", "cispo", "reinforce"])
+@pytest.mark.parametrize("name", ["ppo_clip", "gspo", "cispo", "reinforce", "clip_cov", "kl_cov"])
 def test_padding_with_inf_logprobs_gives_zero_loss_and_finite_gradients(name):
     lp = t([[-1.0, -2.0, float("-inf")]]).requires_grad_(True)
     old = t([[-1.2, -1.9, float("-inf")]])
@@ -189,8 +189,85 @@ def test_each_loss_declares_only_its_own_hyperparameters():
     assert list(POLICY_LOSSES.hyperparameters("gspo").model_fields) == ["eps_low", "eps_high", "dual_clip"]
     assert list(POLICY_LOSSES.hyperparameters("cispo").model_fields) == ["max_weight", "min_weight"]
     assert list(POLICY_LOSSES.hyperparameters("reinforce").model_fields) == []
+    assert list(POLICY_LOSSES.hyperparameters("clip_cov").model_fields) == [
+        "eps_low", "eps_high", "clip_ratio", "cov_low", "cov_high", "seed"]
+    assert list(POLICY_LOSSES.hyperparameters("kl_cov").model_fields) == ["kl_ratio", "kl_coef"]
 
 
 def test_inputs_reject_misshapen_tensors():
     with pytest.raises(ValueError, match="advantages has shape"):
         PolicyLossInputs(OLD, OLD, A[:, :2], MASK)
+
+
+# Clip-Cov and KL-Cov (arXiv 2505.22617). On RATIO/A/MASK the 7 valid tokens have mean A = 0, so a token's
+# covariance is A (log r - m), m = mean log r = 0.0785093:
+#   row 0: -0.771656, 0.033602, 0.326956, 0.435184     row 1: 0.771656, -0.326956, -1.307785, (padding)
+COV = t([[-0.771656, 0.033602, 0.326956, 0.435184], [0.771656, -0.326956, -1.307785, float("-inf")]])
+
+
+def test_the_covariance_is_centred_over_the_valid_tokens():
+    from posttrain.algos.policy_losses import _covariance
+
+    old = torch.full_like(RATIO, -1.0)
+    x = PolicyLossInputs(old + RATIO.log(), old, A, MASK)
+    assert_close(_covariance(x, MASK.bool()), COV, atol=1e-6, rtol=0)
+
+
+def test_kl_cov_hand_computed():
+    # kl_ratio 0.3 of 7 tokens -> 2 leashed: the largest covariances, row 1 token 0 and row 0 token 3
+    loss, m, grad = run("kl_cov", kl_ratio=0.3, kl_coef=0.5)
+    # -A r everywhere (no clipping), + 0.5 |log r| on the two: |log 0.7| = 0.356675, |log 0.5| = 0.693147
+    assert_close(loss, t([[-0.5, -2.2, -1.5, 0.7 + 0.5 * 0.356675], [0.5 + 0.5 * 0.693147, 1.5, 4.0, 0.0]]))
+    # d/dlogp: -A r, + 0.5 sign(log r) on the two (both ratios < 1: -0.5)
+    assert_close(grad, t([[-0.5, -2.2, -1.5, 0.7 - 0.5], [0.5 - 0.5, 1.5, 4.0, 0.0]]))
+    assert_close(m["clip_frac"], t([[0, 0, 0, 1], [1, 0, 0, 0]]))
+
+
+def test_kl_cov_without_its_coefficient_is_the_unclipped_surrogate():
+    loss, _, grad = run("kl_cov", kl_ratio=1.0, kl_coef=0.0)
+    assert_close(loss, -A * RATIO * MASK)
+    assert_close(grad, -A * RATIO * MASK)
+
+
+def test_clip_cov_hand_computed():
+    # the PPO clip (DAPO bounds) zeroes row 0 tokens 2 and 3 and row 1 token 0; of the others only row 0 token 1
+    # (0.0336) lies in (0, 1): one token is cut (max(1, int(2e-4 * 7)) = 1), its loss and gradient 0
+    loss, m, grad = run("clip_cov", cov_low=0.0, cov_high=1.0, **DAPO)
+    assert_close(loss, t([[-0.5, 0.0, -1.28, 0.8], [0.8, 1.5, 4.0, 0.0]]))
+    assert_close(grad, t([[-0.5, 0.0, 0.0, 0.0], [0.0, 1.5, 4.0, 0.0]]))
+    assert_close(m["clip_frac"], t([[0, 1, 1, 1], [1, 0, 0, 0]]))
+    assert_close(m["clip_frac_high"], t([[0, 0, 1, 0], [0, 0, 0, 0]]))  # the cut is not a ratio clip
+
+
+def test_clip_cov_never_cuts_a_token_the_clip_already_zeroed():
+    # (0.4, 1) holds row 0 token 3 and row 1 token 0, both clipped already: nothing is cut, it is ppo_clip
+    got, want = run("clip_cov", cov_low=0.4, cov_high=1.0, **DAPO), run("ppo_clip", **DAPO)
+    for g, w in zip(got, want, strict=True):
+        if isinstance(g, dict):
+            for key in w:
+                assert_close(g[key], w[key], msg=key)
+        else:
+            assert_close(g, w)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 1000), ratio=st.floats(0.05, 1.0), draw=st.integers(0, 50))
+def test_clip_cov_cuts_the_stated_number_of_band_tokens_and_repeats(seed, ratio, draw):
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(4, 6, generator=g, dtype=D) * 3
+    old = lp + torch.randn(4, 6, generator=g, dtype=D) * 0.05
+    adv = torch.randn(4, 6, generator=g, dtype=D) * 3
+    mask = (torch.rand(4, 6, generator=g) > 0.2).to(D)
+    band = {"cov_low": -0.5, "cov_high": 2.0, "clip_ratio": ratio, "seed": draw}
+    base_loss, base = loss_fn("ppo_clip", lp, old, adv, mask)
+    loss, m = loss_fn("clip_cov", lp, old, adv, mask, **band)
+    cut = (m["clip_frac"] - base["clip_frac"]).bool()  # tokens cut by covariance, beyond the ratio clip
+    from posttrain.algos.policy_losses import _covariance
+
+    cov = _covariance(PolicyLossInputs(lp, old, adv, mask), mask.bool())
+    inside = mask.bool() & ~base["clip_frac"].bool() & (cov > -0.5) & (cov < 2.0)
+    assert not (cut & ~inside).any()  # only candidates are cut
+    assert int(cut.sum()) == (min(int(inside.sum()), max(1, int(ratio * int(mask.sum())))) if inside.any() else 0)
+    assert_close(loss, torch.where(cut, torch.zeros_like(base_loss), base_loss))
+    again, _ = loss_fn("clip_cov", lp, old, adv, mask, **band)
+    assert torch.equal(loss, again)  # seeded: the same inputs cut the same tokens

@@ -48,6 +48,7 @@ def test_a_stage_section_exists_only_for_the_stages_in_the_recipe(tmp_path):
     ('recipe = "rl"\n[rl]\ngroup_filter = "zero_var"\n', "rl.group_filter"),
     ('recipe = "rl"\n[rl]\ngroup_size = 1\n', "rl.group_size"),  # grpo is group-relative
     ('recipe = "rl"\n[rl]\npolicy_loss = "reinforce"\nentropy_target = [0.1, 0.5]\n', "rl.entropy_adapt_arg"),
+    ('recipe = "rl"\n[rl]\nentropy_target = [0.1, 0.5]\nentropy_adapt_arg = "entropy_coef"\n', "rl.entropy_adapt_bounds"),
     ('recipe = "sft"\n[learner]\nworld_size = 2\nsharding = "none"\n', "learner"),
     ('recipe = "sft"\n[learner]\nworld_size = 0\n', "learner.world_size"),
     ('recipe = "sft"\n[learner]\nsharding = "none"\noffload_optimizer = true\n', "learner"),

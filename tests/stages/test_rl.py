@@ -1,6 +1,7 @@
 """RL stage: a few steps on the tiny model change every parameter; every preset runs; dynamic sampling refills."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,31 @@ def test_entropy_controller_and_reference_reset_act_and_are_logged(tmp_path):
     assert log.count("eps_high") == 2  # 0.2 -> 0.25 -> 0.3, then clamped at the bound: no further change
     resets = [r for r in rows(cfg.run_dir) if r.get("ctrl/ref_reset") == 1]
     assert len(resets) == 1 and "reference policy reset" in log and "optimizer state cleared" in log
+
+
+@pytest.mark.parametrize("loss", ["clip_cov", "kl_cov"])
+def test_the_covariance_losses_train_through_the_rl_stage(tmp_path, loss):
+    """Clip-Cov and KL-Cov as rl.policy_loss: each step trains, with a finite loss, and reports the tokens it cut
+    or leashed in pg/clip_frac: KL-Cov leashes at least one token a micro-batch; Clip-Cov cuts only tokens whose
+    covariance lies in its band, which the tiny model's mostly-zero advantages may leave empty."""
+    cfg = rl_config(tmp_path, policy_loss=loss, entropy_coef=0.01)  # the bonus keeps every sample training
+    run(cfg)
+    train = [r for r in rows(cfg.run_dir) if "pg/clip_frac" in r]
+    assert len(train) == 2 and all(math.isfinite(r["pg/loss"]) for r in train)
+    lowest = min(r["pg/clip_frac"] for r in train)
+    assert max(r["pg/clip_frac"] for r in train) <= 1 and (lowest > 0 if loss == "kl_cov" else lowest >= 0)
+
+
+def test_the_entropy_controller_can_adapt_the_entropy_bonus_itself(tmp_path):
+    """rl.entropy_adapt_arg = "entropy_coef": an adaptive entropy coefficient. With a band far above any entropy
+    the coefficient rises by its step after every step that trained, up to its bound; pg/entropy_coef logs the
+    coefficient each step trained with. A nonzero start keeps every sample training (the bonus has a gradient)."""
+    cfg = rl_config(tmp_path, steps=3, entropy_coef=0.001, entropy_target=[50.0, 60.0], entropy_adapt_step=0.01,
+                    entropy_adapt_arg="entropy_coef", entropy_adapt_bounds=[0.0, 0.015])
+    run(cfg)
+    train = [r for r in rows(cfg.run_dir) if "pg/entropy_coef" in r]
+    assert [round(r["pg/entropy_coef"], 9) for r in train] == [0.001, 0.011, 0.015]
+    assert (cfg.run_dir / "run.log").read_text().count("entropy_coef 0.") == 2  # then it sits at the bound
 
 
 def test_kl_triggered_reference_reset_fires_on_exactly_the_steps_whose_kl_passed_the_threshold(tmp_path):

@@ -159,3 +159,73 @@ def reinforce(x: PolicyLossInputs) -> tuple[Tensor, dict[str, Tensor]]:
     lp = torch.where(valid, x.logprobs, torch.zeros_like(x.logprobs))
     never = torch.zeros_like(valid)
     return _finish(-x.advantages * lp, valid, x.is_weights, ratio, never, never)
+
+
+def _covariance(x: PolicyLossInputs, valid: Tensor) -> Tensor:
+    """(B, T) per-token centred covariance (A - mean A)(logp - mean logp) over the valid tokens of the batch the
+    loss sees (a micro-batch, as in verl), detached; -inf where not valid so no selection picks padding."""
+    m = valid.to(x.logprobs.dtype)
+    n = m.sum().clamp(min=1)
+    lp = torch.where(valid, x.logprobs.detach(), torch.zeros_like(x.logprobs))
+    adv = torch.where(valid, x.advantages, torch.zeros_like(x.advantages))
+    cov = (adv - adv.sum() / n) * (lp - lp.sum() / n)
+    return torch.where(valid, cov, torch.full_like(cov, -torch.inf))
+
+
+CovFraction = Annotated[float, Field(gt=0, le=1, description="fraction of the valid tokens selected (at least one)")]
+
+
+@POLICY_LOSSES.register("clip_cov")
+def clip_cov(
+    x: PolicyLossInputs, *, eps_low: EpsLow = 0.2, eps_high: EpsHigh = 0.2, clip_ratio: CovFraction = 2e-4,
+    cov_low: Annotated[float, Field(description="a token is a candidate when cov_low < cov < cov_high")] = 1.0,
+    cov_high: Annotated[float, Field(description="upper end of the candidates' covariance band")] = 5.0,
+    seed: Annotated[int, Field(ge=0, description="of the draw among the candidates (runs repeat)")] = 0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clip-Cov (Cui et al., "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models",
+    arXiv 2505.22617, §4): the PPO clipped loss, with the gradient of a few high-covariance tokens cut. A token's
+    covariance is (A - mean A)(logp - mean logp) over the batch's valid tokens; the candidates are the tokens the
+    clip left alone whose covariance lies strictly inside (cov_low, cov_high), and max(1, int(clip_ratio * valid
+    tokens)) of them, drawn at random (seeded), get zero loss and gradient. Entropy falls with this covariance,
+    so cutting its largest terms slows the collapse. The cut tokens count in clip_frac."""
+    if cov_low >= cov_high:
+        raise ValueError(f"clip_cov: cov_low {cov_low} must be below cov_high {cov_high}")
+    valid = x.mask.bool()
+    ratio = torch.exp(_log_ratio(x.logprobs, x.old_logprobs, valid))
+    loss, low, high = _clipped_surrogate(ratio, x.advantages, eps_low, eps_high, None)
+    cov = _covariance(x, valid)
+    candidates = (valid & ~(low | high) & (cov > cov_low) & (cov < cov_high)).flatten().nonzero().squeeze(-1)
+    cut = torch.zeros(valid.numel(), dtype=torch.bool, device=valid.device)
+    if len(candidates):
+        k = max(1, int(clip_ratio * int(valid.sum())))
+        draw = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))[:k]
+        cut[candidates[draw.to(candidates.device)]] = True
+    cut = cut.view_as(valid)
+    loss, metrics = _finish(torch.where(cut, torch.zeros_like(loss), loss), valid, x.is_weights, ratio, low, high)
+    metrics["clip_frac"] = (low | high | cut).to(loss.dtype) * valid
+    return loss, metrics
+
+
+@POLICY_LOSSES.register("kl_cov")
+def kl_cov(
+    x: PolicyLossInputs, *, kl_ratio: CovFraction = 2e-4,
+    kl_coef: Annotated[float, Field(ge=0, description="weight of |logp - logp_old| on the selected tokens")] = 0.1,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """KL-Cov (Cui et al., arXiv 2505.22617, §4): the unclipped surrogate -A r on every token, plus
+    kl_coef |logp - logp_old| on the max(1, int(kl_ratio * valid tokens)) tokens of largest covariance
+    (A - mean A)(logp - mean logp) over the batch's valid tokens: a KL-like leash on exactly the tokens that drive
+    entropy down. The leashed tokens count in clip_frac (nothing is clipped otherwise)."""
+    valid = x.mask.bool()
+    log_ratio = _log_ratio(x.logprobs, x.old_logprobs, valid)
+    ratio = torch.exp(log_ratio)
+    cov = _covariance(x, valid).flatten()
+    leashed = torch.zeros_like(cov, dtype=torch.bool)
+    n_valid = int(valid.sum())
+    if n_valid:
+        leashed[torch.topk(cov, max(1, int(kl_ratio * n_valid))).indices] = True
+    leashed = leashed.view_as(valid) & valid
+    loss = -x.advantages * ratio + kl_coef * log_ratio.abs() * leashed
+    never = torch.zeros_like(valid)
+    loss, metrics = _finish(loss, valid, x.is_weights, ratio, never, never)
+    metrics["clip_frac"] = leashed.to(loss.dtype)
+    return loss, metrics

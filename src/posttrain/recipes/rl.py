@@ -74,6 +74,7 @@ class RLState:
     """What the RL stage carries from step to step besides the learner (checkpointed)."""
 
     loss_args: dict[str, Any]  # the policy loss's hyperparameters, as the controllers have adapted them
+    entropy_coef: float | None = None  # the entropy bonus as the controller has adapted it (None: rl.entropy_coef)
     last_reset: int = 0  # stage step of the last reference reset
     val_history: list[tuple[int, float]] = field(default_factory=list)  # (stage step, held-out mean@n)
 
@@ -138,7 +139,7 @@ def run(ctx: RunContext, c: RLConfig, resume: StageResume | None) -> None:
     models = StepModels(learner, reference, parts.teacher if c.teacher_keys() else None,
                         recompute_old=(c.recompute_old_logprobs if c.recompute_old_logprobs is not None
                                        else parts.foreign_sampler))
-    state = RLState(loss_args=dict(c.policy_loss_args))
+    state = RLState(loss_args=dict(c.policy_loss_args), entropy_coef=c.entropy_coef)
     if resume:
         state = resume.state.rl
         sampler.load_state_dict(resume.state.sampler)
@@ -182,9 +183,9 @@ def run(ctx: RunContext, c: RLConfig, resume: StageResume | None) -> None:
                 t0 = time.time()
                 say.phase("train", f"{c.epochs} epoch(s) x {c.mini_batches} mini-batch(es) over "
                           f"{len(batch.seqs)} completions")
-                results = update(learner, batch, c, state.loss_args,
+                results = update(learner, batch, c, state,
                                  UpdateAt(step, seed=parts.seed * 1_000_003 + version))
-                metrics.update(train_metrics(results, batch, c, state.loss_args, t_train=time.time() - t0))
+                metrics.update(train_metrics(results, batch, c, state, t_train=time.time() - t0))
                 if c.teacher_kl_coef:
                     metrics["distill/coef"] = c.teacher_coef(step)  # KDRL's annealed β
             loop.trained(*(r for r, _ in results))
@@ -265,7 +266,7 @@ def rl_batch(kept: RolloutBatch, c: RLConfig, models: StepModels, version: int) 
         old, out.flops["old"] = models.learner.logprobs(seqs, temperature=c.temperature)
         old_lp = pad(old)
         out.metrics.update(mismatch_metrics(old_lp, sampler_lp, mask))
-    else:  # the engine's logprobs: the learner's own only for fp32 shared weights (tests/test_engine.py)
+    else:  # the engine's logprobs: the learner's own only for fp32 shared weights (tests/rollout/test_engine.py)
         old_lp = sampler_lp
         if c.mismatch_check_every:  # ... so how far they are from the learner's is measured on a few rows
             rows = [i for i in range(len(seqs.prompts)) if (i + version) % c.mismatch_check_every == 0]
@@ -342,7 +343,7 @@ class RLLoss:
         return loss, metrics
 
 
-def update(learner: Learner, batch: RLBatch, c: RLConfig, loss_args: dict[str, Any],
+def update(learner: Learner, batch: RLBatch, c: RLConfig, state: RLState,
            at: UpdateAt) -> list[tuple[StepResult, Tensor]]:
     """epochs x mini-batches of whole groups, one optimizer update each; global normalisers per mini-batch.
     -> (result, rows forwarded) per update."""
@@ -351,7 +352,8 @@ def update(learner: Learner, batch: RLBatch, c: RLConfig, loss_args: dict[str, A
     # skipped. The normalisers still count its tokens, so the loss and the update are unchanged (up to float
     # summation order).
     teacher_coef = c.teacher_coef(at.step)  # KDRL's annealed β (0 without a teacher term)
-    per_sample_terms = c.entropy_coef != 0 or (batch.ref_logprobs is not None and c.kl_placement == "loss")
+    entropy_coef = current_entropy_coef(state, c)
+    per_sample_terms = entropy_coef != 0 or (batch.ref_logprobs is not None and c.kl_placement == "loss")
     zero = (batch.advantages * batch.mask == 0).all(-1)
     if teacher_coef != 0 and batch.teacher_rows is not None:  # KDRL's mask may leave a sample without the term
         zero = zero & (batch.teacher_rows == 0)
@@ -361,8 +363,8 @@ def update(learner: Learner, batch: RLBatch, c: RLConfig, loss_args: dict[str, A
         for rows in split_groups(batch.group_ids, c.mini_batches, seed=at.seed + epoch):
             norm, group_tokens = normalisers_for(batch.mask[rows], batch.group_ids[rows], c.max_new_tokens)
             tokens = torch.zeros(len(batch.seqs), dtype=group_tokens.dtype).index_copy_(0, rows, group_tokens)
-            loss = RLLoss(batch, norm, tokens, c.policy_loss, loss_args, c.aggregation, c.kl_estimator,
-                          c.kl_coef if c.kl_placement == "loss" else 0.0, c.entropy_coef, c.teacher_kl_estimator,
+            loss = RLLoss(batch, norm, tokens, c.policy_loss, state.loss_args, c.aggregation, c.kl_estimator,
+                          c.kl_coef if c.kl_placement == "loss" else 0.0, entropy_coef, c.teacher_kl_estimator,
                           teacher_coef)
             trained = rows[~skippable[rows]]
             results.append((learner.train_step(batch.seqs, loss, rows=trained, temperature=c.temperature,
@@ -371,7 +373,7 @@ def update(learner: Learner, batch: RLBatch, c: RLConfig, loss_args: dict[str, A
 
 
 def train_metrics(results: list[tuple[StepResult, Tensor]], batch: RLBatch, c: RLConfig,
-                  loss_args: dict[str, Any], *, t_train: float) -> dict[str, float]:
+                  state: RLState, *, t_train: float) -> dict[str, float]:
     sums = {k: sum(r.metrics.get(k, 0.0) for r, _ in results)
             for k in ("clip_frac", "ratio", "entropy", "kl", "teacher_kl")}
     trained_tokens = sum(r.tokens for r, _ in results)
@@ -388,22 +390,37 @@ def train_metrics(results: list[tuple[StepResult, Tensor]], batch: RLBatch, c: R
             "pg/entropy": sums["entropy"] / denom, "kl/value": sums["kl"] / denom,
             **({"distill/teacher_kl": sums["teacher_kl"] / denom} if c.teacher_kl_coef else {})} if trained_tokens
            else {}),
-        **{f"pg/{k}": v for k, v in loss_args.items() if isinstance(v, float)},
+        **{f"pg/{k}": v for k, v in state.loss_args.items() if isinstance(v, float)},
+        **({"pg/entropy_coef": current_entropy_coef(state, c)} if c.entropy_adapt_arg == ENTROPY_COEF else {}),
         "time/train_s": t_train,
         "perf/train_tokens_per_s": sum(len(seqs.prompts[i]) + len(seqs.completions[i]) for i in trained)
         / max(t_train, 1e-9),
     }
 
 
+ENTROPY_COEF = "entropy_coef"  # rl.entropy_adapt_arg naming the entropy bonus instead of a loss hyperparameter
+
+
+def current_entropy_coef(state: RLState, c: RLConfig) -> float:
+    """The entropy bonus of this step: as the controller left it, else the recipe's (a checkpoint of an older
+    version holds none)."""
+    return c.entropy_coef if state.entropy_coef is None else state.entropy_coef
+
+
 def adapt_to_entropy(state: RLState, c: RLConfig, entropy: float) -> Measured:
-    """ProRL-style band controller on the policy loss hyperparameter `entropy_adapt_arg` -> a note when it moved."""
+    """ProRL-style band controller on `entropy_adapt_arg`: a policy-loss hyperparameter (eps_high: Clip-Higher as
+    a feedback loop), or the entropy bonus itself (entropy_coef: an adaptive entropy coefficient) -> a note when
+    it moved."""
     name = c.entropy_adapt_arg
-    old = state.loss_args[name]
+    old = current_entropy_coef(state, c) if name == ENTROPY_COEF else state.loss_args[name]
     new = adapt_in_band(old, entropy, target_low=c.entropy_target[0], target_high=c.entropy_target[1],
                         step_size=c.entropy_adapt_step, lo=c.entropy_adapt_bounds[0], hi=c.entropy_adapt_bounds[1])
     if new == old:
         return Measured()
-    state.loss_args[name] = new
+    if name == ENTROPY_COEF:
+        state.entropy_coef = new
+    else:
+        state.loss_args[name] = new
     return Measured(notes=[f"entropy {entropy:.3f} outside {list(c.entropy_target)}: {name} {old:.3f} -> {new:.3f}"])
 
 

@@ -105,8 +105,11 @@ class RLConfig(StageConfig, PresetKeys):
     entropy_target: tuple[float, float] | None = Field(None, description="ProRL-style controller: keep the "
                                                        "policy entropy inside [low, high] by adapting the policy "
                                                        "loss hyperparameter entropy_adapt_arg.")
-    entropy_adapt_arg: str = Field("eps_high", description="The policy-loss hyperparameter the entropy "
-                                   "controller adapts (it must be one of the loss's hyperparameters).")
+    entropy_adapt_arg: str = Field("eps_high", description="What the entropy controller adapts: a hyperparameter "
+                                   "of the policy loss (eps_high: Clip-Higher as a feedback loop), or "
+                                   "'entropy_coef', the entropy bonus itself (an adaptive entropy coefficient, "
+                                   "starting at rl.entropy_coef; set entropy_adapt_bounds to its range, e.g. "
+                                   "[0, 0.01]).")
     entropy_adapt_step: float = Field(0.02, gt=0, description="Controller step per RL step.")
     entropy_adapt_bounds: tuple[float, float] = Field((0.2, 0.5), description="Controller limits on the "
                                                       "adapted hyperparameter.")
@@ -177,7 +180,13 @@ class RLConfig(StageConfig, PresetKeys):
         if mixed is not None and ":" not in mixed and mixed not in ADVANTAGES:
             raise ConfigError("rl.advantage_args.reward_advantage", f"{mixed!r} is not one of "
                               f"{', '.join(ADVANTAGES.names())}")
-        if self.entropy_target is not None and self.entropy_adapt_arg not in self.policy_loss_args:
+        if (self.entropy_target is not None and self.entropy_adapt_arg == "entropy_coef"
+                and "entropy_adapt_bounds" not in self.model_fields_set):
+            raise ConfigError("rl.entropy_adapt_bounds", "the entropy controller adapts entropy_coef: give its range "
+                              "(e.g. [0.0, 0.01]); the default [0.2, 0.5] is eps_high's and would set an entropy "
+                              "bonus of 0.2 at the first step outside the band")
+        if (self.entropy_target is not None and self.entropy_adapt_arg != "entropy_coef"
+                and self.entropy_adapt_arg not in self.policy_loss_args):
             raise ConfigError("rl.entropy_adapt_arg", f"the entropy controller adapts {self.entropy_adapt_arg!r}, "
                               f"but policy loss {self.policy_loss!r} has no such hyperparameter; it has: "
                               f"{', '.join(self.policy_loss_args) or 'none'}")
