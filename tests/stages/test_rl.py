@@ -16,7 +16,7 @@ from posttrain.runner import run
 REQUIRED_METRICS = [
     "rollout/reward_mean", "rollout/pass_rate", "rollout/len_mean", "rollout/truncated_frac",
     "rollout/effective_groups_frac", "pg/clip_frac", "pg/entropy", "kl/value", "is/weight_max", "is/ess",
-    "train/grad_norm", "time/generate_s", "time/train_s", "perf/gen_tokens_per_s", "compute/flops",
+    "train/grad_norm", "time/generate_s", "time/score_s", "time/train_s", "perf/gen_tokens_per_s", "compute/flops",
 ]
 
 
@@ -51,6 +51,7 @@ def test_rl_steps_change_every_parameter_and_log_every_metric(tmp_path, tiny_dir
         missing = [m for m in REQUIRED_METRICS if m not in r]
         assert missing == []
         assert all(v is None or isinstance(v, str) or abs(v) < 1e30 for v in r.values())
+        assert 0 < r["time/score_s"] <= r["time/generate_s"]  # the verifier's part of the collection
     assert (cfg.run_dir / "prompts.jsonl").exists()
     history = [json.loads(x) for x in (cfg.run_dir / "prompts.jsonl").read_text().splitlines()]
     # 2 steps x 4 prompts; 1-digit problems can repeat, so count visits rather than prompts

@@ -171,7 +171,8 @@ def run(ctx: RunContext, c: RLConfig, resume: StageResume | None) -> None:
             t_generate = time.time() - t_step
             metrics = loop.account(rollout_metrics(rollouts, learner.flop_model, info_keys, version,
                                                    parts.max_staleness))
-            metrics.update({"time/generate_s": t_generate}, **speed("gen", rollouts.seen.completions, t_generate))
+            metrics.update({"time/generate_s": t_generate}, **speed("gen", rollouts.seen.completions, t_generate),
+                           **{"time/score_s": rollouts.score_s})  # the verifier's part of time/generate_s
             results: list[tuple[StepResult, Tensor]] = []
             if len(rollouts.kept):
                 # 4-5. rewards, reference / old logprobs, IS weights, advantages ------------------------------------

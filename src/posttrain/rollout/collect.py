@@ -12,6 +12,7 @@ the seam an asynchronous producer replaces: the RL step only ever calls `next(ba
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -83,6 +84,7 @@ class StepRollouts:
     notes: list[str] = field(default_factory=list)  # lines for the run log (e.g. completions that failed to score)
     sampler_state: dict | None = None  # the task sampler right after this step (what a checkpoint after it keeps)
     sampler_metrics: dict[str, float] = field(default_factory=dict)  # a curriculum's curriculum/* for this step
+    score_s: float = 0.0  # seconds the verifier took (single-turn environments), part of the collection's time
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,11 @@ class PromptRenderer:
 
 
 def generate_groups(engine: RolloutEngine, scorer: Scorer, render: PromptRenderer, tasks: list[Task],
-                    params: SamplingParams, group_size: int, *, heartbeat=None, step: int = 0) -> RolloutBatch:
-    """`group_size` scored samples of each task. `heartbeat` (tracking/heartbeat.py), if given, hears each phase."""
+                    params: SamplingParams, group_size: int, *, heartbeat=None, step: int = 0,
+                    clock: dict[str, float] | None = None) -> RolloutBatch:
+    """`group_size` scored samples of each task. `heartbeat` (tracking/heartbeat.py), if given, hears each phase;
+    `clock`, if given, gets the seconds the verifier took added to clock["score_s"] (a multi-turn environment
+    scores each turn inside its episode, so there the episode's time is all generation)."""
     prompts = [render(t) for t in tasks]
     flat_prompts = [p for p in prompts for _ in range(group_size)]
     flat_tasks = [t for t in tasks for _ in range(group_size)]
@@ -118,7 +123,10 @@ def generate_groups(engine: RolloutEngine, scorer: Scorer, render: PromptRendere
         if heartbeat is not None:
             heartbeat.phase("score", f"verifier of {getattr(scorer.env, 'name', scorer.env)} on "
                             f"{len(completions)} completions", step=step)
+        t0 = time.perf_counter()
         scores = scorer(flat_tasks, [c.text for c in completions], seed=params.seed)
+        if clock is not None:
+            clock["score_s"] = clock.get("score_s", 0.0) + time.perf_counter() - t0
     group_ids = torch.arange(len(tasks)).repeat_interleave(group_size)
     return RolloutBatch(flat_tasks, flat_prompts, completions, scores, group_ids)
 
@@ -131,11 +139,12 @@ def collect(engine: RolloutEngine, sampler: TaskSampler, scorer: Scorer, render:
     keep_fn, refill = GROUP_FILTERS.get(group_filter), bool(GROUP_FILTERS.trait(group_filter, "refill"))
     step = first_step
     while True:
-        kept, seen, rounds, notes = empty_batch(), empty_batch(), 0, []
+        kept, seen, rounds, notes, clock = empty_batch(), empty_batch(), 0, [], {"score_s": 0.0}
         while True:
             tasks = sampler.next(prompts_per_step - kept.num_groups)
             params = replace(sampling, seed=seed * 1_000_003 + step + 7919 * rounds)
-            new = generate_groups(engine, scorer, render, tasks, params, group_size, heartbeat=heartbeat, step=step)
+            new = generate_groups(engine, scorer, render, tasks, params, group_size, heartbeat=heartbeat, step=step,
+                                  clock=clock)
             if failed := scorer.failures(new.tasks, new.scores):
                 notes.append(failed)
             sampler.observe(new.outcomes(), step=step + 1)
@@ -146,7 +155,7 @@ def collect(engine: RolloutEngine, sampler: TaskSampler, scorer: Scorer, render:
                 break
         # A copy: an asynchronous producer (rollout/producer.py) moves the sampler on before this step trains.
         yield StepRollouts(kept, seen, rounds, notes, copy.deepcopy(sampler.state_dict()),
-                           sampler.metrics() if hasattr(sampler, "metrics") else {})
+                           sampler.metrics() if hasattr(sampler, "metrics") else {}, score_s=clock["score_s"])
         step += 1
 
 
