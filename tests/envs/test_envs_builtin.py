@@ -84,6 +84,27 @@ def test_arithmetic_known_answers_and_worked_lines():
     assert worked_solution(12, "*", 34) == "12*4=48\n12*30=360\n408"
 
 
+def test_arithmetic_asked_as_a_question_holds_out_the_same_problems_and_scores_chat_answers():
+    bare = make_env("arithmetic", {"digits": [1, 3], "ops": "+-*"})
+    asked = make_env("arithmetic", {"digits": [1, 3], "ops": "+-*", "phrasing": "question"})
+    for split in ("train", "eval"):
+        b, q = (list(itertools.islice(e.tasks(split, 0), 50)) for e in (bare, asked))
+        assert [t.id for t in b] == [t.id for t in q] and [t.answer for t in b] == [t.answer for t in q]
+    task = next(t for t in asked.tasks("eval", 0) if "+" in t.id and t.difficulty == 2)
+    a, b = task.id[:-1].split("+")
+    assert task.question == f"What is {a} + {b}?"
+    total = str(int(a) + int(b))
+    for answer in (total, f"{a} + {b} = {total}", f"The answer is {total}.", f"{task.id}{total}"):
+        assert asked.score(task, answer).correct, answer
+    assert not asked.score(task, f"The answer is {int(total) + 1}.").correct
+    easier = asked.easier(task)
+    assert easier is not None and easier.question.startswith("What is ") and easier.difficulty == 1
+    times = next(t for t in asked.tasks("train", 0) if "*" in t.id)
+    assert " times " in times.question
+    with pytest.raises(Exception, match="phrasing"):
+        make_env("arithmetic", {"phrasing": "words"})
+
+
 def test_strings_ops_and_composition_answer():
     assert OPS["reverse"]("abc") == "cba" and OPS["rotl"]("abc") == "bca" and OPS["rotr"]("abc") == "cab"
     assert OPS["devowel"]("banana") == "bnn" and OPS["dup"]("ab") == "abab" and OPS["swapcase"]("aB") == "Ab"

@@ -46,19 +46,28 @@ def worked_solution(a: int, op: str, b: int) -> str:
     return "\n".join([*lines, str(answer)])
 
 
+PHRASINGS = ("bare", "question")
+WORDS = {"+": "+", "-": "-", "*": "times"}
+
+
 class Arithmetic:
-    """`a+b=` with an exact integer answer; difficulty = operand digits (int or [min, max]); ops from '+-*'."""
+    """`a+b=` with an exact integer answer; difficulty = operand digits (int or [min, max]); ops from '+-*'.
+
+    phrasing "bare" asks `78+27=` (the character-level form the tiny built-in models learn by SFT); "question"
+    asks `What is 78 + 27?`, the form a pretrained chat model reads. A task's id is its bare form in both, and
+    the bare form decides its split, so both phrasings hold out the same problems."""
 
     name = "arithmetic"
     isolation = "inline"
     answer_format = ANSWER_FORMAT + "; an echoed question ('12+34=46') counts as its answer"
 
-    def __init__(self, digits: int | list[int] = 3, ops: str = "+", worked: bool = False):
+    def __init__(self, digits: int | list[int] = 3, ops: str = "+", worked: bool = False, phrasing: str = "bare"):
         self.digits = int_range(digits, "digits")
         if not ops or set(ops) - set("+-*"):
             raise ValueError(f"ops must be a non-empty string of '+', '-', '*', got {ops!r}")
-        self.ops = ops
-        self.worked = worked
+        if phrasing not in PHRASINGS:
+            raise ValueError(f"phrasing must be one of {PHRASINGS}, got {phrasing!r}")
+        self.ops, self.worked, self.phrasing = ops, worked, phrasing
 
     def tasks(self, split: str, seed: int) -> Iterator[Task]:
         check_split(split)
@@ -68,12 +77,17 @@ class Arithmetic:
             a = rng.randint(0 if d == 1 else 10 ** (d - 1), 10**d - 1)
             b = rng.randint(0 if d == 1 else 10 ** (d - 1), 10**d - 1)
             op = rng.choice(self.ops)
-            question = f"{a}{op}{b}="
-            if split_of(question) != split:
+            bare = f"{a}{op}{b}="
+            if split_of(bare) != split:
                 continue
-            answer = str({"+": a + b, "-": a - b, "*": a * b}[op])
-            solution = worked_solution(a, op, b) if self.worked else answer
-            yield Task(id=question, question=question, answer=answer, solution=solution, difficulty=d)
+            yield self._task(a, op, b, d)
+
+    def _task(self, a: int, op: str, b: int, difficulty: int) -> Task:
+        bare = f"{a}{op}{b}="
+        question = bare if self.phrasing == "bare" else f"What is {a} {WORDS[op]} {b}?"
+        answer = str({"+": a + b, "-": a - b, "*": a * b}[op])
+        solution = worked_solution(a, op, b) if self.worked else answer
+        return Task(id=bare, question=question, answer=answer, solution=solution, difficulty=difficulty)
 
     def prompt(self, task: Task) -> list[Message]:
         return user_prompt(task)
@@ -81,18 +95,14 @@ class Arithmetic:
     def easier(self, task: Task) -> Task | None:
         """The rescue variant of a task the policy never solves (data/curricula.py): each operand one digit
         shorter (its leading digit dropped, else its last), a training-split task; None for 1-digit operands."""
-        op = next((o for o in "+-*" if o in task.question[1:]), None)
+        op = next((o for o in "+-*" if o in task.id[1:]), None)
         if op is None or task.difficulty <= 1:
             return None
-        a, b = task.question[:-1].split(op, 1)
+        a, b = task.id[:-1].split(op, 1)
         for cut in (lambda x: x[1:].lstrip("0") or "0", lambda x: x[:-1]):
             x, y = int(cut(a)), int(cut(b))
-            question = f"{x}{op}{y}="
-            if split_of(question) == "train":
-                answer = str({"+": x + y, "-": x - y, "*": x * y}[op])
-                solution = worked_solution(x, op, y) if self.worked else answer
-                return Task(id=question, question=question, answer=answer, solution=solution,
-                            difficulty=task.difficulty - 1)
+            if split_of(f"{x}{op}{y}=") == "train":
+                return self._task(x, op, y, task.difficulty - 1)
         return None
 
     def score(self, task: Task, completion: str) -> Score:
@@ -105,6 +115,6 @@ class Arithmetic:
     @staticmethod
     def _answer_text(task: Task, completion: str) -> str:
         answer = extract_answer(completion)
-        if answer.startswith(task.question):  # '123+456=579': the question echoed before its answer
-            return answer[len(task.question):]
+        if answer.startswith(task.id):  # '123+456=579': the bare question echoed before its answer
+            return answer[len(task.id):]
         return completion
