@@ -74,7 +74,9 @@ class RLState:
     """What the RL stage carries from step to step besides the learner (checkpointed)."""
 
     loss_args: dict[str, Any]  # the policy loss's hyperparameters, as the controllers have adapted them
-    entropy_coef: float | None = None  # the entropy bonus as the controller has adapted it (None: rl.entropy_coef)
+    # The entropy bonus as the controller has adapted it; None only in a checkpoint written before the controller
+    # could adapt it, which the stage reads as rl.entropy_coef.
+    entropy_coef: float | None = None
     last_reset: int = 0  # stage step of the last reference reset
     val_history: list[tuple[int, float]] = field(default_factory=list)  # (stage step, held-out mean@n)
 
@@ -142,6 +144,8 @@ def run(ctx: RunContext, c: RLConfig, resume: StageResume | None) -> None:
     state = RLState(loss_args=dict(c.policy_loss_args), entropy_coef=c.entropy_coef)
     if resume:
         state = resume.state.rl
+        if state.entropy_coef is None:
+            state.entropy_coef = c.entropy_coef
         sampler.load_state_dict(resume.state.sampler)
         if reference is not None:
             reference.load_weights(resume.state.reference)
@@ -169,10 +173,11 @@ def run(ctx: RunContext, c: RLConfig, resume: StageResume | None) -> None:
             rollouts = next(batches)
             ctx.record_samples(rollouts.seen, c.log_samples)
             t_generate = time.time() - t_step
-            metrics = loop.account(rollout_metrics(rollouts, learner.flop_model, info_keys, version,
-                                                   parts.max_staleness))
-            metrics.update({"time/generate_s": t_generate}, **speed("gen", rollouts.seen.completions, t_generate),
-                           **{"time/score_s": rollouts.score_s})  # the verifier's part of time/generate_s
+            measured = rollout_metrics(rollouts, learner.flop_model, info_keys, version, parts.max_staleness)
+            metrics = loop.account(measured)
+            metrics.update({"time/generate_s": t_generate,
+                            "perf/gen_tokens_per_s": measured.counters["rollout/tokens"] / max(t_generate, 1e-9),
+                            "time/score_s": rollouts.score_s})  # the verifier's part of time/generate_s
             results: list[tuple[StepResult, Tensor]] = []
             if len(rollouts.kept):
                 # 4-5. rewards, reference / old logprobs, IS weights, advantages ------------------------------------
@@ -353,8 +358,7 @@ def update(learner: Learner, batch: RLBatch, c: RLConfig, state: RLState,
     # skipped. The normalisers still count its tokens, so the loss and the update are unchanged (up to float
     # summation order).
     teacher_coef = c.teacher_coef(at.step)  # KDRL's annealed β (0 without a teacher term)
-    entropy_coef = current_entropy_coef(state, c)
-    per_sample_terms = entropy_coef != 0 or (batch.ref_logprobs is not None and c.kl_placement == "loss")
+    per_sample_terms = state.entropy_coef != 0 or (batch.ref_logprobs is not None and c.kl_placement == "loss")
     zero = (batch.advantages * batch.mask == 0).all(-1)
     if teacher_coef != 0 and batch.teacher_rows is not None:  # KDRL's mask may leave a sample without the term
         zero = zero & (batch.teacher_rows == 0)
@@ -365,7 +369,7 @@ def update(learner: Learner, batch: RLBatch, c: RLConfig, state: RLState,
             norm, group_tokens = normalisers_for(batch.mask[rows], batch.group_ids[rows], c.max_new_tokens)
             tokens = torch.zeros(len(batch.seqs), dtype=group_tokens.dtype).index_copy_(0, rows, group_tokens)
             loss = RLLoss(batch, norm, tokens, c.policy_loss, state.loss_args, c.aggregation, c.kl_estimator,
-                          c.kl_coef if c.kl_placement == "loss" else 0.0, entropy_coef, c.teacher_kl_estimator,
+                          c.kl_coef if c.kl_placement == "loss" else 0.0, state.entropy_coef, c.teacher_kl_estimator,
                           teacher_coef)
             trained = rows[~skippable[rows]]
             results.append((learner.train_step(batch.seqs, loss, rows=trained, temperature=c.temperature,
@@ -392,7 +396,7 @@ def train_metrics(results: list[tuple[StepResult, Tensor]], batch: RLBatch, c: R
             **({"distill/teacher_kl": sums["teacher_kl"] / denom} if c.teacher_kl_coef else {})} if trained_tokens
            else {}),
         **{f"pg/{k}": v for k, v in state.loss_args.items() if isinstance(v, float)},
-        **({"pg/entropy_coef": current_entropy_coef(state, c)} if c.entropy_adapt_arg == ENTROPY_COEF else {}),
+        **({"pg/entropy_coef": state.entropy_coef} if c.entropy_adapt_arg == ENTROPY_COEF else {}),
         "time/train_s": t_train,
         "perf/train_tokens_per_s": sum(len(seqs.prompts[i]) + len(seqs.completions[i]) for i in trained)
         / max(t_train, 1e-9),
@@ -402,18 +406,12 @@ def train_metrics(results: list[tuple[StepResult, Tensor]], batch: RLBatch, c: R
 ENTROPY_COEF = "entropy_coef"  # rl.entropy_adapt_arg naming the entropy bonus instead of a loss hyperparameter
 
 
-def current_entropy_coef(state: RLState, c: RLConfig) -> float:
-    """The entropy bonus of this step: as the controller left it, else the recipe's (a checkpoint of an older
-    version holds none)."""
-    return c.entropy_coef if state.entropy_coef is None else state.entropy_coef
-
-
 def adapt_to_entropy(state: RLState, c: RLConfig, entropy: float) -> Measured:
     """ProRL-style band controller on `entropy_adapt_arg`: a policy-loss hyperparameter (eps_high: Clip-Higher as
     a feedback loop), or the entropy bonus itself (entropy_coef: an adaptive entropy coefficient) -> a note when
     it moved."""
     name = c.entropy_adapt_arg
-    old = current_entropy_coef(state, c) if name == ENTROPY_COEF else state.loss_args[name]
+    old = state.entropy_coef if name == ENTROPY_COEF else state.loss_args[name]
     new = adapt_in_band(old, entropy, target_low=c.entropy_target[0], target_high=c.entropy_target[1],
                         step_size=c.entropy_adapt_step, lo=c.entropy_adapt_bounds[0], hi=c.entropy_adapt_bounds[1])
     if new == old:
@@ -455,11 +453,6 @@ def train_mask(completions: list, *, mask_truncated: bool = False) -> Tensor:
     if mask_truncated:
         mask = mask * torch.tensor([x.finish_reason != "length" for x in completions]).float()[:, None]
     return mask
-
-
-def speed(kind: str, completions: list, seconds: float) -> dict[str, float]:
-    """perf/<kind>_tokens_per_s: the completions' tokens over the seconds they took."""
-    return {f"perf/{kind}_tokens_per_s": sum(len(x.token_ids) for x in completions) / max(seconds, 1e-9)}
 
 
 def split_groups(group_ids: Tensor, parts: int, *, seed: int) -> list[Tensor]:
