@@ -11,38 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_recipes import changed, tiny_sft_rl, write_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
-RECIPE = """
-recipe = ["sft", "rl"]
-name = "crash"
-seed = 3
-threads = 1
-[model]
-path = "tiny-test"
-[env]
-name = "arithmetic"
-args = {digits = 1}
-[sft]
-steps = 4
-batch_size = 8
-micro_batch_size = 4
-[rl]
-steps = 4
-prompts_per_step = 4
-group_size = 4
-max_new_tokens = 4
-kl_coef = 0.05
-[eval]
-problems = 4
-samples = 2
-ks = [1, 2]
-max_new_tokens = 4
-[checkpoint]
-every = 2
-keep_last_n = 2
-"""
+# 4 SFT steps then 4 RL steps of 4x4 with a KL penalty, a checkpoint every 2 steps: the crash lands mid-stage
+CRASH = tiny_sft_rl(name="crash", seed=3, sft={"steps": 4, "micro_batch_size": 4},
+                    rl={"steps": 4, "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 4, "kl_coef": 0.05},
+                    eval={"problems": 4, "max_new_tokens": 4}, checkpoint={"every": 2, "keep_last_n": 2})
+
+
+def crash_recipe(path: Path, **changes) -> Path:
+    """CRASH with `changes` (as tiny_recipes.changed), written to path."""
+    return write_recipe(path, changed(CRASH, changes))
 
 
 def posttrain_run(recipe: Path, out: Path, fault: str | None = None) -> subprocess.CompletedProcess:
@@ -62,8 +43,7 @@ def metrics(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("crash")
-    recipe = root / "crash.toml"
-    recipe.write_text(RECIPE)
+    recipe = crash_recipe(root / "crash.toml")
     proc = posttrain_run(recipe, root / "reference")
     assert proc.returncode == 0, proc.stderr
     run_dir = root / "reference" / "crash"
@@ -107,8 +87,7 @@ def visits(run_dir: Path) -> set[tuple[str, int]]:
 
 @pytest.mark.slow
 def test_sigkill_under_asynchronous_rl_resumes_with_the_in_flight_prompts_regenerated(tmp_path):
-    recipe = tmp_path / "async.toml"
-    recipe.write_text(RECIPE + "[rollout]\nmax_staleness = 1\n")
+    recipe = crash_recipe(tmp_path / "async.toml", rollout={"max_staleness": 1})
     assert posttrain_run(recipe, tmp_path / "reference").returncode == 0
     expected = metrics(tmp_path / "reference" / "crash")
     # RL step 3 (global 7) while training; the producer has already generated step 4 from version 6
@@ -132,9 +111,8 @@ def test_sigkill_under_asynchronous_rl_resumes_with_the_in_flight_prompts_regene
 @pytest.mark.slow
 def test_sigkill_with_an_adaptive_curriculum_resumes_exactly(tmp_path):
     """PCL over a pool of 6 prompts: its value model's weights, rng and the replayed bank must all come back."""
-    recipe = tmp_path / "pcl.toml"
-    recipe.write_text(RECIPE.replace("kl_coef = 0.05", 'kl_coef = 0.05\nsampler = "pcl"\n'
-                                     "sampler_args = {pool_size = 6, candidates = 2}"))
+    recipe = crash_recipe(tmp_path / "pcl.toml",
+                          rl={"sampler": "pcl", "sampler_args": {"pool_size": 6, "candidates": 2}})
     assert posttrain_run(recipe, tmp_path / "reference").returncode == 0
     expected = metrics(tmp_path / "reference" / "crash")
     assert any(k.startswith("curriculum/pred_abs_err") for r in expected for k in r)
@@ -148,10 +126,9 @@ def test_sigkill_with_an_adaptive_curriculum_resumes_exactly(tmp_path):
     assert len(history.splitlines()) <= 6  # the pool: prompts recur instead of new ones being drawn
 
 
-def sharded(world_size: int, launch: str = "local") -> str:
+def sharded(path: Path, world_size: int, launch: str = "local") -> Path:
     """The recipe with a sharded learner, in fp32 (the comparisons across world sizes are to float rounding)."""
-    return RECIPE.replace('path = "tiny-test"', 'path = "tiny-test"\nbf16 = false').replace(
-        "[sft]", f'[learner]\nworld_size = {world_size}\nlaunch = "{launch}"\n[sft]')
+    return crash_recipe(path, model={"bf16": False}, learner={"world_size": world_size, "launch": launch})
 
 
 @pytest.mark.slow
@@ -159,9 +136,9 @@ def test_a_sharded_learner_resumes_exactly_and_in_another_world_size(tmp_path):
     """2 ranks, SIGKILLed in an RL update, resumed by 2: identical. Killed by 2 in SFT, resumed by 1 process and
     killed again in RL, resumed by 2 Ray actors: the same run to float rounding (the shards re-cut each time)."""
     two, one, on_ray = tmp_path / "two.toml", tmp_path / "one.toml", tmp_path / "ray.toml"
-    two.write_text(sharded(2))
-    one.write_text(sharded(1))
-    on_ray.write_text(sharded(2, launch="ray"))
+    sharded(two, 2)
+    sharded(one, 1)
+    sharded(on_ray, 2, launch="ray")
     assert posttrain_run(two, tmp_path / "reference").returncode == 0
     expected = metrics(tmp_path / "reference" / "crash")
     expected_weights = load_file(tmp_path / "reference" / "crash" / "final" / "model.safetensors")

@@ -9,37 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_recipes import tiny_sft_rl, write_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
-TINY = """
-recipe = ["sft", "rl"]
-name = "tiny"
-seed = 0
-threads = 1
-[model]
-path = "tiny-test"
-[env]
-name = "arithmetic"
-args = {digits = 1}
-[sft]
-steps = 2
-batch_size = 8
-micro_batch_size = 8
-[rl]
-steps = 2
-prompts_per_step = 2
-group_size = 2
-max_new_tokens = 3
-eval_every = 1
-[eval]
-problems = 3
-samples = 2
-ks = [1, 2]
-max_new_tokens = 3
-[checkpoint]
-every = 1
-"""
+def write_tiny(folder: Path) -> Path:
+    """The tiny SFT -> RL recipe (an RL evaluation every step) writing its runs under folder/runs."""
+    return write_recipe(folder / "tiny.toml", tiny_sft_rl(output_dir=str(folder / "runs"), rl={"eval_every": 1}))
 
 
 def posttrain(*args, cwd=ROOT, env=None):
@@ -56,17 +32,14 @@ def one_line_error(proc) -> str:
 
 @pytest.fixture()
 def recipe(tmp_path):
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY.replace('name = "tiny"', f'name = "tiny"\noutput_dir = "{tmp_path / "runs"}"'))
-    return path
+    return write_tiny(tmp_path)
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """One finished tiny SFT -> RL run, shared by the read-only checks."""
     root = tmp_path_factory.mktemp("finished")
-    path = root / "tiny.toml"
-    path.write_text(TINY.replace('name = "tiny"', f'name = "tiny"\noutput_dir = "{root / "runs"}"'))
+    path = write_tiny(root)
     proc = posttrain("run", path)
     assert proc.returncode == 0, proc.stderr
     return path, root / "runs" / "tiny", proc

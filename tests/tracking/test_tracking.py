@@ -10,40 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_recipes import tiny_sft_rl, write_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
-RECIPE = """
-recipe = ["sft", "rl"]
-name = "tracked"
-seed = 0
-threads = 1
-[model]
-path = "tiny-test"
-[env]
-name = "arithmetic"
-args = {digits = 1}
-[sft]
-steps = 2
-batch_size = 8
-[rl]
-steps = 3
-prompts_per_step = 2
-group_size = 2
-max_new_tokens = 3
-[eval]
-problems = 3
-samples = 2
-ks = [1, 2]
-max_new_tokens = 3
-[checkpoint]
-every = 1
-[tracking]
-wandb = true
-wandb_mode = "offline"
-wandb_project = "posttrain-test"
-wandb_tags = ["ci"]
-"""
+# 3 RL steps, so a crash at global step 4 lands in RL after a checkpoint
+RECIPE = tiny_sft_rl(name="tracked", rl={"steps": 3},
+                     tracking={"wandb": True, "wandb_mode": "offline", "wandb_project": "posttrain-test",
+                               "wandb_tags": ["ci"]})
 
 
 def _run(recipe: Path, fault: str | None = None) -> subprocess.CompletedProcess:
@@ -88,8 +62,7 @@ def _logged_steps(run_file: Path) -> set[int]:
 @pytest.mark.slow
 def test_wandb_offline_gets_the_metrics_and_keeps_one_run_across_a_resume(tmp_path):
     pytest.importorskip("wandb", reason="the wandb extra is part of `make test`")
-    recipe = tmp_path / "r.toml"
-    recipe.write_text(RECIPE)
+    recipe = write_recipe(tmp_path / "r.toml", RECIPE)
     run_dir = tmp_path / "runs" / "tracked"
     assert _run(recipe, fault="train:4").returncode == -9  # killed during the RL stage, after a checkpoint
     run_id = (run_dir / "wandb-id").read_text().strip()
