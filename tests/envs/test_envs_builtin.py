@@ -4,6 +4,7 @@ distribution, splits never overlap, generation is deterministic."""
 from __future__ import annotations
 
 import itertools
+import re
 import statistics
 
 import pytest
@@ -103,6 +104,25 @@ def test_arithmetic_asked_as_a_question_holds_out_the_same_problems_and_scores_c
     assert " times " in times.question
     with pytest.raises(Exception, match="phrasing"):
         make_env("arithmetic", {"phrasing": "words"})
+
+
+def test_arithmetic_as_a_word_problem_names_both_numbers_reads_the_same_every_time_and_scores_chat_answers():
+    bare = make_env("arithmetic", {"digits": [1, 3], "ops": "+*"})
+    stories = make_env("arithmetic", {"digits": [1, 3], "ops": "+*", "phrasing": "story"})
+    b, s = (list(itertools.islice(e.tasks("eval", 0), 60)) for e in (bare, stories))
+    assert [t.id for t in b] == [t.id for t in s] and [t.answer for t in b] == [t.answer for t in s]
+    for task in s:
+        a, c = re.fullmatch(r"(\d+)[+*](\d+)=", task.id).groups()
+        assert re.findall(r"\d+", task.question) == [a, c] and task.question.endswith("?")
+    assert len({t.question.split()[0] for t in s}) > 2  # several templates and names, not one sentence
+    assert [t.question for t in s] == [t.question for t in itertools.islice(stories.tasks("eval", 0), 60)]
+    task = next(t for t in s if "+" in t.id)
+    total = task.answer
+    for answer in (total, f"Mia has {total} apples now.", f"The answer is {total}.", rf"\boxed{{{total}}}"):
+        assert stories.score(task, answer).correct, answer
+    assert not stories.score(task, str(int(total) + 1)).correct
+    with pytest.raises(Exception, match="story"):
+        make_env("arithmetic", {"ops": "+-", "phrasing": "story"})
 
 
 def test_strings_ops_and_composition_answer():

@@ -46,16 +46,37 @@ def worked_solution(a: int, op: str, b: int) -> str:
     return "\n".join([*lines, str(answer)])
 
 
-PHRASINGS = ("bare", "question")
+PHRASINGS = ("bare", "question", "story")
 WORDS = {"+": "+", "-": "-", "*": "times"}
+# One-step word problems, GSM-style in form: the numbers sit in a sentence and the operation is implied by it.
+# A task's template, name and object are drawn from its bare form, so a problem reads the same in every run.
+STORIES = {
+    "+": ("{name} has {a} {things}. {pronoun} gets {b} more. How many {things} does {name} have now?",
+          ("A shop sold {a} {things} in the morning and {b} in the afternoon. How many {things} did it sell "
+           "that day?"),
+          "One box holds {a} {things} and another holds {b}. How many {things} are in the two boxes together?"),
+    "*": ("{name} buys {a} bags with {b} {things} in each bag. How many {things} does {name} buy?",
+          "A classroom has {a} rows of desks with {b} {things} on each row. How many {things} are there?"),
+}
+NAMES = (("Mia", "She"), ("Leo", "He"), ("Ava", "She"), ("Sam", "He"), ("Zoe", "She"), ("Ben", "He"))
+THINGS = ("apples", "marbles", "stickers", "books", "pencils", "shells")
+
+
+def story(a: int, op: str, b: int) -> str:
+    """`a op b` as a one-step word problem ('Mia has 23 apples. She gets 45 more. How many ...?')."""
+    rng = random.Random(f"story:{a}{op}{b}")
+    name, pronoun = rng.choice(NAMES)
+    return rng.choice(STORIES[op]).format(a=a, b=b, name=name, pronoun=pronoun, things=rng.choice(THINGS))
 
 
 class Arithmetic:
     """`a+b=` with an exact integer answer; difficulty = operand digits (int or [min, max]); ops from '+-*'.
 
     phrasing "bare" asks `78+27=` (the character-level form the tiny built-in models learn by SFT); "question"
-    asks `What is 78 + 27?`, the form a pretrained chat model reads. A task's id is its bare form in both, and
-    the bare form decides its split, so both phrasings hold out the same problems."""
+    asks `What is 78 + 27?`, the form a pretrained chat model reads; "story" asks a one-step word problem ('Mia
+    has 78 apples. She gets 27 more. How many apples does Mia have now?'; ops '+' and '*' only, as a story's
+    count cannot go below zero). A task's id is its bare form in all three, and the bare form decides its split,
+    so every phrasing holds out the same problems."""
 
     name = "arithmetic"
     isolation = "inline"
@@ -67,6 +88,9 @@ class Arithmetic:
             raise ValueError(f"ops must be a non-empty string of '+', '-', '*', got {ops!r}")
         if phrasing not in PHRASINGS:
             raise ValueError(f"phrasing must be one of {PHRASINGS}, got {phrasing!r}")
+        if phrasing == "story" and "-" in ops:
+            raise ValueError("phrasing 'story' takes ops '+' and '*' (a count in a story cannot go below zero), "
+                             f"got ops={ops!r}")
         self.ops, self.worked, self.phrasing = ops, worked, phrasing
 
     def tasks(self, split: str, seed: int) -> Iterator[Task]:
@@ -84,7 +108,9 @@ class Arithmetic:
 
     def _task(self, a: int, op: str, b: int, difficulty: int) -> Task:
         bare = f"{a}{op}{b}="
-        question = bare if self.phrasing == "bare" else f"What is {a} {WORDS[op]} {b}?"
+        questions = {"bare": lambda: bare, "question": lambda: f"What is {a} {WORDS[op]} {b}?",
+                     "story": lambda: story(a, op, b)}
+        question = questions[self.phrasing]()
         answer = str({"+": a + b, "-": a - b, "*": a * b}[op])
         solution = worked_solution(a, op, b) if self.worked else answer
         return Task(id=bare, question=question, answer=answer, solution=solution, difficulty=difficulty)
