@@ -129,6 +129,16 @@ def test_the_covariance_losses_train_through_the_rl_stage(tmp_path, loss):
     assert max(r["pg/clip_frac"] for r in train) <= 1 and (lowest > 0 if loss == "kl_cov" else lowest >= 0)
 
 
+def test_forking_tokens_train_a_fraction_of_the_tokens_and_say_so(tmp_path):
+    """rl.forking_fraction = 0.2: every step that trained logs the fraction of its tokens that carried the policy
+    gradient, at least 0.2 (ceil per micro-batch, at least one token each) and at most 1, and their entropy."""
+    cfg = rl_config(tmp_path, forking_fraction=0.2, entropy_coef=0.01)  # the bonus keeps every sample training
+    run(cfg)
+    train = [r for r in rows(cfg.run_dir) if "pg/loss" in r]
+    assert len(train) == 2 and all(math.isfinite(r["pg/loss"]) for r in train)
+    assert all(0.2 <= r["pg/forking_frac"] <= 1 and r["pg/forking_entropy"] >= 0 for r in train)
+
+
 def test_the_entropy_controller_can_adapt_the_entropy_bonus_itself(tmp_path):
     """rl.entropy_adapt_arg = "entropy_coef": an adaptive entropy coefficient. With a band far above any entropy
     the coefficient rises by its step after every step that trained, up to its bound; pg/entropy_coef logs the

@@ -46,6 +46,7 @@ from posttrain.algos import (
 )
 from posttrain.algos.advantages import estimator
 from posttrain.algos.credit import CREDIT, CreditInputs, turn_index
+from posttrain.algos.forking import top_entropy_mask
 from posttrain.data.samplers import SAMPLERS, PromptHistory, TaskSampler
 from posttrain.recipes.rl_config import RLConfig
 from posttrain.records import SamplingParams
@@ -318,6 +319,7 @@ class RLLoss:
     entropy_coef: float
     teacher_kl_estimator: str = "k2"
     teacher_kl_coef: float = 0.0  # β of the KDRL term at this step (0: none)
+    forking_fraction: float = 1.0  # train the policy gradient on this top fraction of tokens by entropy
 
     def __call__(self, out: ForwardOut) -> tuple[Tensor, dict[str, float]]:
         b, rows, width = self.batch, out.rows, out.logprobs.shape[1]
@@ -331,6 +333,11 @@ class RLLoss:
             PolicyLossInputs(out.logprobs, take(b.old_logprobs), take(b.advantages), m, take(b.is_weights)),
             **self.loss_args)
         metrics = {"clip_frac": float((parts["clip_frac"] * m).sum()), "ratio": float((parts["ratio"] * m).sum())}
+        if self.forking_fraction < 1 and out.entropy is not None:
+            forks = top_entropy_mask(out.entropy, m, self.forking_fraction)
+            per_token = per_token * forks
+            metrics["forking_tokens"] = float(forks.sum())
+            metrics["forking_entropy"] = float((out.entropy.detach() * forks).sum())
         if b.ref_logprobs is not None:
             kl = KL_ESTIMATORS.get(self.kl_estimator)(out.logprobs, take(b.ref_logprobs))
             per_token = per_token + self.kl_coef_in_loss * kl
@@ -370,7 +377,7 @@ def update(learner: Learner, batch: RLBatch, c: RLConfig, state: RLState,
             tokens = torch.zeros(len(batch.seqs), dtype=group_tokens.dtype).index_copy_(0, rows, group_tokens)
             loss = RLLoss(batch, norm, tokens, c.policy_loss, state.loss_args, c.aggregation, c.kl_estimator,
                           c.kl_coef if c.kl_placement == "loss" else 0.0, state.entropy_coef, c.teacher_kl_estimator,
-                          teacher_coef)
+                          teacher_coef, c.forking_fraction)
             trained = rows[~skippable[rows]]
             results.append((learner.train_step(batch.seqs, loss, rows=trained, temperature=c.temperature,
                                                with_entropy=True, where=f"rl step {at.step + 1}"), trained))
@@ -380,7 +387,7 @@ def update(learner: Learner, batch: RLBatch, c: RLConfig, state: RLState,
 def train_metrics(results: list[tuple[StepResult, Tensor]], batch: RLBatch, c: RLConfig,
                   state: RLState, *, t_train: float) -> dict[str, float]:
     sums = {k: sum(r.metrics.get(k, 0.0) for r, _ in results)
-            for k in ("clip_frac", "ratio", "entropy", "kl", "teacher_kl")}
+            for k in ("clip_frac", "ratio", "entropy", "kl", "teacher_kl", "forking_tokens", "forking_entropy")}
     trained_tokens = sum(r.tokens for r, _ in results)
     denom = max(1, trained_tokens)  # pg/* and kl/* are means over the tokens that trained
     trained = [int(i) for _, rows in results for i in rows]
@@ -393,7 +400,10 @@ def train_metrics(results: list[tuple[StepResult, Tensor]], batch: RLBatch, c: R
         # means over the tokens that trained: absent (not 0) on a step where none did, e.g. every group skipped
         **({"pg/clip_frac": sums["clip_frac"] / denom, "pg/ratio_mean": sums["ratio"] / denom,
             "pg/entropy": sums["entropy"] / denom, "kl/value": sums["kl"] / denom,
-            **({"distill/teacher_kl": sums["teacher_kl"] / denom} if c.teacher_kl_coef else {})} if trained_tokens
+            **({"distill/teacher_kl": sums["teacher_kl"] / denom} if c.teacher_kl_coef else {}),
+            **({"pg/forking_frac": sums["forking_tokens"] / denom,
+                "pg/forking_entropy": sums["forking_entropy"] / max(1.0, sums["forking_tokens"])}
+               if c.forking_fraction < 1 else {})} if trained_tokens
            else {}),
         **{f"pg/{k}": v for k, v in state.loss_args.items() if isinstance(v, float)},
         **({"pg/entropy_coef": state.entropy_coef} if c.entropy_adapt_arg == ENTROPY_COEF else {}),

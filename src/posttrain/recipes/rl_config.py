@@ -93,6 +93,14 @@ class RLConfig(StageConfig, PresetKeys):
                                "(registry algos.IS_CORRECTIONS: none, tis, mask, seq_tis, seq_mask).")
     is_cap: float = Field(2.0, gt=0, description="Cap C for the IS correction.")
     entropy_coef: float = Field(0.0, description="Entropy bonus coefficient (loss -= coef * entropy).")
+    forking_fraction: float = Field(1.0, gt=0, le=1, description="Forking tokens (Wang et al., arXiv "
+                                    "2506.01939): the policy-gradient term trains only on this fraction of each "
+                                    "micro-batch's valid tokens, those of highest policy entropy (0.2 in the "
+                                    "paper); the KL and entropy terms keep every token, and the normalisers "
+                                    "still count every token, so the update is the full one's with the "
+                                    "low-entropy tokens' terms set to 0. Logs pg/forking_frac (the fraction "
+                                    "that trained) and pg/forking_entropy (their mean entropy; pg/entropy is "
+                                    "every token's). 1 = every token (off).")
     group_filter: str = Field("none", description="Which groups train (registry algos.GROUP_FILTERS): none, "
                               "zero_variance (drop groups whose rewards are all equal, ScaleRL), dynamic_sampling "
                               "(drop them and generate more prompts until the batch is full, DAPO).")
