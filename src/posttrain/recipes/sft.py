@@ -35,6 +35,11 @@ class SFTConfig(StageConfig):
     batch_size: int = Field(128, gt=0, description="Sequences per optimizer step (global).")
     micro_batch_size: int = Field(128, gt=0, description="Sequences per forward/backward (per device); only "
                                   "memory and speed depend on it, not the loss.")
+    pack_tokens: int | None = Field(None, gt=0, description="Packed SFT: lay each micro-batch's examples end to "
+                                    "end, without padding, in rows of at most this many tokens (an example longer "
+                                    "than that gets a row of its own); attention stays within each example "
+                                    "(position ids restart at 0) and the loss equals the unpacked one. null = one "
+                                    "example per row, padded (the engine's layout).")
     data_path: str | None = data_path_field("Rows of prompt and completion", unset="the environment's gold "
                                             "solutions on its train split are the data.")
     data_columns: dict[str, str] = data_columns_field("prompt and completion",
@@ -69,7 +74,8 @@ def run(ctx: RunContext, c: SFTConfig, resume: StageResume | None) -> None:
         say.phase("train", f"forward/backward over {len(batch)} sequences")
         result = loop.learner.train_step(Sequences([e.prompt for e in batch], [e.completion for e in batch]),
                                          SFTLoss(sum(len(e.completion) for e in batch)),
-                                         rows=torch.tensor(length_order(batch)), where=f"sft step {step + 1}")
+                                         rows=torch.tensor(length_order(batch)), where=f"sft step {step + 1}",
+                                         pack_tokens=c.pack_tokens)
         loop.trained(result)
         metrics = {"sft/loss": result.loss, "train/lr": result.lr, "train/grad_norm": result.grad_norm,
                    "time/step_s": time.time() - t0, "train/examples_seen": cursor}

@@ -182,3 +182,89 @@ def logprobs_no_grad(model: PreTrainedModel, prompts, completions, pad_id: int, 
     finally:
         model.train(was_training)
     return out
+
+
+@dataclass(frozen=True)
+class ExamplePacks:
+    """Examples laid end to end in rows of at most `row_tokens` tokens, padding-free (packed SFT).
+
+    Each example's position ids restart at 0, which is how the model keeps attention inside an example:
+    transformers reads a drop in the position ids as the start of a new sequence and makes the causal mask
+    block-diagonal (masking_utils.find_packed_sequence_indices, with no attention mask and no cache). The targets
+    and mask are those of `pack` (one row per example, right-padded), so a loss sees the same (B, T) layout."""
+
+    ids: Tensor  # (R, L) the packed rows, right-padded
+    positions: Tensor  # (R, L) position ids, restarting at 0 for each example (and for the padding)
+    predicts: Tensor  # (B, T) flat index into (R, L) of the position whose output predicts each target (0: none)
+    targets: Tensor  # (B, T) completion tokens, right-padded
+    mask: Tensor  # (B, T) float, 1 on real completion tokens
+
+
+def pack_examples(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int,
+                  row_tokens: int) -> ExamplePacks:
+    """First fit, in the given order: each example goes into the first row with room for it; an example longer
+    than row_tokens gets a row of its own. Every completion must have a prompt token before it (the position
+    that predicts its first token)."""
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
+    if any(not p for p in prompts):
+        raise ValueError("pack_examples: an example has an empty prompt (nothing predicts its first token)")
+    rows: list[list[int]] = []  # example indices per row
+    used: list[int] = []
+    for i, n in enumerate(lengths):
+        slot = next((r for r, u in enumerate(used) if u + n <= row_tokens), None)
+        if slot is None:
+            rows.append([i])
+            used.append(n)
+        else:
+            rows[slot].append(i)
+            used[slot] += n
+    width = max(used)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    t = max(1, max(len(c) for c in completions))
+    predicts = torch.zeros((len(prompts), t), dtype=torch.long)
+    targets = torch.full((len(prompts), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), t))
+    for r, members in enumerate(rows):
+        start = 0
+        for i in members:
+            p, c = prompts[i], completions[i]
+            ids[r, start: start + lengths[i]] = torch.tensor([*p, *c], dtype=torch.long)
+            positions[r, start: start + lengths[i]] = torch.arange(lengths[i])
+            if c:
+                # position len(p) - 1 + j predicts completion token j
+                predicts[i, : len(c)] = r * width + start + len(p) - 1 + torch.arange(len(c))
+                targets[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+                mask[i, : len(c)] = 1
+            start += lengths[i]
+        positions[r, start:] = torch.arange(width - start)  # the padding: a sequence of its own
+    return ExamplePacks(ids, positions, predicts, targets, mask)
+
+
+def packed_completion_logprobs(model: PreTrainedModel, packs: ExamplePacks, *, temperature: float = 1.0,
+                               bf16: bool = False, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """completion_logprobs over packed rows: -> logprobs (B, T) fp32 and optionally entropy, in the layout of the
+    targets; equal to the unpacked pass's up to float summation order (tests/train/test_packing.py)."""
+    dev = model.device
+    head = chunked_head(model)
+    net = model if head is None else model.get_decoder()
+    with autocast(bf16, dev):
+        out = net(input_ids=packs.ids.to(dev), position_ids=packs.positions.to(dev), use_cache=False)
+    states = out.logits if head is None else out.last_hidden_state
+    flat = states.reshape(-1, states.shape[-1])
+    real = packs.mask.to(dev) > 0
+    targets = packs.targets.to(dev)
+    if head is None:
+        logits = flat[packs.predicts.to(dev)]  # (B, T, V)
+        lp = token_logprobs(logits, targets, temperature)
+        return lp, token_entropy(logits, temperature) if with_entropy else None
+    lp_real, ent_real = head_logprobs(flat[packs.predicts.to(dev)[real]], head, targets[real], temperature,
+                                      with_entropy=with_entropy)
+    lp = flat.new_zeros(real.shape, dtype=torch.float32).masked_scatter(real, lp_real)
+    ent = None if ent_real is None else flat.new_zeros(real.shape, dtype=torch.float32).masked_scatter(real, ent_real)
+    return lp, ent
+
+
+def example_flops(flops: FlopModel, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]) -> float:
+    """Model FLOPs of training on each example whole (packed rows share nothing between examples)."""
+    return sum(flops.train_shared_prefix(len(p), [len(c)]) for p, c in zip(prompts, completions, strict=True))

@@ -31,7 +31,14 @@ import torch
 from torch import Tensor, nn
 
 from posttrain.tracking.ledger import FlopModel
-from posttrain.train.forward import completion_logprobs, pack, packed_flops
+from posttrain.train.forward import (
+    completion_logprobs,
+    example_flops,
+    pack,
+    pack_examples,
+    packed_completion_logprobs,
+    packed_flops,
+)
 from posttrain.train.guards import UpdateGuard
 from posttrain.train.optim import build_optimizer, build_scheduler
 from posttrain.train.sharding import DataParallel, full, full_state_dict
@@ -245,9 +252,10 @@ class Learner:
     # -- one optimizer update ------------------------------------------------------------------------------------
     def train_step(self, seqs: Sequences, loss_fn: LossFn, *, rows: Tensor | None = None,
                    temperature: float = 1.0, with_entropy: bool = False, where: str = "update",
-                   keep_together: Tensor | None = None) -> StepResult:
+                   keep_together: Tensor | None = None, pack_tokens: int | None = None) -> StepResult:
         """One optimizer update over `rows` (default: all) of `seqs`. `where` labels errors ("rl step 12").
-        `keep_together`: row ids that must share a micro-batch (micro_batches)."""
+        `keep_together`: row ids that must share a micro-batch (micro_batches). `pack_tokens`: lay each
+        micro-batch's examples end to end in rows of at most this many tokens (packed SFT; same loss)."""
         rows = torch.arange(len(seqs)) if rows is None else rows
         lr = self.scheduler.get_last_lr()[0]
         total_loss, flops, tokens = 0.0, 0.0, 0
@@ -263,17 +271,14 @@ class Learner:
                     continue
                 prompts = [seqs.prompts[i] for i in chunk.tolist()]
                 completions = [seqs.completions[i] for i in chunk.tolist()]
-                packed = pack(prompts, completions, self.pad_id, prompt_pass=self.prompt_pass)
-                lp, entropy = completion_logprobs(self.forward_model, packed, temperature=temperature,
-                                                  bf16=self.bf16, with_entropy=with_entropy)
-                mask = packed.mask.to(lp.device)
+                lp, entropy, mask, work = self._forward(prompts, completions, temperature, with_entropy, pack_tokens)
                 loss, parts = loss_fn(ForwardOut(rows=chunk, logprobs=lp, mask=mask, entropy=entropy))
                 loss.backward()
                 total_loss += loss.item()
                 for k, v in parts.items():
                     metrics[k] = metrics.get(k, 0.0) + float(v)
-                flops += packed_flops(self.flop_model, prompts, completions, train=True)
-                tokens += int(packed.mask.sum())
+                flops += work
+                tokens += int(mask.sum())
         if self.dp is not None:  # the step's loss, metrics and work are every rank's added up
             total_loss, flops, tokens = self.dp.sum(total_loss), self.dp.sum(flops), int(self.dp.sum(tokens))
             metrics = self.dp.sum_dicts(metrics)
@@ -292,6 +297,21 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=total_loss, grad_norm=grad_norm, lr=lr, skipped=skipped, metrics=metrics,
                           rows=len(rows), tokens=tokens, flops=flops)
+
+    def _forward(self, prompts: list[list[int]], completions: list[list[int]], temperature: float,
+                 with_entropy: bool, pack_tokens: int | None) -> tuple[Tensor, Tensor | None, Tensor, float]:
+        """The training pass over one micro-batch -> (logprobs, entropy, mask, FLOPs): the engine's layout, or
+        with pack_tokens the examples packed end to end into rows of at most that many tokens (no padding)."""
+        if pack_tokens:
+            packs = pack_examples(prompts, completions, self.pad_id, pack_tokens)
+            lp, entropy = packed_completion_logprobs(self.forward_model, packs, temperature=temperature,
+                                                     bf16=self.bf16, with_entropy=with_entropy)
+            return lp, entropy, packs.mask.to(lp.device), example_flops(self.flop_model, prompts, completions)
+        packed = pack(prompts, completions, self.pad_id, prompt_pass=self.prompt_pass)
+        lp, entropy = completion_logprobs(self.forward_model, packed, temperature=temperature, bf16=self.bf16,
+                                          with_entropy=with_entropy)
+        return (lp, entropy, packed.mask.to(lp.device),
+                packed_flops(self.flop_model, prompts, completions, train=True))
 
     def _idle_pass(self, seqs: Sequences, rows: Tensor, temperature: float) -> None:
         """A forward and backward that contribute exactly zero to the gradient."""

@@ -27,7 +27,7 @@ class LearnerLike(Protocol):
 
     def train_step(self, seqs: Sequences, loss_fn: LossFn, *, rows: Tensor | None = None,
                    temperature: float = 1.0, with_entropy: bool = False, where: str = "update",
-                   keep_together: Tensor | None = None) -> StepResult:
+                   keep_together: Tensor | None = None, pack_tokens: int | None = None) -> StepResult:
         """One optimizer update over `rows` (default: all) of `seqs`."""
         ...
 
