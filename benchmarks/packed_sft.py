@@ -4,9 +4,9 @@ unset (one example per row, padded: the engine's layout) and set to a few row si
     python benchmarks/packed_sft.py                                  # the quickstart's SFT, 30 steps each
     python benchmarks/packed_sft.py --steps 20 --pack 64,256 --recipe recipes/smollm2/word-problems.toml
 
-Each configuration is its own `posttrain run` of the recipe's `sft` stage alone (recipe = "sft", no periodic or
-early-stopping evaluation, no checkpoints), from the same seed, so the examples and the starting weights are the
-same. The figure is the median `time/step_s` over the steps after the first, read from metrics.jsonl; the ratio is
+Each configuration is its own `posttrain run` of the recipe's `sft` stage alone (recipe = "sft", its other stages'
+sections dropped, no periodic or early-stopping evaluation, no checkpoints), from the same seed, so the examples
+and the starting weights are the same. The figure is the median `time/step_s` over the steps after the first, read from metrics.jsonl; the ratio is
 unpacked / packed (above 1: packing is faster). The first step's `sft/loss` is printed beside it: packing changes
 the layout, not the loss, so it must agree to float rounding (tests/train/test_packing.py holds it to 1e-6 in fp32;
 under bf16 autocast the rounding differs with the layout). A recipe with no [sft] section (an RL recipe) gets an
@@ -26,18 +26,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(recipe: Path, out: Path, steps: int, pack_tokens: int | None, threads: int) -> dict[str, float]:
+def sft_recipe(recipe: Path, out: Path, steps: int, pack_tokens: int | None, threads: int) -> Path:
+    """The recipe's SFT stage alone, as a recipe file: its other stages' sections dropped, no evaluation to
+    speak of, no checkpoints."""
+    from posttrain.config.load import read_toml, to_toml, validate
+    from posttrain.stages import load_stages
+
+    raw = read_toml(recipe, missing="recipe")
+    stages = load_stages()
+    raw = {k: v for k, v in raw.items() if k == "sft" or k not in stages}
     name = f"pack{pack_tokens or 0}"
-    sets = ['recipe="sft"', f"name={name}", f"output_dir={out}", f"threads={threads}", f"sft.steps={steps}",
-            "sft.eval_every=0", "sft.stop_at_accuracy=null", "checkpoint.every=0", "eval.at_start=false",
-            "eval.problems=1", "eval.samples=1", "eval.ks=[1]"]
-    if pack_tokens:
-        sets.append(f"sft.pack_tokens={pack_tokens}")
-    cmd = [sys.executable, "-m", "posttrain.cli", "run", str(recipe), *(x for s in sets for x in ("--set", s))]
+    sft = {**raw.get("sft", {}), "steps": steps, "eval_every": 0, "pack_tokens": pack_tokens}
+    sft.pop("stop_at_accuracy", None)
+    raw.update(recipe="sft", name=name, output_dir=str(out), threads=threads, sft=sft,
+               checkpoint={"every": 0}, eval={"problems": 1, "samples": 1, "ks": [1], "at_start": False})
+    path = out / f"{name}.toml"
+    path.write_text(to_toml(validate(raw, str(recipe))))
+    return path
+
+
+def measure(recipe: Path, out: Path, steps: int, pack_tokens: int | None, threads: int) -> dict[str, float]:
+    path = sft_recipe(recipe, out, steps, pack_tokens, threads)
+    cmd = [sys.executable, "-m", "posttrain.cli", "run", str(path)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise SystemExit(f"{name}: posttrain run failed:\n{done.stderr[-3000:]}")
-    rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+        raise SystemExit(f"{path.name}: posttrain run failed:\n{done.stderr[-3000:]}")
+    rows = [json.loads(x) for x in (out / path.stem / "metrics.jsonl").read_text().splitlines()]
     sft = [r for r in rows if "sft/loss" in r]
     return {"s_per_step": statistics.median(r["time/step_s"] for r in sft[1:]), "first_loss": sft[0]["sft/loss"],
             "steps": len(sft)}

@@ -68,9 +68,13 @@ def table(runs: list[dict]) -> str:
     for k in ks:
         before = [r["base"][f"pass@{k}"]["mean"] for r in runs]
         after = [r["rl"][f"pass@{k}"]["mean"] for r in runs]
-        mean, lo, hi = interval([x - y for x, y in zip(after, before, strict=True)])
+        gains = [x - y for x, y in zip(after, before, strict=True)]
+        mean, lo, hi = interval(gains)
+        # equal gains in every seed give a zero-width interval: no spread was seen, which is not certainty
+        same = " (every seed the same gain: the seeds' spread is unmeasured; see each run's CI)" if (
+            len(gains) > 1 and max(gains) - min(gains) < 1e-12) else ""
         lines.append(f"| {k} | {statistics.fmean(before):.3f} | {statistics.fmean(after):.3f} | {mean:+.3f} | "
-                     f"[{lo:+.3f}, {hi:+.3f}] |")
+                     f"[{lo:+.3f}, {hi:+.3f}]{same} |")
     greedy_gain = interval([r["rl"]["greedy_acc"] - r["base"]["greedy_acc"] for r in runs])
     first = runs[0]
     lines += ["", (f"Greedy accuracy gain {greedy_gain[0]:+.3f}, 95% t-interval [{greedy_gain[1]:+.3f}, "

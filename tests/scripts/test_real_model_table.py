@@ -48,6 +48,7 @@ def test_a_named_block_is_replaced_and_the_others_are_left_alone(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "real_model_table.py"), *map(str, runs),
                            "--readme", str(readme), "--block", "wp-lora"], capture_output=True, text=True, check=True)
     assert "LoRA r=16" in done.stdout
+    assert "| 1 | 0.100 | 0.300 | +0.200 | [+0.200, +0.200] (every seed the same gain" in done.stdout
     page = readme.read_text()
     assert page.startswith(first) and "old" not in page and "LoRA r=16" in page
     missing = subprocess.run([sys.executable, str(ROOT / "scripts" / "real_model_table.py"), *map(str, runs),
