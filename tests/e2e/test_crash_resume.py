@@ -2,18 +2,14 @@
 step for step, as an uninterrupted run (no step lost, none duplicated), and the same final weights."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import metrics, posttrain_run
 from safetensors.torch import load_file
 from tiny_recipes import changed, tiny_sft_rl, write_recipe
-
-ROOT = Path(__file__).resolve().parents[2]
 
 # 4 SFT steps then 4 RL steps of 4x4 with a KL penalty, a checkpoint every 2 steps: the crash lands mid-stage
 CRASH = tiny_sft_rl(name="crash", seed=3, sft={"steps": 4, "micro_batch_size": 4},
@@ -24,20 +20,6 @@ CRASH = tiny_sft_rl(name="crash", seed=3, sft={"steps": 4, "micro_batch_size": 4
 def crash_recipe(path: Path, **changes) -> Path:
     """CRASH with `changes` (as tiny_recipes.changed), written to path."""
     return write_recipe(path, changed(CRASH, changes))
-
-
-def posttrain_run(recipe: Path, out: Path, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.pop("POSTTRAIN_FAULT", None)
-    if fault:
-        env["POSTTRAIN_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(recipe), "--set", f"output_dir={out}"],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600, check=False)
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in rows]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_crash_resume import metrics, posttrain_run  # tests/ is on sys.path under pytest
+from cli_runs import metrics, posttrain_run
 from transformers import AutoModelForCausalLM
 
 from posttrain import presets

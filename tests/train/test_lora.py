@@ -7,7 +7,7 @@ import signal
 
 import pytest
 import torch
-from test_crash_resume import metrics, posttrain_run  # tests/ is on sys.path under pytest
+from cli_runs import metrics, posttrain_run
 
 from posttrain.config import LoraConfig
 from posttrain.data.prompts import render_prompt
