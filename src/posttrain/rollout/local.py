@@ -27,6 +27,7 @@ from torch import Tensor
 from posttrain.models.layout import autocast, cache_kwargs, distinct_prompts, left_pad
 from posttrain.records import Completion, SamplingParams
 from posttrain.rollout import llama_decode
+from posttrain.rollout.merged_lora import MergedLora, mergeable
 from posttrain.rollout.sampling import row_generators, sample_next
 
 if TYPE_CHECKING:
@@ -43,7 +44,10 @@ class LocalEngine:
         generation config's eos ids."""
         self.copy_weights = copy_weights
         self.model = copy.deepcopy(model).eval().requires_grad_(False) if copy_weights else model
-        self.lean = llama_decode.supports(self.model) if lean is None else lean
+        # A LoRA policy samples through a plain copy with the adapter folded in (rollout/merged_lora.py)
+        self.merged = MergedLora(self.model) if mergeable(self.model) else None
+        self.net = self.merged.model if self.merged is not None else self.model  # what the forward passes run
+        self.lean = llama_decode.supports(self.net) if lean is None else lean
         self.tokenizer = tokenizer
         self.bf16 = bf16
         if stop_ids is None:
@@ -80,6 +84,8 @@ class LocalEngine:
             return []
         was_training = self.model.training
         self.model.eval()
+        if self.merged is not None:
+            self.merged.refresh()
         try:
             tokens, logprobs, lengths, finish = self._decode(prompts, params)
         finally:
@@ -109,8 +115,8 @@ class LocalEngine:
         from transformers import DynamicCache  # lazy: see train/forward.py
 
         cache = DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kwargs(self.model, cache),
-                         use_cache=True, logits_to_keep=1)
+        out = self.net(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kwargs(self.net, cache),
+                       use_cache=True, logits_to_keep=1)
         rows = torch.tensor(rows, dtype=torch.long, device=self.device)
         return cache, rows, out.logits[:, -1].float()[rows], mask[rows], pos[rows, -1] + 1
 
@@ -125,8 +131,8 @@ class LocalEngine:
         cache, prompt_rows, logits, mask, next_pos = self._prefill(prompts)
         width = mask.shape[1]
         if self.lean:  # preallocated cache; the mask gets its generated columns up front
-            kv_dtype = torch.bfloat16 if self.bf16 else self.model.dtype
-            buffers = llama_decode.KVBuffers(self.model, cache, prompt_rows, width + params.max_new_tokens, kv_dtype)
+            kv_dtype = torch.bfloat16 if self.bf16 else self.net.dtype
+            buffers = llama_decode.KVBuffers(self.net, cache, prompt_rows, width + params.max_new_tokens, kv_dtype)
             mask = torch.cat([mask, mask.new_ones((n, params.max_new_tokens))], dim=1).bool()
             del cache
         else:
@@ -166,11 +172,11 @@ class LocalEngine:
                 else:
                     cache.batch_select_indices(keep)
             if self.lean:
-                logits = llama_decode.decode_step(self.model, buffers, tok, next_pos, mask, width + t).float()
+                logits = llama_decode.decode_step(self.net, buffers, tok, next_pos, mask, width + t).float()
             else:
                 mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-                out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                                 **cache_kwargs(self.model, cache), use_cache=True)
+                out = self.net(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                               **cache_kwargs(self.net, cache), use_cache=True)
                 logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
         return tokens, logprobs, lengths, finish
