@@ -108,9 +108,10 @@ class Arithmetic:
 
     def _task(self, a: int, op: str, b: int, difficulty: int) -> Task:
         bare = f"{a}{op}{b}="
-        questions = {"bare": lambda: bare, "question": lambda: f"What is {a} {WORDS[op]} {b}?",
-                     "story": lambda: story(a, op, b)}
-        question = questions[self.phrasing]()
+        if self.phrasing == "story":
+            question = story(a, op, b)
+        else:
+            question = bare if self.phrasing == "bare" else f"What is {a} {WORDS[op]} {b}?"
         answer = str({"+": a + b, "-": a - b, "*": a * b}[op])
         solution = worked_solution(a, op, b) if self.worked else answer
         return Task(id=bare, question=question, answer=answer, solution=solution, difficulty=difficulty)

@@ -37,7 +37,6 @@ class MergedLora:
 
         from posttrain.models.lora import merged_copy
 
-        self.policy = policy
         self.model = merged_copy(policy).eval().requires_grad_(False)
         plain = dict(self.model.named_modules())
         self.layers: list[tuple[nn.Linear, Any]] = [(plain[name], module)

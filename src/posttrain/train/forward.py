@@ -142,27 +142,27 @@ def completion_outputs(model: PreTrainedModel, batch: PackedBatch, *, bf16: bool
         return torch.cat([prompt_last[rows], out[:, : width - 1]], dim=1)
 
 
-def completion_logits(model: PreTrainedModel, batch: PackedBatch, *, bf16: bool = False) -> Tensor:
-    """Logits predicting each completion token: (B, T, V)."""
-    return completion_outputs(model, batch, bf16=bf16)
-
-
 def completion_logprobs(model: PreTrainedModel, batch: PackedBatch, *, temperature: float = 1.0,
                         bf16: bool = False, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """-> logprobs (B, T) fp32 and optionally entropy (B, T); values at masked positions are meaningless (zero on
     the chunked-head path, which computes real tokens only)."""
     head = chunked_head(model)
+    outputs = completion_outputs(model, batch, bf16=bf16, hidden=head is not None)
+    return logprobs_from(outputs, head, batch.targets, batch.mask, temperature=temperature, with_entropy=with_entropy)
+
+
+def logprobs_from(outputs: Tensor, head: Tensor | None, targets: Tensor, mask: Tensor, *, temperature: float,
+                  with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    """What predicts each completion token, (B, T, V) logits or with `head` (B, T, H) last hidden states ->
+    logprobs (B, T) fp32 and optionally entropy; through the head only for the real tokens (mask > 0)."""
+    targets = targets.to(outputs.device)
     if head is None:
-        logits = completion_logits(model, batch, bf16=bf16)
-        lp = token_logprobs(logits, batch.targets.to(logits.device), temperature)
-        ent = token_entropy(logits, temperature) if with_entropy else None
-        return lp, ent
-    states = completion_outputs(model, batch, bf16=bf16, hidden=True)
-    real = batch.mask.to(states.device) > 0
-    lp_real, ent_real = head_logprobs(states[real], head, batch.targets.to(states.device)[real], temperature,
-                                      with_entropy=with_entropy)
-    lp = states.new_zeros(real.shape, dtype=torch.float32).masked_scatter(real, lp_real)
-    ent = None if ent_real is None else states.new_zeros(real.shape, dtype=torch.float32).masked_scatter(real, ent_real)
+        lp = token_logprobs(outputs, targets, temperature)
+        return lp, token_entropy(outputs, temperature) if with_entropy else None
+    real = mask.to(outputs.device) > 0
+    lp_real, ent_real = head_logprobs(outputs[real], head, targets[real], temperature, with_entropy=with_entropy)
+    lp = outputs.new_zeros(real.shape, dtype=torch.float32).masked_scatter(real, lp_real)
+    ent = None if ent_real is None else outputs.new_zeros(real.shape, dtype=torch.float32).masked_scatter(real, ent_real)
     return lp, ent
 
 
@@ -251,18 +251,8 @@ def packed_completion_logprobs(model: PreTrainedModel, packs: ExamplePacks, *, t
     with autocast(bf16, dev):
         out = net(input_ids=packs.ids.to(dev), position_ids=packs.positions.to(dev), use_cache=False)
     states = out.logits if head is None else out.last_hidden_state
-    flat = states.reshape(-1, states.shape[-1])
-    real = packs.mask.to(dev) > 0
-    targets = packs.targets.to(dev)
-    if head is None:
-        logits = flat[packs.predicts.to(dev)]  # (B, T, V)
-        lp = token_logprobs(logits, targets, temperature)
-        return lp, token_entropy(logits, temperature) if with_entropy else None
-    lp_real, ent_real = head_logprobs(flat[packs.predicts.to(dev)[real]], head, targets[real], temperature,
-                                      with_entropy=with_entropy)
-    lp = flat.new_zeros(real.shape, dtype=torch.float32).masked_scatter(real, lp_real)
-    ent = None if ent_real is None else flat.new_zeros(real.shape, dtype=torch.float32).masked_scatter(real, ent_real)
-    return lp, ent
+    outputs = states.reshape(-1, states.shape[-1])[packs.predicts.to(dev)]  # (B, T, V or H), the targets' layout
+    return logprobs_from(outputs, head, packs.targets, packs.mask, temperature=temperature, with_entropy=with_entropy)
 
 
 def example_flops(flops: FlopModel, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]) -> float:
